@@ -1,0 +1,1436 @@
+#!/usr/bin/env python3
+"""dq -- a GPU job queue for lab clusters.
+
+dq gives a lab one queue for all the GPUs of its servers.  `dq-submit
+script.sh` queues a job; as soon as a GPU anywhere is free, dq runs the
+script on that server, inside a detached GNU screen session, from the
+directory it was submitted in, with CUDA_VISIBLE_DEVICES set to its GPU and
+the submitter's DQ_* variables.
+
+Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
+
+  dq-submit SCRIPT        queue a job (DQ_GPUS=N asks for N GPUs, 0 = CPU only)
+  dq-jobs [summary|queue|complete]   list jobs (--json for data)
+  dq-kill ID...           remove a queued job, or kill a running one
+  dq-restart ID           run a finished job again (same script, cwd, env)
+  dq-free                 free GPUs per host
+  dq-schedule             place queued jobs until none is left (started for you)
+
+Files: everything lives in the data root, the directory holding dq.py (after
+resolving symlinks) or $DQ_ROOT:
+
+  dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
+  state/                  lock, next_id, placements.json, wake  (shared, small)
+  jobs/backend/<id>/      job.json, run.json, end.json, log   (owned by the user)
+  jobs/active/<id>        one entry per queued or running job
+  jobs/lost/<id>          written by whoever finds a job's host lost it
+  sched/<user>.lock       held by that user's dq-schedule loop
+
+A job's owner is whoever owns its files; dq only ever starts a job with the
+credentials of its owner, over the owner's own ssh.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import configparser
+import errno
+import fcntl
+import json
+import os
+import pwd
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+FORMAT = 1                      # version of every JSON file dq writes
+DQ_PY = os.path.realpath(__file__)
+JOB_ID_RE = re.compile(r"^([0-9]+)(?:-([a-z_][a-z0-9_.-]*[$]?))?$", re.I)
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID")  # dq settings, not job parameters
+
+DEBUG = bool(os.environ.get("DQ_DEBUG"))
+PROG = "dq"
+
+
+# Errors and output ###########################################################
+
+class Failure(Exception):
+    """An expected error: main() prints it as `dq-cmd: error: ...`, exit 1."""
+
+
+def warn(msg):
+    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+def debug(msg):
+    if DEBUG:
+        print(f"+ {msg}", file=sys.stderr)
+
+
+def me():
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def user_of_uid(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def fmt_seconds(s):
+    return f"{max(0, int(s))}s"
+
+
+def print_table(headers, rows):
+    """Print rows in the manual's style: columns, then a dashes line."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(str(c))) for w, c in zip(widths, row)]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    print(line(headers))
+    print(line(["-" * len(h) for h in headers]))
+    for row in rows:
+        print(line(row))
+
+
+# Configuration ###############################################################
+
+class Config:
+    """The data root and dq.conf.  No dq.conf (or no hosts in it) means the
+    cluster is this machine alone, reached without ssh."""
+
+    def __init__(self):
+        self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
+        self.path = os.path.join(self.root, "dq.conf")
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(self.path)
+        except configparser.Error as e:
+            raise Failure(f"cannot parse {self.path}: {e}".replace("\n", " "))
+        sect = parser["dq"] if parser.has_section("dq") else {}
+        self.hosts = sect.get("hosts", "").split()
+        for h in self.hosts:
+            if not HOST_RE.match(h):
+                raise Failure(f"{self.path}: bad host name {h!r} in 'hosts'")
+        self.local = not self.hosts
+        if self.local:
+            self.hosts = [socket.gethostname().split(".")[0]]
+        self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
+        self.multiplex = sect.get("multiplex", "yes").lower() in ("yes", "true", "1", "on")
+        self.python = sect.get("python", "python3")
+        self.timeout = self._number(sect, "timeout", 15)          # one remote command
+        self.poll_interval = self._number(sect, "poll_interval", 2)
+        self.starve_after = self._number(sect, "starve_after", 600)
+        self.cpu_slots = int(self._number(sect, "cpu_slots", 4))
+        self.assign_timeout = self._number(sect, "assign_timeout", 30)
+        self.kill_grace = self._number(sect, "kill_grace", 5)
+
+    def _number(self, sect, key, default):
+        try:
+            return float(sect.get(key, default))
+        except ValueError:
+            raise Failure(f"{self.path}: '{key}' must be a number")
+
+    def p(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def job_dir(self, job_id):
+        return self.p("jobs", "backend", job_id)
+
+
+# Files and locks #############################################################
+
+# Shared directories: 'state' holds files any user rewrites (so it is not
+# sticky: os.replace over another user's file needs that); the others hold
+# per-user entries, so they are sticky like /tmp and nobody removes another
+# user's entries.
+LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
+          "jobs/active": 0o1777, "jobs/lost": 0o1777, "sched": 0o1777}
+
+
+def ensure_layout(cfg):
+    for sub, mode in LAYOUT.items():
+        path = cfg.p(sub)
+        if os.path.isdir(path):
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, mode)
+        except OSError as e:
+            raise Failure(f"cannot create {path}: {e.strerror}; ask the admin to "
+                          f"run 'make install' for {cfg.root}")
+
+
+def read_json(path, default=None):
+    """Read one of dq's JSON files.  Missing: `default`.  Corrupt: a warning
+    naming the file, and `default`, so one bad file never stops a listing."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return default
+    except (ValueError, UnicodeDecodeError) as e:
+        warn(f"ignoring corrupt file {path}: {e}")
+        return default
+    except OSError as e:
+        warn(f"cannot read {path}: {e.strerror}")
+        return default
+    if not isinstance(data, dict):
+        warn(f"ignoring corrupt file {path}: not a JSON object")
+        return default
+    if data.get("format", 1) > FORMAT:
+        raise Failure(f"{path} was written by a newer dq (format {data['format']}); "
+                      f"upgrade {DQ_PY}")
+    return data
+
+
+def write_json(path, data, mode=0o644, exclusive=False):
+    """Write atomically: temp file in the same directory, fsync, rename.  With
+    `exclusive`, fail with FileExistsError if `path` exists (link, not rename)."""
+    data = dict(data, format=FORMAT)
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+class Lock:
+    """An fcntl (POSIX, NFS-safe) lock on a file, waited for with a deadline."""
+
+    def __init__(self, path, timeout=30.0, mode=0o666):
+        self.path, self.timeout, self.mode = path, timeout, mode
+        self.fd = None
+
+    def acquire(self, blocking=True):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+        try:
+            if os.fstat(fd).st_uid == os.getuid():
+                os.fchmod(fd, self.mode)  # umask must not lock others out
+        except OSError:
+            pass
+        deadline = time.monotonic() + self.timeout
+        delay = 0.002
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fd = fd
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise Failure(f"cannot lock {self.path}: {e.strerror}")
+            if not blocking:
+                os.close(fd)
+                return False
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise Failure(f"timed out after {self.timeout:g}s waiting for the lock "
+                              f"{self.path}; a dq process holding it may hang (see "
+                              f"'fuser -v {self.path}'), or NFS locking (lockd) is down")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)   # closing drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def global_lock(cfg):
+    return Lock(cfg.p("state", "lock"))
+
+
+def touch_wake(cfg):
+    """Tell every running dq-schedule loop that something changed."""
+    path = cfg.p("state", "wake")
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        os.fchmod(fd, 0o666)
+        os.close(fd)
+    except PermissionError:
+        pass
+
+
+# Remote execution ############################################################
+
+class Result:
+    def __init__(self, host, rc, out, err, seconds):
+        self.host, self.rc, self.out, self.err, self.seconds = host, rc, out, err, seconds
+
+    @property
+    def ok(self):
+        return self.rc == 0
+
+    def why(self):
+        """One line saying why a remote command failed."""
+        if self.rc == 124:
+            return "timed out"
+        lines = [ln.strip() for ln in (self.err or "").splitlines() if ln.strip()]
+        return lines[-1] if lines else f"exit status {self.rc}"
+
+
+def ssh_argv(cfg, host):
+    argv = list(cfg.ssh)
+    if cfg.multiplex:
+        # One connection per host and user, shared by every dq process for a
+        # minute: a command then costs a round trip, not a handshake.
+        cdir = f"/tmp/dq-ssh-{os.getuid()}"
+        try:
+            os.mkdir(cdir, 0o700)
+        except FileExistsError:
+            pass
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={cdir}/%C",
+                 "-o", "ControlPersist=60"]
+    return argv + [host]
+
+
+def run_on(cfg, host, script, timeout=None, stdin_extra=""):
+    """Run a /bin/sh script on a host as the calling user and capture it.
+
+    The script travels on stdin and the remote login shell only sees
+    `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
+    command of dq goes through here (with a timeout and the --debug echo)."""
+    timeout = cfg.timeout if timeout is None else timeout
+    if cfg.local:
+        argv = ["/bin/sh", "-s"]
+    else:
+        argv = ssh_argv(cfg, host) + ["/bin/sh -s"]
+    debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
+    t0 = time.monotonic()
+    try:
+        # A multiplexing master that ssh forks off keeps stderr open; so
+        # stderr goes to a file, not a pipe that would never see EOF.
+        with tempfile.TemporaryFile() as errf:
+            p = subprocess.run(argv, input=(script + stdin_extra).encode(),
+                               stdout=subprocess.PIPE, stderr=errf,
+                               timeout=timeout, env=clean_env())
+            errf.seek(0)
+            err = errf.read().decode(errors="replace")
+        res = Result(host, p.returncode, p.stdout.decode(errors="replace"), err,
+                     time.monotonic() - t0)
+    except subprocess.TimeoutExpired:
+        res = Result(host, 124, "", f"no answer within {timeout:g}s", time.monotonic() - t0)
+    except OSError as e:
+        res = Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0.0)
+    if not cfg.local and res.rc == 255 and not res.err.strip():
+        res.err = "ssh failed"
+    debug(f"{host}: exit {res.rc} in {res.seconds:.3f}s")
+    return res
+
+
+def run_on_all(cfg, hosts, script_for, timeout=None):
+    """Run a script on many hosts in parallel; {host: Result}."""
+    if not hosts:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
+        futs = {h: pool.submit(run_on, cfg, h, script_for(h), timeout) for h in hosts}
+        return {h: f.result() for h, f in futs.items()}
+
+
+def clean_env():
+    """The environment for ssh and screen: ours, less what marks a job."""
+    env = dict(os.environ)
+    for k in ("DQ_JOB_ID", "STY", "WINDOW"):
+        env.pop(k, None)
+    return env
+
+
+def q(s):
+    return shlex.quote(str(s))
+
+
+def dq_command(cfg, *args):
+    """A /bin/sh command line running this dq.py on a host."""
+    return " ".join([q(cfg.python), q(DQ_PY)] + [q(a) for a in args])
+
+
+# GPU state ###################################################################
+
+SMI_GPUS = "nvidia-smi --query-gpu=index,uuid,memory.used,memory.total --format=csv,noheader,nounits"
+SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
+SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
+
+
+class Gpu:
+    def __init__(self, index, uuid, used, total):
+        self.index, self.uuid, self.used, self.total = index, uuid, used, total
+        self.pids = []          # compute processes nvidia-smi reports on it
+        self.known = used is not None
+
+    def busy(self):
+        return bool(self.pids) or not self.known
+
+
+class HostState:
+    """What one poll of a host found.  `error` set means: nothing is free."""
+
+    def __init__(self, host, started):
+        self.host, self.started = host, started
+        self.error = None
+        self.reachable = True   # False: ssh failed; True with an error: nvidia-smi did
+        self.gpus = []
+        self.sessions = set()   # job ids with a dq screen session on the host
+
+    def free(self, reserved=()):
+        if self.error:
+            return []
+        return [g.index for g in self.gpus if not g.busy() and g.index not in reserved]
+
+
+def _int_field(s):
+    s = s.strip()
+    return int(s) if s.isdigit() else None
+
+
+def parse_smi_gpus(text):
+    """Rows of `index, uuid, memory.used, memory.total`.  A field such as
+    [N/A] or [Insufficient Permissions] leaves the GPU unknown (never free);
+    a row that does not parse at all is an error for the whole host."""
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        f = [x.strip() for x in line.split(",")]
+        if len(f) != 4 or _int_field(f[0]) is None or not f[1].startswith("GPU-"):
+            raise ValueError(line.strip()[:120])
+        gpus.append(Gpu(int(f[0]), f[1], _int_field(f[2]), _int_field(f[3])))
+    return gpus
+
+
+def parse_smi_apps(text):
+    """Rows of `gpu_uuid, pid, used_memory` -> [(uuid, pid or None)]."""
+    apps = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("No running"):
+            continue
+        f = [x.strip() for x in line.split(",")]
+        if len(f) != 3 or not f[0].startswith("GPU-"):
+            raise ValueError(line[:120])
+        apps.append((f[0], _int_field(f[1])))
+    return apps
+
+
+def poll_script(with_ps=True):
+    # `timeout` keeps a wedged driver from stalling the pass; markers keep
+    # the sections apart whatever nvidia-smi prints.
+    s = (f"echo @@gpus; timeout 10 {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
+         f"echo @@apps; timeout 10 {SMI_APPS} 2>&1; echo \"@@rc $?\"\n")
+    if with_ps:
+        s += "echo @@ps; ps -eo args= 2>/dev/null | grep '^SCREEN' ; echo '@@rc 0'\n"
+    return s
+
+
+def parse_poll(host, res, started):
+    st = HostState(host, started)
+    if not res.ok:
+        st.error = f"unreachable: {res.why()}"
+        st.reachable = False
+        return st
+    sections = {}
+    for m in re.finditer(r"@@(\w+)\n(.*?)@@rc (\d+)\n", res.out, re.S):
+        sections[m.group(1)] = (m.group(2), int(m.group(3)))
+    gtext, grc = sections.get("gpus", ("", -1))
+    atext, arc = sections.get("apps", ("", -1))
+    if grc != 0 or arc != 0:
+        rc = grc if grc != 0 else arc
+        first = (gtext if grc != 0 else atext).strip().splitlines()
+        if rc == 127:
+            st.error = "nvidia-smi not found"
+        elif rc == 124:
+            st.error = "nvidia-smi timed out"
+        else:
+            st.error = f"nvidia-smi failed (exit {rc}): {first[0][:100] if first else ''}"
+        return st
+    try:
+        st.gpus = parse_smi_gpus(gtext)
+        by_uuid = {g.uuid: g for g in st.gpus}
+        for uuid, pid in parse_smi_apps(atext):
+            if uuid in by_uuid:
+                by_uuid[uuid].pids.append(pid)
+            else:       # a process on a GPU we cannot name: trust nothing
+                for g in st.gpus:
+                    g.known = False
+    except ValueError as e:
+        st.gpus = []
+        st.error = f"unexpected nvidia-smi output: {e}"
+        return st
+    for line in sections.get("ps", ("", 0))[0].splitlines():
+        m = SESSION_RE.search(line)
+        if m:
+            st.sessions.add(m.group(1))
+    return st
+
+
+def poll_hosts(cfg, hosts=None, with_ps=True):
+    """Poll hosts in parallel: {host: HostState}."""
+    hosts = cfg.hosts if hosts is None else hosts
+    started = time.time()
+    script = poll_script(with_ps)
+    results = run_on_all(cfg, hosts, lambda h: script)
+    return {h: parse_poll(h, r, started) for h, r in results.items()}
+
+
+# Jobs ########################################################################
+
+class Job:
+    """A job as its files say.  job.json is written once by the submitter;
+    run.json by the job's wrapper when it starts; end.json once, when it
+    ends (by the wrapper, dq-kill, or whoever finds it lost)."""
+
+    def __init__(self, cfg, job_id, spec, owner):
+        self.cfg, self.id, self.spec, self.owner = cfg, job_id, spec, owner
+        self.dir = cfg.job_dir(job_id)
+        self._run = self._end = None
+
+    n = property(lambda self: int(self.id.split("-", 1)[0]))
+    user = property(lambda self: self.owner)
+
+    @property
+    def run(self):
+        if self._run is None:
+            self._run = read_json(os.path.join(self.dir, "run.json"), {})
+        return self._run
+
+    @property
+    def end(self):
+        if self._end is None:
+            self._end = read_json(os.path.join(self.dir, "end.json"), {})
+        return self._end
+
+    def lost_marker(self):
+        return read_json(self.cfg.p("jobs", "lost", self.id))
+
+    def is_active(self):
+        return os.path.exists(self.cfg.p("jobs", "active", self.id))
+
+    def state(self, placement=None):
+        if self.end:
+            return self.end.get("state", "failed")
+        lost = self.lost_marker()
+        if lost:
+            return "lost"
+        if self.run:
+            return "running"
+        if self.is_active():
+            return "queued"
+        return "lost"
+
+    def to_dict(self, placement=None):
+        state = self.state(placement)
+        host = self.run.get("host") or (placement or {}).get("host") or self.end.get("host")
+        gpus = self.run.get("gpus") if self.run else (placement or {}).get("gpus", [])
+        reason = self.end.get("reason") or (self.lost_marker() or {}).get("reason")
+        return {
+            "id": self.id, "user": self.owner, "state": state,
+            "host": host if state != "queued" or placement else None,
+            "gpus": gpus or [], "gpus_wanted": self.spec.get("gpus", 1),
+            "script": self.spec.get("script"), "cwd": self.spec.get("cwd"),
+            "env": self.spec.get("env", {}), "desc": self.spec.get("env", {}).get("DQ_DESC"),
+            "submitted": self.spec.get("submitted"), "started": self.run.get("started"),
+            "ended": self.end.get("ended") or (self.lost_marker() or {}).get("ended"),
+            "exit_code": self.end.get("exit_code"), "signal": self.end.get("signal"),
+            "reason": reason, "restart_of": self.spec.get("restart_of"),
+        }
+
+
+def load_job(cfg, job_id, quiet=False):
+    """Load a job, its owner taken from the file system, not from the JSON:
+    a job.json naming somebody else than the file's owner is refused."""
+    path = os.path.join(cfg.job_dir(job_id), "job.json")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    spec = read_json(path)
+    if spec is None:
+        return None
+    owner = user_of_uid(st.st_uid)
+    if spec.get("user") != owner or spec.get("id") != job_id or not job_id.endswith("-" + owner):
+        if not quiet:
+            warn(f"ignoring {path}: it names user {spec.get('user')!r} but belongs to {owner!r}")
+        return None
+    return Job(cfg, job_id, spec, owner)
+
+
+def resolve_job(cfg, arg):
+    """'42' or '42-alice' -> Job, or Failure naming the problem."""
+    m = JOB_ID_RE.match(arg or "")
+    if not m:
+        raise Failure(f"{arg!r} is not a job ID (expected N or N-user, e.g. 42 or 42-{me()})")
+    if m.group(2):
+        job = load_job(cfg, arg)
+    else:
+        backend = cfg.p("jobs", "backend")
+        try:
+            names = [n for n in os.listdir(backend) if n.startswith(m.group(1) + "-")]
+        except FileNotFoundError:
+            names = []
+        job = load_job(cfg, names[0]) if len(names) == 1 else None
+        if len(names) > 1:
+            raise Failure(f"job {arg} is ambiguous: {' '.join(sorted(names))}")
+    if job is None:
+        raise Failure(f"no job {arg} (see dq-jobs complete)")
+    return job
+
+
+def require_owner(job, verb):
+    if job.owner != me():
+        raise Failure(f"job {job.id} belongs to {job.owner}; you cannot {verb} it")
+
+
+def active_ids(cfg):
+    """Ids of queued and running jobs, oldest first, each checked to be owned
+    by the user its name says."""
+    d = cfg.p("jobs", "active")
+    out = []
+    try:
+        entries = list(os.scandir(d))
+    except FileNotFoundError:
+        return []
+    for e in entries:
+        m = JOB_ID_RE.match(e.name)
+        if not m or not m.group(2):
+            continue
+        try:
+            if user_of_uid(e.stat().st_uid) != m.group(2):
+                continue
+        except OSError:
+            continue
+        out.append((int(m.group(1)), e.name))
+    return [i for _, i in sorted(out)]
+
+
+def all_job_ids(cfg):
+    try:
+        names = os.listdir(cfg.p("jobs", "backend"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        m = JOB_ID_RE.match(n)
+        if m and m.group(2):
+            out.append((int(m.group(1)), n))
+    return [i for _, i in sorted(out)]
+
+
+def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None):
+    """Write end.json once; False if the job already had an end."""
+    data = {"state": state, "reason": reason, "exit_code": exit_code,
+            "signal": sig, "ended": time.time(), "host": host or job.run.get("host")}
+    try:
+        write_json(os.path.join(job.dir, "end.json"), data, exclusive=True)
+    except FileExistsError:
+        return False
+    job._end = None
+    return True
+
+
+def retire(cfg, job):
+    """Take an ended job out of the active index and free its GPUs."""
+    try:
+        os.unlink(cfg.p("jobs", "active", job.id))
+    except FileNotFoundError:
+        pass
+    with global_lock(cfg):
+        places = load_placements(cfg)
+        if places.pop(job.id, None) is not None:
+            save_placements(cfg, places)
+    touch_wake(cfg)
+
+
+# Placement ###################################################################
+
+def load_placements(cfg):
+    """{job_id: {user, host, gpus, state, since}}: the GPUs dq has handed out.
+    A GPU stays reserved from placement until its job ends, so a job that
+    loads data for a minute before touching the GPU still owns it."""
+    data = read_json(cfg.p("state", "placements.json"), {})
+    return data.get("jobs", {})
+
+
+def save_placements(cfg, places):
+    write_json(cfg.p("state", "placements.json"), {"jobs": places}, mode=0o666)
+
+
+def reserved_by_host(places):
+    out = {}
+    for p in places.values():
+        out.setdefault(p["host"], set()).update(p.get("gpus", []))
+    return out
+
+
+def plan(queue, polls, places, now, cfg):
+    """Decide which queued jobs go where.  Pure: no I/O.
+
+    queue: [(job_id, gpus_wanted, submitted)] oldest first.
+    First come, first served, with backfill: a job that cannot fit yet is
+    passed over by smaller ones behind it, except that once it has waited
+    `starve_after` seconds the host closest to fitting it is kept for it.
+    Among hosts that fit, the one with the fewest free GPUs wins, which keeps
+    whole hosts free for multi-GPU jobs.  Returns [(job_id, host, gpus)]."""
+    reserved = reserved_by_host(places)
+    free = {h: s.free(reserved.get(h, ())) for h, s in polls.items() if not s.error}
+    total = {h: len(s.gpus) for h, s in polls.items() if not s.error}
+    cpu_used = {}
+    for p in places.values():
+        if not p.get("gpus"):
+            cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
+    up = [h for h, s in polls.items() if s.reachable]
+    kept_for = {}           # host -> job id that starves for it
+    out = []
+    for job_id, want, submitted in queue:
+        if want == 0:
+            hosts = [h for h in up if cpu_used.get(h, 0) < cfg.cpu_slots]
+            if hosts:
+                h = min(hosts, key=lambda h: (cpu_used.get(h, 0), -len(free.get(h, ()))))
+                cpu_used[h] = cpu_used.get(h, 0) + 1
+                out.append((job_id, h, []))
+            continue
+        fits = [h for h in free if len(free[h]) >= want and h not in kept_for]
+        if fits:
+            h = min(fits, key=lambda h: len(free[h]))
+            gpus = sorted(free[h])[:want]
+            free[h] = [g for g in free[h] if g not in gpus]
+            out.append((job_id, h, gpus))
+        elif now - (submitted or now) >= cfg.starve_after:
+            big = [h for h in free if total[h] >= want and h not in kept_for]
+            if big:
+                kept_for[max(big, key=lambda h: len(free[h]))] = job_id
+    return out
+
+
+def reconcile(cfg, places, polls, now):
+    """Drop reservations that no longer hold: jobs that ended, jobs whose
+    screen session vanished without an end (lost), assignments nobody took
+    up.  Returns True if `places` changed."""
+    changed = False
+    for job_id, p in list(places.items()):
+        st = polls.get(p["host"])
+        job = load_job(cfg, job_id, quiet=True)
+        if job is None or job.end:
+            del places[job_id]
+            changed = True
+            continue
+        if p["state"] == "assigned" and now - p["since"] > cfg.assign_timeout:
+            del places[job_id]      # its owner's dq-schedule is not running
+            changed = True
+            continue
+        if st is None or st.error or p["since"] >= st.started:
+            continue
+        alive = job_id in st.sessions
+        if p["state"] == "launching" and alive:
+            continue
+        if p["state"] == "launching" and now - p["since"] < cfg.timeout + 5:
+            continue
+        if not alive:
+            if p["state"] == "running" or job.run:
+                mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
+                                    f"recording an exit status")
+            del places[job_id]
+            changed = True
+    return changed
+
+
+def mark_lost(cfg, job, reason):
+    path = cfg.p("jobs", "lost", job.id)
+    try:
+        write_json(path, {"reason": reason, "ended": time.time()}, exclusive=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        warn(f"cannot mark {job.id} lost: {e.strerror}")
+
+
+def read_queue(cfg, places):
+    """[(job_id, gpus_wanted, submitted)] of jobs waiting for a placement."""
+    out = []
+    for job_id in active_ids(cfg):
+        if job_id in places:
+            continue
+        info = read_json(cfg.p("jobs", "active", job_id), None)
+        if info is None:
+            continue
+        job_dir = cfg.job_dir(job_id)
+        if os.path.exists(os.path.join(job_dir, "end.json")) or \
+                os.path.exists(cfg.p("jobs", "lost", job_id)):
+            continue        # ended; its owner's next command tidies the index
+        out.append((job_id, int(info.get("gpus", 1)), info.get("submitted")))
+    return out
+
+
+# Scheduling ##################################################################
+
+class PassResult:
+    def __init__(self):
+        self.launched = []      # (job_id, host, gpus)
+        self.failed = []        # (job_id, host, why)
+        self.polls = {}
+        self.my_waiting = 0
+
+
+def schedule_pass(cfg, polls=None):
+    """One scheduling pass: poll all hosts (no lock held), decide under the
+    lock (in memory, a few small files), then start the caller's own jobs
+    that got GPUs.  Other users' placed jobs are started by their own
+    dq-schedule loop, woken through state/wake."""
+    ensure_layout(cfg)
+    user = me()
+    res = PassResult()
+    res.polls = polls if polls is not None else poll_hosts(cfg)
+    now = time.time()
+    with global_lock(cfg):
+        places = load_placements(cfg)
+        changed = reconcile(cfg, places, res.polls, now)
+        queue = read_queue(cfg, places)
+        for job_id, host, gpus in plan(queue, res.polls, places, now, cfg):
+            places[job_id] = {"user": job_id.split("-", 1)[1], "host": host,
+                              "gpus": gpus, "state": "assigned", "since": now}
+            changed = True
+        mine = []
+        for job_id, p in places.items():
+            if p["user"] == user and p["state"] == "assigned":
+                p["state"], p["since"] = "launching", now
+                mine.append((job_id, p["host"], p["gpus"]))
+                changed = True
+        others = any(p["state"] == "assigned" for p in places.values())
+        if changed:
+            save_placements(cfg, places)
+    if others:
+        touch_wake(cfg)
+    if mine:
+        launch_all(cfg, mine, res)
+    places = load_placements(cfg)
+    res.my_waiting = sum(1 for j in read_queue(cfg, places) if j[0].endswith("-" + user)) \
+        + sum(1 for p in places.values() if p["user"] == user and p["state"] == "assigned")
+    return res
+
+
+def launch_all(cfg, jobs, res):
+    with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
+        outcomes = list(pool.map(lambda j: (j, launch(cfg, *j)), jobs))
+    with global_lock(cfg):
+        places = load_placements(cfg)
+        for (job_id, host, gpus), why in outcomes:
+            p = places.get(job_id)
+            if why is None:
+                res.launched.append((job_id, host, gpus))
+                if p is not None:
+                    p["state"], p["since"] = "running", time.time()
+            else:
+                res.failed.append((job_id, host, why))
+                places.pop(job_id, None)    # back to the queue
+        save_placements(cfg, places)
+    for job_id, host, why in res.failed:
+        warn(f"could not start {job_id} on {host}: {why}; it stays queued")
+    if res.failed:
+        touch_wake(cfg)
+
+
+def session_name(job_id):
+    # Screen matches -S by prefix; ids are unique numbers followed by '-',
+    # so no session name is a prefix of another.
+    return f"dq-{job_id}"
+
+
+def launch(cfg, job_id, host, gpus):
+    """Start a job in a detached screen session on its host.  None, or why not."""
+    job = load_job(cfg, job_id)
+    if job is None:
+        return "its job.json is missing or not yours"
+    if job.end:
+        return "it already ended"
+    rc = os.path.join(job.dir, "screenrc")
+    with open(rc, "w") as f:
+        # flush 0: the log file is current to the byte, for dq-tail.
+        f.write(f'logfile "{os.path.join(job.dir, "log")}"\nlogfile flush 0\n'
+                f"defscrollback 10000\n")
+    script = (f"cd / || exit 1\n"
+              f"exec screen -c {q(rc)} -L -dmS {q(session_name(job_id))} "
+              f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}\n")
+    r = run_on(cfg, host, script)
+    return None if r.ok else r.why()
+
+
+def spawn_scheduler(cfg):
+    """Make sure this user's dq-schedule loop runs (in the background)."""
+    try:
+        subprocess.Popen([sys.executable, DQ_PY, "schedule", "--quiet"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True,
+                         env=clean_env(), cwd="/")
+    except OSError as e:
+        warn(f"cannot start dq-schedule: {e.strerror}")
+
+
+def schedule_loop(cfg, forever=False, quiet=False):
+    """Keep placing queued jobs while this user has some waiting (or for
+    ever).  Between passes it sleeps until state/wake changes (a job ended,
+    was submitted or placed) or poll_interval passes (for GPUs freed by
+    processes outside dq).  One loop per user: sched/<user>.lock."""
+    ensure_layout(cfg)
+    lock = Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
+    for _ in range(3):
+        if lock.acquire(blocking=False):
+            break
+        touch_wake(cfg)     # the running loop takes it from here
+        time.sleep(0.3)
+    else:
+        return 0
+    wake = cfg.p("state", "wake")
+    try:
+        while True:
+            seen = _mtime(wake)
+            res = schedule_pass(cfg)
+            if not quiet:
+                for job_id, host, gpus in res.launched:
+                    print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...",
+                          flush=True)
+            if res.my_waiting <= 0 and not forever:
+                break
+            deadline = time.monotonic() + cfg.poll_interval
+            while time.monotonic() < deadline and _mtime(wake) == seen:
+                time.sleep(0.05)
+    finally:
+        lock.release()
+    if _mtime(wake) != seen:    # something arrived while we decided to stop
+        spawn_scheduler(cfg)
+    return 0
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def fmt_gpus(gpus):
+    return ",".join(map(str, gpus)) if gpus else "-"
+
+
+# Job wrapper (runs inside the screen session) ###############################
+
+def job_env(job, gpus):
+    env = clean_env()
+    for k in list(env):
+        if k.startswith("DQ_"):
+            del env[k]
+    env.update(job.spec.get("env", {}))
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"   # else CUDA counts fastest first
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    env["DQ_JOB_ID"] = job.id
+    return env
+
+
+def cmd__run(cfg, argv):
+    """Internal: the process screen runs for a job.  It runs the script as a
+    child, records how it ended, frees the GPUs and wakes the scheduler."""
+    job_id, host, gpu_csv = argv
+    job = load_job(cfg, job_id)
+    if job is None or job.owner != me():
+        raise Failure(f"refusing to run {job_id}: not a job of {me()}")
+    if job.end:     # killed while it was being launched
+        return 0
+    gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
+    write_json(os.path.join(job.dir, "run.json"),
+               {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
+                "started": time.time(), "session": session_name(job_id)})
+    # Signals for the job (Ctrl-C in dq-attach, dq-kill's TERM) must not
+    # kill the wrapper before it records the end; handlers reset on exec.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, lambda *a: None)
+    script, cwd = job.spec["script"], job.spec["cwd"]
+    state, code, sig, reason = "failed", None, None, None
+    if not os.path.isdir(cwd):
+        reason = f"working directory {cwd} does not exist on {host}"
+    elif not os.access(script, os.X_OK):
+        reason = f"{script} is not executable on {host}"
+    else:
+        try:
+            p = subprocess.Popen([script], cwd=cwd, env=job_env(job, gpus))
+            rc = p.wait()
+            if rc < 0:
+                sig = signal.Signals(-rc).name
+                code, reason = 128 - rc, f"killed by {sig}"
+            else:
+                code = rc
+                state = "done" if rc == 0 else "failed"
+                reason = None if rc == 0 else f"exit status {rc}"
+        except OSError as e:
+            reason = f"cannot execute {script}: {e.strerror}"
+    if reason:
+        print(f"dq: {job_id}: {reason}", file=sys.stderr, flush=True)
+    record_end(cfg, job, state, reason, code, sig, host)
+    retire(cfg, job)
+    spawn_scheduler(cfg)
+    return 0
+
+
+# Killing #####################################################################
+
+def cmd__kill(cfg, argv):
+    """Internal, on the job's host as its owner: kill the job's process
+    group, then every process still carrying DQ_JOB_ID=<id> (it may have
+    left the group with setsid), TERM then KILL after a grace period, then
+    quit the screen session."""
+    job_id, pgid = argv[0], int(argv[1])
+    marker = f"DQ_JOB_ID={job_id}".encode()
+
+    def members():
+        found = set()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                    continue
+                if pgid > 1 and os.getpgid(int(pid)) == pgid:
+                    found.add(int(pid))
+                    continue
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        found.add(int(pid))
+            except (OSError, ProcessLookupError):
+                continue
+        return found
+
+    def signal_all(pids, sig):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+    pids = members()
+    signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + cfg.kill_grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = members()
+    signal_all(pids, signal.SIGKILL)
+    subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    print(f"killed {len(pids)} straggler(s)" if pids else "ok")
+    return 0
+
+
+# Commands ####################################################################
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise Failure(f"{message} (see {self.prog} --help)")
+
+
+def parser(cmd, description):
+    p = ArgParser(prog=f"dq-{cmd}", description=description,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="echo every ssh command")
+    p.add_argument("--version", action="version", version=f"dq {__version__}")
+    return p
+
+
+def parse(p, argv):
+    args = p.parse_args(argv)
+    global DEBUG
+    DEBUG = DEBUG or args.debug
+    return args
+
+
+def check_script(path):
+    if not os.path.exists(path):
+        raise Failure(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise Failure(f"{path} is a directory, not a script")
+    if not os.access(path, os.R_OK):
+        raise Failure(f"{path} is not readable")
+    if not os.access(path, os.X_OK):
+        raise Failure(f"{path} is not executable; run 'chmod +x {path}' (and give it a "
+                      f"#! line)")
+    return os.path.abspath(path)
+
+
+def submit_cwd():
+    """The working directory as the user sees it ($PWD keeps symlinked or
+    automounted paths such as /deep/u/avati) when it is the same directory."""
+    cwd = os.getcwd()
+    pwd_env = os.environ.get("PWD")
+    try:
+        if pwd_env and os.path.samefile(pwd_env, cwd):
+            return pwd_env
+    except OSError:
+        pass
+    return cwd
+
+
+def wanted_gpus(env):
+    raw = env.get("DQ_GPUS", "1").strip()
+    if not raw.isdigit() or int(raw) > 64:
+        raise Failure(f"DQ_GPUS={raw!r} is not a number of GPUs (0 for a CPU-only job)")
+    return int(raw)
+
+
+def check_fits(cfg, polls, want):
+    """A GPU job that no host can ever run is refused, not left waiting."""
+    if want == 0:
+        return
+    ok = {h: len(s.gpus) for h, s in polls.items() if s.reachable}
+    down = sorted(h for h, s in polls.items() if not s.reachable)
+    best = max(ok.values(), default=0)
+    if best >= want:
+        return
+    if down:
+        warn(f"no host that answered has {want} GPU(s); queued in case "
+             f"{', '.join(down)} come(s) back")
+        return
+    where = "this machine" if cfg.local else "any host of the cluster"
+    if best == 0:
+        raise Failure(f"nvidia-smi finds no GPU on {where}; to run a CPU-only job "
+                      f"submit it with DQ_GPUS=0")
+    raise Failure(f"no host has {want} GPUs (the most on one host is {best}); "
+                  f"ask for fewer with DQ_GPUS")
+
+
+def create_job(cfg, script, cwd, env, want, restart_of=None):
+    """Allocate the next id and write the job, all under the global lock.
+    The counter only grows; an id whose directory exists is skipped, so a
+    lost or rolled-back counter never hands out an id twice."""
+    user = me()
+    ensure_layout(cfg)
+    with global_lock(cfg):
+        counter = read_json(cfg.p("state", "next_id"), {}) or {}
+        n = int(counter.get("next", 1))
+        while True:
+            job_id = f"{n}-{user}"
+            try:
+                os.mkdir(cfg.job_dir(job_id), 0o755)
+                break
+            except FileExistsError:
+                n += 1
+        now = time.time()
+        spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
+                "gpus": want, "submitted": now, "submit_host": socket.gethostname(),
+                "restart_of": restart_of}
+        write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
+        write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
+        write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666)
+    return job_id
+
+
+def submit_and_place(cfg, script, cwd, env, restart_of=None):
+    want = wanted_gpus(env)
+    polls = poll_hosts(cfg)
+    for h, s in sorted(polls.items()):
+        if s.error and (want or not s.reachable):
+            warn(f"{h}: {s.error}")
+    check_fits(cfg, polls, want)
+    job_id = create_job(cfg, script, cwd, env, want, restart_of)
+    print(f"Job ID: '{job_id}'", flush=True)
+    res = schedule_pass(cfg, polls)
+    for jid, host, gpus in res.launched:
+        if jid == job_id:
+            print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
+    if job_id not in [j for j, _, _ in res.launched]:
+        print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",
+              file=sys.stderr)
+    if res.my_waiting > 0 or res.failed:
+        spawn_scheduler(cfg)
+    return 0
+
+
+def cmd_submit(cfg, argv):
+    p = parser("submit", "Queue SCRIPT to run on a free GPU of the cluster, from the "
+               "current directory,\nwith CUDA_VISIBLE_DEVICES set and every DQ_* variable "
+               "of yours.\n\nDQ_GPUS=N asks for N GPUs on one host (0: a CPU-only job); "
+               "DQ_DESC=text is shown by dq-jobs.")
+    p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
+    args = parse(p, argv)
+    script = check_script(args.script)
+    env = {k: v for k, v in os.environ.items() if k.startswith("DQ_") and k not in OWN_VARS}
+    return submit_and_place(cfg, script, submit_cwd(), env)
+
+
+def cmd_restart(cfg, argv):
+    p = parser("restart", "Queue a finished job again: same script, working directory "
+               "and DQ_* variables, new job ID.")
+    p.add_argument("job_id")
+    args = parse(p, argv)
+    job = resolve_job(cfg, args.job_id)
+    require_owner(job, "restart")
+    state = job.state()
+    if state in ("queued", "running"):
+        raise Failure(f"job {job.id} is {state}; only a finished job can be restarted "
+                      f"(dq-kill it first)")
+    env = dict(job.spec.get("env", {}))
+    return submit_and_place(cfg, job.spec["script"], job.spec["cwd"], env, restart_of=job.id)
+
+
+def cmd_kill(cfg, argv):
+    p = parser("kill", "Remove a queued job from the queue, or kill a running one: every "
+               "process it\nstarted, its screen session; its GPUs are freed.")
+    p.add_argument("job_id", nargs="+")
+    args = parse(p, argv)
+    jobs = [resolve_job(cfg, a) for a in args.job_id]
+    for job in jobs:
+        require_owner(job, "kill")
+    status = 0
+    for job in jobs:
+        status |= kill_job(cfg, job)
+    spawn_scheduler(cfg)
+    return status
+
+
+def kill_job(cfg, job):
+    state = job.state()
+    if state not in ("queued", "running"):
+        print(f"{job.id} is not active ({state}); nothing to kill", file=sys.stderr)
+        return 1
+    with global_lock(cfg):
+        place = load_placements(cfg).get(job.id)
+        # Recorded first: the wrapper then knows the end was a kill, and a
+        # launch under way does not start the script.
+        record_end(cfg, job, "killed", "killed by dq-kill",
+                   host=(place or {}).get("host") or job.run.get("host"))
+    if place is None and not job.run:
+        print(f"Removing {job.id} from the queue")
+        retire(cfg, job)
+        return 0
+    if not job.run and place and place["state"] == "launching":
+        # wait for the launch to settle so we know what to kill
+        for _ in range(int(cfg.timeout * 10)):
+            job._run = None
+            if job.run:
+                break
+            time.sleep(0.1)
+    host = job.run.get("host") or place["host"]
+    print(f"Killing {job.id} on {host} ...")
+    r = run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
+                                               str(job.run.get("pgid", 0))),
+               timeout=cfg.timeout + cfg.kill_grace)
+    if not r.ok:
+        warn(f"could not reach {host} to kill {job.id}: {r.why()}")
+    retire(cfg, job)
+    return 0 if r.ok else 1
+
+
+def active_jobs(cfg, who):
+    places = load_placements(cfg)
+    out = []
+    for job_id in active_ids(cfg):
+        if who and not job_id.endswith("-" + who):
+            continue
+        job = load_job(cfg, job_id)
+        if job is None:
+            continue
+        d = job.to_dict(places.get(job_id))
+        if d["state"] in ("queued", "running"):
+            out.append(d)
+    return out
+
+
+def completed_jobs(cfg, who):
+    out = []
+    active = set(active_ids(cfg))
+    for job_id in all_job_ids(cfg):
+        if who and not job_id.endswith("-" + who):
+            continue
+        job = load_job(cfg, job_id, quiet=True)
+        if job is None:
+            continue
+        if job_id in active and job.state() in ("queued", "running"):
+            continue
+        d = job.to_dict()
+        if d["state"] not in ("queued", "running"):
+            out.append(d)
+    return out
+
+
+def env_text(env):
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "DQ_GPUS"
+                    or v != "1")
+
+
+def cmd_jobs(cfg, argv):
+    p = parser("jobs", "List your dq jobs: active ones (default), a summary of counts, "
+               "the queue, or\ncompleted ones.")
+    p.add_argument("view", nargs="?", default="active",
+                   choices=["active", "summary", "queue", "complete"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-a", "--all", action="store_true", help="every user's jobs")
+    p.add_argument("-u", "--user", help="jobs of USER")
+    p.add_argument("-n", "--last", type=int, default=0,
+                   help="complete: only the last N jobs")
+    args = parse(p, argv)
+    who = None if args.all else (args.user or me())
+    ensure_layout(cfg)
+    now = time.time()
+    active = active_jobs(cfg, who)
+    running = [j for j in active if j["state"] == "running"]
+    queued = [j for j in active if j["state"] == "queued"]
+    if args.view == "summary":
+        done = len([n for n in all_job_ids(cfg) if not who or n.endswith("-" + who)]) \
+            - len(active)
+        counts = {"active": len(running), "queued": len(queued), "completed": max(0, done)}
+        if args.json:
+            print(json.dumps(counts))
+        else:
+            print(f"Active jobs: {counts['active']}\nJobs in queue: {counts['queued']}\n"
+                  f"Completed jobs: {counts['completed']}")
+        return 0
+    if args.view == "queue":
+        if args.json:
+            print(json.dumps(queued, indent=1))
+            return 0
+        print(f"Jobs in queue: {len(queued)}")
+        rows = [(j["id"], fmt_seconds(now - j["submitted"]), j["script"], env_text(j["env"]))
+                for j in queued]
+        print_table(["JobID", "Wait", "Script", "Env"], rows)
+        return 0
+    if args.view == "complete":
+        done = completed_jobs(cfg, who)
+        if args.last > 0:
+            done = done[-args.last:]
+        if args.json:
+            print(json.dumps(done, indent=1))
+            return 0
+        print(f"Completed jobs: {len(done)}")
+        rows = []
+        for j in done:
+            runtime = (j["ended"] - j["started"]) if j["started"] and j["ended"] else 0
+            exit_text = j["signal"] or ("-" if j["exit_code"] is None else j["exit_code"])
+            rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), j["state"],
+                         exit_text, fmt_seconds(runtime), j["script"], env_text(j["env"])))
+        print_table(["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"],
+                    rows)
+        return 0
+    if args.json:
+        print(json.dumps(active, indent=1))
+        return 0
+    print(f"Active jobs: {len(running)}")
+    rows = [(j["id"], j["host"], fmt_gpus(j["gpus"]), fmt_seconds(now - j["started"]),
+             j["script"], env_text(j["env"])) for j in running]
+    print_table(["JobID", "Host", "GPU", "Runtime", "Script", "Env"], rows)
+    print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
+    return 0
+
+
+def cmd_free(cfg, argv):
+    p = parser("free", "List the unused GPUs of each host: no process on them (nvidia-smi) "
+               "and not\nreserved for a dq job.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parse(p, argv)
+    ensure_layout(cfg)
+    polls = poll_hosts(cfg, with_ps=False)
+    reserved = reserved_by_host(load_placements(cfg))
+    out = []
+    for h in cfg.hosts:
+        s = polls[h]
+        if s.error:
+            warn(f"{h}: {s.error}")
+        out.append({"host": h, "free": sorted(s.free(reserved.get(h, ())), reverse=True),
+                    "gpus": len(s.gpus), "error": s.error})
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for o in out:
+        if o["free"]:
+            print(f"{o['host']}: {' '.join(map(str, o['free']))}")
+    return 0
+
+
+def cmd_schedule(cfg, argv):
+    p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
+               "waiting.\ndq-submit starts it in the background for you when a job has to "
+               "wait;\nonly one runs per user.  Admins may run it as a service with "
+               "--forever.")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--forever", action="store_true", help="never exit (service mode)")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    args = parse(p, argv)
+    if args.once:
+        res = schedule_pass(cfg)
+        for job_id, host, gpus in res.launched:
+            if not args.quiet:
+                print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
+        return 0
+    return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
+
+
+# Main ########################################################################
+
+COMMANDS = {
+    "submit": cmd_submit,
+    "jobs": cmd_jobs,
+    "kill": cmd_kill,
+    "restart": cmd_restart,
+    "free": cmd_free,
+    "schedule": cmd_schedule,
+}
+INTERNAL = {"_run": cmd__run, "_kill": cmd__kill}
+
+
+def main(argv=None):
+    global PROG
+    argv = list(sys.argv if argv is None else argv)
+    name = os.path.basename(argv[0])
+    if name.startswith("dq-"):
+        cmd, rest = name[3:], argv[1:]
+    elif len(argv) > 1:
+        cmd, rest = argv[1], argv[2:]
+    else:
+        cmd, rest = "", []
+    func = COMMANDS.get(cmd) or INTERNAL.get(cmd)
+    if func is None:
+        names = " ".join(f"dq-{c}" for c in COMMANDS)
+        print(f"dq: unknown command {cmd!r}; call dq as one of: {names}\n"
+              f"(or as 'python3 dq.py COMMAND')", file=sys.stderr)
+        return 2
+    PROG = f"dq-{cmd}"
+    try:
+        cfg = Config()
+        return func(cfg, rest) or 0
+    except Failure as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
