@@ -726,7 +726,7 @@ def plan(queue, polls, places, now, cfg):
             gpus = sorted(free[h])[:want]
             free[h] = [g for g in free[h] if g not in gpus]
             out.append((job_id, h, gpus))
-        elif now - (submitted or now) >= cfg.starve_after:
+        elif submitted is not None and now - submitted >= cfg.starve_after:
             big = [h for h in free if total[h] >= want and h not in kept_for]
             if big:
                 kept_for[max(big, key=lambda h: len(free[h]))] = job_id

@@ -1,0 +1,22 @@
+# dq: make install PREFIX=/deep/group/dq [GROUP=lab] [DESTDIR=...]; make test
+PREFIX ?= /usr/local/dq
+GROUP ?=
+PYTHON ?= python3
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' dq.py)
+
+.PHONY: install uninstall test bench version
+
+install:
+	./install.sh "$(DESTDIR)$(PREFIX)" $(GROUP)
+
+# Removes the program and its commands; the jobs and dq.conf stay.
+uninstall:
+	rm -f "$(DESTDIR)$(PREFIX)/dq.py"
+	for l in links/dq-*; do rm -f "$(DESTDIR)$(PREFIX)/bin/$${l#links/}"; done
+	-rmdir "$(DESTDIR)$(PREFIX)/bin"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+version:
+	@echo $(VERSION)

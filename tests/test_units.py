@@ -1,0 +1,171 @@
+"""Unit tests of the pure parts of dq: nvidia-smi parsing and placement."""
+import os
+import sys
+import types
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dq  # noqa: E402
+
+UUID0 = "GPU-6a3f4b2e-1c2d-3e4f-5a6b-7c8d9e0f1a2b"
+UUID1 = "GPU-0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e"
+
+
+def poll_output(gpus, apps, gpus_rc=0, apps_rc=0, ps=""):
+    return (f"@@gpus\n{gpus}@@rc {gpus_rc}\n@@apps\n{apps}@@rc {apps_rc}\n"
+            f"@@ps\n{ps}@@rc 0\n")
+
+
+def parsed(out, rc=0, err=""):
+    return dq.parse_poll("node1", dq.Result("node1", rc, out, err, 0.01), 100.0)
+
+
+def test_idle_gpus_are_free():
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n1, {UUID1}, 3, 81559\n", ""))
+    assert st.error is None
+    assert st.free() == [0, 1]
+
+
+def test_gpu_with_a_process_is_busy_and_pid_recorded():
+    st = parsed(poll_output(f"0, {UUID0}, 1043, 81559\n1, {UUID1}, 0, 81559\n",
+                            f"{UUID0}, 12345, 1034\n"))
+    assert st.free() == [1]
+    assert st.gpus[0].pids == [12345]
+
+
+def test_reserved_gpus_are_not_free():
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n1, {UUID1}, 0, 81559\n", ""))
+    assert st.free(reserved={0}) == [1]
+
+
+@pytest.mark.parametrize("field", ["[N/A]", "[Insufficient Permissions]", "[Unknown Error]"])
+def test_unknown_memory_means_not_free(field):
+    st = parsed(poll_output(f"0, {UUID0}, {field}, 81559\n1, {UUID1}, 0, 81559\n", ""))
+    assert st.free() == [1]
+
+
+def test_process_on_unknown_uuid_makes_every_gpu_unknown():
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n", "GPU-ffffffff-0000, 77, 10\n"))
+    assert st.free() == []
+
+
+@pytest.mark.parametrize("gpus,rc,needle", [
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+     "Make sure that the latest NVIDIA driver is installed and running.\n", 9, "exit 9"),
+    ("No devices were found\n", 6, "No devices"),
+    ("sh: 1: nvidia-smi: not found\n", 127, "not found"),
+    ("", 124, "timed out"),
+])
+def test_failing_nvidia_smi_means_no_free_gpus(gpus, rc, needle):
+    st = parsed(poll_output(gpus, "", gpus_rc=rc))
+    assert st.free() == []
+    assert needle in st.error
+    assert st.reachable
+
+
+def test_garbage_rows_are_an_error_not_a_crash():
+    st = parsed(poll_output("this is not csv\n", ""))
+    assert st.free() == [] and "unexpected" in st.error
+
+
+def test_failure_text_on_stdout_with_exit_zero_is_rejected():
+    st = parsed(poll_output("NVIDIA-SMI has failed because it couldn't communicate\n", ""))
+    assert st.free() == [] and st.error
+
+
+def test_unreachable_host():
+    st = parsed("", rc=255, err="ssh: connect to host node9 port 22: Connection refused\n")
+    assert not st.reachable and "Connection refused" in st.error and st.free() == []
+
+
+def test_sessions_found_in_ps():
+    ps = ("SCREEN -c /x/jobs/backend/3-alice/screenrc -L -dmS dq-3-alice python3 /x/dq.py"
+          " _run 3-alice node1 0\nSCREEN -dmS other\n")
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n", "", ps=ps))
+    assert st.sessions == {"3-alice"}
+
+
+def cfg(**kw):
+    c = types.SimpleNamespace(starve_after=600, cpu_slots=4)
+    c.__dict__.update(kw)
+    return c
+
+
+def host(name, free_idx, total):
+    st = dq.HostState(name, 0)
+    for i in range(total):
+        g = dq.Gpu(i, f"GPU-{name}-{i}", 0, 100)
+        if i not in free_idx:
+            g.pids.append(1000 + i)
+        st.gpus.append(g)
+    return st
+
+
+def test_plan_first_come_first_served():
+    polls = {"a": host("a", [0], 2)}
+    out = dq.plan([("1-x", 1, 0), ("2-y", 1, 0)], polls, {}, 10, cfg())
+    assert out == [("1-x", "a", [0])]
+
+
+def test_plan_backfills_past_a_job_that_does_not_fit():
+    polls = {"a": host("a", [0, 1], 4), "b": host("b", [3], 4)}
+    out = dq.plan([("1-x", 4, 5), ("2-y", 1, 6), ("3-y", 2, 7)], polls, {}, 10, cfg())
+    # the 1-GPU job goes to the host with the fewest free GPUs (best fit)
+    assert out == [("2-y", "b", [3]), ("3-y", "a", [0, 1])]
+
+
+def test_plan_keeps_a_host_for_a_starving_job():
+    polls = {"a": host("a", [0, 1], 4)}
+    queue = [("1-x", 4, 0), ("2-y", 1, 1)]
+    assert dq.plan(queue, polls, {}, 10, cfg()) == [("2-y", "a", [0])]
+    assert dq.plan(queue, polls, {}, 10_000, cfg()) == []
+
+
+def test_plan_never_gives_a_reserved_gpu():
+    polls = {"a": host("a", [0, 1], 2)}
+    places = {"9-z": {"host": "a", "gpus": [0], "state": "running", "user": "z", "since": 0}}
+    out = dq.plan([("1-x", 1, 0), ("2-x", 1, 0)], polls, places, 10, cfg())
+    assert out == [("1-x", "a", [1])]
+
+
+def test_plan_multi_gpu_job_stays_on_one_host():
+    polls = {"a": host("a", [0], 2), "b": host("b", [1], 2)}
+    assert dq.plan([("1-x", 2, 0)], polls, {}, 10, cfg()) == []
+
+
+def test_plan_cpu_jobs_spread_and_respect_slots():
+    polls = {"a": host("a", [], 2), "b": host("b", [], 2)}
+    queue = [(f"{i}-x", 0, 0) for i in range(1, 6)]
+    out = dq.plan(queue, polls, {}, 10, cfg(cpu_slots=2))
+    assert len(out) == 4
+    assert sorted(h for _, h, _ in out) == ["a", "a", "b", "b"]
+
+
+def test_job_id_pattern():
+    assert dq.JOB_ID_RE.match("42").groups() == ("42", None)
+    assert dq.JOB_ID_RE.match("42-alice").groups() == ("42", "alice")
+    for bad in ("", "abc", "42-", "-1", "4 2", "42;rm", "42-$(x)", "../1-a"):
+        assert not dq.JOB_ID_RE.match(bad), bad
+
+
+def test_session_names_are_prefix_free():
+    names = [dq.session_name(f"{n}-alice") for n in range(1, 200)]
+    for a in names:
+        for b in names:
+            assert a == b or not b.startswith(a)
+
+
+def test_atomic_write_and_newer_format_refused(tmp_path):
+    p = tmp_path / "x.json"
+    dq.write_json(str(p), {"a": 1})
+    assert dq.read_json(str(p))["a"] == 1
+    with pytest.raises(FileExistsError):
+        dq.write_json(str(p), {"a": 2}, exclusive=True)
+    assert dq.read_json(str(p))["a"] == 1
+    p.write_text('{"format": 99}')
+    with pytest.raises(dq.Failure, match="newer dq"):
+        dq.read_json(str(p))
+    p.write_text('{"trunc')
+    assert dq.read_json(str(p), {"d": 1}) == {"d": 1}
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
