@@ -1,0 +1,67 @@
+"""pytest fixtures for dq's end-to-end tests on the namespace test cluster.
+
+- `cluster` (session): a started 4-node Cluster (4 fake GPUs each).
+- `dq` (function): a fresh dq install on that cluster (see DQInstall).
+After every test that used the cluster, it is reset (test-user processes
+killed, dead nodes rebooted, fake GPUs restored) so tests are independent.
+
+Cluster tests skip when not root or a needed tool is missing, except with
+CI=true, where they fail: CI must run them all.
+"""
+import os
+import re
+
+import pytest
+
+from cluster import Cluster, DQInstall, install_dq, unavailable_reason
+
+_session = {"cluster": None, "installs": 0}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cluster: uses the namespace test cluster (root, unshare, sshd, screen, ssh)")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark tests using the cluster so `-m "not cluster"` deselects them."""
+    for item in items:
+        if {"cluster", "dq"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
+def _unavailable(reason):
+    if os.environ.get("CI") == "true":
+        pytest.fail("cluster unavailable on CI: " + reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    reason = unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    c = Cluster(nodes=4, gpus=4).start()
+    _session["cluster"] = c
+    try:
+        yield c
+    finally:
+        _session["cluster"] = None
+        c.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_cluster_after_test(request):
+    yield
+    c = _session["cluster"]
+    if c is not None and {"cluster", "dq"} & set(request.fixturenames):
+        c.reset()
+
+
+@pytest.fixture
+def dq(cluster, request):
+    """A fresh dq data root under the cluster base dir, for this test only."""
+    _session["installs"] += 1
+    name = "%03d-%s" % (_session["installs"], re.sub(r"[^\w.-]+", "_", request.node.name)[:80])
+    root = install_dq(cluster, os.path.join(cluster.base, "dq", name))
+    return DQInstall(cluster, root)
