@@ -46,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -317,7 +318,13 @@ def ssh_argv(cfg, host):
     return argv + [host]
 
 
-def run_on(cfg, host, script, timeout=None, stdin_extra=""):
+def wrap_script(script):
+    # The shell parses the whole group before running it, and the commands
+    # inside read /dev/null, not the rest of the script.
+    return "{\n" + script.rstrip("\n") + "\n} </dev/null\n"
+
+
+def run_on(cfg, host, script, timeout=None):
     """Run a /bin/sh script on a host as the calling user and capture it.
 
     The script travels on stdin and the remote login shell only sees
@@ -334,7 +341,7 @@ def run_on(cfg, host, script, timeout=None, stdin_extra=""):
         # A multiplexing master that ssh forks off keeps stderr open; so
         # stderr goes to a file, not a pipe that would never see EOF.
         with tempfile.TemporaryFile() as errf:
-            p = subprocess.run(argv, input=(script + stdin_extra).encode(),
+            p = subprocess.run(argv, input=wrap_script(script).encode(),
                                stdout=subprocess.PIPE, stderr=errf,
                                timeout=timeout, env=clean_env())
             errf.seek(0)
@@ -1389,6 +1396,383 @@ def cmd_schedule(cfg, argv):
     return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
 
+# Job output ##################################################################
+
+def job_log(job):
+    return os.path.join(job.dir, "log")
+
+
+def flush_log(cfg, job):
+    """Make a running job's log current before reading it.  Screen writes
+    it at once (logfile flush 0), but on NFS the writing host's client may
+    still sit on dirty pages: an fsync there pushes them to the server."""
+    if job.state() != "running":
+        return
+    print(f"Flushing logs of {job.id}", file=sys.stderr, flush=True)
+    host = job.run.get("host")
+    if host:
+        r = run_on(cfg, host, f"sync {q(job_log(job))} 2>/dev/null; true")
+        if not r.ok:
+            warn(f"could not reach {host} to flush the log: {r.why()}")
+
+
+def open_log(cfg, job_arg):
+    job = resolve_job(cfg, job_arg)
+    path = job_log(job)
+    if not os.path.exists(path):
+        state = job.state()
+        if state == "queued":
+            raise Failure(f"job {job.id} is still queued; it has no output yet")
+        raise Failure(f"job {job.id} ({state}) has no log file {path}")
+    if not os.access(path, os.R_OK):
+        raise Failure(f"you may not read the log of {job.id} ({path})")
+    flush_log(cfg, job)
+    return job, path
+
+
+class LineOut:
+    """Writes log bytes to stdout as the job wrote them: screen's pty turns
+    \n into \r\n, which is turned back.  Streams: constant memory."""
+
+    def __init__(self):
+        self.out = sys.stdout.buffer
+        self.pending_cr = False
+
+    def write(self, data):
+        if self.pending_cr:
+            data = b"\r" + data
+            self.pending_cr = False
+        if data.endswith(b"\r"):
+            data, self.pending_cr = data[:-1], True
+        self.out.write(data.replace(b"\r\n", b"\n"))
+
+    def close(self):
+        if self.pending_cr:
+            self.out.write(b"\r")
+        self.out.flush()
+
+
+def last_lines_offset(f, n):
+    """Offset in a binary file where its last n lines start."""
+    f.seek(0, os.SEEK_END)
+    end = pos = f.tell()
+    if n <= 0:
+        return end
+    count, block = 1, 65536         # the last line, with or without its newline
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        chunk = f.read(step)
+        if pos + step == end:
+            chunk = chunk[:-1] if chunk.endswith(b"\n") else chunk
+        i = len(chunk)
+        while True:
+            i = chunk.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            count += 1
+            if count > n:
+                return pos + i + 1
+    return 0
+
+
+def copy_out(f, out, limit=None):
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return
+        out.write(chunk)
+
+
+def count_arg(argv, default=10):
+    """Pull the manual's `-NUM` (and -n NUM) out of argv."""
+    rest, num = [], default
+    it = iter(argv)
+    for a in it:
+        if re.fullmatch(r"-[0-9]+", a):
+            num = int(a[1:])
+        elif a in ("-n", "--lines"):
+            v = next(it, "")
+            if not v.isdigit():
+                raise Failure(f"{a} needs a number of lines")
+            num = int(v)
+        else:
+            rest.append(a)
+    return num, rest
+
+
+def cmd_tail(cfg, argv):
+    num, argv = count_arg(argv)
+    p = parser("tail", "Show the last lines of a job's output (stdout and stderr).\n\n"
+               "  dq-tail ID [-NUM] [-f]")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new output until the job ends (or Ctrl-C)")
+    args = parse(p, argv)
+    job, path = open_log(cfg, args.job_id)
+    out = LineOut()
+    with open(path, "rb") as f:
+        f.seek(last_lines_offset(f, num))
+        copy_out(f, out)
+        out.close()
+        if not args.follow:
+            return 0
+        last_flush = time.monotonic()
+        while True:
+            chunk = f.read(1 << 20)
+            if chunk:
+                out.write(chunk)
+                out.close()
+                continue
+            job._end = None
+            if job.end or job.lost_marker():
+                return 0
+            if time.monotonic() - last_flush > 2 and job.run.get("host") and not cfg.local:
+                run_on(cfg, job.run["host"], f"sync {q(path)} 2>/dev/null; true")
+                last_flush = time.monotonic()
+            time.sleep(0.1)
+
+
+def cmd_head(cfg, argv):
+    num, argv = count_arg(argv)
+    p = parser("head", "Show the first lines of a job's output.\n\n  dq-head ID [-NUM]")
+    p.add_argument("job_id")
+    args = parse(p, argv)
+    _, path = open_log(cfg, args.job_id)
+    out = LineOut()
+    with open(path, "rb") as f:
+        for i, line in enumerate(f):
+            if i >= num:
+                break
+            out.write(line)
+    out.close()
+    return 0
+
+
+def cmd_logs(cfg, argv):
+    p = parser("logs", "Print a job's whole output (it may be large: pipe it).")
+    p.add_argument("job_id")
+    args = parse(p, argv)
+    _, path = open_log(cfg, args.job_id)
+    out = LineOut()
+    with open(path, "rb") as f:
+        copy_out(f, out)
+    out.close()
+    return 0
+
+
+def cmd_grep(cfg, argv):
+    if argv and argv[0] in ("-h", "--help"):
+        p = parser("grep", "Search a job's output for a regular expression (grep -E);\n"
+                   "options before PATTERN go to grep, e.g. dq-grep 12 -i -c loss.\n\n"
+                   "  dq-grep ID [GREP-OPTIONS] PATTERN")
+        p.parse_args(["--help"])
+    rest = [a for a in argv if a != "--debug"]
+    global DEBUG
+    DEBUG = DEBUG or len(rest) != len(argv)
+    if len(rest) < 2:
+        raise Failure("usage: dq-grep ID [GREP-OPTIONS] PATTERN (see dq-grep --help)")
+    _, path = open_log(cfg, rest[0])
+    colour = "--color=always" if use_colour() else "--color=never"
+    # grep reads the file itself (fast, constant memory); tr undoes the
+    # pty's \r\n so lines come out as the job wrote them.
+    tr = subprocess.Popen(["tr", "-d", "\\r"], stdin=open(path, "rb"), stdout=subprocess.PIPE)
+    g = subprocess.run(["grep", "-E", colour] + rest[1:-1] + ["-e", rest[-1]],
+                       stdin=tr.stdout)
+    tr.stdout.close()
+    tr.wait()
+    if g.returncode == 2:
+        raise Failure("grep failed (see its message above)")
+    return g.returncode
+
+
+def cmd_attach(cfg, argv):
+    p = parser("attach", "Attach your terminal to a running job's screen session.\n"
+               "Detach with Ctrl-a d; the job keeps running.")
+    p.add_argument("job_id")
+    args = parse(p, argv)
+    job = resolve_job(cfg, args.job_id)
+    require_owner(job, "attach to")
+    if job.state() != "running":
+        raise Failure(f"job {job.id} is {job.state()}, not running; nothing to attach to "
+                      f"(see dq-tail {job.n})")
+    host = job.run["host"]
+    name = session_name(job.id)     # letters, digits and -_. only: safe in any shell
+    if cfg.local:
+        argv = ["screen", "-r", name]
+    else:
+        argv = ssh_argv(cfg, host)
+        argv[1:1] = ["-t"]
+        argv += [f"exec screen -r {name}"]
+    debug(shlex.join(argv))
+    os.execvp(argv[0], argv)
+
+
+# Cluster views ###############################################################
+
+def use_colour():
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+STATE_WORDS = {"R": "running", "S": "sleeping", "D": "disk sleep", "Z": "zombie",
+               "T": "stopped", "t": "traced", "I": "idle", "X": "dead"}
+
+
+def users_script():
+    return (f"echo @@gpus; timeout 10 {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
+            f"echo @@apps; timeout 10 {SMI_APPS} 2>&1; echo \"@@rc $?\"\n"
+            "echo @@ps; ps -eo pid=,ppid=,user:32=,stat=,comm:32=,args= 2>/dev/null;"
+            " echo '@@rc 0'\n")
+
+
+def gpu_users(host, res, started):
+    """[{host, gpu, mem, pid, user, process, stat, job}] for one host, from
+    nvidia-smi (which PIDs use which GPU) and ps on the host (who, what)."""
+    st = parse_poll(host, res, started)
+    if st.error:
+        return st, []
+    procs = {}
+    for m in re.finditer(r"@@ps\n(.*?)@@rc", res.out, re.S):
+        for line in m.group(1).splitlines():
+            f = line.split(None, 5)
+            if len(f) >= 5 and f[0].isdigit():
+                procs[int(f[0])] = {"ppid": int(f[1]) if f[1].isdigit() else 0,
+                                    "user": f[2], "stat": f[3], "comm": f[4],
+                                    "args": f[5] if len(f) > 5 else ""}
+    apps = {}
+    for m in re.finditer(r"@@apps\n(.*?)@@rc", res.out, re.S):
+        for line in m.group(1).splitlines():
+            fl = [x.strip() for x in line.split(",")]
+            if len(fl) == 3 and fl[0].startswith("GPU-"):
+                apps.setdefault(fl[0], []).append((_int_field(fl[1]), _int_field(fl[2])))
+
+    def job_of(pid):
+        seen = set()
+        while pid in procs and pid not in seen:
+            seen.add(pid)
+            m = SESSION_RE.search(procs[pid]["args"])
+            if m:
+                return m.group(1)
+            pid = procs[pid]["ppid"]
+        return None
+
+    rows = []
+    for g in st.gpus:
+        for pid, mem in apps.get(g.uuid, []):
+            pr = procs.get(pid, {})
+            rows.append({"host": host, "gpu": g.index, "mem_mb": mem, "pid": pid,
+                         "user": pr.get("user", "?"), "process": pr.get("comm", "?"),
+                         "stat": pr.get("stat", "?")[:1] or "?",
+                         "job": job_of(pid) if pid else None})
+    return st, rows
+
+
+def cmd_users(cfg, argv):
+    p = parser("users", "List every process on every GPU of the cluster, started by dq or "
+               "by hand.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parse(p, argv)
+    started = time.time()
+    progress = sys.stderr.isatty() and not args.json
+    results = {}
+
+    def one(h):
+        r = run_on(cfg, h, users_script())
+        if progress:
+            print(".", end="", file=sys.stderr, flush=True)
+        return r
+    with ThreadPoolExecutor(max_workers=min(64, len(cfg.hosts))) as pool:
+        for h, r in zip(cfg.hosts, pool.map(one, cfg.hosts)):
+            results[h] = r
+    if progress:
+        print(file=sys.stderr)
+    rows = []
+    for h in cfg.hosts:
+        st, host_rows = gpu_users(h, results[h], started)
+        if st.error:
+            warn(f"{h}: {st.error}")
+        rows += host_rows
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = [(f"{r['host']}:", r["gpu"], f"{r['mem_mb']}-MB" if r["mem_mb"] is not None
+              else "?", r["user"], r["process"], r["pid"] if r["pid"] is not None else "?",
+              r["stat"], f"({STATE_WORDS.get(r['stat'], 'unknown')})", r["job"] or "")
+             for r in rows]
+    print_table(["Host", "GPU", "Mem", "User", "Process", "PID", "Status", "", "Job"], table)
+    return 0
+
+
+def cmd_on_all(cfg, argv):
+    p = parser("on-all", "Run a command on every host in parallel; each output line is "
+               "prefixed with\nits host.  Several arguments are quoted one by one (dq-on-all "
+               "date '+%%F');\na single argument is a /bin/sh command line "
+               "(dq-on-all 'nvidia-smi | head -3').")
+    p.add_argument("-t", "--timeout", type=float, help="seconds per host "
+                   "(default: the configured timeout)")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = parse(p, argv)
+    if not args.command:
+        raise Failure("no command given (usage: dq-on-all COMMAND [ARG...])")
+    line = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    timeout = args.timeout or cfg.timeout
+    colour = use_colour()
+    out_lock = threading.Lock()
+
+    def emit(stream, host, text):
+        prefix = f"\033[1m{host}:\033[0m " if colour and stream is sys.stdout else f"{host}: "
+        with out_lock:
+            stream.write(prefix + text + ("" if text.endswith("\n") else "\n"))
+            stream.flush()
+
+    def one(h):
+        return stream_on(cfg, h, line, lambda t: emit(sys.stdout, h, t), timeout)
+    with ThreadPoolExecutor(max_workers=min(64, len(cfg.hosts))) as pool:
+        results = dict(zip(cfg.hosts, pool.map(one, cfg.hosts)))
+    failed = []
+    for h in cfg.hosts:
+        r = results[h]
+        for ln in r.err.splitlines():
+            emit(sys.stderr, h, ln)
+        if r.rc == 124:
+            failed.append(f"{h} (no answer within {timeout:g}s)")
+        elif not r.ok:
+            failed.append(f"{h} (exit {r.rc})")
+    if failed:
+        print(f"{PROG}: failed on {len(failed)} of {len(cfg.hosts)} hosts: "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def stream_on(cfg, host, script, on_line, timeout):
+    """Like run_on, but hands each stdout line to on_line as it comes."""
+    argv = ["/bin/sh", "-s"] if cfg.local else ssh_argv(cfg, host) + ["/bin/sh -s"]
+    debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script}\nEOF")
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile() as errf:
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=errf, env=clean_env())
+        except OSError as e:
+            return Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0)
+        p.stdin.write(wrap_script(script).encode())
+        p.stdin.close()
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        try:
+            for raw in p.stdout:
+                on_line(raw.decode(errors="replace"))
+            rc = p.wait()
+        finally:
+            timer.cancel()
+        timed_out = rc < 0 and time.monotonic() - t0 >= timeout
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
+    return Result(host, 124 if timed_out else rc, "", err, time.monotonic() - t0)
+
+
 # Main ########################################################################
 
 COMMANDS = {
@@ -1398,6 +1782,13 @@ COMMANDS = {
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,
+    "tail": cmd_tail,
+    "head": cmd_head,
+    "logs": cmd_logs,
+    "grep": cmd_grep,
+    "attach": cmd_attach,
+    "users": cmd_users,
+    "on-all": cmd_on_all,
 }
 INTERNAL = {"_run": cmd__run, "_kill": cmd__kill}
 

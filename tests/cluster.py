@@ -483,7 +483,7 @@ class Cluster:
                  "setpriv", "--reuid", str(pw.pw_uid), "--regid", str(pw.pw_gid),
                  "--init-groups", "--", "/usr/bin/env", "-i"]
                 + ["%s=%s" % kv for kv in environ.items()]
-                + ["/bin/sh", "-c", 'cd -- "$0" && exec "$@"', cwd or pw.pw_dir]
+                + ["/bin/sh", "-c", 'cd -- "$0" && unset OLDPWD && exec "$@"', cwd or pw.pw_dir]
                 + [str(a) for a in cmd])
 
     def popen(self, host, user, cmd, *, env=None, cwd=None, **kw):

@@ -169,3 +169,15 @@ def test_atomic_write_and_newer_format_refused(tmp_path):
     p.write_text('{"trunc')
     assert dq.read_json(str(p), {"d": 1}) == {"d": 1}
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("text,n,want", [
+    (b"a\nb\nc\n", 2, b"b\nc\n"), (b"a\nb\nc", 2, b"b\nc"), (b"a\nb\nc\n", 5, b"a\nb\nc\n"),
+    (b"", 3, b""), (b"a\n", 0, b""), (b"x" * 100000 + b"\n" + b"y\n" * 70000, 3, b"y\n" * 3),
+])
+def test_last_lines_offset(tmp_path, text, n, want):
+    p = tmp_path / "log"
+    p.write_bytes(text)
+    with open(p, "rb") as f:
+        f.seek(dq.last_lines_offset(f, n))
+        assert f.read() == want
