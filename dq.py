@@ -451,11 +451,17 @@ def parse_smi_apps(text):
     return apps
 
 
-def poll_script(with_ps=True):
-    # `timeout` keeps a wedged driver from stalling the pass; markers keep
-    # the sections apart whatever nvidia-smi prints.
-    s = (f"echo @@gpus; timeout 10 {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
-         f"echo @@apps; timeout 10 {SMI_APPS} 2>&1; echo \"@@rc $?\"\n")
+def smi_timeout(cfg):
+    # nvidia-smi must give up before ssh does, so a wedged driver reads as
+    # "nvidia-smi timed out" on a host that answers, not as a dead host.
+    return max(1, int(cfg.timeout * 0.6))
+
+
+def poll_script(cfg, with_ps=True):
+    # Markers keep the sections apart whatever nvidia-smi prints.
+    t = smi_timeout(cfg)
+    s = (f"echo @@gpus; timeout {t} {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
+         f"echo @@apps; timeout {t} {SMI_APPS} 2>&1; echo \"@@rc $?\"\n")
     if with_ps:
         s += "echo @@ps; ps -eo args= 2>/dev/null | grep '^SCREEN' ; echo '@@rc 0'\n"
     return s
@@ -506,7 +512,7 @@ def poll_hosts(cfg, hosts=None, with_ps=True):
     """Poll hosts in parallel: {host: HostState}."""
     hosts = cfg.hosts if hosts is None else hosts
     started = time.time()
-    script = poll_script(with_ps)
+    script = poll_script(cfg, with_ps)
     results = run_on_all(cfg, hosts, lambda h: script)
     return {h: parse_poll(h, r, started) for h, r in results.items()}
 
@@ -1619,9 +1625,8 @@ STATE_WORDS = {"R": "running", "S": "sleeping", "D": "disk sleep", "Z": "zombie"
                "T": "stopped", "t": "traced", "I": "idle", "X": "dead"}
 
 
-def users_script():
-    return (f"echo @@gpus; timeout 10 {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
-            f"echo @@apps; timeout 10 {SMI_APPS} 2>&1; echo \"@@rc $?\"\n"
+def users_script(cfg):
+    return (poll_script(cfg, with_ps=False) +
             "echo @@ps; ps -eo pid=,ppid=,user:32=,stat=,comm:32=,args= 2>/dev/null;"
             " echo '@@rc 0'\n")
 
@@ -1678,7 +1683,7 @@ def cmd_users(cfg, argv):
     results = {}
 
     def one(h):
-        r = run_on(cfg, h, users_script())
+        r = run_on(cfg, h, users_script(cfg))
         if progress:
             print(".", end="", file=sys.stderr, flush=True)
         return r

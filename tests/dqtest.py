@@ -1,0 +1,81 @@
+"""Helpers shared by dq's end-to-end tests (the cluster itself is in cluster.py)."""
+import json
+import os
+import pwd
+import re
+import time
+
+ALICE, BOB = "dqalice", "dqbob"
+
+
+def wait_until(cond, timeout=30, interval=0.1, what="condition"):
+    """Poll cond() until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def configure(dq, hosts, **opts):
+    """Rewrite the install's dq.conf: which hosts, plus [dq] options."""
+    lines = ["[dq]", "hosts = " + " ".join(hosts), "ssh = " + dq.cluster.ssh_command]
+    lines += [f"{k} = {v}" for k, v in opts.items()]
+    with open(os.path.join(dq.root, "dq.conf"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def script(cluster, user, name, body, subdir="work"):
+    """Write an executable /bin/sh job script owned by user; returns (dir, path)."""
+    d = cluster.user_dir(user, subdir)
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body.lstrip("\n"))
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o755)
+    return d, path
+
+
+def submit(dq, host, user, path, env=None, cwd=None, check=True):
+    """dq-submit as user; returns (job_id, CompletedProcess)."""
+    r = dq.run(host, user, "submit", path, env=env, cwd=cwd or os.path.dirname(path))
+    if check:
+        assert r.returncode == 0, r.stderr
+    m = re.search(r"^Job ID: '([0-9]+-[a-z]+)'$", r.stdout, re.M)
+    return (m.group(1) if m else None), r
+
+
+def jobs(dq, host=None, user=ALICE, view=None):
+    """dq-jobs [view] --json -a, parsed."""
+    args = ([view] if view else []) + ["--json", "-a"]
+    r = dq.run(host or dq.cluster.hosts[0], user, "jobs", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def job(dq, job_id, user=ALICE):
+    """The job's dict from dq-jobs, whichever view it is in."""
+    for view in (None, "complete"):
+        for j in jobs(dq, user=user, view=view):
+            if j["id"] == job_id:
+                return j
+    return None
+
+
+def wait_state(dq, job_id, states, timeout=30, user=ALICE):
+    states = (states,) if isinstance(states, str) else states
+    return wait_until(lambda: (lambda j: j if j and j["state"] in states else None)(
+        job(dq, job_id, user)), timeout, 0.2, f"{job_id} to be {'/'.join(states)}")
+
+
+def log_of(dq, job_id):
+    path = os.path.join(dq.root, "jobs", "backend", job_id, "log")
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().replace("\r\n", "\n")
+    except FileNotFoundError:
+        return ""
