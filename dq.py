@@ -135,6 +135,9 @@ class Config:
         self.cpu_slots = int(self._number(sect, "cpu_slots", 4))
         self.assign_timeout = self._number(sect, "assign_timeout", 30)
         self.kill_grace = self._number(sect, "kill_grace", 5)
+        self.lost_after = self._number(sect, "lost_after", 45)
+        self.watch_interval = self._number(sect, "watch_interval", 10)
+        self.lock_timeout = self._number(sect, "lock_timeout", 30)
 
     def _number(self, sect, key, default):
         try:
@@ -269,7 +272,7 @@ class Lock:
 
 
 def global_lock(cfg):
-    return Lock(cfg.p("state", "lock"))
+    return Lock(cfg.p("state", "lock"), timeout=cfg.lock_timeout)
 
 
 def touch_wake(cfg):
@@ -479,6 +482,7 @@ def parse_poll(host, res, started):
     gtext, grc = sections.get("gpus", ("", -1))
     atext, arc = sections.get("apps", ("", -1))
     if grc != 0 or arc != 0:
+        st.sessions = sessions_in(sections)
         rc = grc if grc != 0 else arc
         first = (gtext if grc != 0 else atext).strip().splitlines()
         if rc == 127:
@@ -488,6 +492,7 @@ def parse_poll(host, res, started):
         else:
             st.error = f"nvidia-smi failed (exit {rc}): {first[0][:100] if first else ''}"
         return st
+    st.sessions = sessions_in(sections)
     try:
         st.gpus = parse_smi_gpus(gtext)
         by_uuid = {g.uuid: g for g in st.gpus}
@@ -500,12 +505,13 @@ def parse_poll(host, res, started):
     except ValueError as e:
         st.gpus = []
         st.error = f"unexpected nvidia-smi output: {e}"
-        return st
-    for line in sections.get("ps", ("", 0))[0].splitlines():
-        m = SESSION_RE.search(line)
-        if m:
-            st.sessions.add(m.group(1))
     return st
+
+
+def sessions_in(sections):
+    """Job ids whose dq screen session shows in the host's ps output."""
+    return {m.group(1) for m in map(SESSION_RE.search,
+                                     sections.get("ps", ("", 0))[0].splitlines()) if m}
 
 
 def poll_hosts(cfg, hosts=None, with_ps=True):
@@ -691,8 +697,26 @@ def load_placements(cfg):
     """{job_id: {user, host, gpus, state, since}}: the GPUs dq has handed out.
     A GPU stays reserved from placement until its job ends, so a job that
     loads data for a minute before touching the GPU still owns it."""
-    data = read_json(cfg.p("state", "placements.json"), {})
-    return data.get("jobs", {})
+    path = cfg.p("state", "placements.json")
+    data = read_json(path, None)
+    if data is None and os.path.exists(path):
+        return rebuild_placements(cfg)
+    jobs = (data or {}).get("jobs", {})
+    return jobs if isinstance(jobs, dict) else rebuild_placements(cfg)
+
+
+def rebuild_placements(cfg):
+    """placements.json was corrupt: the running jobs' run.json files say
+    which GPUs are held, so nothing is handed out twice."""
+    warn("rebuilding placements from the running jobs' run.json files")
+    places = {}
+    for job_id in active_ids(cfg):
+        job = load_job(cfg, job_id, quiet=True)
+        if job and job.run and not job.end:
+            places[job_id] = {"user": job.owner, "host": job.run["host"],
+                              "gpus": job.run.get("gpus", []), "state": "running",
+                              "since": job.run.get("started", 0)}
+    return places
 
 
 def save_placements(cfg, places):
@@ -746,11 +770,29 @@ def plan(queue, polls, places, now, cfg):
     return out
 
 
+def track_down_hosts(cfg, polls, now):
+    """{host: down_since} for hosts that do not answer, kept in hosts.json
+    so that 'down for lost_after seconds' spans passes and users."""
+    path = cfg.p("state", "hosts.json")
+    down = dict((read_json(path, {}) or {}).get("down", {}))
+    before = dict(down)
+    for h, st in polls.items():
+        if st.reachable:
+            down.pop(h, None)
+        else:
+            down.setdefault(h, st.started)
+    if down != before:
+        write_json(path, {"down": down}, mode=0o666)
+    return down
+
+
 def reconcile(cfg, places, polls, now):
     """Drop reservations that no longer hold: jobs that ended, jobs whose
-    screen session vanished without an end (lost), assignments nobody took
-    up.  Returns True if `places` changed."""
+    screen session vanished without an end, or whose host has not answered
+    for lost_after seconds (both: lost), assignments nobody took up.
+    Returns True if `places` changed."""
     changed = False
+    down = track_down_hosts(cfg, polls, now)
     for job_id, p in list(places.items()):
         st = polls.get(p["host"])
         job = load_job(cfg, job_id, quiet=True)
@@ -762,10 +804,21 @@ def reconcile(cfg, places, polls, now):
             del places[job_id]      # its owner's dq-schedule is not running
             changed = True
             continue
-        if st is None or st.error or p["since"] >= st.started:
+        if st is not None and not st.reachable:
+            since = down.get(p["host"], now)
+            if now - since >= cfg.lost_after:
+                if p["state"] == "running" or job.run:
+                    mark_lost(cfg, job, f"host {p['host']} stopped answering "
+                                        f"({st.error}) for {now - since:.0f}s")
+                del places[job_id]
+                changed = True
+            continue
+        if st is None or p["since"] >= st.started:
             continue
         alive = job_id in st.sessions
         if p["state"] == "launching" and alive:
+            p["state"] = "running"      # its launcher died after starting it
+            changed = True
             continue
         if p["state"] == "launching" and now - p["since"] < cfg.timeout + 5:
             continue
@@ -788,8 +841,9 @@ def mark_lost(cfg, job, reason):
         warn(f"cannot mark {job.id} lost: {e.strerror}")
 
 
-def read_queue(cfg, places):
-    """[(job_id, gpus_wanted, submitted)] of jobs waiting for a placement."""
+def read_queue(cfg, places, stale=None):
+    """[(job_id, gpus_wanted, submitted)] of jobs waiting for a placement.
+    Index entries of jobs that ended or were lost go to `stale`."""
     out = []
     for job_id in active_ids(cfg):
         if job_id in places:
@@ -800,7 +854,9 @@ def read_queue(cfg, places):
         job_dir = cfg.job_dir(job_id)
         if os.path.exists(os.path.join(job_dir, "end.json")) or \
                 os.path.exists(cfg.p("jobs", "lost", job_id)):
-            continue        # ended; its owner's next command tidies the index
+            if stale is not None:
+                stale.append(job_id)
+            continue
         out.append((job_id, int(info.get("gpus", 1)), info.get("submitted")))
     return out
 
@@ -812,7 +868,8 @@ class PassResult:
         self.launched = []      # (job_id, host, gpus)
         self.failed = []        # (job_id, host, why)
         self.polls = {}
-        self.my_waiting = 0
+        self.my_waiting = 0     # the caller's jobs still waiting for GPUs
+        self.my_running = 0
 
 
 def schedule_pass(cfg, polls=None):
@@ -847,9 +904,67 @@ def schedule_pass(cfg, polls=None):
     if mine:
         launch_all(cfg, mine, res)
     places = load_placements(cfg)
-    res.my_waiting = sum(1 for j in read_queue(cfg, places) if j[0].endswith("-" + user)) \
+    stale = []
+    res.my_waiting = sum(1 for j in read_queue(cfg, places, stale)
+                         if j[0].endswith("-" + user)) \
         + sum(1 for p in places.values() if p["user"] == user and p["state"] == "assigned")
+    res.my_running = sum(1 for p in places.values() if p["user"] == user
+                         and p["state"] in ("launching", "running"))
+    tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)])
+    kill_leftovers(cfg, res.polls, user)
     return res
+
+
+def tidy_own_jobs(cfg, job_ids):
+    """The owner's part of a job's end that others could not do: record a
+    lost job's end (and requeue it if DQ_REQUEUE asks), drop index entries."""
+    for job_id in job_ids:
+        job = load_job(cfg, job_id, quiet=True)
+        if job is None:
+            continue
+        lost = job.lost_marker()
+        if lost and not job.end:
+            again = requeue(cfg, job)
+            reason = lost.get("reason", "lost") + (f"; requeued as {again}" if again else "")
+            record_end(cfg, job, "lost", reason)
+            if again:
+                print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
+                      file=sys.stderr)
+        try:
+            os.unlink(cfg.p("jobs", "active", job_id))
+        except FileNotFoundError:
+            pass
+
+
+def requeue(cfg, job):
+    """DQ_REQUEUE=N: a lost job is queued again, up to N times (1 for any
+    other non-empty value).  Returns the new id or None."""
+    raw = job.spec.get("env", {}).get("DQ_REQUEUE", "").strip()
+    if not raw or raw == "0":
+        return None
+    limit = int(raw) if raw.isdigit() else 1
+    done = job.spec.get("requeues", 0)
+    if done >= limit:
+        return None
+    return create_job(cfg, job.spec["script"], job.spec["cwd"], job.spec.get("env", {}),
+                      job.spec.get("gpus", 1), restart_of=job.id, requeues=done + 1)
+
+
+def kill_leftovers(cfg, polls, user):
+    """A screen session of ours whose job dq already counts as killed or
+    lost (its host came back, or a dq-kill died half-way) is killed, so that
+    nothing runs twice and no GPU stays held by a job dq has written off."""
+    for host, st in polls.items():
+        for job_id in st.sessions:
+            if not job_id.endswith("-" + user):
+                continue
+            job = load_job(cfg, job_id, quiet=True)
+            if job and (job.lost_marker() or job.end.get("state") in ("killed", "lost")):
+                warn(f"killing what is left of {job_id} on {host} "
+                     f"({job.end.get('state') or 'lost'})")
+                run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
+                                                       str(job.run.get("pgid", 0))),
+                       timeout=cfg.timeout + cfg.kill_grace)
 
 
 def launch_all(cfg, jobs, res):
@@ -898,6 +1013,14 @@ def launch(cfg, job_id, host, gpus):
     return None if r.ok else r.why()
 
 
+def scheduler_running(cfg):
+    lock = Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
+    if lock.acquire(blocking=False):
+        lock.release()
+        return False
+    return True
+
+
 def spawn_scheduler(cfg):
     """Make sure this user's dq-schedule loop runs (in the background)."""
     try:
@@ -910,10 +1033,11 @@ def spawn_scheduler(cfg):
 
 
 def schedule_loop(cfg, forever=False, quiet=False):
-    """Keep placing queued jobs while this user has some waiting (or for
-    ever).  Between passes it sleeps until state/wake changes (a job ended,
-    was submitted or placed) or poll_interval passes (for GPUs freed by
-    processes outside dq).  One loop per user: sched/<user>.lock."""
+    """Keep placing queued jobs while this user has jobs queued or running
+    (or for ever).  Between passes it sleeps until state/wake changes (a job
+    ended, was submitted or placed) or poll_interval passes (GPUs freed by
+    processes outside dq; watch_interval when none of ours waits, to notice
+    dead hosts).  One loop per user: sched/<user>.lock."""
     ensure_layout(cfg)
     lock = Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
     for _ in range(3):
@@ -927,14 +1051,22 @@ def schedule_loop(cfg, forever=False, quiet=False):
     try:
         while True:
             seen = _mtime(wake)
-            res = schedule_pass(cfg)
+            try:
+                res = schedule_pass(cfg)
+            except Failure as e:        # e.g. a stuck lock: retry, do not die
+                warn(str(e))
+                time.sleep(cfg.poll_interval)
+                continue
             if not quiet:
                 for job_id, host, gpus in res.launched:
                     print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...",
                           flush=True)
-            if res.my_waiting <= 0 and not forever:
+            if res.my_waiting <= 0 and res.my_running <= 0 and not forever:
                 break
-            deadline = time.monotonic() + cfg.poll_interval
+            # Waiting jobs: poll often for GPUs freed outside dq.  Only
+            # running ones: poll now and then, to notice a host that died.
+            interval = cfg.poll_interval if res.my_waiting > 0 else cfg.watch_interval
+            deadline = time.monotonic() + interval
             while time.monotonic() < deadline and _mtime(wake) == seen:
                 time.sleep(0.05)
     finally:
@@ -1137,15 +1269,23 @@ def check_fits(cfg, polls, want):
                   f"ask for fewer with DQ_GPUS")
 
 
-def create_job(cfg, script, cwd, env, want, restart_of=None):
+def next_number(cfg):
+    """The counter, or (missing or corrupt) one past the highest job."""
+    counter = read_json(cfg.p("state", "next_id"), None)
+    if counter and str(counter.get("next", "")).isdigit():
+        return int(counter["next"])
+    ids = all_job_ids(cfg)
+    return int(ids[-1].split("-")[0]) + 1 if ids else 1
+
+
+def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
     """Allocate the next id and write the job, all under the global lock.
     The counter only grows; an id whose directory exists is skipped, so a
     lost or rolled-back counter never hands out an id twice."""
     user = me()
     ensure_layout(cfg)
     with global_lock(cfg):
-        counter = read_json(cfg.p("state", "next_id"), {}) or {}
-        n = int(counter.get("next", 1))
+        n = next_number(cfg)
         while True:
             job_id = f"{n}-{user}"
             try:
@@ -1156,7 +1296,7 @@ def create_job(cfg, script, cwd, env, want, restart_of=None):
         now = time.time()
         spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
                 "gpus": want, "submitted": now, "submit_host": socket.gethostname(),
-                "restart_of": restart_of}
+                "restart_of": restart_of, "requeues": requeues}
         write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
         write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
         write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666)
@@ -1179,7 +1319,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     if job_id not in [j for j, _, _ in res.launched]:
         print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",
               file=sys.stderr)
-    if res.my_waiting > 0 or res.failed:
+    if res.my_waiting > 0 or res.my_running > 0 or res.failed:
         spawn_scheduler(cfg)
     return 0
 
@@ -1313,6 +1453,8 @@ def cmd_jobs(cfg, argv):
     active = active_jobs(cfg, who)
     running = [j for j in active if j["state"] == "running"]
     queued = [j for j in active if j["state"] == "queued"]
+    if any(j["user"] == me() for j in active) and not scheduler_running(cfg):
+        spawn_scheduler(cfg)    # e.g. a dq-submit was killed before it started one
     if args.view == "summary":
         done = len([n for n in all_job_ids(cfg) if not who or n.endswith("-" + who)]) \
             - len(active)
