@@ -910,20 +910,24 @@ def schedule_pass(cfg, polls=None):
         + sum(1 for p in places.values() if p["user"] == user and p["state"] == "assigned")
     res.my_running = sum(1 for p in places.values() if p["user"] == user
                          and p["state"] in ("launching", "running"))
-    tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)])
+    tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
     kill_leftovers(cfg, res.polls, user)
     return res
 
 
-def tidy_own_jobs(cfg, job_ids):
+def tidy_own_jobs(cfg, job_ids, polls):
     """The owner's part of a job's end that others could not do: record a
-    lost job's end (and requeue it if DQ_REQUEUE asks), drop index entries."""
+    lost job's end (and requeue it if DQ_REQUEUE asks), kill what is left of
+    it where its host answers, drop index entries."""
     for job_id in job_ids:
         job = load_job(cfg, job_id, quiet=True)
         if job is None:
             continue
         lost = job.lost_marker()
         if lost and not job.end:
+            host = job.run.get("host")
+            if host in polls and polls[host].reachable:
+                kill_on_host(cfg, job, host)
             again = requeue(cfg, job)
             reason = lost.get("reason", "lost") + (f"; requeued as {again}" if again else "")
             record_end(cfg, job, "lost", reason)
@@ -962,9 +966,14 @@ def kill_leftovers(cfg, polls, user):
             if job and (job.lost_marker() or job.end.get("state") in ("killed", "lost")):
                 warn(f"killing what is left of {job_id} on {host} "
                      f"({job.end.get('state') or 'lost'})")
-                run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
-                                                       str(job.run.get("pgid", 0))),
-                       timeout=cfg.timeout + cfg.kill_grace)
+                kill_on_host(cfg, job, host)
+
+
+def kill_on_host(cfg, job, host):
+    """Kill every process of a job on its host (see cmd__kill); a Result."""
+    return run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
+                                                  str(job.run.get("pgid", 0))),
+                  timeout=cfg.timeout + cfg.kill_grace)
 
 
 def launch_all(cfg, jobs, res):
@@ -1001,13 +1010,10 @@ def launch(cfg, job_id, host, gpus):
         return "its job.json is missing or not yours"
     if job.end:
         return "it already ended"
-    rc = os.path.join(job.dir, "screenrc")
-    with open(rc, "w") as f:
-        # flush 0: the log file is current to the byte, for dq-tail.
-        f.write(f'logfile "{os.path.join(job.dir, "log")}"\nlogfile flush 0\n'
-                f"defscrollback 10000\n")
+    # The wrapper writes the log itself (see run_in_pty), so screen needs
+    # no log settings and its version does not matter.
     script = (f"cd / || exit 1\n"
-              f"exec screen -c {q(rc)} -L -dmS {q(session_name(job_id))} "
+              f"exec screen -dmS {q(session_name(job_id))} "
               f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}\n")
     r = run_on(cfg, host, script)
     return None if r.ok else r.why()
@@ -1111,14 +1117,16 @@ def cmd__run(cfg, argv):
     if job.end:     # killed while it was being launched
         return 0
     gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
-    write_json(os.path.join(job.dir, "run.json"),
-               {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
-                "started": time.time(), "session": session_name(job_id)})
-    # Signals for the job (Ctrl-C in dq-attach, dq-kill's TERM) must not
-    # kill the wrapper before it records the end; handlers reset on exec.
+    run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
+           "started": time.time(), "session": session_name(job_id)}
+    run_json = os.path.join(job.dir, "run.json")
+    write_json(run_json, run)
+    # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
+    # wrapper before it records the end; handlers reset on exec.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(s, lambda *a: None)
     script, cwd = job.spec["script"], job.spec["cwd"]
+    log = os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     state, code, sig, reason = "failed", None, None, None
     if not os.path.isdir(cwd):
         reason = f"working directory {cwd} does not exist on {host}"
@@ -1126,8 +1134,8 @@ def cmd__run(cfg, argv):
         reason = f"{script} is not executable on {host}"
     else:
         try:
-            p = subprocess.Popen([script], cwd=cwd, env=job_env(job, gpus))
-            rc = p.wait()
+            rc = run_in_pty([script], cwd, job_env(job, gpus), log,
+                            lambda pgid: write_json(run_json, dict(run, pgid=pgid)))
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 code, reason = 128 - rc, f"killed by {sig}"
@@ -1138,11 +1146,111 @@ def cmd__run(cfg, argv):
         except OSError as e:
             reason = f"cannot execute {script}: {e.strerror}"
     if reason:
-        print(f"dq: {job_id}: {reason}", file=sys.stderr, flush=True)
+        msg = f"dq: {job_id}: {reason}\n".encode()
+        os.write(log, msg)
+        _write_all(2, msg)
+    os.close(log)
     record_end(cfg, job, state, reason, code, sig, host)
     retire(cfg, job)
     spawn_scheduler(cfg)
     return 0
+
+
+def _write_all(fd, data):
+    """Write to a terminal that may be gone (screen quit): errors are moot."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        pass
+
+
+def run_in_pty(argv, cwd, env, log, started):
+    """Run the job on a pty of its own and copy what it writes, byte for
+    byte, to the log file (unbuffered: current to the byte for dq-tail) and
+    to our terminal, the screen window.  The job sees a terminal (line
+    buffered output, stdout and stderr interleaved in order); its pty does
+    not turn \n into \r\n, so the log holds exactly what the job wrote.
+    Keys typed in dq-attach are passed through, Ctrl-C included.  Returns
+    the exit status as Popen does (negative: killed by that signal)."""
+    import pty
+    import select
+    import termios
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    interactive = os.isatty(0)
+    saved = None
+    if interactive:
+        _copy_winsize(0, master)
+        saved = termios.tcgetattr(0)
+        raw = termios.tcgetattr(0)
+        raw[0] &= ~(termios.ICRNL | termios.IXON | termios.INLCR | termios.IGNCR)
+        raw[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
+        termios.tcsetattr(0, termios.TCSANOW, raw)   # output processing stays on
+        signal.signal(signal.SIGWINCH, lambda *a: _copy_winsize(0, master))
+
+    def controlling_tty():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    try:
+        p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
+                             start_new_session=True, preexec_fn=controlling_tty)
+    finally:
+        os.close(slave)
+    started(p.pid)      # the job's process group, for dq-kill
+    inputs = [master] + ([0] if interactive else [])
+    drain_until = None
+    try:
+        while True:
+            if drain_until is None and p.poll() is not None:
+                # The job is over; what it left in the pty is copied, but
+                # a leftover child that keeps writing does not hold us.
+                drain_until = time.monotonic() + 1
+            done = drain_until is not None
+            try:
+                ready, _, _ = select.select(inputs, [], [], 0.05 if done else 0.5)
+            except InterruptedError:
+                continue
+            if done and (not ready or time.monotonic() > drain_until):
+                break
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:     # EIO: every writer closed the pty
+                    data = b""
+                if not data:
+                    if done:
+                        break
+                    inputs.remove(master)
+                    continue
+                _write_all(log, data)
+                _write_all(1, data)
+            if 0 in ready:
+                try:
+                    keys = os.read(0, 4096)
+                except OSError:
+                    keys = b""
+                if keys:
+                    _write_all(master, keys)
+                else:
+                    inputs.remove(0)
+        return p.wait()
+    finally:
+        if saved is not None:
+            try:
+                termios.tcsetattr(0, termios.TCSANOW, saved)
+            except termios.error:
+                pass
+        os.close(master)
+
+
+def _copy_winsize(src, dst):
+    import termios
+    try:
+        fcntl.ioctl(dst, termios.TIOCSWINSZ, fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        pass
 
 
 # Killing #####################################################################
@@ -1390,9 +1498,7 @@ def kill_job(cfg, job):
             time.sleep(0.1)
     host = job.run.get("host") or place["host"]
     print(f"Killing {job.id} on {host} ...")
-    r = run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
-                                               str(job.run.get("pgid", 0))),
-               timeout=cfg.timeout + cfg.kill_grace)
+    r = kill_on_host(cfg, job, host)
     if not r.ok:
         warn(f"could not reach {host} to kill {job.id}: {r.why()}")
     retire(cfg, job)
@@ -1578,28 +1684,6 @@ def open_log(cfg, job_arg):
     return job, path
 
 
-class LineOut:
-    """Writes log bytes to stdout as the job wrote them: screen's pty turns
-    \n into \r\n, which is turned back.  Streams: constant memory."""
-
-    def __init__(self):
-        self.out = sys.stdout.buffer
-        self.pending_cr = False
-
-    def write(self, data):
-        if self.pending_cr:
-            data = b"\r" + data
-            self.pending_cr = False
-        if data.endswith(b"\r"):
-            data, self.pending_cr = data[:-1], True
-        self.out.write(data.replace(b"\r\n", b"\n"))
-
-    def close(self):
-        if self.pending_cr:
-            self.out.write(b"\r")
-        self.out.flush()
-
-
 def last_lines_offset(f, n):
     """Offset in a binary file where its last n lines start."""
     f.seek(0, os.SEEK_END)
@@ -1625,12 +1709,30 @@ def last_lines_offset(f, n):
     return 0
 
 
-def copy_out(f, out, limit=None):
+def copy_out(f):
+    """Copy the rest of a binary file to stdout: the kernel does it where it
+    can (sendfile), else 1 MiB at a time.  Constant memory either way."""
+    out = sys.stdout.buffer
+    out.flush()
+    pos = f.tell()
+    try:
+        while True:
+            sent = os.sendfile(out.fileno(), f.fileno(), pos, 1 << 24)
+            if sent == 0:
+                break
+            pos += sent
+        f.seek(pos)
+        return
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise BrokenPipeError() from None
+        f.seek(pos)
     while True:
         chunk = f.read(1 << 20)
         if not chunk:
-            return
+            break
         out.write(chunk)
+    out.flush()
 
 
 def count_arg(argv, default=10):
@@ -1659,19 +1761,15 @@ def cmd_tail(cfg, argv):
                    help="keep printing new output until the job ends (or Ctrl-C)")
     args = parse(p, argv)
     job, path = open_log(cfg, args.job_id)
-    out = LineOut()
     with open(path, "rb") as f:
         f.seek(last_lines_offset(f, num))
-        copy_out(f, out)
-        out.close()
+        copy_out(f)
         if not args.follow:
             return 0
         last_flush = time.monotonic()
         while True:
-            chunk = f.read(1 << 20)
-            if chunk:
-                out.write(chunk)
-                out.close()
+            if os.fstat(f.fileno()).st_size > f.tell():
+                copy_out(f)
                 continue
             job._end = None
             if job.end or job.lost_marker():
@@ -1688,13 +1786,13 @@ def cmd_head(cfg, argv):
     p.add_argument("job_id")
     args = parse(p, argv)
     _, path = open_log(cfg, args.job_id)
-    out = LineOut()
+    out = sys.stdout.buffer
     with open(path, "rb") as f:
         for i, line in enumerate(f):
             if i >= num:
                 break
             out.write(line)
-    out.close()
+    out.flush()
     return 0
 
 
@@ -1703,10 +1801,8 @@ def cmd_logs(cfg, argv):
     p.add_argument("job_id")
     args = parse(p, argv)
     _, path = open_log(cfg, args.job_id)
-    out = LineOut()
     with open(path, "rb") as f:
-        copy_out(f, out)
-    out.close()
+        copy_out(f)
     return 0
 
 
@@ -1723,13 +1819,9 @@ def cmd_grep(cfg, argv):
         raise Failure("usage: dq-grep ID [GREP-OPTIONS] PATTERN (see dq-grep --help)")
     _, path = open_log(cfg, rest[0])
     colour = "--color=always" if use_colour() else "--color=never"
-    # grep reads the file itself (fast, constant memory); tr undoes the
-    # pty's \r\n so lines come out as the job wrote them.
-    tr = subprocess.Popen(["tr", "-d", "\\r"], stdin=open(path, "rb"), stdout=subprocess.PIPE)
-    g = subprocess.run(["grep", "-E", colour] + rest[1:-1] + ["-e", rest[-1]],
-                       stdin=tr.stdout)
-    tr.stdout.close()
-    tr.wait()
+    # grep reads the log itself: as fast as grep, in constant memory.
+    sys.stdout.flush()
+    g = subprocess.run(["grep", "-E", colour] + rest[1:-1] + ["-e", rest[-1], "--", path])
     if g.returncode == 2:
         raise Failure("grep failed (see its message above)")
     return g.returncode

@@ -100,17 +100,26 @@ def test_restart_refuses_an_active_job(cluster, dq):
 
 def test_lost_job_when_its_session_vanishes(cluster, dq):
     """The wrapper dies without recording an end (SIGKILL): the next pass
-    marks the job lost and frees its GPU."""
+    marks the job lost, frees its GPU and kills what the job left running."""
     configure(dq, ["node1"])
     cluster.set_gpus("node1", 1)
-    _, path = script(cluster, ALICE, "s.sh", "sleep 100\n")
+    _, path = script(cluster, ALICE, "s.sh",
+                     "setsid sh -c 'exec sleep 1003' >/dev/null 2>&1 </dev/null &\nsleep 100\n")
+    _, other = script(cluster, ALICE, "t.sh", "sleep 5\n")
     a, _ = submit(dq, "node1", ALICE, path)
     j = wait_state(dq, a, "running")
     with open(os.path.join(dq.root, "jobs", "backend", a, "run.json")) as f:
         run = json.load(f)
-    cluster.run("node1", ALICE, ["kill", "-KILL", "--", f"-{run['pgid']}"])
-    wait_until(lambda: not job_procs(cluster, "node1", ALICE), 10, what="the session to end")
-    b, r = submit(dq, "node1", ALICE, path)
+    wait_until(lambda: [p for p in job_procs(cluster, "node1", ALICE) if "sleep 1003" in p],
+               10, what="the job's background process")
+    cluster.run("node1", ALICE, ["kill", "-KILL", str(run["pid"])])     # the wrapper
+    wait_until(lambda: not [p for p in job_procs(cluster, "node1", ALICE) if "SCREEN" in p],
+               10, what="the session to end")
+    b, r = submit(dq, "node1", ALICE, other)
     j = job(dq, a)
     assert j["state"] == "lost" and "screen session" in j["reason"]
     assert f"Executing '{b}' on node1/0" in r.stdout
+    # what the lost job left running is killed, so nothing of it runs on
+    wait_until(lambda: not [p for p in job_procs(cluster, "node1", ALICE)
+                            if "sleep 1003" in p], 15,
+               what="the lost job's leftovers to be killed")
