@@ -18,5 +18,9 @@ uninstall:
 test:
 	$(PYTHON) -m pytest -q tests
 
+# The benchmark suite (issue targets vs measured); --smoke for a quick run.
+bench:
+	$(PYTHON) bench/run
+
 version:
 	@echo $(VERSION)

@@ -54,9 +54,10 @@ FORMAT = 1                      # version of every JSON file dq writes
 DQ_PY = os.path.realpath(__file__)
 JOB_ID_RE = re.compile(r"^([0-9]+)(?:-([a-z_][a-z0-9_.-]*[$]?))?$", re.I)
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID")  # dq settings, not job parameters
+OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_LOCK_STATS")  # dq settings, not job parameters
 
 DEBUG = bool(os.environ.get("DQ_DEBUG"))
+LOCK_STATS = os.environ.get("DQ_LOCK_STATS")     # a file; for bench/
 PROG = "dq"
 
 
@@ -242,6 +243,7 @@ class Lock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.fd = fd
+                self.since = time.monotonic()
                 return True
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EAGAIN):
@@ -262,6 +264,9 @@ class Lock:
         if self.fd is not None:
             os.close(self.fd)   # closing drops the lock
             self.fd = None
+            if LOCK_STATS:      # benchmarks: how long each lock was held
+                with open(LOCK_STATS, "a") as f:
+                    f.write(f"{os.path.basename(self.path)} {time.monotonic() - self.since:.6f}\n")
 
     def __enter__(self):
         self.acquire()
