@@ -139,6 +139,8 @@ class Config:
         self.lost_after = self._number(sect, "lost_after", 45)
         self.watch_interval = self._number(sect, "watch_interval", 10)
         self.lock_timeout = self._number(sect, "lock_timeout", 30)
+        global LOCK_STATS
+        LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
     def _number(self, sect, key, default):
         try:
