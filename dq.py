@@ -54,7 +54,7 @@ FORMAT = 1                      # version of every JSON file dq writes
 DQ_PY = os.path.realpath(__file__)
 JOB_ID_RE = re.compile(r"^([0-9]+)(?:-([a-z_][a-z0-9_.-]*[$]?))?$", re.I)
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_LOCK_STATS")  # dq settings, not job parameters
+OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_LOCK_STATS", "DQ_CRASH_AT")  # dq settings, not job parameters
 
 DEBUG = bool(os.environ.get("DQ_DEBUG"))
 LOCK_STATS = os.environ.get("DQ_LOCK_STATS")     # a file; for bench/
@@ -74,6 +74,13 @@ def warn(msg):
 def debug(msg):
     if DEBUG:
         print(f"+ {msg}", file=sys.stderr)
+
+
+def crash_point(name):
+    """Fault injection for the tests: DQ_CRASH_AT=name makes this process
+    die by SIGKILL here, as a power cut or the OOM killer would."""
+    if os.environ.get("DQ_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def me():
@@ -380,7 +387,7 @@ def run_on_all(cfg, hosts, script_for, timeout=None):
 def clean_env():
     """The environment for ssh and screen: ours, less what marks a job."""
     env = dict(os.environ)
-    for k in ("DQ_JOB_ID", "STY", "WINDOW"):
+    for k in ("DQ_JOB_ID", "DQ_CRASH_AT", "STY", "WINDOW"):
         env.pop(k, None)
     return env
 
@@ -984,8 +991,10 @@ def kill_on_host(cfg, job, host):
 
 
 def launch_all(cfg, jobs, res):
+    crash_point("launch-claimed")
     with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
         outcomes = list(pool.map(lambda j: (j, launch(cfg, *j)), jobs))
+    crash_point("launch-started")
     with global_lock(cfg):
         places = load_placements(cfg)
         for (job_id, host, gpus), why in outcomes:
@@ -1013,10 +1022,14 @@ def session_name(job_id):
 def launch(cfg, job_id, host, gpus):
     """Start a job in a detached screen session on its host.  None, or why not."""
     job = load_job(cfg, job_id)
-    if job is None:
-        return "its job.json is missing or not yours"
-    if job.end:
-        return "it already ended"
+    if job is None or job.end:
+        # Never runnable (a forged or broken job.json) or over: out of the
+        # queue for good, or every pass would place it again.
+        try:
+            os.unlink(cfg.p("jobs", "active", job_id))
+        except OSError:
+            pass
+        return "its job.json is missing or not yours" if job is None else "it already ended"
     # The wrapper writes the log itself (see run_in_pty), so screen needs
     # no log settings and its version does not matter.
     script = (f"cd / || exit 1\n"
@@ -1427,6 +1440,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     check_fits(cfg, polls, want)
     job_id = create_job(cfg, script, cwd, env, want, restart_of)
     print(f"Job ID: '{job_id}'", flush=True)
+    crash_point("submit-created")
     res = schedule_pass(cfg, polls)
     for jid, host, gpus in res.launched:
         if jid == job_id:
@@ -1492,7 +1506,8 @@ def kill_job(cfg, job):
         # launch under way does not start the script.
         record_end(cfg, job, "killed", "killed by dq-kill",
                    host=(place or {}).get("host") or job.run.get("host"))
-    if place is None and not job.run:
+    crash_point("kill-recorded")
+    if not job.run and (place is None or place["state"] == "assigned"):
         print(f"Removing {job.id} from the queue")
         retire(cfg, job)
         return 0

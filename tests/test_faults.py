@@ -1,0 +1,201 @@
+"""Fault tolerance end to end: dead and hung hosts, dq processes killed at
+any point, stuck locks, corrupt files, jobs that fail on their own."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state, \
+    wait_until
+
+FAST = dict(timeout=2, lost_after=3, watch_interval=1, poll_interval=0.5)
+
+
+def test_dead_host_jobs_are_lost_requeued_once_and_never_run_twice(cluster, dq):
+    configure(dq, ["node1", "node2"], **FAST)
+    cluster.set_gpus("node1", 1)
+    cluster.set_gpus("node2", 1)
+    d, first = script(cluster, ALICE, "a.sh", "sleep 6\n")
+    _, long = script(cluster, ALICE, "b.sh", 'echo "run $DQ_JOB_ID on $(hostname)" >> runs\n'
+                     "sleep 100\n")
+    _, quick = script(cluster, ALICE, "c.sh", "echo quick\n")
+    a, r = submit(dq, "node3", ALICE, first)
+    assert "node1/0" in r.stdout
+    b, r = submit(dq, "node3", ALICE, long, env={"DQ_REQUEUE": "1"})
+    assert "node2/0" in r.stdout
+    c, r = submit(dq, "node3", ALICE, quick)
+    assert "Executing" not in r.stdout
+    wait_until(lambda: os.path.exists(os.path.join(d, "runs")), 10)
+    killed_at = time.time()
+    cluster.kill_node("node2")
+    jb = wait_state(dq, b, "lost", timeout=60)
+    assert time.time() - killed_at < 60
+    assert "node2" in jb["reason"] and "requeued as" in jb["reason"]
+    requeued = jb["reason"].split("requeued as ")[1].split()[0]
+    # the queue goes on on node1: c, then the requeued copy of b
+    wait_state(dq, a, "done", timeout=30)
+    wait_state(dq, c, "done", timeout=30)
+    jd = wait_state(dq, requeued, "running", timeout=30)
+    assert jd["restart_of"] == b and jd["host"] == "node1"
+    cluster.start_node("node2")
+    time.sleep(3)
+    with open(os.path.join(d, "runs")) as f:
+        runs = f.read().splitlines()
+    assert runs == [f"run {b} on node2", f"run {requeued} on node1"]
+    # lost once more: no second requeue (DQ_REQUEUE=1 means once)
+    dq.run("node3", ALICE, "kill", requeued)
+    assert job(dq, b)["state"] == "lost"
+
+
+def test_hung_host_is_skipped_within_the_timeout(cluster, dq):
+    configure(dq, ["node1", "node2"], **FAST)
+    cluster.stop_sshd("node2")
+    try:
+        _, path = script(cluster, ALICE, "s.sh", "sleep 3\n")
+        t0 = time.monotonic()
+        ids = [submit(dq, "node3", ALICE, path)[0] for _ in range(3)]
+        assert time.monotonic() - t0 < 3 * (2 + 2)
+        t0 = time.monotonic()
+        r = dq.run("node3", ALICE, "jobs")
+        assert r.returncode == 0 and time.monotonic() - t0 < 1.5
+        assert {job(dq, i)["host"] for i in ids} == {"node1"}
+    finally:
+        cluster.cont_sshd("node2")
+
+
+def crash(dq, host, user, cmd, *args, point, **kw):
+    env = dict(kw.pop("env", {}), DQ_CRASH_AT=point)
+    r = dq.run(host, user, cmd, *args, env=env, **kw)
+    assert r.returncode in (-9, 137), (r.returncode, r.stderr)
+    return r
+
+
+def test_submit_killed_after_creating_the_job(cluster, dq):
+    configure(dq, ["node1"], **FAST)
+    _, path = script(cluster, ALICE, "s.sh", "echo ran\n")
+    r = crash(dq, "node1", ALICE, "submit", path, point="submit-created",
+              cwd=os.path.dirname(path))
+    job_id = r.stdout.split("'")[1]
+    assert job(dq, job_id)["state"] == "queued"     # not lost
+    dq.run("node1", ALICE, "jobs")                  # starts the owner's scheduler again
+    wait_state(dq, job_id, "done", timeout=30)
+    assert log_of(dq, job_id) == "ran\n"
+
+
+def test_scheduler_killed_before_its_ssh_launch(cluster, dq):
+    configure(dq, ["node1"], **FAST)
+    _, path = script(cluster, ALICE, "s.sh", "echo ran\n")
+    r = crash(dq, "node1", ALICE, "submit", path, point="launch-claimed",
+              cwd=os.path.dirname(path))
+    job_id = r.stdout.split("'")[1]
+    dq.run("node1", ALICE, "jobs")
+    wait_state(dq, job_id, "done", timeout=30)
+    assert log_of(dq, job_id) == "ran\n"
+    with open(os.path.join(dq.root, "state", "placements.json")) as f:
+        assert json.load(f)["jobs"] == {}
+
+
+def test_scheduler_killed_after_its_ssh_launch(cluster, dq):
+    configure(dq, ["node1"], **FAST)
+    cluster.set_gpus("node1", 1)
+    d, path = script(cluster, ALICE, "s.sh", "echo ran >> ran-$DQ_JOB_ID; sleep 2\n")
+    r = crash(dq, "node1", ALICE, "submit", path, point="launch-started",
+              cwd=os.path.dirname(path))
+    job_id = r.stdout.split("'")[1]
+    _, other = script(cluster, ALICE, "t.sh", "true\n")
+    second, _ = submit(dq, "node1", ALICE, other)       # must wait: the GPU is taken
+    assert job(dq, second)["state"] == "queued"
+    wait_state(dq, job_id, "done", timeout=30)
+    wait_state(dq, second, "done", timeout=30)
+    with open(os.path.join(d, f"ran-{job_id}")) as f:
+        assert f.read() == "ran\n"                       # once
+
+
+def test_kill_interrupted_half_way_is_finished_by_the_next_pass(cluster, dq):
+    configure(dq, ["node1"], **FAST)
+    cluster.set_gpus("node1", 1)
+    _, path = script(cluster, ALICE, "s.sh", "exec fake-cuda --hold 100\n")
+    job_id, _ = submit(dq, "node1", ALICE, path)
+    wait_until(lambda: cluster.gpu_processes("node1"), 10)
+    crash(dq, "node1", ALICE, "kill", job_id, point="kill-recorded")
+    assert job(dq, job_id)["state"] == "killed"
+    dq.run("node1", ALICE, "schedule", "--once")
+    wait_until(lambda: not cluster.gpu_processes("node1"), 15, what="the GPU to be freed")
+    assert dq.run("node1", ALICE, "free").stdout == "node1: 0\n"
+
+
+def test_stuck_lock_times_out_clearly_and_scheduler_recovers(cluster, dq):
+    configure(dq, ["node1"], lock_timeout=1, **FAST)
+    cluster.set_gpus("node1", 1)
+    holder = cluster.hold_gpu("node1", BOB, 0)
+    _, path = script(cluster, ALICE, "s.sh", "echo ran\n")
+    queued, _ = submit(dq, "node1", ALICE, path)
+    lock = os.path.join(dq.root, "state", "lock")
+    hold = cluster.popen("node2", BOB, ["python3", "-c",
+                         "import fcntl,sys,time; f=open(sys.argv[1],'a'); "
+                         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); "
+                         "time.sleep(6)", lock])
+    assert hold.stdout.readline().strip() == "held"
+    r = dq.run("node1", ALICE, "submit", path, cwd=os.path.dirname(path))
+    assert r.returncode == 1 and lock in r.stderr and "waiting for the lock" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Job ID" not in r.stdout
+    cluster.run("node1", "root", ["kill", str(holder)])
+    hold.wait(timeout=20)
+    wait_state(dq, queued, "done", timeout=30)      # the loop got past the stuck lock
+    assert len(jobs(dq, view="complete")) == 1
+
+
+def test_corrupt_files_are_named_and_scheduling_goes_on(cluster, dq):
+    configure(dq, ["node1"], **FAST)
+    cluster.set_gpus("node1", 1)
+    _, late = script(cluster, ALICE, "late.sh", "exec fake-cuda --delay 8 --hold 2\n")
+    _, quick = script(cluster, ALICE, "q.sh", "echo q\n")
+    done_id, _ = submit(dq, "node1", ALICE, quick)
+    wait_state(dq, done_id, "done")
+    broken_id, _ = submit(dq, "node1", ALICE, quick)
+    wait_state(dq, broken_id, "done")
+    spec = os.path.join(dq.root, "jobs", "backend", broken_id, "job.json")
+    with open(spec, "w") as f:
+        f.write('{"id": "trunc')
+    r = dq.run("node1", ALICE, "jobs", "complete")
+    assert r.returncode == 0 and done_id in r.stdout and spec in r.stderr
+    # the running job has not touched its GPU yet; placements.json is lost
+    running, _ = submit(dq, "node1", ALICE, late)
+    with open(os.path.join(dq.root, "state", "placements.json"), "w") as f:
+        f.write("\0\0\0")
+    with open(os.path.join(dq.root, "state", "next_id"), "w") as f:
+        f.write("garbage")
+    nxt, r = submit(dq, "node1", ALICE, quick)
+    # the GPU stays with the running job (whichever process rebuilt the
+    # placements from run.json first: this one or the owner's dq-schedule)
+    assert "Executing" not in r.stdout
+    with open(os.path.join(dq.root, "state", "placements.json")) as f:
+        assert list(json.load(f)["jobs"]) == [running]
+    assert int(nxt.split("-")[0]) == int(running.split("-")[0]) + 1
+    wait_state(dq, running, "done", timeout=30)
+    wait_state(dq, nxt, "done", timeout=30)
+
+
+def test_jobs_that_fail_on_their_own(cluster, dq):
+    configure(dq, ["node1"], **FAST)
+    cluster.set_gpus("node1", 1)
+    holder = cluster.hold_gpu("node1", BOB, 0)
+    d, sig = script(cluster, ALICE, "sig.sh", "kill -9 $$\n", subdir="f1")
+    d2, gone = script(cluster, ALICE, "gone.sh", "true\n", subdir="doomed")
+    _, noexec = script(cluster, ALICE, "noexec.sh", "true\n", subdir="f1")
+    a, _ = submit(dq, "node1", ALICE, sig)
+    b, _ = submit(dq, "node1", ALICE, gone, cwd=d2)
+    c, _ = submit(dq, "node1", ALICE, noexec)
+    shutil.rmtree(d2)
+    os.chmod(noexec, 0o644)
+    cluster.run("node1", "root", ["kill", str(holder)])
+    ja = wait_state(dq, a, "failed", timeout=30)
+    assert ja["signal"] == "SIGKILL" and ja["exit_code"] == 137 and "SIGKILL" in ja["reason"]
+    jb = wait_state(dq, b, "failed", timeout=30)
+    assert f"working directory {d2} does not exist on node1" == jb["reason"]
+    jc = wait_state(dq, c, "failed", timeout=30)
+    assert "is not executable" in jc["reason"]
+    r = dq.run("node1", ALICE, "jobs", "complete")
+    assert all(i in r.stdout for i in (a, b, c)) and "SIGKILL" in r.stdout
+    assert "does not exist" in log_of(dq, b)
