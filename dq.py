@@ -1548,7 +1548,7 @@ def completed_jobs(cfg, who):
     for job_id in all_job_ids(cfg):
         if who and not job_id.endswith("-" + who):
             continue
-        job = load_job(cfg, job_id, quiet=True)
+        job = load_job(cfg, job_id)
         if job is None:
             continue
         if job_id in active and job.state() in ("queued", "running"):
