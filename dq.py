@@ -719,11 +719,15 @@ def load_placements(cfg):
     return jobs if isinstance(jobs, dict) else rebuild_placements(cfg)
 
 
+class Rebuilt(dict):
+    """Placements rebuilt from run.json files: the next pass saves them."""
+
+
 def rebuild_placements(cfg):
     """placements.json was corrupt: the running jobs' run.json files say
     which GPUs are held, so nothing is handed out twice."""
     warn("rebuilding placements from the running jobs' run.json files")
-    places = {}
+    places = Rebuilt()
     for job_id in active_ids(cfg):
         job = load_job(cfg, job_id, quiet=True)
         if job and job.run and not job.end:
@@ -898,7 +902,7 @@ def schedule_pass(cfg, polls=None):
     now = time.time()
     with global_lock(cfg):
         places = load_placements(cfg)
-        changed = reconcile(cfg, places, res.polls, now)
+        changed = reconcile(cfg, places, res.polls, now) or isinstance(places, Rebuilt)
         queue = read_queue(cfg, places)
         for job_id, host, gpus in plan(queue, res.polls, places, now, cfg):
             places[job_id] = {"user": job_id.split("-", 1)[1], "host": host,
