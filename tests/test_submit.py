@@ -154,3 +154,20 @@ def test_help_for_every_command(cluster, dq):
     for cmd in sorted(os.listdir(dq.bin)):
         r = dq.run("node1", ALICE, cmd[3:], "--help")
         assert r.returncode == 0 and "usage:" in r.stdout, (cmd, r.stdout, r.stderr)
+
+
+def test_without_config_the_cluster_is_this_machine(cluster, dq):
+    os.unlink(os.path.join(dq.root, "dq.conf"))
+    cluster.set_gpus("node3", 2)
+    d, path = script(cluster, ALICE, "local.sh", 'echo "on $(hostname) gpu $CUDA_VISIBLE_DEVICES"; '
+                     "sleep ${DQ_SLEEP:-0}\n")
+    r = dq.run("node3", ALICE, "free")
+    assert r.stdout == "node3: 1 0\n"
+    job_id, r = submit(dq, "node3", ALICE, path)
+    assert f"Executing '{job_id}' on node3/0 as {ALICE}..." in r.stdout
+    wait_state(dq, job_id, "done", user=ALICE)
+    assert log_of(dq, job_id) == "on node3 gpu 0\n"
+    long_id, _ = submit(dq, "node3", ALICE, path, env={"DQ_SLEEP": "60"})
+    wait_state(dq, long_id, "running")
+    r = dq.run("node3", ALICE, "kill", long_id)
+    assert r.returncode == 0 and job(dq, long_id)["state"] == "killed"
