@@ -547,10 +547,9 @@ class Job:
     def __init__(self, cfg, job_id, spec, owner):
         self.cfg, self.id, self.spec, self.owner = cfg, job_id, spec, owner
         self.dir = cfg.job_dir(job_id)
-        self._run = self._end = None
+        self._run = self._end = self._lost = None
 
     n = property(lambda self: int(self.id.split("-", 1)[0]))
-    user = property(lambda self: self.owner)
 
     @property
     def run(self):
@@ -565,16 +564,17 @@ class Job:
         return self._end
 
     def lost_marker(self):
-        return read_json(self.cfg.p("jobs", "lost", self.id))
+        if self._lost is None:
+            self._lost = read_json(self.cfg.p("jobs", "lost", self.id), {})
+        return self._lost
 
     def is_active(self):
         return os.path.exists(self.cfg.p("jobs", "active", self.id))
 
-    def state(self, placement=None):
+    def state(self):
         if self.end:
             return self.end.get("state", "failed")
-        lost = self.lost_marker()
-        if lost:
+        if self.lost_marker():
             return "lost"
         if self.run:
             return "running"
@@ -583,10 +583,12 @@ class Job:
         return "lost"
 
     def to_dict(self, placement=None):
-        state = self.state(placement)
+        """The job for listings; `placement` gives host and GPUs of a job
+        that is placed but not started yet."""
+        state = self.state()
         host = self.run.get("host") or (placement or {}).get("host") or self.end.get("host")
         gpus = self.run.get("gpus") if self.run else (placement or {}).get("gpus", [])
-        reason = self.end.get("reason") or (self.lost_marker() or {}).get("reason")
+        reason = self.end.get("reason") or self.lost_marker().get("reason")
         return {
             "id": self.id, "user": self.owner, "state": state,
             "host": host if state != "queued" or placement else None,
@@ -594,7 +596,7 @@ class Job:
             "script": self.spec.get("script"), "cwd": self.spec.get("cwd"),
             "env": self.spec.get("env", {}), "desc": self.spec.get("env", {}).get("DQ_DESC"),
             "submitted": self.spec.get("submitted"), "started": self.run.get("started"),
-            "ended": self.end.get("ended") or (self.lost_marker() or {}).get("ended"),
+            "ended": self.end.get("ended") or self.lost_marker().get("ended"),
             "exit_code": self.end.get("exit_code"), "signal": self.end.get("signal"),
             "reason": reason, "restart_of": self.spec.get("restart_of"),
         }
@@ -1797,7 +1799,7 @@ def cmd_tail(cfg, argv):
             if os.fstat(f.fileno()).st_size > f.tell():
                 copy_out(f)
                 continue
-            job._end = None
+            job._end = job._lost = None
             if job.end or job.lost_marker():
                 return 0
             if time.monotonic() - last_flush > 2 and job.run.get("host") and not cfg.local:
