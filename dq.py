@@ -169,7 +169,7 @@ class Config:
 # per-user entries, so they are sticky like /tmp and nobody removes another
 # user's entries.
 LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
-          "jobs/active": 0o1777, "jobs/lost": 0o1777, "sched": 0o1777}
+          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/lost": 0o1777, "sched": 0o1777}
 
 
 def ensure_layout(cfg):
@@ -647,26 +647,42 @@ def require_owner(job, verb):
         raise Failure(f"job {job.id} belongs to {job.owner}; you cannot {verb} it")
 
 
+def index_names(cfg, index="active"):
+    """Names in jobs/<index> (active: queued and running jobs; cpu: those
+    of them that need no GPU), oldest first.  No I/O per entry: a pass
+    looks at as few entries as its decisions need."""
+    try:
+        names = os.listdir(cfg.p("jobs", index))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = JOB_ID_RE.match(name)
+        if m and m.group(2):
+            out.append((int(m.group(1)), name))
+    return [name for _, name in sorted(out)]
+
+
+def owns_entry(path, job_id):
+    """Is the index entry owned by the user its name says?"""
+    try:
+        return user_of_uid(os.stat(path).st_uid) == job_id.split("-", 1)[1]
+    except OSError:
+        return False
+
+
 def active_ids(cfg):
     """Ids of queued and running jobs, oldest first, each checked to be owned
     by the user its name says."""
-    d = cfg.p("jobs", "active")
-    out = []
-    try:
-        entries = list(os.scandir(d))
-    except FileNotFoundError:
-        return []
-    for e in entries:
-        m = JOB_ID_RE.match(e.name)
-        if not m or not m.group(2):
-            continue
+    return [i for i in index_names(cfg) if owns_entry(cfg.p("jobs", "active", i), i)]
+
+
+def drop_from_index(cfg, job_id):
+    for index in ("active", "cpu"):
         try:
-            if user_of_uid(e.stat().st_uid) != m.group(2):
-                continue
-        except OSError:
-            continue
-        out.append((int(m.group(1)), e.name))
-    return [i for _, i in sorted(out)]
+            os.unlink(cfg.p("jobs", index, job_id))
+        except FileNotFoundError:
+            pass
 
 
 def all_job_ids(cfg):
@@ -696,10 +712,7 @@ def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None
 
 def retire(cfg, job):
     """Take an ended job out of the active index and free its GPUs."""
-    try:
-        os.unlink(cfg.p("jobs", "active", job.id))
-    except FileNotFoundError:
-        pass
+    drop_from_index(cfg, job.id)
     with global_lock(cfg):
         places = load_placements(cfg)
         if places.pop(job.id, None) is not None:
@@ -751,32 +764,28 @@ def reserved_by_host(places):
 
 
 def plan(queue, polls, places, now, cfg):
-    """Decide which queued jobs go where.  Pure: no I/O.
+    """Decide which queued GPU jobs go where.  Pure: no I/O.
 
-    queue: [(job_id, gpus_wanted, submitted)] oldest first.
-    First come, first served, with backfill: a job that cannot fit yet is
-    passed over by smaller ones behind it, except that once it has waited
-    `starve_after` seconds the host closest to fitting it is kept for it.
-    Among hosts that fit, the one with the fewest free GPUs wins, which keeps
-    whole hosts free for multi-GPU jobs.  Returns [(job_id, host, gpus)]."""
+    queue: (job_id, gpus_wanted, submitted) oldest first, read lazily: it
+    stops as soon as no GPU is left, so a pass costs the same with ten or
+    ten thousand jobs waiting.  First come, first served, with backfill: a
+    job that cannot fit yet is passed over by smaller ones behind it, except
+    that once it has waited `starve_after` seconds the host closest to
+    fitting it is kept for it.  Among hosts that fit, the one with the
+    fewest free GPUs wins, which keeps whole hosts free for multi-GPU jobs.
+    Returns [(job_id, host, gpus)]."""
     reserved = reserved_by_host(places)
     free = {h: s.free(reserved.get(h, ())) for h, s in polls.items() if not s.error}
     total = {h: len(s.gpus) for h, s in polls.items() if not s.error}
-    cpu_used = {}
-    for p in places.values():
-        if not p.get("gpus"):
-            cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
-    up = [h for h, s in polls.items() if s.reachable]
     kept_for = {}           # host -> job id that starves for it
     out = []
-    for job_id, want, submitted in queue:
+    queue = iter(queue)
+    while any(free[h] for h in free if h not in kept_for):
+        job_id, want, submitted = next(queue, (None, 0, None))
+        if job_id is None:
+            break
         if want == 0:
-            hosts = [h for h in up if cpu_used.get(h, 0) < cfg.cpu_slots]
-            if hosts:
-                h = min(hosts, key=lambda h: (cpu_used.get(h, 0), -len(free.get(h, ()))))
-                cpu_used[h] = cpu_used.get(h, 0) + 1
-                out.append((job_id, h, []))
-            continue
+            continue        # see plan_cpu
         fits = [h for h in free if len(free[h]) >= want and h not in kept_for]
         if fits:
             h = min(fits, key=lambda h: len(free[h]))
@@ -787,6 +796,26 @@ def plan(queue, polls, places, now, cfg):
             big = [h for h in free if total[h] >= want and h not in kept_for]
             if big:
                 kept_for[max(big, key=lambda h: len(free[h]))] = job_id
+    return out
+
+
+def plan_cpu(queue, polls, places, cfg):
+    """Place CPU-only jobs (DQ_GPUS=0): at most cpu_slots per host, on the
+    host running the fewest.  They take no GPU, so they never wait for or
+    block a GPU job."""
+    cpu_used = {}
+    for p in places.values():
+        if not p.get("gpus"):
+            cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
+    up = [h for h, s in polls.items() if s.reachable]
+    out = []
+    for job_id, _, _ in queue:
+        hosts = [h for h in up if cpu_used.get(h, 0) < cfg.cpu_slots]
+        if not hosts:
+            break
+        h = min(hosts, key=lambda h: cpu_used.get(h, 0))
+        cpu_used[h] = cpu_used.get(h, 0) + 1
+        out.append((job_id, h, []))
     return out
 
 
@@ -861,24 +890,25 @@ def mark_lost(cfg, job, reason):
         warn(f"cannot mark {job.id} lost: {e.strerror}")
 
 
-def read_queue(cfg, places, stale=None):
-    """[(job_id, gpus_wanted, submitted)] of jobs waiting for a placement.
-    Index entries of jobs that ended or were lost go to `stale`."""
-    out = []
-    for job_id in active_ids(cfg):
-        if job_id in places:
+def read_queue(cfg, places, stale=None, index="active", user=None):
+    """Yield (job_id, gpus_wanted, submitted) of jobs waiting for a
+    placement, oldest first, reading each entry only when asked for it.
+    Entries of jobs that ended or were lost go to `stale`."""
+    for job_id in index_names(cfg, index):
+        if job_id in places or (user and not job_id.endswith("-" + user)):
             continue
-        info = read_json(cfg.p("jobs", "active", job_id), None)
+        path = cfg.p("jobs", "active", job_id)
+        if not owns_entry(path, job_id):
+            continue
+        info = read_json(path, None)
         if info is None:
             continue
-        job_dir = cfg.job_dir(job_id)
-        if os.path.exists(os.path.join(job_dir, "end.json")) or \
+        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) or \
                 os.path.exists(cfg.p("jobs", "lost", job_id)):
             if stale is not None:
                 stale.append(job_id)
             continue
-        out.append((job_id, int(info.get("gpus", 1)), info.get("submitted")))
-    return out
+        yield job_id, int(info.get("gpus", 1)), info.get("submitted")
 
 
 # Scheduling ##################################################################
@@ -888,7 +918,7 @@ class PassResult:
         self.launched = []      # (job_id, host, gpus)
         self.failed = []        # (job_id, host, why)
         self.polls = {}
-        self.my_waiting = 0     # the caller's jobs still waiting for GPUs
+        self.my_waiting = False     # does any job of the caller wait for GPUs?
         self.my_running = 0
 
 
@@ -905,8 +935,9 @@ def schedule_pass(cfg, polls=None):
     with global_lock(cfg):
         places = load_placements(cfg)
         changed = reconcile(cfg, places, res.polls, now) or isinstance(places, Rebuilt)
-        queue = read_queue(cfg, places)
-        for job_id, host, gpus in plan(queue, res.polls, places, now, cfg):
+        placed = plan(read_queue(cfg, places), res.polls, places, now, cfg) + \
+            plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg)
+        for job_id, host, gpus in placed:
             places[job_id] = {"user": job_id.split("-", 1)[1], "host": host,
                               "gpus": gpus, "state": "assigned", "since": now}
             changed = True
@@ -925,9 +956,9 @@ def schedule_pass(cfg, polls=None):
         launch_all(cfg, mine, res)
     places = load_placements(cfg)
     stale = []
-    res.my_waiting = sum(1 for j in read_queue(cfg, places, stale)
-                         if j[0].endswith("-" + user)) \
-        + sum(1 for p in places.values() if p["user"] == user and p["state"] == "assigned")
+    # Whether any of ours still waits; the first one found answers it.
+    res.my_waiting = next(iter(read_queue(cfg, places, stale, user=user)), None) is not None \
+        or any(p["user"] == user and p["state"] == "assigned" for p in places.values())
     res.my_running = sum(1 for p in places.values() if p["user"] == user
                          and p["state"] in ("launching", "running"))
     tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
@@ -954,10 +985,7 @@ def tidy_own_jobs(cfg, job_ids, polls):
             if again:
                 print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
                       file=sys.stderr)
-        try:
-            os.unlink(cfg.p("jobs", "active", job_id))
-        except FileNotFoundError:
-            pass
+        drop_from_index(cfg, job_id)
 
 
 def requeue(cfg, job):
@@ -1093,11 +1121,11 @@ def schedule_loop(cfg, forever=False, quiet=False):
                 for job_id, host, gpus in res.launched:
                     print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...",
                           flush=True)
-            if res.my_waiting <= 0 and res.my_running <= 0 and not forever:
+            if not res.my_waiting and not res.my_running and not forever:
                 break
             # Waiting jobs: poll often for GPUs freed outside dq.  Only
             # running ones: poll now and then, to notice a host that died.
-            interval = cfg.poll_interval if res.my_waiting > 0 else cfg.watch_interval
+            interval = cfg.poll_interval if res.my_waiting else cfg.watch_interval
             deadline = time.monotonic() + interval
             while time.monotonic() < deadline and _mtime(wake) == seen:
                 time.sleep(0.05)
@@ -1433,6 +1461,8 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
                 "restart_of": restart_of, "requeues": requeues}
         write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
         write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
+        if want == 0:
+            write_json(cfg.p("jobs", "cpu", job_id), {})
         write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666)
     return job_id
 
@@ -1454,7 +1484,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     if job_id not in [j for j, _, _ in res.launched]:
         print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",
               file=sys.stderr)
-    if res.my_waiting > 0 or res.my_running > 0 or res.failed:
+    if res.my_waiting or res.my_running or res.failed:
         spawn_scheduler(cfg)
     return 0
 

@@ -129,6 +129,18 @@ def test_plan_never_gives_a_reserved_gpu():
     assert out == [("1-x", "a", [1])]
 
 
+def test_plan_reads_the_queue_only_while_gpus_are_free():
+    polls = {"a": host("a", [0, 1], 2)}
+    read = []
+
+    def queue():
+        for i in range(1, 10001):
+            read.append(i)
+            yield (f"{i}-x", 1, 0)
+    out = dq.plan(queue(), polls, {}, 10, cfg())
+    assert [j for j, _, _ in out] == ["1-x", "2-x"] and len(read) == 2
+
+
 def test_plan_multi_gpu_job_stays_on_one_host():
     polls = {"a": host("a", [0], 2), "b": host("b", [1], 2)}
     assert dq.plan([("1-x", 2, 0)], polls, {}, 10, cfg()) == []
@@ -137,7 +149,8 @@ def test_plan_multi_gpu_job_stays_on_one_host():
 def test_plan_cpu_jobs_spread_and_respect_slots():
     polls = {"a": host("a", [], 2), "b": host("b", [], 2)}
     queue = [(f"{i}-x", 0, 0) for i in range(1, 6)]
-    out = dq.plan(queue, polls, {}, 10, cfg(cpu_slots=2))
+    assert dq.plan(queue, polls, {}, 10, cfg(cpu_slots=2)) == []
+    out = dq.plan_cpu(queue, polls, {}, cfg(cpu_slots=2))
     assert len(out) == 4
     assert sorted(h for _, h, _ in out) == ["a", "a", "b", "b"]
 
