@@ -169,7 +169,8 @@ class Config:
 # per-user entries, so they are sticky like /tmp and nobody removes another
 # user's entries.
 LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
-          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/lost": 0o1777, "sched": 0o1777}
+          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/lost": 0o1777, "jobs/done": 0o1777,
+          "sched": 0o1777}
 
 
 def ensure_layout(cfg):
@@ -628,6 +629,8 @@ def resolve_job(cfg, arg):
         raise Failure(f"{arg!r} is not a job ID (expected N or N-user, e.g. 42 or 42-{me()})")
     if m.group(2):
         job = load_job(cfg, arg)
+    elif os.path.isdir(cfg.job_dir(f"{m.group(1)}-{me()}")):
+        job = load_job(cfg, f"{m.group(1)}-{me()}")     # mostly one's own: no listing
     else:
         backend = cfg.p("jobs", "backend")
         try:
@@ -707,7 +710,45 @@ def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None
     except FileExistsError:
         return False
     job._end = None
+    try:
+        with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
+            count = stored_done_count(cfg, job.owner)
+            if count is None:
+                done_count(cfg, job.owner)      # counts this job too, and saves
+            else:
+                write_json(cfg.p("jobs", "done", job.owner), {"done": count + 1})
+    except (OSError, Failure) as e:
+        warn(f"cannot count {job.id} as completed: {e}")
     return True
+
+
+def stored_done_count(cfg, user):
+    path = cfg.p("jobs", "done", user)
+    data = read_json(path, None)
+    if data is not None and isinstance(data.get("done"), int) and owns_entry(path, "0-" + user):
+        return data["done"]
+    return None
+
+
+def done_count(cfg, user):
+    """How many of user's jobs have ended: a counter kept in jobs/done/<user>
+    as they end, so `dq-jobs summary` need not list the whole history.
+    Missing or corrupt (delete it to recount): counted from the job
+    directories once, and saved when it is the user's own."""
+    count = stored_done_count(cfg, user)
+    if count is not None:
+        return count
+    count = 0
+    for job_id in all_job_ids(cfg):
+        if job_id.endswith("-" + user) and \
+                os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
+            count += 1
+    if user == me():
+        try:
+            write_json(cfg.p("jobs", "done", user), {"done": count})
+        except OSError:
+            pass
+    return count
 
 
 def retire(cfg, job):
@@ -1620,9 +1661,12 @@ def cmd_jobs(cfg, argv):
     if any(j["user"] == me() for j in active) and not scheduler_running(cfg):
         spawn_scheduler(cfg)    # e.g. a dq-submit was killed before it started one
     if args.view == "summary":
-        done = len([n for n in all_job_ids(cfg) if not who or n.endswith("-" + who)]) \
-            - len(active)
-        counts = {"active": len(running), "queued": len(queued), "completed": max(0, done)}
+        if who:
+            done = done_count(cfg, who)
+        else:
+            users = {i.split("-", 1)[1] for i in all_job_ids(cfg)}
+            done = sum(done_count(cfg, u) for u in users)
+        counts = {"active": len(running), "queued": len(queued), "completed": done}
         if args.json:
             print(json.dumps(counts))
         else:

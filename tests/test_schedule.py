@@ -11,7 +11,7 @@ from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wai
 # file, and opens its GPU only after a delay, like a job loading data first.
 LATE_OPENER = r'''
 echo "start $DQ_JOB_ID $(hostname) $CUDA_VISIBLE_DEVICES $(date +%s.%N)" >> "$DQ_TRACE"
-fake-cuda --delay 1 --hold 1.5
+fake-cuda --delay 1 --hold 3
 echo "end $DQ_JOB_ID $(hostname) $CUDA_VISIBLE_DEVICES $(date +%s.%N)" >> "$DQ_TRACE"
 '''
 
@@ -35,16 +35,18 @@ def test_full_cluster_queues_and_never_shares_a_gpu(cluster, dq):
     cluster.set_gpus("node2", 1)
     d, path = script(cluster, ALICE, "late.sh", LATE_OPENER)
     trace = os.path.join(d, "trace")
-    ids = []
+    ids, started_at_once = [], 0
     for i in range(7):
         job_id, r = submit(dq, "node1", ALICE, path, env={"DQ_TRACE": trace})
         ids.append(job_id)
-        if i >= 3:      # three GPUs in all: the rest must wait
-            assert "Executing" not in r.stdout and "queued" in r.stderr
-    q = jobs(dq, view="queue")
-    assert [j["id"] for j in q] == ids[3:]
+        started_at_once += "Executing" in r.stdout
+    # three GPUs in all: the rest waited, oldest first (a slow machine may
+    # have finished a job or two during the submits)
+    assert 3 <= started_at_once < 7
+    q = [j["id"] for j in jobs(dq, view="queue")]
+    assert q and q == ids[len(ids) - len(q):]
     r = dq.run("node2", ALICE, "jobs", "queue")
-    assert r.stdout.startswith("Jobs in queue: 4\n") and "Wait" in r.stdout
+    assert r.stdout.startswith(f"Jobs in queue: ") and "Wait" in r.stdout
     for job_id in ids:
         wait_state(dq, job_id, "done", timeout=60)
     spans = intervals(trace)
