@@ -48,13 +48,14 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 FORMAT = 1                      # version of every JSON file dq writes
 DQ_PY = os.path.realpath(__file__)
 JOB_ID_RE = re.compile(r"^([0-9]+)(?:-([a-z_][a-z0-9_.-]*[$]?))?$", re.I)
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_LOCK_STATS", "DQ_CRASH_AT")  # dq settings, not job parameters
+
+LOCAL_HOST = None   # the host name (as in dq.conf) of this machine, when known
 
 DEBUG = bool(os.environ.get("DQ_DEBUG"))
 LOCK_STATS = os.environ.get("DQ_LOCK_STATS")     # a file; for bench/
@@ -209,19 +210,22 @@ def read_json(path, default=None):
     return data
 
 
-def write_json(path, data, mode=0o644, exclusive=False):
+def write_json(path, data, mode=0o644, exclusive=False, durable=True):
     """Write atomically: temp file in the same directory, fsync, rename.  With
-    `exclusive`, fail with FileExistsError if `path` exists (link, not rename)."""
+    `exclusive`, fail with FileExistsError if `path` exists (link, not rename).
+    `durable=False` skips the fsync, for caches that are rebuilt anyway."""
     data = dict(data, format=FORMAT)
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    tmp = os.path.join(os.path.dirname(path),
+                       f".tmp-{os.path.basename(path)}-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         if exclusive:
             os.link(tmp, path)
         else:
@@ -290,9 +294,13 @@ def global_lock(cfg):
     return Lock(cfg.p("state", "lock"), timeout=cfg.lock_timeout)
 
 
-def touch_wake(cfg):
-    """Tell every running dq-schedule loop that something changed."""
-    path = cfg.p("state", "wake")
+def wake_file(cfg, user):
+    return cfg.p("state", f"wake-{user}")
+
+
+def touch_wake(cfg, user):
+    """Wake user's dq-schedule loop: a job of theirs was placed, or ended."""
+    path = wake_file(cfg, user)
     try:
         os.utime(path)
     except FileNotFoundError:
@@ -349,7 +357,7 @@ def run_on(cfg, host, script, timeout=None):
     `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
     command of dq goes through here (with a timeout and the --debug echo)."""
     timeout = cfg.timeout if timeout is None else timeout
-    if cfg.local:
+    if cfg.local or host == LOCAL_HOST:
         argv = ["/bin/sh", "-s"]
     else:
         argv = ssh_argv(cfg, host) + ["/bin/sh -s"]
@@ -370,7 +378,7 @@ def run_on(cfg, host, script, timeout=None):
         res = Result(host, 124, "", f"no answer within {timeout:g}s", time.monotonic() - t0)
     except OSError as e:
         res = Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0.0)
-    if not cfg.local and res.rc == 255 and not res.err.strip():
+    if argv[0] != "/bin/sh" and res.rc == 255 and not res.err.strip():
         res.err = "ssh failed"
     debug(f"{host}: exit {res.rc} in {res.seconds:.3f}s")
     return res
@@ -380,6 +388,7 @@ def run_on_all(cfg, hosts, script_for, timeout=None):
     """Run a script on many hosts in parallel; {host: Result}."""
     if not hosts:
         return {}
+    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
         futs = {h: pool.submit(run_on, cfg, h, script_for(h), timeout) for h in hosts}
         return {h: f.result() for h, f in futs.items()}
@@ -758,7 +767,6 @@ def retire(cfg, job):
         places = load_placements(cfg)
         if places.pop(job.id, None) is not None:
             save_placements(cfg, places)
-    touch_wake(cfg)
 
 
 # Placement ###################################################################
@@ -860,20 +868,35 @@ def plan_cpu(queue, polls, places, cfg):
     return out
 
 
-def track_down_hosts(cfg, polls, now):
-    """{host: down_since} for hosts that do not answer, kept in hosts.json
-    so that 'down for lost_after seconds' spans passes and users."""
+def track_hosts(cfg, polls):
+    """Keep state/hosts.json: since when each silent host is down (so that
+    'down for lost_after seconds' spans passes and users), and what the last
+    poll of each host saw (GPU count, busy GPUs), which lets dq-submit skip
+    polling the cluster when nothing can be free.  Returns {host: down_since}."""
     path = cfg.p("state", "hosts.json")
-    down = dict((read_json(path, {}) or {}).get("down", {}))
-    before = dict(down)
+    old = read_json(path, {}) or {}
+    down = dict(old.get("down", {}))
+    seen = dict(old.get("seen", {}))
     for h, st in polls.items():
         if st.reachable:
             down.pop(h, None)
         else:
             down.setdefault(h, st.started)
-    if down != before:
-        write_json(path, {"down": down}, mode=0o666)
+        seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error,
+                   "reachable": st.reachable,
+                   "busy": [g.index for g in st.gpus if g.busy()]}
+    write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False)
     return down
+
+
+def cached_hosts(cfg, max_age):
+    """What the last polls saw of every host, if all are younger than
+    max_age seconds; else None."""
+    seen = (read_json(cfg.p("state", "hosts.json"), {}) or {}).get("seen", {})
+    now = time.time()
+    if all(h in seen and now - seen[h].get("at", 0) < max_age for h in cfg.hosts):
+        return {h: seen[h] for h in cfg.hosts}
+    return None
 
 
 def reconcile(cfg, places, polls, now):
@@ -882,7 +905,7 @@ def reconcile(cfg, places, polls, now):
     for lost_after seconds (both: lost), assignments nobody took up.
     Returns True if `places` changed."""
     changed = False
-    down = track_down_hosts(cfg, polls, now)
+    down = track_hosts(cfg, polls)
     for job_id, p in list(places.items()):
         st = polls.get(p["host"])
         job = load_job(cfg, job_id, quiet=True)
@@ -988,11 +1011,11 @@ def schedule_pass(cfg, polls=None):
                 p["state"], p["since"] = "launching", now
                 mine.append((job_id, p["host"], p["gpus"]))
                 changed = True
-        others = any(p["state"] == "assigned" for p in places.values())
+        others = {p["user"] for p in places.values() if p["state"] == "assigned"}
         if changed:
             save_placements(cfg, places)
-    if others:
-        touch_wake(cfg)
+    for other in others:
+        touch_wake(cfg, other)
     if mine:
         launch_all(cfg, mine, res)
     places = load_placements(cfg)
@@ -1067,6 +1090,7 @@ def kill_on_host(cfg, job, host):
 
 def launch_all(cfg, jobs, res):
     crash_point("launch-claimed")
+    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
         outcomes = list(pool.map(lambda j: (j, launch(cfg, *j)), jobs))
     crash_point("launch-started")
@@ -1085,7 +1109,7 @@ def launch_all(cfg, jobs, res):
     for job_id, host, why in res.failed:
         warn(f"could not start {job_id} on {host}: {why}; it stays queued")
     if res.failed:
-        touch_wake(cfg)
+        touch_wake(cfg, me())
 
 
 def session_name(job_id):
@@ -1135,20 +1159,16 @@ def spawn_scheduler(cfg):
 
 def schedule_loop(cfg, forever=False, quiet=False):
     """Keep placing queued jobs while this user has jobs queued or running
-    (or for ever).  Between passes it sleeps until state/wake changes (a job
-    ended, was submitted or placed) or poll_interval passes (GPUs freed by
+    (or for ever).  Between passes it sleeps until state/wake-<user> changes
+    (a job of ours was placed) or poll_interval passes (GPUs freed by
     processes outside dq; watch_interval when none of ours waits, to notice
     dead hosts).  One loop per user: sched/<user>.lock."""
     ensure_layout(cfg)
     lock = Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
-    for _ in range(3):
-        if lock.acquire(blocking=False):
-            break
-        touch_wake(cfg)     # the running loop takes it from here
-        time.sleep(0.3)
-    else:
+    if not lock.acquire(blocking=False):
+        touch_wake(cfg, me())   # the running loop takes it from here
         return 0
-    wake = cfg.p("state", "wake")
+    wake = wake_file(cfg, me())
     try:
         while True:
             seen = _mtime(wake)
@@ -1167,9 +1187,14 @@ def schedule_loop(cfg, forever=False, quiet=False):
             # Waiting jobs: poll often for GPUs freed outside dq.  Only
             # running ones: poll now and then, to notice a host that died.
             interval = cfg.poll_interval if res.my_waiting else cfg.watch_interval
-            deadline = time.monotonic() + interval
+            started, queue_seen = time.monotonic(), _mtime(cfg.p("jobs", "active"))
+            deadline = started + interval
             while time.monotonic() < deadline and _mtime(wake) == seen:
                 time.sleep(0.05)
+                if _mtime(cfg.p("jobs", "active")) != queue_seen:
+                    # A job was queued (dq-submit found nothing free and ran
+                    # no pass): back to polling every poll_interval.
+                    deadline = min(deadline, started + cfg.poll_interval)
     finally:
         lock.release()
     if _mtime(wake) != seen:    # something arrived while we decided to stop
@@ -1247,8 +1272,24 @@ def cmd__run(cfg, argv):
     os.close(log)
     record_end(cfg, job, state, reason, code, sig, host)
     retire(cfg, job)
-    spawn_scheduler(cfg)
+    hand_over(cfg, host)
     return 0
+
+
+def hand_over(cfg, host):
+    """At a job's end, on its host: place the next jobs on the GPUs it freed
+    at once, polling this host alone, locally, and start ours here without
+    ssh; other users' loops are woken for theirs.  Free GPUs elsewhere are
+    the loops' business.  Our loop is started if we still have jobs."""
+    global LOCAL_HOST
+    LOCAL_HOST = host
+    try:
+        res = schedule_pass(cfg, poll_hosts(cfg, [host]))
+    except Failure as e:
+        warn(str(e))
+        res = None
+    if (res is None or res.my_waiting or res.my_running) and not scheduler_running(cfg):
+        spawn_scheduler(cfg)
 
 
 def _write_all(fd, data):
@@ -1304,7 +1345,7 @@ def run_in_pty(argv, cwd, env, log, started):
                 drain_until = time.monotonic() + 1
             done = drain_until is not None
             try:
-                ready, _, _ = select.select(inputs, [], [], 0.05 if done else 0.5)
+                ready, _, _ = select.select(inputs, [], [], 0.01 if done else 0.5)
             except InterruptedError:
                 continue
             if done and (not ready or time.monotonic() > drain_until):
@@ -1451,12 +1492,13 @@ def wanted_gpus(env):
     return int(raw)
 
 
-def check_fits(cfg, polls, want):
-    """A GPU job that no host can ever run is refused, not left waiting."""
+def check_fits(cfg, hosts, want):
+    """A GPU job that no host can ever run is refused, not left waiting.
+    hosts: {host: (GPU count, reachable)}."""
     if want == 0:
         return
-    ok = {h: len(s.gpus) for h, s in polls.items() if s.reachable}
-    down = sorted(h for h, s in polls.items() if not s.reachable)
+    ok = {h: n for h, (n, reachable) in hosts.items() if reachable}
+    down = sorted(h for h, (n, reachable) in hosts.items() if not reachable)
     best = max(ok.values(), default=0)
     if best >= want:
         return
@@ -1508,24 +1550,43 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
     return job_id
 
 
+def may_place_now(cfg, seen, want):
+    """From the last polls (seen: hosts.json) and the reservations: could a
+    pass place a job wanting `want` GPUs (0: CPU only) right now?"""
+    if want == 0:
+        return True
+    reserved = reserved_by_host(load_placements(cfg))
+    return any(s["ok"] and s["gpus"] - len(set(s["busy"]) | reserved.get(h, set())) >= want
+               for h, s in seen.items())
+
+
 def submit_and_place(cfg, script, cwd, env, restart_of=None):
+    """Queue a job and start it at once if a GPU is free.  When the last
+    polls (under poll_interval old) show nothing free for it, submitting
+    polls no host and runs no pass: the job just joins the queue, and its
+    owner's dq-schedule loop (or the end of a running job) places it."""
     want = wanted_gpus(env)
-    polls = poll_hosts(cfg)
-    for h, s in sorted(polls.items()):
-        if s.error and (want or not s.reachable):
-            warn(f"{h}: {s.error}")
-    check_fits(cfg, polls, want)
+    seen = cached_hosts(cfg, cfg.poll_interval)
+    polls = None
+    if seen is None or may_place_now(cfg, seen, want):
+        polls = poll_hosts(cfg)
+        for h, s in sorted(polls.items()):
+            if s.error and (want or not s.reachable):
+                warn(f"{h}: {s.error}")
+        check_fits(cfg, {h: (len(s.gpus), s.reachable) for h, s in polls.items()}, want)
+    else:
+        check_fits(cfg, {h: (s["gpus"], s["reachable"]) for h, s in seen.items()}, want)
     job_id = create_job(cfg, script, cwd, env, want, restart_of)
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
-    res = schedule_pass(cfg, polls)
-    for jid, host, gpus in res.launched:
-        if jid == job_id:
-            print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
-    if job_id not in [j for j, _, _ in res.launched]:
+    res = schedule_pass(cfg, polls) if polls is not None else None
+    if res and job_id in [j for j, _, _ in res.launched]:
+        host, gpus = [(h, g) for j, h, g in res.launched if j == job_id][0]
+        print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
+    else:
         print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",
               file=sys.stderr)
-    if res.my_waiting or res.my_running or res.failed:
+    if not scheduler_running(cfg):
         spawn_scheduler(cfg)
     return 0
 
@@ -2023,6 +2084,7 @@ def cmd_users(cfg, argv):
         if progress:
             print(".", end="", file=sys.stderr, flush=True)
         return r
+    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(64, len(cfg.hosts))) as pool:
         for h, r in zip(cfg.hosts, pool.map(one, cfg.hosts)):
             results[h] = r
@@ -2069,6 +2131,7 @@ def cmd_on_all(cfg, argv):
 
     def one(h):
         return stream_on(cfg, h, line, lambda t: emit(sys.stdout, h, t), timeout)
+    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(64, len(cfg.hosts))) as pool:
         results = dict(zip(cfg.hosts, pool.map(one, cfg.hosts)))
     failed = []

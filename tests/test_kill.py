@@ -116,9 +116,9 @@ def test_lost_job_when_its_session_vanishes(cluster, dq):
     wait_until(lambda: not [p for p in job_procs(cluster, "node1", ALICE) if "SCREEN" in p],
                10, what="the session to end")
     b, r = submit(dq, "node1", ALICE, other)
-    j = job(dq, a)
-    assert j["state"] == "lost" and "screen session" in j["reason"]
-    assert f"Executing '{b}' on node1/0" in r.stdout
+    j = wait_state(dq, a, "lost", timeout=20)
+    assert "screen session" in j["reason"]
+    assert wait_state(dq, b, ("running", "done"), timeout=20)["gpus"] == [0]
     # what the lost job left running is killed, so nothing of it runs on
     wait_until(lambda: not [p for p in job_procs(cluster, "node1", ALICE)
                             if "sleep 1003" in p], 15,

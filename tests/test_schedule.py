@@ -77,7 +77,7 @@ def test_gpu_held_by_hand_started_process_is_never_given_out(cluster, dq):
     # the hand-started process goes away: its GPU is free for dq again
     cluster.run("node1", "root", ["kill", str(holder)])
     third, r = submit(dq, "node1", ALICE, path)
-    assert f"Executing '{third}' on node1/0 " in r.stdout
+    assert wait_state(dq, third, ("running", "done"), timeout=10)["gpus"] == [0]
 
 
 def test_waiting_job_starts_when_a_hand_started_process_exits(cluster, dq):
