@@ -1,0 +1,361 @@
+"""Plumbing for dq's benchmark suite (bench/run): clusters, timing inside a
+node as a test user, synthesized job files, statistics, the results table.
+
+Everything here is stdlib-only and reuses the simulated cluster of
+tests/cluster.py (Linux namespaces with real sshd, screen and Unix users).
+"""
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from cluster import (BASE_PARENT, BASE_PREFIX, Cluster, DQInstall, install_dq,  # noqa: E402
+                     unavailable_reason)
+
+ALICE, BOB = "dqalice", "dqbob"
+PY = "/usr/bin/python3"         # the test users' python3 (the shims in root's PATH are slow)
+
+
+# Statistics ###################################################################
+
+def percentile(values, p):
+    """Linear interpolation between closest ranks (numpy's default)."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def median(values):
+    return percentile(values, 50)
+
+
+def fmt_s(x, digits=3):
+    if x is None or x != x:
+        return "n/a"
+    if x >= 10:
+        return f"{x:.1f} s"
+    if x >= 1:
+        return f"{x:.2f} s"
+    return f"{x * 1000:.{max(0, digits - 2)}f} ms" if x < 0.01 else f"{x:.{digits}f} s"
+
+
+# Results ######################################################################
+
+class Row:
+    """One line of the results table.  status: PASS, MISS, INFO or ERROR."""
+
+    def __init__(self, target, what, goal, measured, status, note=""):
+        self.target, self.what, self.goal = target, what, goal
+        self.measured, self.status, self.note = measured, status, note
+
+
+def check(ok):
+    return "PASS" if ok else "MISS"
+
+
+def table_lines(rows):
+    headers = ["#", "Target", "Goal", "Measured", "Result"]
+    cells = [[str(r.target), r.what, r.goal, r.measured, r.status] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for c in cells:
+        out.append("| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |")
+    return out
+
+
+def notes_lines(rows):
+    out = []
+    for r in rows:
+        if r.note:
+            out.append(f"- [{r.target}] {r.what}: {r.note}")
+    return out
+
+
+# The machine #################################################################
+
+def machine_info():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    pyver = subprocess.run([PY, "--version"], capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", REPO, "diff", "--quiet", "HEAD", "--", "dq.py"]).returncode
+    return {
+        "nproc": os.cpu_count(), "cpu": model, "mem": f"{mem_gib:.0f} GiB",
+        "kernel": os.uname().release, "python": pyver, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "dq": f"{git}{' + uncommitted dq.py changes' if dirty else ''}",
+    }
+
+
+# Running things inside a node, as a user, timed there ########################
+
+# Runs inside the node as the test user: runs each command in turn and
+# reports its wall time, exit status and peak RSS (from wait4, so it covers
+# the command and the children it waited for).  Timing inside the node keeps
+# nsenter/setpriv out of the figures.
+HARNESS = r'''
+import json, os, subprocess, sys, tempfile, threading, time
+spec = json.loads(sys.argv[1])
+res = []
+for item in spec:
+    env = dict(os.environ)
+    env.update(item.get("env") or {})
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sink = None
+    if item.get("sink"):
+        sink = subprocess.Popen(item["sink"], shell=True, stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL)
+    t0 = time.time()
+    c0 = time.perf_counter()
+    p = subprocess.Popen(item["argv"], stdin=subprocess.DEVNULL,
+                         stdout=sink.stdin if sink else out, stderr=err,
+                         cwd=item.get("cwd"), env=env)
+    if sink:
+        sink.stdin.close()
+    timer = None
+    if item.get("timeout"):
+        timer = threading.Timer(item["timeout"], p.kill)
+        timer.start()
+    _, status, ru = os.wait4(p.pid, 0)
+    t_cmd = time.perf_counter() - c0
+    if timer:
+        timer.cancel()
+    if sink:
+        sink.wait()
+    wall = time.perf_counter() - c0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    res.append({"t0": t0, "t1": t0 + wall, "wall": wall, "wall_cmd": t_cmd,
+                "rc": p.returncode, "maxrss_kb": ru.ru_maxrss,
+                "cpu": ru.ru_utime + ru.ru_stime,
+                "out": out.read(item.get("keep", 4000)).decode(errors="replace"),
+                "err": err.read(4000).decode(errors="replace")})
+    if item.get("sleep"):
+        time.sleep(item["sleep"])
+print(json.dumps(res))
+'''
+
+
+class Timed:
+    def __init__(self, d):
+        self.__dict__.update(d)
+
+
+def run_timed(cluster, host, user, items, timeout=600):
+    """items: [{argv, env?, cwd?, sink?, keep?, sleep?, timeout?}] run one
+    after the other as `user` on `host`; returns [Timed].  sink: a shell
+    command the output is piped into; timeout: kill the command after that
+    many seconds (rc -9).  Timed.cpu: user+system CPU of the command and the
+    children it waited for (e.g. dq's ssh clients)."""
+    r = cluster.run(host, user, [PY, "-c", HARNESS, json.dumps(items)], timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"timing harness failed on {host} as {user}: {r.stderr[-2000:]}")
+    return [Timed(d) for d in json.loads(r.stdout)]
+
+
+def failed(what, t):
+    """The error for a command that failed: its last stderr line first (the
+    results table shows the first line), then the rest of what it said."""
+    lines = [ln for ln in t.err.splitlines() if ln.strip()]
+    return RuntimeError(f"{what} failed (exit {t.rc}): {lines[-1] if lines else 'no message'}"
+                        + ("\n" + "\n".join(lines[-30:]) if lines else ""))
+
+
+def times(cluster, host, user, argv, n, **kw):
+    """Run argv n times; [Timed].  Fails if any run fails."""
+    res = run_timed(cluster, host, user, [dict(kw, argv=argv)] * n)
+    for t in res:
+        if t.rc != 0:
+            raise failed(os.path.basename(argv[0]), t)
+    return res
+
+
+# dq installs ##################################################################
+
+SOURCE = None       # a snapshot of dq.py, install.sh, links/ (see snapshot_source)
+
+
+def snapshot_source(dest, dq_py=None):
+    """Copy what install.sh needs to `dest`, so that every install of one run
+    has the same dq.py even while somebody edits the working tree.  dq_py:
+    another dq.py to measure instead of the repository's."""
+    global SOURCE
+    os.makedirs(dest)
+    shutil.copy2(dq_py or os.path.join(REPO, "dq.py"), os.path.join(dest, "dq.py"))
+    shutil.copy2(os.path.join(REPO, "install.sh"), os.path.join(dest, "install.sh"))
+    shutil.copytree(os.path.join(REPO, "links"), os.path.join(dest, "links"), symlinks=True)
+    SOURCE = dest
+    with open(os.path.join(dest, "dq.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def new_install(cluster, name, hosts=None, **opts):
+    """A fresh dq data root on the cluster with dq.conf [dq] hosts + opts."""
+    root = install_dq(cluster, os.path.join(cluster.base, "dq", name), repo=SOURCE)
+    dq = DQInstall(cluster, root)
+    write_conf(dq, hosts or cluster.hosts, **opts)
+    return dq
+
+
+def write_conf(dq, hosts, **opts):
+    lines = ["[dq]", "hosts = " + " ".join(hosts), "ssh = " + dq.cluster.ssh_command]
+    lines += [f"{k} = {v}" for k, v in opts.items()]
+    with open(os.path.join(dq.root, "dq.conf"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_script(cluster, user, name, body, subdir="bench"):
+    d = cluster.user_dir(user, subdir)
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body.lstrip("\n"))
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o755)
+    return d, path
+
+
+def hold_all(cluster, hosts, gpus, user=BOB):
+    """Occupy every GPU with a hand-started process; {host: [pid]}."""
+    held = {}
+    for h in hosts:
+        held[h] = [cluster.hold_gpu(h, user, g) for g in range(gpus)]
+    return held
+
+
+def release(cluster, held):
+    for h, pids in held.items():
+        cluster.run(h, "root", ["kill"] + [str(p) for p in pids], check=True, timeout=20)
+
+
+def job_id_of(text):
+    for line in text.splitlines():
+        if line.startswith("Job ID: '"):
+            return line.split("'")[1]
+    return None
+
+
+# Synthesized jobs ############################################################
+
+def _write(path, data, uid, gid, text=None):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, (text if text is not None else json.dumps(data, indent=1, sort_keys=True)
+                      + "\n").encode())
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=None,
+               log=False, step=1.0):
+    """Write `count` jobs numbered from `first` straight into the data root,
+    as dq would have left them, owned by their users (round robin).
+    state: 'queued' (job.json + active entry) or 'done' (job.json, run.json,
+    end.json, and an empty log if `log`).  Bumps state/next_id and the
+    completed-job counters dq keeps.  Returns the ids."""
+    root = dq.root
+    backend = os.path.join(root, "jobs", "backend")
+    active = os.path.join(root, "jobs", "active")
+    pws = [pwd.getpwnam(u) for u in users]
+    t0 = t0 or time.time() - count * step - 3600
+    ids = []
+    for i in range(count):
+        n = first + i
+        pw = pws[i % len(pws)]
+        uid, gid, user = pw.pw_uid, pw.pw_gid, pw.pw_name
+        job_id = f"{n}-{user}"
+        d = os.path.join(backend, job_id)
+        os.mkdir(d)
+        os.chown(d, uid, gid)
+        sub = t0 + i * step
+        _write(os.path.join(d, "job.json"), {
+            "format": 1, "id": job_id, "user": user, "script": script, "cwd": cwd,
+            "env": {}, "gpus": 1, "submitted": sub, "submit_host": "node1",
+            "restart_of": None, "requeues": 0}, uid, gid)
+        if state == "queued":
+            _write(os.path.join(active, job_id), {"format": 1, "gpus": 1, "submitted": sub},
+                   uid, gid)
+        else:
+            host, gpu = f"node{1 + n % 4}", n % 4
+            _write(os.path.join(d, "run.json"), {
+                "format": 1, "host": host, "gpus": [gpu], "pid": 1000 + n % 30000,
+                "pgid": 1000 + n % 30000, "started": sub + 1, "session": f"dq-{job_id}"},
+                uid, gid)
+            _write(os.path.join(d, "end.json"), {
+                "format": 1, "state": "done", "reason": None, "exit_code": 0, "signal": None,
+                "ended": sub + 2, "host": host}, uid, gid)
+            if log:
+                _write(os.path.join(d, "log"), None, uid, gid, text="")
+        ids.append(job_id)
+    if state == "done":     # dq's per-user completed counters (jobs/done/<user>), if kept
+        for pw in pws:
+            path = os.path.join(root, "jobs", "done", pw.pw_name)
+            old = read_json(path)
+            if isinstance(old, dict) and isinstance(old.get("done"), int):
+                added = sum(1 for i in ids if i.endswith("-" + pw.pw_name))
+                _write(path, dict(old, done=old["done"] + added), pw.pw_uid, pw.pw_gid)
+    _write(os.path.join(root, "state", "next_id"), {"format": 1, "next": first + count},
+           0, 0)
+    os.chmod(os.path.join(root, "state", "next_id"), 0o666)
+    return ids
+
+
+def next_id(dq):
+    try:
+        with open(os.path.join(dq.root, "state", "next_id")) as f:
+            return json.load(f)["next"]
+    except FileNotFoundError:
+        return 1
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def job_files(dq, job_id):
+    d = os.path.join(dq.root, "jobs", "backend", job_id)
+    return (read_json(os.path.join(d, "job.json"), {}), read_json(os.path.join(d, "run.json"), {}),
+            read_json(os.path.join(d, "end.json"), {}), os.path.join(d, "log"))
+
+
+def wait_for(cond, timeout, interval=0.2, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def rmtree(path):
+    shutil.rmtree(path, ignore_errors=True)
