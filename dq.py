@@ -1524,9 +1524,11 @@ def next_number(cfg):
 
 
 def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
-    """Allocate the next id and write the job, all under the global lock.
-    The counter only grows; an id whose directory exists is skipped, so a
-    lost or rolled-back counter never hands out an id twice."""
+    """Allocate the next id under the global lock (the counter and a mkdir:
+    the directory claims the id), then write the job.  The counter only
+    grows; an id whose directory exists is skipped, so a lost or rolled-back
+    counter never hands out an id twice.  The job is queued once its
+    jobs/active entry exists, which is written last."""
     user = me()
     ensure_layout(cfg)
     with global_lock(cfg):
@@ -1538,15 +1540,15 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
                 break
             except FileExistsError:
                 n += 1
-        now = time.time()
-        spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
-                "gpus": want, "submitted": now, "submit_host": socket.gethostname(),
-                "restart_of": restart_of, "requeues": requeues}
-        write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
-        write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
-        if want == 0:
-            write_json(cfg.p("jobs", "cpu", job_id), {})
         write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666)
+    now = time.time()
+    spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
+            "gpus": want, "submitted": now, "submit_host": socket.gethostname(),
+            "restart_of": restart_of, "requeues": requeues}
+    write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
+    if want == 0:
+        write_json(cfg.p("jobs", "cpu", job_id), {})
+    write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
     return job_id
 
 
@@ -1680,10 +1682,14 @@ def active_jobs(cfg, who):
     return out
 
 
-def completed_jobs(cfg, who):
+def completed_jobs(cfg, who, last=0):
+    """Finished jobs, oldest first; with `last`, only the newest `last`
+    (read newest first, so the rest of the history is not loaded)."""
     out = []
     active = set(active_ids(cfg))
-    for job_id in all_job_ids(cfg):
+    for job_id in reversed(all_job_ids(cfg)):
+        if last and len(out) >= last:
+            break
         if who and not job_id.endswith("-" + who):
             continue
         job = load_job(cfg, job_id)
@@ -1694,7 +1700,7 @@ def completed_jobs(cfg, who):
         d = job.to_dict()
         if d["state"] not in ("queued", "running"):
             out.append(d)
-    return out
+    return out[::-1]
 
 
 def env_text(env):
@@ -1744,9 +1750,7 @@ def cmd_jobs(cfg, argv):
         print_table(["JobID", "Wait", "Script", "Env"], rows)
         return 0
     if args.view == "complete":
-        done = completed_jobs(cfg, who)
-        if args.last > 0:
-            done = done[-args.last:]
+        done = completed_jobs(cfg, who, max(0, args.last))
         if args.json:
             print(json.dumps(done, indent=1))
             return 0
