@@ -15,14 +15,20 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-restart ID           run a finished job again (same script, cwd, env)
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
+  dq-tail ID [-N] [-f], dq-head ID [-N], dq-logs ID, dq-grep ID PATTERN
+                          a job's output
+  dq-attach ID            the running job's screen session (Ctrl-a d detaches)
+  dq-users                every process on every GPU, by dq or by hand
+  dq-on-all CMD...        run a command on every host
 
 Files: everything lives in the data root, the directory holding dq.py (after
 resolving symlinks) or $DQ_ROOT:
 
   dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
-  state/                  lock, next_id, placements.json, wake  (shared, small)
+  state/                  lock, next_id, placements.json, hosts.json, wake-<user>
   jobs/backend/<id>/      job.json, run.json, end.json, log   (owned by the user)
-  jobs/active/<id>        one entry per queued or running job
+  jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
+  jobs/done/<user>        how many of user's jobs have ended
   jobs/lost/<id>          written by whoever finds a job's host lost it
   sched/<user>.lock       held by that user's dq-schedule loop
 
@@ -990,7 +996,7 @@ def schedule_pass(cfg, polls=None):
     """One scheduling pass: poll all hosts (no lock held), decide under the
     lock (in memory, a few small files), then start the caller's own jobs
     that got GPUs.  Other users' placed jobs are started by their own
-    dq-schedule loop, woken through state/wake."""
+    dq-schedule loop, woken through state/wake-<user>."""
     ensure_layout(cfg)
     user = me()
     res = PassResult()
