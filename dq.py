@@ -992,21 +992,25 @@ class PassResult:
         self.my_running = 0
 
 
-def schedule_pass(cfg, polls=None):
+def schedule_pass(cfg, polls=None, launch_only=False):
     """One scheduling pass: poll all hosts (no lock held), decide under the
     lock (in memory, a few small files), then start the caller's own jobs
     that got GPUs.  Other users' placed jobs are started by their own
-    dq-schedule loop, woken through state/wake-<user>."""
+    dq-schedule loop, woken through state/wake-<user>.  `launch_only`: no
+    poll, no decision, just start what others placed for us."""
     ensure_layout(cfg)
     user = me()
     res = PassResult()
-    res.polls = polls if polls is not None else poll_hosts(cfg)
+    res.polls = {} if launch_only else polls if polls is not None else poll_hosts(cfg)
     now = time.time()
     with global_lock(cfg):
         places = load_placements(cfg)
-        changed = reconcile(cfg, places, res.polls, now) or isinstance(places, Rebuilt)
-        placed = plan(read_queue(cfg, places), res.polls, places, now, cfg) + \
-            plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg)
+        changed = isinstance(places, Rebuilt)
+        placed = []
+        if not launch_only:
+            changed = reconcile(cfg, places, res.polls, now) or changed
+            placed = plan(read_queue(cfg, places), res.polls, places, now, cfg) + \
+                plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg)
         for job_id, host, gpus in placed:
             places[job_id] = {"user": job_id.split("-", 1)[1], "host": host,
                               "gpus": gpus, "state": "assigned", "since": now}
@@ -1175,11 +1179,18 @@ def schedule_loop(cfg, forever=False, quiet=False):
         touch_wake(cfg, me())   # the running loop takes it from here
         return 0
     wake = wake_file(cfg, me())
+    woken, last_full = False, 0.0
     try:
         while True:
             seen = _mtime(wake)
             try:
-                res = schedule_pass(cfg)
+                # Woken: another pass placed jobs of ours, so start them;
+                # polling every host again would only find what it found
+                # (but a full pass at least every poll_interval).
+                quick = woken and time.monotonic() - last_full < cfg.poll_interval
+                if not quick:
+                    last_full = time.monotonic()
+                res = schedule_pass(cfg, launch_only=quick)
             except Failure as e:        # e.g. a stuck lock: retry, do not die
                 warn(str(e))
                 time.sleep(cfg.poll_interval)
@@ -1201,6 +1212,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
                     # A job was queued (dq-submit found nothing free and ran
                     # no pass): back to polling every poll_interval.
                     deadline = min(deadline, started + cfg.poll_interval)
+            woken = _mtime(wake) != seen
     finally:
         lock.release()
     if _mtime(wake) != seen:    # something arrived while we decided to stop
@@ -1570,11 +1582,13 @@ def may_place_now(cfg, seen, want):
 
 def submit_and_place(cfg, script, cwd, env, restart_of=None):
     """Queue a job and start it at once if a GPU is free.  When the last
-    polls (under poll_interval old) show nothing free for it, submitting
-    polls no host and runs no pass: the job just joins the queue, and its
-    owner's dq-schedule loop (or the end of a running job) places it."""
+    polls (under 30 s old) show nothing free for it, submitting polls no
+    host and runs no pass: the job just joins the queue, and its owner's
+    dq-schedule loop (or the end of a running job) places it."""
     want = wanted_gpus(env)
-    seen = cached_hosts(cfg, cfg.poll_interval)
+    # GPUs that dq jobs free are handed over at once, and the loops poll for
+    # the others every poll_interval: polls that old are good enough here.
+    seen = cached_hosts(cfg, max(30, 3 * cfg.poll_interval))
     polls = None
     if seen is None or may_place_now(cfg, seen, want):
         polls = poll_hosts(cfg)
