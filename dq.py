@@ -491,10 +491,13 @@ def smi_timeout(cfg):
 
 
 def poll_script(cfg, with_ps=True):
-    # Markers keep the sections apart whatever nvidia-smi prints.
+    # Markers keep the sections apart whatever nvidia-smi prints; the two
+    # queries run at once (nvidia-smi takes its time), one into a temp file.
     t = smi_timeout(cfg)
-    s = (f"echo @@gpus; timeout {t} {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
-         f"echo @@apps; timeout {t} {SMI_APPS} 2>&1; echo \"@@rc $?\"\n")
+    s = ("apps=$(mktemp) || exit 1\n"
+         f"{{ timeout {t} {SMI_APPS} 2>&1; echo \"@@rc $?\"; }} >\"$apps\" &\n"
+         f"echo @@gpus; timeout {t} {SMI_GPUS} 2>&1; echo \"@@rc $?\"\n"
+         "wait; echo @@apps; cat \"$apps\"; rm -f \"$apps\"\n")
     if with_ps:
         s += "echo @@ps; ps -eo args= 2>/dev/null | grep '^SCREEN' ; echo '@@rc 0'\n"
     return s
@@ -1558,7 +1561,9 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
                 break
             except FileExistsError:
                 n += 1
-        write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666)
+        # Not fsynced: a counter that rolls back in a crash only makes the
+        # mkdir above skip ids whose directories exist.
+        write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666, durable=False)
     now = time.time()
     spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
             "gpus": want, "submitted": now, "submit_host": socket.gethostname(),
