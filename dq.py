@@ -1663,7 +1663,8 @@ def cmd_kill(cfg, argv):
 def kill_job(cfg, job):
     state = job.state()
     if state not in ("queued", "running"):
-        print(f"{job.id} is not active ({state}); nothing to kill", file=sys.stderr)
+        print(f"{PROG}: error: {job.id} is not active ({state}); nothing to kill",
+              file=sys.stderr)
         return 1
     with global_lock(cfg):
         place = load_placements(cfg).get(job.id)
