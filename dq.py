@@ -141,7 +141,10 @@ class Config:
         self.local = not self.hosts
         if self.local:
             self.hosts = [socket.gethostname().split(".")[0]]
-        self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
+        try:
+            self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
+        except ValueError as e:
+            raise Failure(f"{self.path}: 'ssh': {e}")
         self.multiplex = sect.get("multiplex", "yes").lower() in ("yes", "true", "1", "on")
         self.python = sect.get("python", "python3")
         self.timeout = self._number(sect, "timeout", 15)          # one remote command
