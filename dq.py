@@ -996,6 +996,7 @@ class PassResult:
         self.polls = {}
         self.my_waiting = False     # does any job of the caller wait for GPUs?
         self.my_running = 0
+        self.outside_busy = True    # GPUs busy that only a poll can see freed
 
 
 def schedule_pass(cfg, polls=None, launch_only=False):
@@ -1030,6 +1031,8 @@ def schedule_pass(cfg, polls=None, launch_only=False):
         others = {p["user"] for p in places.values() if p["state"] == "assigned"}
         if changed:
             save_placements(cfg, places)
+    if not launch_only:
+        res.outside_busy = busy_outside_dq(res.polls, places)
     for other in others:
         touch_wake(cfg, other)
     if mine:
@@ -1044,6 +1047,17 @@ def schedule_pass(cfg, polls=None, launch_only=False):
     tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
     kill_leftovers(cfg, res.polls, user)
     return res
+
+
+def busy_outside_dq(polls, places):
+    """Is any GPU busy that dq did not hand out, or any host unknown?  If
+    not, only the end of a dq job can free a GPU, and that end hands it over
+    itself: a loop need not poll for it."""
+    reserved = reserved_by_host(places)
+    for h, st in polls.items():
+        if st.error or any(g.busy() and g.index not in reserved.get(h, ()) for g in st.gpus):
+            return True
+    return False
 
 
 def tidy_own_jobs(cfg, job_ids, polls):
@@ -1185,7 +1199,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
         touch_wake(cfg, me())   # the running loop takes it from here
         return 0
     wake = wake_file(cfg, me())
-    woken, last_full = False, 0.0
+    woken, last_full, outside_busy = False, 0.0, True
     try:
         while True:
             seen = _mtime(wake)
@@ -1207,9 +1221,13 @@ def schedule_loop(cfg, forever=False, quiet=False):
                           flush=True)
             if not res.my_waiting and not res.my_running and not forever:
                 break
-            # Waiting jobs: poll often for GPUs freed outside dq.  Only
-            # running ones: poll now and then, to notice a host that died.
-            interval = cfg.poll_interval if res.my_waiting else cfg.watch_interval
+            # Waiting jobs: poll often for GPUs freed outside dq (when some
+            # are held outside dq).  Else poll now and then, to notice a
+            # host that died.
+            if not quick:
+                outside_busy = res.outside_busy
+            interval = cfg.poll_interval if res.my_waiting and outside_busy \
+                else cfg.watch_interval
             started, queue_seen = time.monotonic(), _mtime(cfg.p("jobs", "active"))
             deadline = started + interval
             while time.monotonic() < deadline and _mtime(wake) == seen:
