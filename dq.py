@@ -1199,15 +1199,15 @@ def schedule_loop(cfg, forever=False, quiet=False):
         touch_wake(cfg, me())   # the running loop takes it from here
         return 0
     wake = wake_file(cfg, me())
-    woken, last_full, outside_busy = False, 0.0, True
+    woken, last_full, outside_busy, interval = False, 0.0, True, cfg.poll_interval
     try:
         while True:
             seen = _mtime(wake)
             try:
                 # Woken: another pass placed jobs of ours, so start them;
                 # polling every host again would only find what it found
-                # (but a full pass at least every poll_interval).
-                quick = woken and time.monotonic() - last_full < cfg.poll_interval
+                # (but a full pass at least every interval, see below).
+                quick = woken and time.monotonic() - last_full < interval
                 if not quick:
                     last_full = time.monotonic()
                 res = schedule_pass(cfg, launch_only=quick)
