@@ -4,7 +4,7 @@ GROUP ?=
 PYTHON ?= python3
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' dq.py)
 
-.PHONY: install uninstall test bench version
+.PHONY: install uninstall test bench bench-smoke version
 
 install:
 	./install.sh "$(DESTDIR)$(PREFIX)" $(GROUP)
@@ -21,6 +21,9 @@ test:
 # The benchmark suite (issue targets vs measured); --smoke for a quick run.
 bench:
 	$(PYTHON) bench/run
+
+bench-smoke:
+	$(PYTHON) bench/run --smoke
 
 version:
 	@echo $(VERSION)
