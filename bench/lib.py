@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from cluster import (BASE_PARENT, BASE_PREFIX, Cluster, DQInstall, install_dq,  # noqa: E402
                      unavailable_reason)
+from dqtest import ALICE, BOB, configure as write_conf, script  # noqa: E402
 
-ALICE, BOB = "dqalice", "dqbob"
 PY = "/usr/bin/python3"         # the test users' python3 (the shims in root's PATH are slow)
 
 
@@ -220,22 +220,9 @@ def new_install(cluster, name, hosts=None, **opts):
     return dq
 
 
-def write_conf(dq, hosts, **opts):
-    lines = ["[dq]", "hosts = " + " ".join(hosts), "ssh = " + dq.cluster.ssh_command]
-    lines += [f"{k} = {v}" for k, v in opts.items()]
-    with open(os.path.join(dq.root, "dq.conf"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def write_script(cluster, user, name, body, subdir="bench"):
-    d = cluster.user_dir(user, subdir)
-    path = os.path.join(d, name)
-    with open(path, "w") as f:
-        f.write("#!/bin/sh\n" + body.lstrip("\n"))
-    pw = pwd.getpwnam(user)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, 0o755)
-    return d, path
+    """An executable job script owned by user (tests/dqtest.py's script)."""
+    return script(cluster, user, name, body, subdir=subdir)
 
 
 def hold_all(cluster, hosts, gpus, user=BOB):
