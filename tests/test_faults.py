@@ -3,7 +3,6 @@ any point, stuck locks, corrupt files, jobs that fail on their own."""
 import json
 import os
 import shutil
-import subprocess
 import time
 
 from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state, \

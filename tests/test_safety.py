@@ -6,8 +6,7 @@ import pwd
 import stat
 import subprocess
 
-from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state, \
-    wait_until
+from dqtest import ALICE, BOB, configure, job, jobs, script, submit, wait_state
 
 
 def as_user(user, fn):

@@ -4,8 +4,7 @@ import json
 import os
 import threading
 
-from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state, \
-    wait_until
+from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state
 
 # Each job appends "start host gpu time" and "end ..." lines to a shared
 # file, and opens its GPU only after a delay, like a job loading data first.
@@ -46,7 +45,7 @@ def test_full_cluster_queues_and_never_shares_a_gpu(cluster, dq):
     q = [j["id"] for j in jobs(dq, view="queue")]
     assert q and q == ids[len(ids) - len(q):]
     r = dq.run("node2", ALICE, "jobs", "queue")
-    assert r.stdout.startswith(f"Jobs in queue: ") and "Wait" in r.stdout
+    assert r.stdout.startswith("Jobs in queue: ") and "Wait" in r.stdout
     for job_id in ids:
         wait_state(dq, job_id, "done", timeout=60)
     spans = intervals(trace)
