@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from cluster import (BASE_PARENT, BASE_PREFIX, Cluster, DQInstall, install_dq,  # noqa: E402
                      unavailable_reason)
-from dqtest import ALICE, BOB, configure as write_conf, script  # noqa: E402
+from dqtest import ALICE, BOB, configure as write_conf, script, wait_until  # noqa: E402
 
 PY = "/usr/bin/python3"         # the test users' python3 (the shims in root's PATH are slow)
 
@@ -334,14 +334,12 @@ def job_files(dq, job_id):
 
 
 def wait_for(cond, timeout, interval=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """tests/dqtest.py's wait_until, failing with RuntimeError (a benchmark
+    that cannot finish is an error of the suite, not a failed assertion)."""
+    try:
+        return wait_until(cond, timeout, interval, what)
+    except AssertionError as e:
+        raise RuntimeError(str(e)) from None
 
 
 def rmtree(path):
