@@ -44,8 +44,11 @@ def test_job_runs_on_its_gpu_from_submit_dir_with_dq_vars(cluster, dq):
                        10, what="the job on nvidia-smi")
     assert [p[0] for p in procs] == [gpu]
     j = job(dq, job_id)
-    assert (j["state"], j["host"], j["gpus"], j["user"], j["cwd"]) == \
-        ("running", "node2", [gpu], ALICE, d)
+    assert {"id", "user", "state", "host", "gpus", "script", "cwd", "env", "submitted",
+            "started", "ended", "exit_code"} <= set(j)
+    assert (j["state"], j["host"], j["gpus"], j["user"], j["cwd"], j["script"]) == \
+        ("running", "node2", [gpu], ALICE, d, path)
+    assert j["ended"] is None and j["exit_code"] is None
     assert j["env"]["DQ_FOO"] == "a b $(x) 'q'" and j["started"] >= j["submitted"]
     # the manual's table
     r = dq.run("node3", ALICE, "jobs")
