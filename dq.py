@@ -128,7 +128,7 @@ class Config:
     def __init__(self):
         self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
         self.path = os.path.join(self.root, "dq.conf")
-        parser = configparser.ConfigParser(interpolation=None)
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
         try:
             parser.read(self.path)
         except configparser.Error as e:

@@ -194,3 +194,26 @@ def test_last_lines_offset(tmp_path, text, n, want):
     with open(p, "rb") as f:
         f.seek(dq.last_lines_offset(f, n))
         assert f.read() == want
+
+
+def test_readme_example_config_parses(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(dq.DQ_PY), "README.md")).read()
+    block = readme.split("    [dq]\n", 1)[1].split("\n\n", 1)[0]
+    conf = "[dq]\n" + "\n".join(line[4:] for line in block.splitlines())
+    (tmp_path / "dq.conf").write_text(conf)
+    monkeypatch.setenv("DQ_ROOT", str(tmp_path))
+    cfg = dq.Config()
+    assert cfg.hosts == ["deep1", "deep2", "deep3"]
+    assert cfg.ssh == ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+    assert (cfg.timeout, cfg.lost_after, cfg.python) == (15, 45, "python3")
+
+
+def test_bad_config_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_ROOT", str(tmp_path))
+    for text, needle in (("[dq]\nhosts = a b;c\n", "bad host name"),
+                         ("[dq]\ntimeout = soon\n", "'timeout' must be a number"),
+                         ("[dq]\nssh = ssh -o 'x\n", "'ssh'"),
+                         ("hosts = a\n", "cannot parse")):
+        (tmp_path / "dq.conf").write_text(text)
+        with pytest.raises(dq.Failure, match=needle):
+            dq.Config()
