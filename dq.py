@@ -359,6 +359,14 @@ def wrap_script(script):
     return "{\n" + script.rstrip("\n") + "\n} </dev/null\n"
 
 
+def shell_argv(cfg, host):
+    """The command that runs a /bin/sh script (on stdin) on host: here
+    without ssh when host is this machine, else over ssh."""
+    if cfg.local or host == LOCAL_HOST:
+        return ["/bin/sh", "-s"]
+    return ssh_argv(cfg, host) + ["/bin/sh -s"]
+
+
 def run_on(cfg, host, script, timeout=None):
     """Run a /bin/sh script on a host as the calling user and capture it.
 
@@ -366,10 +374,7 @@ def run_on(cfg, host, script, timeout=None):
     `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
     command of dq goes through here (with a timeout and the --debug echo)."""
     timeout = cfg.timeout if timeout is None else timeout
-    if cfg.local or host == LOCAL_HOST:
-        argv = ["/bin/sh", "-s"]
-    else:
-        argv = ssh_argv(cfg, host) + ["/bin/sh -s"]
+    argv = shell_argv(cfg, host)
     debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
     t0 = time.monotonic()
     try:
@@ -430,11 +435,15 @@ SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
 class Gpu:
     def __init__(self, index, uuid, used, total):
         self.index, self.uuid, self.used, self.total = index, uuid, used, total
-        self.pids = []          # compute processes nvidia-smi reports on it
+        self.apps = []          # (pid, MiB) of compute processes nvidia-smi reports on it
         self.known = used is not None
 
+    @property
+    def pids(self):
+        return [pid for pid, _ in self.apps]
+
     def busy(self):
-        return bool(self.pids) or not self.known
+        return bool(self.apps) or not self.known
 
 
 class HostState:
@@ -446,6 +455,7 @@ class HostState:
         self.reachable = True   # False: ssh failed; True with an error: nvidia-smi did
         self.gpus = []
         self.sessions = set()   # job ids with a dq screen session on the host
+        self.ps = ""            # the poll's ps section, as the host printed it
 
     def free(self, reserved=()):
         if self.error:
@@ -474,7 +484,8 @@ def parse_smi_gpus(text):
 
 
 def parse_smi_apps(text):
-    """Rows of `gpu_uuid, pid, used_memory` -> [(uuid, pid or None)]."""
+    """Rows of `gpu_uuid, pid, used_memory` -> [(uuid, pid, MiB)], None for
+    a field that is not a number."""
     apps = []
     for line in text.splitlines():
         line = line.strip()
@@ -483,7 +494,7 @@ def parse_smi_apps(text):
         f = [x.strip() for x in line.split(",")]
         if len(f) != 3 or not f[0].startswith("GPU-"):
             raise ValueError(line[:120])
-        apps.append((f[0], _int_field(f[1])))
+        apps.append((f[0], _int_field(f[1]), _int_field(f[2])))
     return apps
 
 
@@ -517,8 +528,10 @@ def parse_poll(host, res, started):
         sections[m.group(1)] = (m.group(2), int(m.group(3)))
     gtext, grc = sections.get("gpus", ("", -1))
     atext, arc = sections.get("apps", ("", -1))
+    st.ps = sections.get("ps", ("", 0))[0]
+    # ps ran whatever nvidia-smi did: lost-job checks need the sessions
+    st.sessions = {m.group(1) for m in map(SESSION_RE.search, st.ps.splitlines()) if m}
     if grc != 0 or arc != 0:
-        st.sessions = sessions_in(sections)
         rc = grc if grc != 0 else arc
         first = (gtext if grc != 0 else atext).strip().splitlines()
         if rc == 127:
@@ -528,13 +541,12 @@ def parse_poll(host, res, started):
         else:
             st.error = f"nvidia-smi failed (exit {rc}): {first[0][:100] if first else ''}"
         return st
-    st.sessions = sessions_in(sections)
     try:
         st.gpus = parse_smi_gpus(gtext)
         by_uuid = {g.uuid: g for g in st.gpus}
-        for uuid, pid in parse_smi_apps(atext):
+        for uuid, pid, mem in parse_smi_apps(atext):
             if uuid in by_uuid:
-                by_uuid[uuid].pids.append(pid)
+                by_uuid[uuid].apps.append((pid, mem))
             else:       # a process on a GPU we cannot name: trust nothing
                 for g in st.gpus:
                     g.known = False
@@ -542,12 +554,6 @@ def parse_poll(host, res, started):
         st.gpus = []
         st.error = f"unexpected nvidia-smi output: {e}"
     return st
-
-
-def sessions_in(sections):
-    """Job ids whose dq screen session shows in the host's ps output."""
-    return {m.group(1) for m in map(SESSION_RE.search,
-                                     sections.get("ps", ("", 0))[0].splitlines()) if m}
 
 
 def poll_hosts(cfg, hosts=None, with_ps=True):
@@ -1168,8 +1174,13 @@ def launch(cfg, job_id, host, gpus):
     return None if r.ok else r.why()
 
 
+def loop_lock(cfg):
+    """Held by this user's dq-schedule loop: one loop per user."""
+    return Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
+
+
 def scheduler_running(cfg):
-    lock = Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
+    lock = loop_lock(cfg)
     if lock.acquire(blocking=False):
         lock.release()
         return False
@@ -1194,7 +1205,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
     processes outside dq; watch_interval when none of ours waits, to notice
     dead hosts).  One loop per user: sched/<user>.lock."""
     ensure_layout(cfg)
-    lock = Lock(cfg.p("sched", me() + ".lock"), mode=0o644)
+    lock = loop_lock(cfg)
     if not lock.acquire(blocking=False):
         touch_wake(cfg, me())   # the running loop takes it from here
         return 0
@@ -2086,19 +2097,12 @@ def gpu_users(host, res, started):
     if st.error:
         return st, []
     procs = {}
-    for m in re.finditer(r"@@ps\n(.*?)@@rc", res.out, re.S):
-        for line in m.group(1).splitlines():
-            f = line.split(None, 5)
-            if len(f) >= 5 and f[0].isdigit():
-                procs[int(f[0])] = {"ppid": int(f[1]) if f[1].isdigit() else 0,
-                                    "user": f[2], "stat": f[3], "comm": f[4],
-                                    "args": f[5] if len(f) > 5 else ""}
-    apps = {}
-    for m in re.finditer(r"@@apps\n(.*?)@@rc", res.out, re.S):
-        for line in m.group(1).splitlines():
-            fl = [x.strip() for x in line.split(",")]
-            if len(fl) == 3 and fl[0].startswith("GPU-"):
-                apps.setdefault(fl[0], []).append((_int_field(fl[1]), _int_field(fl[2])))
+    for line in st.ps.splitlines():
+        f = line.split(None, 5)
+        if len(f) >= 5 and f[0].isdigit():
+            procs[int(f[0])] = {"ppid": int(f[1]) if f[1].isdigit() else 0,
+                                "user": f[2], "stat": f[3], "comm": f[4],
+                                "args": f[5] if len(f) > 5 else ""}
 
     def job_of(pid):
         seen = set()
@@ -2112,7 +2116,7 @@ def gpu_users(host, res, started):
 
     rows = []
     for g in st.gpus:
-        for pid, mem in apps.get(g.uuid, []):
+        for pid, mem in g.apps:
             pr = procs.get(pid, {})
             rows.append({"host": host, "gpu": g.index, "mem_mb": mem, "pid": pid,
                          "user": pr.get("user", "?"), "process": pr.get("comm", "?"),
@@ -2203,7 +2207,7 @@ def cmd_on_all(cfg, argv):
 
 def stream_on(cfg, host, script, on_line, timeout):
     """Like run_on, but hands each stdout line to on_line as it comes."""
-    argv = ["/bin/sh", "-s"] if cfg.local else ssh_argv(cfg, host) + ["/bin/sh -s"]
+    argv = shell_argv(cfg, host)
     debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script}\nEOF")
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as errf:

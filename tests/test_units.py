@@ -97,7 +97,7 @@ def host(name, free_idx, total):
     for i in range(total):
         g = dq.Gpu(i, f"GPU-{name}-{i}", 0, 100)
         if i not in free_idx:
-            g.pids.append(1000 + i)
+            g.apps.append((1000 + i, 10))
         st.gpus.append(g)
     return st
 
