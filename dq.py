@@ -1,5 +1,10 @@
-#!/usr/bin/env python3
-"""dq -- a GPU job queue for lab clusters.
+#!/bin/sh
+''''exec python3 -S -c 'import os,sys;sys.path[0]=os.path.dirname(os.path.realpath(sys.argv[1]));import dq;dq.boot()' "$0" "$@" # '''
+# For /bin/sh, dq.py is the line above: it starts Python on dq imported as
+# a module, so that Python runs its cached bytecode (__pycache__/, written
+# by install.sh) instead of compiling 2,000 lines for every command.
+# `python3 dq.py CMD ...` works too.  BOOT below must match that line.
+__doc__ = """dq -- a GPU job queue for lab clusters.
 
 dq gives a lab one queue for all the GPUs of its servers.  `dq-submit
 script.sh` queues a job; as soon as a GPU anywhere is free, dq runs the
@@ -48,15 +53,20 @@ import pwd
 import re
 import shlex
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
+import _thread
+# subprocess, tempfile and threading are imported where they are used: most
+# commands (a submit into a busy cluster, dq-jobs) start no process, and
+# every millisecond of start-up counts when jobs are submitted in bulk.
 
 FORMAT = 1                      # version of every JSON file dq writes
 DQ_PY = os.path.realpath(__file__)
+# How dq starts itself (the loop, a job's wrapper): Python on dq's cached
+# bytecode, as the first line does for the commands.  -S: dq needs nothing
+# from site-packages, and skipping them saves a few ms per process.
+BOOT = ("import os,sys;sys.path[0]=os.path.dirname(os.path.realpath(sys.argv[1]));"
+        "import dq;dq.boot()")
 JOB_ID_RE = re.compile(r"^([0-9]+)(?:-([a-z_][a-z0-9_.-]*[$]?))?$", re.I)
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_LOCK_STATS", "DQ_CRASH_AT")  # dq settings, not job parameters
@@ -140,7 +150,7 @@ class Config:
                 raise Failure(f"{self.path}: bad host name {h!r} in 'hosts'")
         self.local = not self.hosts
         if self.local:
-            self.hosts = [socket.gethostname().split(".")[0]]
+            self.hosts = [os.uname().nodename.split(".")[0]]
         try:
             self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
         except ValueError as e:
@@ -225,7 +235,7 @@ def write_json(path, data, mode=0o644, exclusive=False, durable=True):
     `durable=False` skips the fsync, for caches that are rebuilt anyway."""
     data = dict(data, format=FORMAT)
     tmp = os.path.join(os.path.dirname(path),
-                       f".tmp-{os.path.basename(path)}-{os.getpid()}-{threading.get_ident()}")
+                       f".tmp-{os.path.basename(path)}-{os.getpid()}-{_thread.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
@@ -376,6 +386,8 @@ def run_on(cfg, host, script, timeout=None):
     timeout = cfg.timeout if timeout is None else timeout
     argv = shell_argv(cfg, host)
     debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
+    import subprocess
+    import tempfile
     t0 = time.monotonic()
     try:
         # A multiplexing master that ssh forks off keeps stderr open; so
@@ -422,7 +434,12 @@ def q(s):
 
 def dq_command(cfg, *args):
     """A /bin/sh command line running this dq.py on a host."""
-    return " ".join([q(cfg.python), q(DQ_PY)] + [q(a) for a in args])
+    return " ".join(q(a) for a in dq_argv(cfg.python, *args))
+
+
+def dq_argv(python, *args):
+    """The argv that runs dq command `args[0]` with `python`."""
+    return [python, "-S", "-c", BOOT, DQ_PY] + list(args)
 
 
 # GPU state ###################################################################
@@ -1190,7 +1207,8 @@ def scheduler_running(cfg):
 def spawn_scheduler(cfg):
     """Make sure this user's dq-schedule loop runs (in the background)."""
     try:
-        subprocess.Popen([sys.executable, DQ_PY, "schedule", "--quiet"],
+        import subprocess
+        subprocess.Popen(dq_argv(sys.executable, "schedule", "--quiet"),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True,
                          env=clean_env(), cwd="/")
@@ -1382,6 +1400,7 @@ def run_in_pty(argv, cwd, env, log, started):
 
     def controlling_tty():
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    import subprocess
     try:
         p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
                              start_new_session=True, preexec_fn=controlling_tty)
@@ -1484,6 +1503,7 @@ def cmd__kill(cfg, argv):
         time.sleep(0.1)
         pids = members()
     signal_all(pids, signal.SIGKILL)
+    import subprocess
     subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
     print(f"killed {len(pids)} straggler(s)" if pids else "ok")
@@ -1598,7 +1618,7 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
         write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666, durable=False)
     now = time.time()
     spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
-            "gpus": want, "submitted": now, "submit_host": socket.gethostname(),
+            "gpus": want, "submitted": now, "submit_host": os.uname().nodename,
             "restart_of": restart_of, "requeues": requeues}
     write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
     if want == 0:
@@ -2046,6 +2066,7 @@ def cmd_grep(cfg, argv):
     colour = "--color=always" if use_colour() else "--color=never"
     # grep reads the log itself: as fast as grep, in constant memory.
     sys.stdout.flush()
+    import subprocess
     g = subprocess.run(["grep", "-E", colour] + rest[1:-1] + ["-e", rest[-1], "--", path])
     if g.returncode == 2:
         raise Failure("grep failed (see its message above)")
@@ -2176,7 +2197,7 @@ def cmd_on_all(cfg, argv):
     line = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     timeout = args.timeout or cfg.timeout
     colour = use_colour()
-    out_lock = threading.Lock()
+    out_lock = _thread.allocate_lock()
 
     def emit(stream, host, text):
         prefix = f"\033[1m{host}:\033[0m " if colour and stream is sys.stdout else f"{host}: "
@@ -2209,6 +2230,9 @@ def stream_on(cfg, host, script, on_line, timeout):
     """Like run_on, but hands each stdout line to on_line as it comes."""
     argv = shell_argv(cfg, host)
     debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script}\nEOF")
+    import subprocess
+    import tempfile
+    import threading
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as errf:
         try:
@@ -2280,6 +2304,12 @@ def main(argv=None):
     except BrokenPipeError:
         sys.stderr.close()
         return 1
+
+
+def boot():
+    """Entry from the first line (dq.py run as a command): sys.argv is
+    ['-c', path it was called by, args...]."""
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,30 @@ def test_group_install_layout(cluster, tmp_path):
     assert os.path.isdir(os.path.join(root, "jobs", "backend"))   # jobs kept
 
 
+
+def test_bytecode_cache_is_not_writable_and_a_patch_takes_effect_at_once(cluster, dq):
+    """The commands run dq from __pycache__/ (see dq.py's first line): users
+    must not be able to write it (a pyc is code every user runs), and an
+    admin's in-place patch of dq.py must never be shadowed by stale bytecode."""
+    cache = os.path.join(dq.root, "__pycache__")
+    pycs = [os.path.join(cache, f) for f in os.listdir(cache)]
+    assert pycs and all(os.path.basename(f).startswith("dq.cpython-") for f in pycs)
+    assert not os.stat(cache).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    with open(pycs[0], "rb") as f:
+        assert int.from_bytes(f.read(8)[4:], "little") == 3    # checked-hash pyc
+    r = cluster.run("node1", ALICE, ["sh", "-c", f"echo x > {cache}/dq.x.pyc"])
+    assert r.returncode != 0
+    assert dq.run("node1", ALICE, "jobs", "--version").stdout.strip().startswith("dq ")
+    src = os.path.join(dq.root, "dq.py")
+    with open(src) as f:
+        text = f.read()
+    with open(src, "w") as f:
+        f.write(text.replace("__version__ = \"", "__version__ = \"9.9-patched-"))
+    r = dq.run("node1", ALICE, "jobs", "--version")
+    assert r.stdout.strip().startswith("dq 9.9-patched-"), r.stdout + r.stderr
+    r = dq.run("node1", BOB, "jobs")
+    assert r.returncode == 0, r.stderr
+
 BAD_INPUT = [
     ("kill", []), ("kill", ["99999"]), ("kill", ["abc"]), ("kill", ["1-bad user"]),
     ("kill", ["--json", "1"]), ("restart", []), ("restart", ["12x"]),

@@ -217,3 +217,14 @@ def test_bad_config_is_one_clear_error(tmp_path, monkeypatch):
         (tmp_path / "dq.conf").write_text(text)
         with pytest.raises(dq.Failure, match=needle):
             dq.Config()
+
+
+def test_first_line_starts_dq_the_way_boot_does():
+    """dq.py's /bin/sh line and dq.BOOT (used to start the loop and the job
+    wrappers) must run the same code."""
+    with open(dq.DQ_PY) as f:
+        first, line = f.readline(), f.readline()
+    assert first == "#!/bin/sh\n"
+    assert f"exec python3 -S -c '{dq.BOOT}' \"$0\" \"$@\"" in line
+    argv = dq.dq_argv("python3", "_run", "1-x")
+    assert argv[:5] == ["python3", "-S", "-c", dq.BOOT, dq.DQ_PY] and argv[5:] == ["_run", "1-x"]
