@@ -43,7 +43,6 @@ credentials of its owner, over the owner's own ssh.
 
 __version__ = "0.1.0"
 
-import argparse
 import configparser
 import errno
 import fcntl
@@ -1260,7 +1259,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
             started, queue_seen = time.monotonic(), _mtime(cfg.p("jobs", "active"))
             deadline = started + interval
             while time.monotonic() < deadline and _mtime(wake) == seen:
-                time.sleep(0.05)
+                time.sleep(0.02)        # two opens: cheap, even on NFS
                 if _mtime(cfg.p("jobs", "active")) != queue_seen:
                     # A job was queued (dq-submit found nothing free and ran
                     # no pass): back to polling every poll_interval.
@@ -1274,10 +1273,16 @@ def schedule_loop(cfg, forever=False, quiet=False):
 
 
 def _mtime(path):
+    """path's mtime, fresh: open() makes an NFS client ask the server
+    (close-to-open), where stat() may answer from a cache seconds old."""
     try:
-        return os.stat(path).st_mtime_ns
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
 
 
 def fmt_gpus(gpus):
@@ -1312,6 +1317,13 @@ def cmd__run(cfg, argv):
            "started": time.time(), "session": session_name(job_id)}
     run_json = os.path.join(job.dir, "run.json")
     write_json(run_json, run)
+
+    def on_start(pgid):
+        write_json(run_json, dict(run, pgid=pgid))
+        # What the hand-over at the end needs, imported now, while the job
+        # runs, rather than between this job and the next.
+        for module in ("subprocess", "tempfile"):
+            __import__(module)
     # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
     # wrapper before it records the end; handlers reset on exec.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -1325,8 +1337,7 @@ def cmd__run(cfg, argv):
         reason = f"{script} is not executable on {host}"
     else:
         try:
-            rc = run_in_pty([script], cwd, job_env(job, gpus), log,
-                            lambda pgid: write_json(run_json, dict(run, pgid=pgid)))
+            rc = run_in_pty([script], cwd, job_env(job, gpus), log, on_start)
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 code, reason = 128 - rc, f"killed by {sig}"
@@ -1398,23 +1409,21 @@ def run_in_pty(argv, cwd, env, log, started):
         termios.tcsetattr(0, termios.TCSANOW, raw)   # output processing stays on
         signal.signal(signal.SIGWINCH, lambda *a: _copy_winsize(0, master))
 
-    def controlling_tty():
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    import subprocess
     try:
-        p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
-                             start_new_session=True, preexec_fn=controlling_tty)
+        pid = _spawn_on_tty(argv, cwd, env, slave)
     finally:
         os.close(slave)
-    started(p.pid)      # the job's process group, for dq-kill
+    started(pid)        # the job's process group, for dq-kill
     inputs = [master] + ([0] if interactive else [])
-    drain_until = None
+    drain_until = status = None
     try:
         while True:
-            if drain_until is None and p.poll() is not None:
-                # The job is over; what it left in the pty is copied, but
-                # a leftover child that keeps writing does not hold us.
-                drain_until = time.monotonic() + 1
+            if drain_until is None:
+                ended, status = os.waitpid(pid, os.WNOHANG)
+                if ended:
+                    # The job is over; what it left in the pty is copied,
+                    # but a leftover child that keeps writing does not hold us.
+                    drain_until = time.monotonic() + 1
             done = drain_until is not None
             try:
                 ready, _, _ = select.select(inputs, [], [], 0.01 if done else 0.5)
@@ -1428,10 +1437,9 @@ def run_in_pty(argv, cwd, env, log, started):
                 except OSError:     # EIO: every writer closed the pty
                     data = b""
                 if not data:
-                    if done:
-                        break
-                    inputs.remove(master)
-                    continue
+                    # All copied: what is left is to wait for the exit
+                    # (no fixed drain time between the job and the next).
+                    break
                 _write_all(log, data)
                 _write_all(1, data)
             if 0 in ready:
@@ -1443,7 +1451,9 @@ def run_in_pty(argv, cwd, env, log, started):
                     _write_all(master, keys)
                 else:
                     inputs.remove(0)
-        return p.wait()
+        if drain_until is None:
+            status = os.waitpid(pid, 0)[1]
+        return os.waitstatus_to_exitcode(status)
     finally:
         if saved is not None:
             try:
@@ -1451,6 +1461,39 @@ def run_in_pty(argv, cwd, env, log, started):
             except termios.error:
                 pass
         os.close(master)
+
+
+def _spawn_on_tty(argv, cwd, env, tty):
+    """fork and exec argv in cwd as the leader of a new session whose
+    controlling terminal is `tty`, as its stdin, stdout and stderr.  (Not
+    subprocess: importing it would cost the job ~5 ms before it starts.)
+    An exec that fails raises OSError here, through a close-on-exec pipe."""
+    import termios
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rd)
+            os.setsid()
+            fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(tty, fd)
+            # What Python ignores, the job gets back (as subprocess does)
+            for name in ("SIGPIPE", "SIGXFSZ"):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+            os.chdir(cwd)
+            os.execve(argv[0], argv, env)
+        except OSError as e:
+            os.write(wr, str(e.errno).encode())
+        finally:
+            os._exit(127)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        err = f.read()
+    if err:
+        os.waitpid(pid, 0)
+        raise OSError(int(err), os.strerror(int(err)), argv[0])
+    return pid
 
 
 def _copy_winsize(src, dst):
@@ -1512,12 +1555,13 @@ def cmd__kill(cfg, argv):
 
 # Commands ####################################################################
 
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise Failure(f"{message} (see {self.prog} --help)")
-
-
 def parser(cmd, description):
+    import argparse     # here: a job's wrapper, started between two jobs, needs none
+
+    class ArgParser(argparse.ArgumentParser):
+        def error(self, message):
+            raise Failure(f"{message} (see {self.prog} --help)")
+
     p = ArgParser(prog=f"dq-{cmd}", description=description,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="echo every ssh command")
@@ -2190,6 +2234,7 @@ def cmd_on_all(cfg, argv):
                "(dq-on-all 'nvidia-smi | head -3').")
     p.add_argument("-t", "--timeout", type=float, help="seconds per host "
                    "(default: the configured timeout)")
+    import argparse
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = parse(p, argv)
     if not args.command:

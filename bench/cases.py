@@ -153,9 +153,10 @@ def bench_idle(ctx):
     by_gpu = {}
     for j in jobs:
         by_gpu.setdefault((j["host"], tuple(j["gpus"])), []).append(j)
-    gaps, overlaps = [], 0
+    gaps, overlaps, chains = [], 0, []
     for seq in by_gpu.values():
         seq.sort(key=lambda j: j["started"])
+        chains.append((seq[0]["started"], seq[-1]["ended"], len(seq)))
         for a, b in zip(seq, seq[1:]):
             gaps.append(b["started"] - a["ended"])
             overlaps += b["started"] < a["ended"]
@@ -175,6 +176,12 @@ def bench_idle(ctx):
                 "submit": lock_holds(stats, 0, submit_lines)}
     sub_times = [t.wall for r in res for t in r]
     g_med, g_p95 = median(gaps), percentile(gaps, 95)
+    # Where the makespan goes: how late each GPU's first job started, and
+    # the overhead per job (runtime beyond JOB_SECONDS plus gap) on the GPU
+    # that ended last.
+    spread = max(c[0] for c in chains) - first_start
+    last = max(chains, key=lambda c: c[1])
+    per_job = (last[1] - last[0]) / last[2] - JOB_SECONDS
     return [
         Row(1, f"makespan, {njobs} x {JOB_SECONDS} s jobs on {len(by_gpu)} GPUs "
                "(first start to last end)",
@@ -185,7 +192,11 @@ def bench_idle(ctx):
             f"GPUs: {fmt_s(last_end - t_release)}; first start {fmt_s(first_start - t_release)} "
             f"after the release; job runtime (end.json - run.json) median "
             f"{fmt_s(median(runtime))}, of which before the script {fmt_s(median(wrap_in))}, "
-            f"after it {fmt_s(median(wrap_out))}; {overlaps} overlaps on a GPU; machine CPU "
+            f"after it {fmt_s(median(wrap_out))}; the {len(chains)} GPUs' first jobs started within "
+            f"{fmt_s(spread)}; the GPU that ended last ran {last[2]} jobs from "
+            f"{fmt_s(last[0] - first_start)} with {fmt_s(per_job)} of overhead per job "
+            f"(jobs per GPU: {min(c[2] for c in chains)}-{max(c[2] for c in chains)}); "
+            f"{overlaps} overlaps on a GPU; machine CPU "
             f"busy {100 * cpu_run / (wall_run * os.cpu_count()):.0f}% while the jobs ran "
             f"({cpu_run / njobs:.2f} CPU-s per job, {os.cpu_count()} cores); submits "
             f"(4 parallel, all queued) median {fmt_s(median(sub_times))}"),
