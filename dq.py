@@ -290,7 +290,7 @@ class Lock:
                               f"{self.path}; a dq process holding it may hang (see "
                               f"'fuser -v {self.path}'), or NFS locking (lockd) is down")
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.01)  # a waiter wakes soon after a release
 
     def release(self):
         if self.fd is not None:
@@ -1354,19 +1354,28 @@ def cmd__run(cfg, argv):
     os.close(log)
     record_end(cfg, job, state, reason, code, sig, host)
     retire(cfg, job)
-    hand_over(cfg, host)
+    hand_over(cfg, host, gpus)
     return 0
 
 
-def hand_over(cfg, host):
+def hand_over(cfg, host, gpus):
     """At a job's end, on its host: place the next jobs on the GPUs it freed
     at once, polling this host alone, locally, and start ours here without
     ssh; other users' loops are woken for theirs.  Free GPUs elsewhere are
-    the loops' business.  Our loop is started if we still have jobs."""
+    the loops' business.  Our loop is started if we still have jobs.
+
+    Jobs that end together on a host take turns, and one whose GPUs the
+    pass of another already gave out again polls nothing (it only starts
+    what was placed for its user): a wave of ends costs a poll or two of
+    the host, not one per job."""
     global LOCAL_HOST
     LOCAL_HOST = host
     try:
-        res = schedule_pass(cfg, poll_hosts(cfg, [host]))
+        with Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout):
+            if gpus and set(gpus) <= reserved_by_host(load_placements(cfg)).get(host, set()):
+                res = schedule_pass(cfg, launch_only=True)
+            else:
+                res = schedule_pass(cfg, poll_hosts(cfg, [host]))
     except Failure as e:
         warn(str(e))
         res = None

@@ -147,6 +147,9 @@ def bench_idle(ctx):
     if bad:
         raise RuntimeError(f"{len(bad)} jobs did not end 'done', e.g. {done.get(bad[0])}")
     jobs = [done[i] for i in ids]
+    if os.environ.get("BENCH_DUMP"):        # development: the jobs, for a closer look
+        with open(os.environ["BENCH_DUMP"], "w") as f:
+            json.dump({"jobs": jobs, "release": t_release}, f)
     first_start = min(j["started"] for j in jobs)
     last_end = max(j["ended"] for j in jobs)
     makespan = last_end - first_start
