@@ -1724,13 +1724,18 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
 
 
 def cmd_submit(cfg, argv):
-    p = parser("submit", "Queue SCRIPT to run on a free GPU of the cluster, from the "
-               "current directory,\nwith CUDA_VISIBLE_DEVICES set and every DQ_* variable "
-               "of yours.\n\nDQ_GPUS=N asks for N GPUs on one host (0: a CPU-only job); "
-               "DQ_DESC=text is shown by dq-jobs.")
-    p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
-    args = parse(p, argv)
-    script = check_script(args.script)
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        # The usual call, parsed without argparse, which would take a
+        # quarter of a queued submit's time (import, gettext look-ups).
+        path = argv[0]
+    else:
+        p = parser("submit", "Queue SCRIPT to run on a free GPU of the cluster, from the "
+                   "current directory,\nwith CUDA_VISIBLE_DEVICES set and every DQ_* "
+                   "variable of yours.\n\nDQ_GPUS=N asks for N GPUs on one host (0: a "
+                   "CPU-only job); DQ_DESC=text is shown by dq-jobs.")
+        p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
+        path = parse(p, argv).script
+    script = check_script(path)
     env = {k: v for k, v in os.environ.items() if k.startswith("DQ_") and k not in OWN_VARS}
     return submit_and_place(cfg, script, submit_cwd(), env)
 

@@ -286,7 +286,15 @@ def bench_submit(ctx):
     write_conf(tq, c.hosts, lock_stats=stats)
     paths = {u: write_script(c, u, "b3t.sh", "true\n")[1] for u in (ALICE, BOB)}
     subs = [(h, u) for h in c.hosts for u in (ALICE, BOB)]
-    say(f"8 parallel submitters x {per} jobs")
+    # A warm-up round first: one submit each, all at once, on the fresh data
+    # root (each user's first command on a node opens its ssh connections,
+    # and the first submits poll every host).  Then the timed round: dq as
+    # it is in a lab where it is in use.
+    say(f"8 parallel submitters: one warm-up submit each, then {per} jobs each")
+    warm = parallel([(run_timed, (c, h, u, submit_items(tq, paths[u], 1))) for h, u in subs])
+    warm = [t for r in warm for t in r]
+    warm_span = max(t.t1 for t in warm) - min(t.t0 for t in warm)
+    skip = count_lines(stats)
     cpu0 = cpu_seconds()
     res = parallel([(run_timed, (c, h, u, submit_items(tq, paths[u], per))) for h, u in subs])
     cpu1 = cpu_seconds()
@@ -298,7 +306,9 @@ def bench_submit(ctx):
     r = tq.run("node1", ALICE, "jobs", "queue", "--json", "-a", timeout=120)
     queued = {j["id"] for j in json.loads(r.stdout)}
     lost = len(flat) - len(set(ids) & queued)
-    holds = lock_holds(stats)
+    failed += [t for t in warm if t.rc != 0]
+    lost += len(warm) - len({job_id_of(t.out) for t in warm if t.rc == 0} & queued)
+    holds = lock_holds(stats, skip)
     return [
         Row(3, f"dq-submit, {qlen} queued / empty queue (median)", "<= 1.2x",
             f"{f / e:.2f}x ({fmt_s(f)} / {fmt_s(e)})", check(f <= 1.2 * e),
@@ -307,15 +317,17 @@ def bench_submit(ctx):
             f"with that queue: {fmt_s(median([t.wall for t in once]))}"),
         Row(3, "8 parallel submitters, jobs queued per second", ">= 60/s",
             f"{rate:.1f}/s", check(rate >= 60),
-            f"{len(flat)} submits in {span:.1f} s; each took median "
+            f"{len(flat)} submits in {span:.1f} s, after a warm-up round of 8 (one per "
+            f"submitter, all at once: {fmt_s(warm_span)}, each median "
+            f"{fmt_s(median([t.wall for t in warm]))}); each took median "
             f"{fmt_s(median([t.wall for t in flat]))}; machine CPU per submit "
             f"{(cpu1 - cpu0) / len(flat):.2f} CPU-s ({os.cpu_count()} cores); global lock "
             f"held {sum(holds):.2f} s in all ({100 * sum(holds) / span:.0f}% of the time), "
             f"p99 {fmt_s(percentile(holds, 99))}"),
         Row(3, "8 parallel submitters, jobs lost", "0", str(lost + len(failed)),
             check(lost == 0 and not failed),
-            f"{len(failed)} submits failed; {len(set(ids))} distinct ids; "
-            f"{len(queued)} in dq-jobs queue"),
+            f"{len(failed)} submits failed; {len(set(ids))} distinct ids (+{len(warm)} "
+            f"warm-up); {len(queued)} in dq-jobs queue"),
     ]
 
 
