@@ -470,7 +470,7 @@ class HostState:
         self.error = None
         self.reachable = True   # False: ssh failed; True with an error: nvidia-smi did
         self.gpus = []
-        self.sessions = set()   # job ids with a dq screen session on the host
+        self.sessions = set()   # job ids with a dq screen session (None: no ps ran)
         self.ps = ""            # the poll's ps section, as the host printed it
 
     def free(self, reserved=()):
@@ -546,7 +546,8 @@ def parse_poll(host, res, started):
     atext, arc = sections.get("apps", ("", -1))
     st.ps = sections.get("ps", ("", 0))[0]
     # ps ran whatever nvidia-smi did: lost-job checks need the sessions
-    st.sessions = {m.group(1) for m in map(SESSION_RE.search, st.ps.splitlines()) if m}
+    st.sessions = {m.group(1) for m in map(SESSION_RE.search, st.ps.splitlines()) if m} \
+        if "ps" in sections else None
     if grc != 0 or arc != 0:
         rc = grc if grc != 0 else arc
         first = (gtext if grc != 0 else atext).strip().splitlines()
@@ -960,7 +961,7 @@ def reconcile(cfg, places, polls, now):
                 del places[job_id]
                 changed = True
             continue
-        if st is None or p["since"] >= st.started:
+        if st is None or st.sessions is None or p["since"] >= st.started:
             continue
         alive = job_id in st.sessions
         if p["state"] == "launching" and alive:
@@ -1123,7 +1124,7 @@ def kill_leftovers(cfg, polls, user):
     lost (its host came back, or a dq-kill died half-way) is killed, so that
     nothing runs twice and no GPU stays held by a job dq has written off."""
     for host, st in polls.items():
-        for job_id in st.sessions:
+        for job_id in st.sessions or ():
             if not job_id.endswith("-" + user):
                 continue
             job = load_job(cfg, job_id, quiet=True)
@@ -1374,8 +1375,8 @@ def hand_over(cfg, host, gpus):
         with Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout):
             if gpus and set(gpus) <= reserved_by_host(load_placements(cfg)).get(host, set()):
                 res = schedule_pass(cfg, launch_only=True)
-            else:
-                res = schedule_pass(cfg, poll_hosts(cfg, [host]))
+            else:       # no ps: which sessions live is the loops' business
+                res = schedule_pass(cfg, poll_hosts(cfg, [host], with_ps=False))
     except Failure as e:
         warn(str(e))
         res = None

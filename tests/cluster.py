@@ -14,6 +14,7 @@ import atexit
 import fcntl
 import os
 import pwd
+import py_compile
 import re
 import secrets
 import shutil
@@ -26,7 +27,7 @@ import time
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
 FAKEGPU_DIR = os.path.join(TESTS_DIR, "fakegpu")
-FAKE_TOOLS = ("nvidia-smi", "fake-cuda")
+FAKE_TOOLS = ("fakesmi.py", "nvidia-smi", "fake-cuda")
 BASE_PARENT = "/var/tmp"          # must not be /tmp: /tmp is private per node
 BASE_PREFIX = "dq-cluster-"
 GLOBAL_LOCK = "/var/tmp/dq-cluster.lock"
@@ -341,12 +342,15 @@ class Cluster:
         os.chmod(self.ssh_config, 0o644)
 
     def _install_fake_tools(self, node, only=None):
-        """Copies (not symlinks): the node bin dir must work for every user."""
+        """Copies (not symlinks): the node bin dir must work for every user.
+        fakesmi.py (what the nvidia-smi stub runs) goes with its bytecode."""
         for tool in only or FAKE_TOOLS:
             dst = os.path.join(node.bindir, tool)
             shutil.copy(os.path.join(FAKEGPU_DIR, tool), dst + ".new")
-            os.chmod(dst + ".new", 0o755)
+            os.chmod(dst + ".new", 0o755 if "." not in tool else 0o644)
             os.rename(dst + ".new", dst)
+            if tool.endswith(".py"):
+                py_compile.compile(dst, doraise=True)
 
     # ------------------------------------------------------------ node boot
 
@@ -543,7 +547,7 @@ class Cluster:
         _write_atomic(node.path("/run/fakegpu/gpus"), "%d\n" % node.gpus)
 
     def set_smi_mode(self, host, mode):
-        """ok | fail | hang | missing | nodevices | na (see fakegpu/nvidia-smi)."""
+        """ok | fail | hang | missing | nodevices | na (see fakegpu/fakesmi.py)."""
         if mode not in SMI_MODES:
             raise ValueError("mode must be one of %s" % (SMI_MODES,))
         node = self._node(host)
@@ -552,7 +556,7 @@ class Cluster:
             if os.path.exists(smi):
                 os.unlink(smi)
         elif not os.path.exists(smi):
-            self._install_fake_tools(node, only=["nvidia-smi"])
+            self._install_fake_tools(node, only=["fakesmi.py", "nvidia-smi"])
         _write_atomic(node.path("/run/fakegpu/mode"), mode + "\n")
 
     def hold_gpu(self, host, user, gpu, seconds=3600, memory_mb=1000):
