@@ -255,6 +255,20 @@ def write_json(path, data, mode=0o644, exclusive=False, durable=True):
             pass
 
 
+def sync_file(path):
+    """fsync what write_json(durable=False) wrote, once the hurry is over."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class Lock:
     """An fcntl (POSIX, NFS-safe) lock on a file, waited for with a deadline."""
 
@@ -745,12 +759,14 @@ def all_job_ids(cfg):
     return [i for _, i in sorted(out)]
 
 
-def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None):
-    """Write end.json once; False if the job already had an end."""
+def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None,
+               durable=True):
+    """Write end.json once; False if the job already had an end.
+    durable=False: the caller fsyncs it later (sync_file)."""
     data = {"state": state, "reason": reason, "exit_code": exit_code,
             "signal": sig, "ended": time.time(), "host": host or job.run.get("host")}
     try:
-        write_json(os.path.join(job.dir, "end.json"), data, exclusive=True)
+        write_json(os.path.join(job.dir, "end.json"), data, exclusive=True, durable=durable)
     except FileExistsError:
         return False
     job._end = None
@@ -1143,9 +1159,12 @@ def kill_on_host(cfg, job, host):
 
 def launch_all(cfg, jobs, res):
     crash_point("launch-claimed")
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
-        outcomes = list(pool.map(lambda j: (j, launch(cfg, *j)), jobs))
+    if len(jobs) == 1:      # the usual hand-over: no threads to start
+        outcomes = [(jobs[0], launch(cfg, *jobs[0]))]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
+            outcomes = list(pool.map(lambda j: (j, launch(cfg, *j)), jobs))
     crash_point("launch-started")
     with global_lock(cfg):
         places = load_placements(cfg)
@@ -1317,7 +1336,7 @@ def cmd__run(cfg, argv):
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
            "started": time.time(), "session": session_name(job_id)}
     run_json = os.path.join(job.dir, "run.json")
-    write_json(run_json, run)
+    write_json(run_json, run, durable=False)     # durable once the job runs, below
 
     def on_start(pgid):
         write_json(run_json, dict(run, pgid=pgid))
@@ -1353,9 +1372,11 @@ def cmd__run(cfg, argv):
         os.write(log, msg)
         _write_all(2, msg)
     os.close(log)
-    record_end(cfg, job, state, reason, code, sig, host)
+    # The next job first; the fsyncs can wait until it runs.
+    record_end(cfg, job, state, reason, code, sig, host, durable=False)
     retire(cfg, job)
     hand_over(cfg, host, gpus)
+    sync_file(os.path.join(job.dir, "end.json"))
     return 0
 
 
