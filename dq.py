@@ -30,7 +30,8 @@ Files: everything lives in the data root, the directory holding dq.py (after
 resolving symlinks) or $DQ_ROOT:
 
   dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
-  state/                  lock, next_id, placements.json, hosts.json, wake-<user>
+  state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
+                          handover-<host>.lock
   jobs/backend/<id>/      job.json, run.json, end.json, log   (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/done/<user>        how many of user's jobs have ended
