@@ -417,3 +417,25 @@ def test_second_cluster_starts_and_stops_cleanly(cluster):
     # the session cluster's processes are untouched
     assert [p[1] for p in cluster.gpu_processes("node1")] == [session_holder]
     assert cluster.run("node1", "dqalice", ssh(cluster, "node2", "hostname")).stdout == "node2\n"
+
+
+def test_fake_gpu_uuids_are_uuid5_of_host_and_index():
+    """fakesmi.py and fake-cuda compute GPU UUIDs without the uuid module
+    (start-up time); they must stay what uuid.uuid5 gives, in both tools."""
+    import importlib.machinery
+    import importlib.util
+    import uuid
+    fakedir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakegpu")
+
+    def load(name, filename):
+        loader = importlib.machinery.SourceFileLoader(name, os.path.join(fakedir, filename))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+        loader.exec_module(module)
+        return module
+    smi, cuda = load("fakesmi_t", "fakesmi.py"), load("fakecuda_t", "fake-cuda")
+    for host in ("node1", "deep24"):
+        for i in range(4):
+            want = "GPU-%s" % uuid.uuid5(uuid.NAMESPACE_DNS, "%s.gpu%d.dq-test" % (host, i))
+            assert smi.gpu_uuid(i, host) == want
+    here = os.uname().nodename
+    assert cuda.gpu_uuid(2) == smi.gpu_uuid(2, here) != smi.gpu_uuid(3, here)
