@@ -70,12 +70,16 @@ def crash(dq, host, user, cmd, *args, point, **kw):
     return r
 
 
+def crash_submit(dq, path, point):
+    """dq-submit of path as ALICE on node1, killed at `point`: the job id it printed."""
+    r = crash(dq, "node1", ALICE, "submit", path, point=point, cwd=os.path.dirname(path))
+    return r.stdout.split("'")[1]
+
+
 def test_submit_killed_after_creating_the_job(cluster, dq):
     configure(dq, ["node1"], **FAST)
     _, path = script(cluster, ALICE, "s.sh", "echo ran\n")
-    r = crash(dq, "node1", ALICE, "submit", path, point="submit-created",
-              cwd=os.path.dirname(path))
-    job_id = r.stdout.split("'")[1]
+    job_id = crash_submit(dq, path, "submit-created")
     assert job(dq, job_id)["state"] == "queued"     # not lost
     dq.run("node1", ALICE, "jobs")                  # starts the owner's scheduler again
     wait_state(dq, job_id, "done", timeout=30)
@@ -85,9 +89,7 @@ def test_submit_killed_after_creating_the_job(cluster, dq):
 def test_scheduler_killed_before_its_ssh_launch(cluster, dq):
     configure(dq, ["node1"], **FAST)
     _, path = script(cluster, ALICE, "s.sh", "echo ran\n")
-    r = crash(dq, "node1", ALICE, "submit", path, point="launch-claimed",
-              cwd=os.path.dirname(path))
-    job_id = r.stdout.split("'")[1]
+    job_id = crash_submit(dq, path, "launch-claimed")
     dq.run("node1", ALICE, "jobs")
     wait_state(dq, job_id, "done", timeout=30)
     assert log_of(dq, job_id) == "ran\n"
@@ -99,9 +101,7 @@ def test_scheduler_killed_after_its_ssh_launch(cluster, dq):
     configure(dq, ["node1"], **FAST)
     cluster.set_gpus("node1", 1)
     d, path = script(cluster, ALICE, "s.sh", "echo ran >> ran-$DQ_JOB_ID; sleep 2\n")
-    r = crash(dq, "node1", ALICE, "submit", path, point="launch-started",
-              cwd=os.path.dirname(path))
-    job_id = r.stdout.split("'")[1]
+    job_id = crash_submit(dq, path, "launch-started")
     _, other = script(cluster, ALICE, "t.sh", "true\n")
     second, _ = submit(dq, "node1", ALICE, other)       # must wait: the GPU is taken
     assert job(dq, second)["state"] == "queued"
