@@ -56,9 +56,11 @@ import signal
 import sys
 import time
 import _thread
-# subprocess, tempfile and threading are imported where they are used: most
-# commands (a submit into a busy cluster, dq-jobs) start no process, and
-# every millisecond of start-up counts when jobs are submitted in bulk.
+# Other modules are imported where they are used: most commands (a submit
+# into a busy cluster, dq-jobs) start no process, and every millisecond of
+# start-up counts when jobs are submitted in bulk.  Remote commands run
+# without subprocess and threads (see run_scripts), which would cost a
+# dq-submit or a job's wrapper ~8-15 ms to import.
 
 FORMAT = 1                      # version of every JSON file dq writes
 DQ_PY = os.path.realpath(__file__)
@@ -396,42 +398,185 @@ def run_on(cfg, host, script, timeout=None):
 
     The script travels on stdin and the remote login shell only sees
     `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
-    command of dq goes through here (with a timeout and the --debug echo)."""
+    command of dq goes through here or run_on_all (with a timeout and the
+    --debug echo)."""
+    return run_scripts(cfg, [(host, script)], timeout)[0]
+
+
+def run_on_all(cfg, hosts, script_for, timeout=None, on_line=None, on_done=None):
+    """Run a script on each host in parallel; {host: Result}."""
+    results = run_scripts(cfg, [(h, script_for(h)) for h in hosts], timeout, on_line, on_done)
+    return dict(zip(hosts, results))
+
+
+def run_scripts(cfg, tasks, timeout=None, on_line=None, on_done=None):
+    """Run [(host, script)] all at once: [Result], in order.
+
+    One process each (ssh, or /bin/sh here) and no threads: one poll()
+    watches every pipe.  on_line(host, line): stdout is handed over line by
+    line as it comes (Result.out stays empty); on_done(host): one finished."""
+    import select
     timeout = cfg.timeout if timeout is None else timeout
-    argv = shell_argv(cfg, host)
-    debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
-    import subprocess
-    import tempfile
+    env = clean_env()
     t0 = time.monotonic()
-    try:
-        # A multiplexing master that ssh forks off keeps stderr open; so
-        # stderr goes to a file, not a pipe that would never see EOF.
-        with tempfile.TemporaryFile() as errf:
-            p = subprocess.run(argv, input=wrap_script(script).encode(),
-                               stdout=subprocess.PIPE, stderr=errf,
-                               timeout=timeout, env=clean_env())
-            errf.seek(0)
-            err = errf.read().decode(errors="replace")
-        res = Result(host, p.returncode, p.stdout.decode(errors="replace"), err,
-                     time.monotonic() - t0)
-    except subprocess.TimeoutExpired:
-        res = Result(host, 124, "", f"no answer within {timeout:g}s", time.monotonic() - t0)
-    except OSError as e:
-        res = Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0.0)
-    if argv[0] != "/bin/sh" and res.rc == 255 and not res.err.strip():
-        res.err = "ssh failed"
-    debug(f"{host}: exit {res.rc} in {res.seconds:.3f}s")
-    return res
+    results, running, poller = [None] * len(tasks), {}, select.poll()
+    for i, (host, script) in enumerate(tasks):
+        argv = shell_argv(cfg, host)
+        debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
+        try:
+            proc = _Spawned(host, argv, env, wrap_script(script).encode())
+        except OSError as e:
+            results[i] = Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0.0)
+            continue
+        proc.index = i
+        for fd, events in proc.watch():
+            running[fd] = proc
+            poller.register(fd, events)
+    deadline = t0 + timeout
+    while running:
+        wait = deadline - time.monotonic()
+        events = poller.poll(wait * 1000) if wait > 0 else []
+        if not events and time.monotonic() >= deadline:
+            for proc in set(running.values()):      # the stragglers
+                proc.kill()
+            events = [(fd, 0) for fd in running]
+        for fd, ev in events:
+            proc = running.get(fd)
+            if proc is None:
+                continue
+            if not proc.handle(fd, on_line):
+                poller.unregister(fd)
+                del running[fd]
+            if proc.done():
+                for other in [f for f, p in running.items() if p is proc]:
+                    poller.unregister(other)
+                    del running[other]
+                results[proc.index] = res = proc.result(time.monotonic() - t0, timeout)
+                debug(f"{proc.host}: exit {res.rc} in {res.seconds:.3f}s")
+                if on_done:
+                    on_done(proc.host)
+    return results
 
 
-def run_on_all(cfg, hosts, script_for, timeout=None):
-    """Run a script on many hosts in parallel; {host: Result}."""
-    if not hosts:
-        return {}
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(64, len(hosts))) as pool:
-        futs = {h: pool.submit(run_on, cfg, h, script_for(h), timeout) for h in hosts}
-        return {h: f.result() for h, f in futs.items()}
+class _Spawned:
+    """One command of run_scripts: its pipes, what came back, how it ended.
+
+    It is done when it exited and closed stdout; stderr is not waited for,
+    as a multiplexing master that ssh forks off may keep it open."""
+
+    def __init__(self, host, argv, env, data):
+        self.host, self.argv, self.data = host, argv, data
+        self.out, self.err, self.line = [], [], b""
+        self.status = self.pidfd = None
+        self.killed = False
+        (in_r, self.stdin), (self.stdout, out_w), (self.stderr, err_w) = \
+            [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
+        try:
+            # SIGPIPE back to the default (Python ignores it): a shell
+            # pipeline must end quietly when its reader goes.
+            self.pid = os.posix_spawnp(
+                argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0),
+                              (os.POSIX_SPAWN_DUP2, out_w, 1),
+                              (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        except OSError:
+            for fd in (self.stdin, self.stdout, self.stderr):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        os.set_blocking(self.stdin, False)
+        try:        # readable once it exits (Linux 5.3 and later)
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pass
+
+    def watch(self):
+        import select
+        fds = [(self.stdin, select.POLLOUT), (self.stdout, select.POLLIN),
+               (self.stderr, select.POLLIN)]
+        return fds + ([(self.pidfd, select.POLLIN)] if self.pidfd is not None else [])
+
+    def handle(self, fd, on_line):
+        """Serve a poll event on fd; False once fd is closed."""
+        if self.killed:
+            pass
+        elif fd == self.stdin:
+            try:
+                self.data = self.data[os.write(fd, self.data):]
+                if self.data:
+                    return True
+            except OSError:         # it quit without reading it all
+                pass
+        elif fd == self.pidfd:
+            self._reap(0)
+        else:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if chunk and fd == self.stderr:
+                self.err.append(chunk)
+            elif chunk and on_line:
+                *lines, self.line = (self.line + chunk).split(b"\n")
+                for ln in lines:
+                    on_line(self.host, ln.decode(errors="replace") + "\n")
+            elif chunk:
+                self.out.append(chunk)
+            elif fd == self.stdout and on_line and self.line:
+                on_line(self.host, self.line.decode(errors="replace"))
+            if chunk:
+                return True
+        self._close(fd)
+        return False
+
+    def _close(self, fd):
+        os.close(fd)
+        for name in ("stdin", "stdout", "stderr", "pidfd"):
+            if getattr(self, name) == fd:
+                setattr(self, name, None)
+
+    def _reap(self, flags):
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, flags)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+
+    def done(self):
+        if self.killed:
+            self._reap(0)
+            return True
+        if self.stdout is not None:
+            return False
+        # Without a pidfd, an end of stdout means it is exiting: wait.
+        self._reap(os.WNOHANG if self.pidfd is not None else 0)
+        return self.status is not None
+
+    def kill(self):
+        self.killed = True
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def result(self, seconds, timeout):
+        if self.stderr is not None:
+            os.set_blocking(self.stderr, False)
+            try:
+                self.err.append(os.read(self.stderr, 65536))
+            except OSError:
+                pass
+        for fd in (self.stdin, self.stdout, self.stderr, self.pidfd):
+            if fd is not None:
+                self._close(fd)
+        if self.killed:
+            return Result(self.host, 124, "", f"no answer within {timeout:g}s", seconds)
+        res = Result(self.host, self.status, b"".join(self.out).decode(errors="replace"),
+                     b"".join(self.err).decode(errors="replace"), seconds)
+        if self.argv[0] != "/bin/sh" and res.rc == 255 and not res.err.strip():
+            res.err = "ssh failed"
+        return res
 
 
 def clean_env():
@@ -1160,28 +1305,45 @@ def kill_on_host(cfg, job, host):
 
 
 def launch_all(cfg, jobs, res):
+    """Start [(job_id, host, gpus)] claimed for us, one remote command per
+    host, and record what started; the others go back to the queue."""
     crash_point("launch-claimed")
-    if len(jobs) == 1:      # the usual hand-over: no threads to start
-        outcomes = [(jobs[0], launch(cfg, *jobs[0]))]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as pool:
-            outcomes = list(pool.map(lambda j: (j, launch(cfg, *j)), jobs))
+    why = {}
+    per_host = {}
+    for job_id, host, gpus in jobs:
+        line = launch_line(cfg, job_id, host, gpus)
+        if line.startswith("#"):
+            why[job_id] = line[2:]
+        else:
+            per_host.setdefault(host, []).append((job_id, line))
+    hosts = list(per_host)
+    scripts = ["cd / || exit 1\n" + "".join(f'{line}; echo "@@{job_id} $?"\n'
+                                            for job_id, line in per_host[h]) for h in hosts]
+    for h, r in zip(hosts, run_scripts(cfg, list(zip(hosts, scripts)))):
+        started = dict(re.findall(r"^@@(\S+) (\d+)$", r.out, re.M))
+        for job_id, _ in per_host[h]:
+            if started.get(job_id) == "0":
+                why[job_id] = None
+            elif not r.ok or job_id not in started:
+                why[job_id] = r.why() if not r.ok else "no answer from screen"
+            else:
+                why[job_id] = r.why() if r.err.strip() else \
+                    f"screen failed (exit status {started[job_id]})"
     crash_point("launch-started")
     with global_lock(cfg):
         places = load_placements(cfg)
-        for (job_id, host, gpus), why in outcomes:
+        for job_id, host, gpus in jobs:
             p = places.get(job_id)
-            if why is None:
+            if why[job_id] is None:
                 res.launched.append((job_id, host, gpus))
                 if p is not None:
                     p["state"], p["since"] = "running", time.time()
             else:
-                res.failed.append((job_id, host, why))
+                res.failed.append((job_id, host, why[job_id]))
                 places.pop(job_id, None)    # back to the queue
         save_placements(cfg, places)
-    for job_id, host, why in res.failed:
-        warn(f"could not start {job_id} on {host}: {why}; it stays queued")
+    for job_id, host, reason in res.failed:
+        warn(f"could not start {job_id} on {host}: {reason}; it stays queued")
     if res.failed:
         touch_wake(cfg, me())
 
@@ -1192,8 +1354,9 @@ def session_name(job_id):
     return f"dq-{job_id}"
 
 
-def launch(cfg, job_id, host, gpus):
-    """Start a job in a detached screen session on its host.  None, or why not."""
+def launch_line(cfg, job_id, host, gpus):
+    """The shell command that starts a job in a detached screen session on
+    its host, or '# why not' for a job that cannot run."""
     job = load_job(cfg, job_id)
     if job is None or job.end:
         # Never runnable (a forged or broken job.json) or over: out of the
@@ -1202,14 +1365,12 @@ def launch(cfg, job_id, host, gpus):
             os.unlink(cfg.p("jobs", "active", job_id))
         except OSError:
             pass
-        return "its job.json is missing or not yours" if job is None else "it already ended"
+        return "# " + ("its job.json is missing or not yours" if job is None
+                       else "it already ended")
     # The wrapper writes the log itself (see run_in_pty), so screen needs
     # no log settings and its version does not matter.
-    script = (f"cd / || exit 1\n"
-              f"exec screen -dmS {q(session_name(job_id))} "
-              f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}\n")
-    r = run_on(cfg, host, script)
-    return None if r.ok else r.why()
+    return (f"screen -dmS {q(session_name(job_id))} "
+            f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}")
 
 
 def loop_lock(cfg):
@@ -1342,10 +1503,6 @@ def cmd__run(cfg, argv):
 
     def on_start(pgid):
         write_json(run_json, dict(run, pgid=pgid))
-        # What the hand-over at the end needs, imported now, while the job
-        # runs, rather than between this job and the next.
-        for module in ("subprocess", "tempfile"):
-            __import__(module)
     # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
     # wrapper before it records the end; handlers reset on exec.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -2235,17 +2392,9 @@ def cmd_users(cfg, argv):
     args = parse(p, argv)
     started = time.time()
     progress = sys.stderr.isatty() and not args.json
-    results = {}
-
-    def one(h):
-        r = run_on(cfg, h, users_script(cfg))
-        if progress:
-            print(".", end="", file=sys.stderr, flush=True)
-        return r
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(64, len(cfg.hosts))) as pool:
-        for h, r in zip(cfg.hosts, pool.map(one, cfg.hosts)):
-            results[h] = r
+    script = users_script(cfg)
+    results = run_on_all(cfg, cfg.hosts, lambda h: script, on_done=lambda h: print(
+        ".", end="", file=sys.stderr, flush=True) if progress else None)
     if progress:
         print(file=sys.stderr)
     rows = []
@@ -2280,19 +2429,13 @@ def cmd_on_all(cfg, argv):
     line = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     timeout = args.timeout or cfg.timeout
     colour = use_colour()
-    out_lock = _thread.allocate_lock()
 
     def emit(stream, host, text):
         prefix = f"\033[1m{host}:\033[0m " if colour and stream is sys.stdout else f"{host}: "
-        with out_lock:
-            stream.write(prefix + text + ("" if text.endswith("\n") else "\n"))
-            stream.flush()
-
-    def one(h):
-        return stream_on(cfg, h, line, lambda t: emit(sys.stdout, h, t), timeout)
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(64, len(cfg.hosts))) as pool:
-        results = dict(zip(cfg.hosts, pool.map(one, cfg.hosts)))
+        stream.write(prefix + text + ("" if text.endswith("\n") else "\n"))
+        stream.flush()
+    results = run_on_all(cfg, cfg.hosts, lambda h: line, timeout,
+                         on_line=lambda h, text: emit(sys.stdout, h, text))
     failed = []
     for h in cfg.hosts:
         r = results[h]
@@ -2307,36 +2450,6 @@ def cmd_on_all(cfg, argv):
               f"{', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-def stream_on(cfg, host, script, on_line, timeout):
-    """Like run_on, but hands each stdout line to on_line as it comes."""
-    argv = shell_argv(cfg, host)
-    debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script}\nEOF")
-    import subprocess
-    import tempfile
-    import threading
-    t0 = time.monotonic()
-    with tempfile.TemporaryFile() as errf:
-        try:
-            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=errf, env=clean_env())
-        except OSError as e:
-            return Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0)
-        p.stdin.write(wrap_script(script).encode())
-        p.stdin.close()
-        timer = threading.Timer(timeout, p.kill)
-        timer.start()
-        try:
-            for raw in p.stdout:
-                on_line(raw.decode(errors="replace"))
-            rc = p.wait()
-        finally:
-            timer.cancel()
-        timed_out = rc < 0 and time.monotonic() - t0 >= timeout
-        errf.seek(0)
-        err = errf.read().decode(errors="replace")
-    return Result(host, 124 if timed_out else rc, "", err, time.monotonic() - t0)
 
 
 # Main ########################################################################
