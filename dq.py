@@ -632,6 +632,7 @@ class HostState:
         self.gpus = []
         self.sessions = set()   # job ids with a dq screen session (None: no ps ran)
         self.ps = ""            # the poll's ps section, as the host printed it
+        self.table_at = None    # when the GPU table (index, uuid) was read
 
     def free(self, reserved=()):
         if self.error:
@@ -694,7 +695,10 @@ def poll_script(cfg, with_ps=True):
     return s
 
 
-def parse_poll(host, res, started):
+def parse_poll(host, res, started, table=None):
+    """A HostState from a poll's output.  table: the host's GPU table from an
+    earlier poll ({"at", "gpus": [[index, uuid], ...]}) when this poll ran
+    only the compute-apps query (see poll_handover)."""
     st = HostState(host, started)
     if not res.ok:
         st.error = f"unreachable: {res.why()}"
@@ -703,7 +707,7 @@ def parse_poll(host, res, started):
     sections = {}
     for m in re.finditer(r"@@(\w+)\n(.*?)@@rc (\d+)\n", res.out, re.S):
         sections[m.group(1)] = (m.group(2), int(m.group(3)))
-    gtext, grc = sections.get("gpus", ("", -1))
+    gtext, grc = sections.get("gpus", ("", 0 if table else -1))
     atext, arc = sections.get("apps", ("", -1))
     st.ps = sections.get("ps", ("", 0))[0]
     # ps ran whatever nvidia-smi did: lost-job checks need the sessions
@@ -720,7 +724,9 @@ def parse_poll(host, res, started):
             st.error = f"nvidia-smi failed (exit {rc}): {first[0][:100] if first else ''}"
         return st
     try:
-        st.gpus = parse_smi_gpus(gtext)
+        st.gpus = parse_smi_gpus(gtext) if table is None else \
+            [Gpu(i, uuid, 0, None) for i, uuid in table["gpus"]]
+        st.table_at = started if table is None else table["at"]
         by_uuid = {g.uuid: g for g in st.gpus}
         for uuid, pid, mem in parse_smi_apps(atext):
             if uuid in by_uuid:
@@ -741,6 +747,25 @@ def poll_hosts(cfg, hosts=None, with_ps=True):
     script = poll_script(cfg, with_ps)
     results = run_on_all(cfg, hosts, lambda h: script)
     return {h: parse_poll(h, r, started) for h, r in results.items()}
+
+
+GPU_TABLE_MAX_AGE = 60      # seconds a host's GPU table (index: uuid) is trusted
+
+
+def poll_handover(cfg, host):
+    """The hand-over's poll of its own host: {host: HostState}.  Which GPUs
+    a host has hardly ever changes, so when a full poll of the last minute
+    (hosts.json) gave the table and saw every GPU's memory, only the
+    compute-apps query runs: one nvidia-smi instead of two at every job's
+    end.  No ps: which sessions live is the loops' business."""
+    seen = (read_json(cfg.p("state", "hosts.json"), {}) or {}).get("seen", {}).get(host, {})
+    table = seen.get("table")
+    started = time.time()
+    if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE:
+        return poll_hosts(cfg, [host], with_ps=False)
+    script = (f"echo @@apps; timeout {smi_timeout(cfg)} {SMI_APPS} </dev/null 2>&1; "
+              f"echo \"@@rc $?\"\n")
+    return {host: parse_poll(host, run_on(cfg, host, script), started, table)}
 
 
 # Jobs ########################################################################
@@ -1070,7 +1095,8 @@ def track_hosts(cfg, polls):
     """Keep state/hosts.json: since when each silent host is down (so that
     'down for lost_after seconds' spans passes and users), and what the last
     poll of each host saw (GPU count, busy GPUs), which lets dq-submit skip
-    polling the cluster when nothing can be free.  Returns {host: down_since}."""
+    polling the cluster when nothing can be free, and the GPU table of its
+    last full poll (see poll_handover).  Returns {host: down_since}."""
     path = cfg.p("state", "hosts.json")
     old = read_json(path, {}) or {}
     down = dict(old.get("down", {}))
@@ -1080,9 +1106,15 @@ def track_hosts(cfg, polls):
             down.pop(h, None)
         else:
             down.setdefault(h, st.started)
+        table = seen.get(h, {}).get("table")
+        if not st.error and st.table_at == st.started:      # a full poll
+            table = {"at": st.started, "gpus": [[g.index, g.uuid] for g in st.gpus],
+                     "all_known": all(g.known for g in st.gpus)}
+        elif st.gpus and not all(g.known for g in st.gpus):
+            table = None        # it named a GPU the table lacks: read it again
         seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error,
                    "reachable": st.reachable,
-                   "busy": [g.index for g in st.gpus if g.busy()]}
+                   "busy": [g.index for g in st.gpus if g.busy()], "table": table}
     write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False)
     return down
 
@@ -1555,8 +1587,8 @@ def hand_over(cfg, host, gpus):
         with Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout):
             if gpus and set(gpus) <= reserved_by_host(load_placements(cfg)).get(host, set()):
                 res = schedule_pass(cfg, launch_only=True)
-            else:       # no ps: which sessions live is the loops' business
-                res = schedule_pass(cfg, poll_hosts(cfg, [host], with_ps=False))
+            else:
+                res = schedule_pass(cfg, poll_handover(cfg, host))
     except Failure as e:
         warn(str(e))
         res = None

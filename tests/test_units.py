@@ -228,3 +228,35 @@ def test_first_line_starts_dq_the_way_boot_does():
     assert f"exec python3 -S -c '{dq.BOOT}' \"$0\" \"$@\"" in line
     argv = dq.dq_argv("python3", "_run", "1-x")
     assert argv[:5] == ["python3", "-S", "-c", dq.BOOT, dq.DQ_PY] and argv[5:] == ["_run", "1-x"]
+
+
+def apps_only(apps, rc=0):
+    return f"@@apps\n{apps}@@rc {rc}\n"
+
+
+def test_handover_poll_uses_the_gpu_table_of_the_last_full_poll():
+    table = {"at": 50.0, "gpus": [[0, UUID0], [1, UUID1]], "all_known": True}
+    st = dq.parse_poll("node1", dq.Result("node1", 0, apps_only(f"{UUID1}, 4321, 900\n"),
+                                          "", 0.01), 100.0, table)
+    assert st.error is None and st.free() == [0]
+    assert st.gpus[1].pids == [4321]
+    assert st.table_at == 50.0 and st.sessions is None
+
+
+def test_handover_poll_failing_or_naming_a_new_gpu_frees_nothing(tmp_path):
+    table = {"at": 50.0, "gpus": [[0, UUID0]], "all_known": True}
+    st = dq.parse_poll("node1", dq.Result("node1", 0, apps_only("", rc=9), "", 0.01),
+                       100.0, table)
+    assert st.error and st.free() == []
+    st = dq.parse_poll("node1", dq.Result("node1", 0, apps_only(f"{UUID1}, 1, 10\n"), "",
+                                          0.01), 100.0, table)
+    assert st.free() == []
+    # ... and the table is read again at the next hand-over
+    cfg = types.SimpleNamespace(p=lambda *parts: str(tmp_path.joinpath(*parts)))
+    tmp_path.joinpath("state").mkdir()
+    full = parsed(poll_output(f"0, {UUID0}, 0, 81559\n", ""))
+    dq.track_hosts(cfg, {"node1": full})
+    seen = dq.read_json(cfg.p("state", "hosts.json"), {})["seen"]["node1"]
+    assert seen["table"]["gpus"] == [[0, UUID0]]
+    dq.track_hosts(cfg, {"node1": st})
+    assert dq.read_json(cfg.p("state", "hosts.json"), {})["seen"]["node1"]["table"] is None
