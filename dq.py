@@ -231,17 +231,20 @@ def read_json(path, default=None):
     return data
 
 
-def write_json(path, data, mode=0o644, exclusive=False, durable=True):
+def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=False):
     """Write atomically: temp file in the same directory, fsync, rename.  With
     `exclusive`, fail with FileExistsError if `path` exists (link, not rename).
-    `durable=False` skips the fsync, for caches that are rebuilt anyway."""
+    `durable=False` skips the fsync, for caches that are rebuilt anyway.
+    `compact`: one line, for the state files rewritten at every job change
+    (json's C encoder; an indented dump runs in Python)."""
     data = dict(data, format=FORMAT)
     tmp = os.path.join(os.path.dirname(path),
                        f".tmp-{os.path.basename(path)}-{os.getpid()}-{_thread.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            json.dump(data, f, sort_keys=True, **({"separators": (",", ":")} if compact
+                                                  else {"indent": 1}))
             f.write("\n")
             f.flush()
             os.fchmod(f.fileno(), mode)
@@ -272,6 +275,10 @@ def sync_file(path):
         os.close(fd)
 
 
+class _Expired(Exception):
+    """A lock's deadline passed (SIGALRM; not an OSError, see Lock._try)."""
+
+
 class Lock:
     """An fcntl (POSIX, NFS-safe) lock on a file, waited for with a deadline."""
 
@@ -286,28 +293,60 @@ class Lock:
                 os.fchmod(fd, self.mode)  # umask must not lock others out
         except OSError:
             pass
-        deadline = time.monotonic() + self.timeout
-        delay = 0.002
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.fd = fd
-                self.since = time.monotonic()
-                return True
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    os.close(fd)
-                    raise Failure(f"cannot lock {self.path}: {e.strerror}")
-            if not blocking:
+        try:
+            if not self._try(fd) and not (blocking and self._wait(fd)):
                 os.close(fd)
                 return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.since = time.monotonic()
+        return True
+
+    def _try(self, fd, flags=fcntl.LOCK_EX | fcntl.LOCK_NB):
+        try:
+            fcntl.lockf(fd, flags)
+            return True
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN, errno.EDEADLK):
+                return False
+            raise Failure(f"cannot lock {self.path}: {e.strerror}")
+
+    def _wait(self, fd):
+        """Wait in the kernel, woken the moment the holder lets go, with
+        SIGALRM for the deadline; outside the main thread, or when the
+        kernel calls the wait a deadlock, by polling."""
+        deadline = time.monotonic() + self.timeout
+
+        def expired(*_):
+            raise _Expired
+        try:
+            old = signal.signal(signal.SIGALRM, expired)
+        except ValueError:      # not the main thread
+            old = None
+        if old is not None:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+            try:
+                if self._try(fd, fcntl.LOCK_EX):
+                    return True
+            except _Expired:
+                self._timed_out()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+        delay = 0.002
+        while not self._try(fd):
             if time.monotonic() > deadline:
-                os.close(fd)
-                raise Failure(f"timed out after {self.timeout:g}s waiting for the lock "
-                              f"{self.path}; a dq process holding it may hang (see "
-                              f"'fuser -v {self.path}'), or NFS locking (lockd) is down")
+                self._timed_out()
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)  # a waiter wakes soon after a release
+            delay = min(delay * 2, 0.01)
+        return True
+
+    def _timed_out(self):
+        raise Failure(f"timed out after {self.timeout:g}s waiting for the lock "
+                      f"{self.path}; a dq process holding it may hang (see "
+                      f"'fuser -v {self.path}'), or NFS locking (lockd) is down")
 
     def release(self):
         if self.fd is not None:
@@ -933,8 +972,10 @@ def all_job_ids(cfg):
 
 def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None,
                durable=True):
-    """Write end.json once; False if the job already had an end.
-    durable=False: the caller fsyncs it later (sync_file)."""
+    """Write end.json once and count the job as completed; False if the job
+    already had an end.  durable=False (the wrapper, in a hurry to hand the
+    GPUs over): the caller fsyncs end.json and counts the job later, with
+    finish_end."""
     data = {"state": state, "reason": reason, "exit_code": exit_code,
             "signal": sig, "ended": time.time(), "host": host or job.run.get("host")}
     try:
@@ -942,6 +983,18 @@ def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None
     except FileExistsError:
         return False
     job._end = None
+    if durable:
+        count_done(cfg, job)
+    return True
+
+
+def finish_end(cfg, job):
+    """What record_end(durable=False) left for later."""
+    sync_file(os.path.join(job.dir, "end.json"))
+    count_done(cfg, job)
+
+
+def count_done(cfg, job):
     try:
         with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
             count = stored_done_count(cfg, job.owner)
@@ -951,7 +1004,6 @@ def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None
                 write_json(cfg.p("jobs", "done", job.owner), {"done": count + 1})
     except (OSError, Failure) as e:
         warn(f"cannot count {job.id} as completed: {e}")
-    return True
 
 
 def stored_done_count(cfg, user):
@@ -989,7 +1041,7 @@ def retire(cfg, job):
     with global_lock(cfg):
         places = load_placements(cfg)
         if places.pop(job.id, None) is not None:
-            save_placements(cfg, places)
+            save_placements(cfg, places, durable=False)
 
 
 # Placement ###################################################################
@@ -1024,8 +1076,13 @@ def rebuild_placements(cfg):
     return places
 
 
-def save_placements(cfg, places):
-    write_json(cfg.p("state", "placements.json"), {"jobs": places}, mode=0o666)
+def save_placements(cfg, places, durable=True):
+    """durable=False where a crash losing this write costs nothing: it only
+    drops reservations or marks a launch done, which the next pass redoes
+    (an added reservation is always made durable: GPUs are never handed
+    out twice)."""
+    write_json(cfg.p("state", "placements.json"), {"jobs": places}, mode=0o666,
+               compact=True, durable=durable)
 
 
 def reserved_by_host(places):
@@ -1115,7 +1172,7 @@ def track_hosts(cfg, polls):
         seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error,
                    "reachable": st.reachable,
                    "busy": [g.index for g in st.gpus if g.busy()], "table": table}
-    write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False)
+    write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False, compact=True)
     return down
 
 
@@ -1373,7 +1430,7 @@ def launch_all(cfg, jobs, res):
             else:
                 res.failed.append((job_id, host, why[job_id]))
                 places.pop(job_id, None)    # back to the queue
-        save_placements(cfg, places)
+        save_placements(cfg, places, durable=False)
     for job_id, host, reason in res.failed:
         warn(f"could not start {job_id} on {host}: {reason}; it stays queued")
     if res.failed:
@@ -1563,11 +1620,12 @@ def cmd__run(cfg, argv):
         os.write(log, msg)
         _write_all(2, msg)
     os.close(log)
-    # The next job first; the fsyncs can wait until it runs.
-    record_end(cfg, job, state, reason, code, sig, host, durable=False)
+    # The next job first; the fsync and the count can wait until it runs.
+    ours = record_end(cfg, job, state, reason, code, sig, host, durable=False)
     retire(cfg, job)
     hand_over(cfg, host, gpus)
-    sync_file(os.path.join(job.dir, "end.json"))
+    if ours:
+        finish_end(cfg, job)
     return 0
 
 

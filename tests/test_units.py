@@ -1,6 +1,7 @@
 """Unit tests of the pure parts of dq: nvidia-smi parsing and placement."""
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -260,3 +261,49 @@ def test_handover_poll_failing_or_naming_a_new_gpu_frees_nothing(tmp_path):
     assert seen["table"]["gpus"] == [[0, UUID0]]
     dq.track_hosts(cfg, {"node1": st})
     assert dq.read_json(cfg.p("state", "hosts.json"), {})["seen"]["node1"]["table"] is None
+
+
+def _hold_lock(path, seconds):
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a'); "
+                          "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); "
+                          "time.sleep(float(sys.argv[2]))", path, str(seconds)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_lock_is_taken_when_the_holder_lets_go(tmp_path, in_thread):
+    path = str(tmp_path / "lock")
+    holder = _hold_lock(path, 0.5)
+    t0 = time.monotonic()
+    got = []
+
+    def take():
+        with dq.Lock(path, timeout=10):
+            got.append(time.monotonic() - t0)   # the holder's 0.5 s, not the 10
+    if in_thread:       # no SIGALRM there: the polling wait
+        import threading
+        t = threading.Thread(target=take)
+        t.start()
+        t.join()
+    else:
+        take()
+    assert len(got) == 1 and 0.3 < got[0] < 5
+    assert holder.wait(timeout=5) == 0
+
+
+def test_lock_wait_times_out_with_the_fix_named(tmp_path):
+    path = str(tmp_path / "lock")
+    holder = _hold_lock(path, 5)
+    try:
+        with pytest.raises(dq.Failure, match="timed out after 0.3s waiting for the lock"):
+            dq.Lock(path, timeout=0.3).acquire()
+        assert not dq.Lock(path).acquire(blocking=False)
+        import signal
+        assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL   # left as found
+    finally:
+        holder.kill()
+        holder.wait()
+    assert dq.Lock(path).acquire(blocking=False)
