@@ -1216,12 +1216,16 @@ def reconcile(cfg, places, polls, now):
         if st is None or st.sessions is None or p["since"] >= st.started:
             continue
         alive = job_id in st.sessions
-        if p["state"] == "launching" and alive:
-            p["state"] = "running"      # its launcher died after starting it
-            changed = True
-            continue
-        if p["state"] == "launching" and now - p["since"] < cfg.timeout + 5:
-            continue
+        if p["state"] == "launching":
+            # Launched jobs stay 'launching' until a pass sees them run:
+            # their session is there, or their wrapper started before
+            # this poll (so its session was there to see, or is gone).
+            ran = job.run.get("started")
+            if alive or (ran and ran < st.started - 1):
+                p["state"] = "running"
+                changed = True
+            elif now - p["since"] < cfg.timeout + 5:
+                continue
         if not alive:
             if p["state"] == "running" or job.run:
                 mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
@@ -1274,12 +1278,14 @@ class PassResult:
         self.outside_busy = True    # GPUs busy that only a poll can see freed
 
 
-def schedule_pass(cfg, polls=None, launch_only=False):
+def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=None):
     """One scheduling pass: poll all hosts (no lock held), decide under the
     lock (in memory, a few small files), then start the caller's own jobs
     that got GPUs.  Other users' placed jobs are started by their own
     dq-schedule loop, woken through state/wake-<user>.  `launch_only`: no
-    poll, no decision, just start what others placed for us."""
+    poll, no decision, just start what others placed for us.  retiring: an
+    ended job whose GPUs to free first (in the same hold of the lock);
+    decided(): called once the decision is saved, before the launches."""
     ensure_layout(cfg)
     user = me()
     res = PassResult()
@@ -1287,7 +1293,7 @@ def schedule_pass(cfg, polls=None, launch_only=False):
     now = time.time()
     with global_lock(cfg):
         places = load_placements(cfg)
-        changed = isinstance(places, Rebuilt)
+        changed = isinstance(places, Rebuilt) or places.pop(retiring, None) is not None
         placed = []
         if not launch_only:
             changed = reconcile(cfg, places, res.polls, now) or changed
@@ -1305,7 +1311,9 @@ def schedule_pass(cfg, polls=None, launch_only=False):
                 changed = True
         others = {p["user"] for p in places.values() if p["state"] == "assigned"}
         if changed:
-            save_placements(cfg, places)
+            save_placements(cfg, places, durable=bool(placed or mine))
+    if decided:
+        decided()
     if not launch_only:
         res.outside_busy = busy_outside_dq(res.polls, places)
     for other in others:
@@ -1419,18 +1427,19 @@ def launch_all(cfg, jobs, res):
                 why[job_id] = r.why() if r.err.strip() else \
                     f"screen failed (exit status {started[job_id]})"
     crash_point("launch-started")
-    with global_lock(cfg):
-        places = load_placements(cfg)
-        for job_id, host, gpus in jobs:
-            p = places.get(job_id)
-            if why[job_id] is None:
-                res.launched.append((job_id, host, gpus))
-                if p is not None:
-                    p["state"], p["since"] = "running", time.time()
-            else:
-                res.failed.append((job_id, host, why[job_id]))
+    for job_id, host, gpus in jobs:
+        if why[job_id] is None:
+            res.launched.append((job_id, host, gpus))
+        else:
+            res.failed.append((job_id, host, why[job_id]))
+    # A started job's placement stays 'launching' until a pass sees its
+    # session ('running'): no second hold of the lock per launch.
+    if res.failed:
+        with global_lock(cfg):
+            places = load_placements(cfg)
+            for job_id, _, _ in res.failed:
                 places.pop(job_id, None)    # back to the queue
-        save_placements(cfg, places, durable=False)
+            save_placements(cfg, places, durable=False)
     for job_id, host, reason in res.failed:
         warn(f"could not start {job_id} on {host}: {reason}; it stays queued")
     if res.failed:
@@ -1622,14 +1631,14 @@ def cmd__run(cfg, argv):
     os.close(log)
     # The next job first; the fsync and the count can wait until it runs.
     ours = record_end(cfg, job, state, reason, code, sig, host, durable=False)
-    retire(cfg, job)
-    hand_over(cfg, host, gpus)
+    drop_from_index(cfg, job.id)
+    hand_over(cfg, host, gpus, job.id)
     if ours:
         finish_end(cfg, job)
     return 0
 
 
-def hand_over(cfg, host, gpus):
+def hand_over(cfg, host, gpus, job_id):
     """At a job's end, on its host: place the next jobs on the GPUs it freed
     at once, polling this host alone, locally, and start ours here without
     ssh; other users' loops are woken for theirs.  Free GPUs elsewhere are
@@ -1638,18 +1647,26 @@ def hand_over(cfg, host, gpus):
     Jobs that end together on a host take turns, and one whose GPUs the
     pass of another already gave out again polls nothing (it only starts
     what was placed for its user): a wave of ends costs a poll or two of
-    the host, not one per job."""
+    the host, not one per job.  A turn ends once the pass has decided,
+    before its launches.  The ended job's GPUs are freed by the same pass
+    (job_id: its placement goes)."""
     global LOCAL_HOST
     LOCAL_HOST = host
+    turn = Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout)
     try:
-        with Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout):
-            if gpus and set(gpus) <= reserved_by_host(load_placements(cfg)).get(host, set()):
-                res = schedule_pass(cfg, launch_only=True)
-            else:
-                res = schedule_pass(cfg, poll_handover(cfg, host))
+        turn.acquire()
+        places = load_placements(cfg)
+        places.pop(job_id, None)
+        if gpus and set(gpus) <= reserved_by_host(places).get(host, set()):
+            res = schedule_pass(cfg, launch_only=True, retiring=job_id, decided=turn.release)
+        else:
+            res = schedule_pass(cfg, poll_handover(cfg, host), retiring=job_id,
+                                decided=turn.release)
     except Failure as e:
         warn(str(e))
         res = None
+    finally:
+        turn.release()
     if (res is None or res.my_waiting or res.my_running) and not scheduler_running(cfg):
         spawn_scheduler(cfg)
 
