@@ -512,9 +512,12 @@ class _Spawned:
             [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
         try:
             # SIGPIPE back to the default (Python ignores it): a shell
-            # pipeline must end quietly when its reader goes.
+            # pipeline must end quietly when its reader goes.  A session of
+            # its own: when a job's wrapper exits right after launching the
+            # next job, the SIGHUP of its terminal must not reach the new
+            # screen before that detaches (screen -dm forks and returns).
             self.pid = os.posix_spawnp(
-                argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                argv[0], argv, env, setsid=True, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
                 file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0),
                               (os.POSIX_SPAWN_DUP2, out_w, 1),
                               (os.POSIX_SPAWN_DUP2, err_w, 2)])
@@ -595,7 +598,7 @@ class _Spawned:
     def kill(self):
         self.killed = True
         try:
-            os.kill(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)     # what it started too
         except ProcessLookupError:
             pass
 

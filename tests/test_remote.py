@@ -64,3 +64,22 @@ def test_a_missing_program_is_one_result_not_an_exception():
                                 ssh=["/nonexistent/ssh"])
     r = dq.run_on(cfg, "node1", "true")
     assert r.rc == 127 and "cannot run /nonexistent/ssh" in r.err
+
+
+def test_commands_run_in_a_session_of_their_own():
+    # A job's wrapper launches the next job (screen -dm, which forks and
+    # returns at once) and exits: the SIGHUP of its terminal goes to its
+    # session, which must not hold the new screen.
+    r = dq.run_on(LOCAL, "here", "echo $$; cut -d' ' -f6 /proc/$$/stat")
+    pid, sid = map(int, r.out.split())
+    assert sid == pid != os.getsid(0)
+
+
+def test_timeout_kills_what_the_command_started_too(tmp_path):
+    pidfile = tmp_path / "pid"
+    r = dq.run_on(LOCAL, "here", f"sleep 31 & echo $! > {pidfile}; wait", timeout=0.5)
+    assert r.rc == 124
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or \
+        open(f"/proc/{child}/stat").read().split()[2] == "Z"
