@@ -1198,8 +1198,9 @@ def reconcile(cfg, places, polls, now):
     down = track_hosts(cfg, polls)
     for job_id, p in list(places.items()):
         st = polls.get(p["host"])
-        job = load_job(cfg, job_id, quiet=True)
-        if job is None or job.end:
+        # Under the lock at every job change: a stat per placement, and a
+        # job's files are read only where this poll can say more of it.
+        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
             del places[job_id]
             changed = True
             continue
@@ -1207,7 +1208,14 @@ def reconcile(cfg, places, polls, now):
             del places[job_id]      # its owner's dq-schedule is not running
             changed = True
             continue
-        if st is not None and not st.reachable:
+        if st is None or st.reachable and (st.sessions is None or p["since"] >= st.started):
+            continue
+        job = load_job(cfg, job_id, quiet=True)
+        if job is None:
+            del places[job_id]
+            changed = True
+            continue
+        if not st.reachable:
             since = down.get(p["host"], now)
             if now - since >= cfg.lost_after:
                 if p["state"] == "running" or job.run:
@@ -1215,8 +1223,6 @@ def reconcile(cfg, places, polls, now):
                                         f"({st.error}) for {now - since:.0f}s")
                 del places[job_id]
                 changed = True
-            continue
-        if st is None or st.sessions is None or p["since"] >= st.started:
             continue
         alive = job_id in st.sessions
         if p["state"] == "launching":
@@ -1543,7 +1549,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
             started, queue_seen = time.monotonic(), _mtime(cfg.p("jobs", "active"))
             deadline = started + interval
             while time.monotonic() < deadline and _mtime(wake) == seen:
-                time.sleep(0.02)        # two opens: cheap, even on NFS
+                time.sleep(0.01)        # two opens: cheap, even on NFS
                 if _mtime(cfg.p("jobs", "active")) != queue_seen:
                     # A job was queued (dq-submit found nothing free and ran
                     # no pass): back to polling every poll_interval.
