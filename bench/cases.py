@@ -5,6 +5,7 @@ node, as the test user (lib.run_timed), so nsenter/setpriv are not counted.
 """
 import json
 import os
+import pwd
 import sys
 import threading
 import time
@@ -422,6 +423,14 @@ def bench_wide(ctx):
         return out
     say("dq-free, dq-users over 4 and over all nodes")
     m = measure()
+    # The floor: a no-op over the same multiplexed ssh connections, to all
+    # hosts at once; the 'hosts' share this machine's cores.
+    uid = pwd.getpwnam(ALICE).pw_uid
+    mux = (f"{c.ssh_command} -o ControlMaster=auto -o ControlPath=/tmp/dq-ssh-{uid}/%C "
+           "-o ControlPersist=60")
+    noop = {k: median([t.wall for t in times(
+        c, "node1", ALICE, ["/bin/sh", "-c", " ".join(f"{mux} {h} true &" for h in hs) + " wait"],
+        n + 1)[1:]]) for k, hs in ((nodes, c.hosts), (4, c.hosts[:4]))}
     say("again with a canned (shell) nvidia-smi")
     canned_smi(c, c.hosts)
     mc = measure()
@@ -442,6 +451,10 @@ def bench_wide(ctx):
                         f"with a canned nvidia-smi (a shell script, not Python, on the "
                         f"'hosts'): {fmt_s(cw32)} / {fmt_s(cw4)} = {cw32 / cw4:.2f}x, machine "
                         f"CPU per call {cmcpu32:.2f} / {cmcpu4:.2f} CPU-s"))
+    rows.append(Row(5, f"(floor) 'ssh HOST true' to {nodes} / 4 hosts at once", "-",
+                    f"{noop[nodes] / noop[4]:.2f}x ({fmt_s(noop[nodes])} / {fmt_s(noop[4])})",
+                    "INFO", "the same multiplexed connections as dq, no command run: what "
+                    "the simulated hosts' sshd and shells cost on this machine's cores alone"))
     return rows
 
 
