@@ -321,10 +321,12 @@ class Lock:
 
         def expired(*_):
             raise _Expired
-        try:
-            old = signal.signal(signal.SIGALRM, expired)
-        except ValueError:      # not the main thread
-            old = None
+        old = None
+        if self.timeout > 0:
+            try:
+                old = signal.signal(signal.SIGALRM, expired)
+            except ValueError:      # not the main thread
+                pass
         if old is not None:
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
             try:
