@@ -1082,10 +1082,10 @@ def rebuild_placements(cfg):
 
 
 def save_placements(cfg, places, durable=True):
-    """durable=False where a crash losing this write costs nothing: it only
-    drops reservations or marks a launch done, which the next pass redoes
-    (an added reservation is always made durable: GPUs are never handed
-    out twice)."""
+    """durable=False where a crash losing this write costs nothing (it only
+    drops reservations, which the next pass redoes), or where the caller
+    fsyncs it after releasing the lock and before launching anything
+    (schedule_pass): GPUs are never handed out twice."""
     write_json(cfg.p("state", "placements.json"), {"jobs": places}, mode=0o666,
                compact=True, durable=durable)
 
@@ -1322,7 +1322,11 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
                 changed = True
         others = {p["user"] for p in places.values() if p["state"] == "assigned"}
         if changed:
-            save_placements(cfg, places, durable=bool(placed or mine))
+            save_placements(cfg, places, durable=False)
+    if placed or mine:
+        # Durable before anything is launched, but fsynced outside the
+        # lock (a crash before this only loses a decision nobody acted on).
+        sync_file(cfg.p("state", "placements.json"))
     if decided:
         decided()
     if not launch_only:
@@ -2011,8 +2015,12 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
     res = schedule_pass(cfg, polls) if polls is not None else None
-    if res and job_id in [j for j, _, _ in res.launched]:
-        host, gpus = [(h, g) for j, h, g in res.launched if j == job_id][0]
+    started = [(h, g) for j, h, g in res.launched if j == job_id] if res else []
+    if not started:     # another pass (our loop's) may have placed it meanwhile
+        p = load_placements(cfg).get(job_id)
+        started = [(p["host"], p["gpus"])] if p else []
+    if started:
+        host, gpus = started[0]
         print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
     else:
         print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",

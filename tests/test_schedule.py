@@ -34,14 +34,15 @@ def test_full_cluster_queues_and_never_shares_a_gpu(cluster, dq):
     cluster.set_gpus("node2", 1)
     d, path = script(cluster, ALICE, "late.sh", LATE_OPENER)
     trace = os.path.join(d, "trace")
-    ids, started_at_once = [], 0
+    ids, started_at_once, said = [], 0, []
     for i in range(7):
         job_id, r = submit(dq, "node1", ALICE, path, env={"DQ_TRACE": trace})
         ids.append(job_id)
         started_at_once += "Executing" in r.stdout
+        said.append(r.stdout + r.stderr)
     # three GPUs in all: the rest waited, oldest first (a slow machine may
     # have finished a job or two during the submits)
-    assert 3 <= started_at_once < 7
+    assert 3 <= started_at_once < 7, said
     q = [j["id"] for j in jobs(dq, view="queue")]
     assert q and q == ids[len(ids) - len(q):]
     r = dq.run("node2", ALICE, "jobs", "queue")
