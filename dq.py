@@ -439,7 +439,7 @@ def run_on(cfg, host, script, timeout=None):
 
     The script travels on stdin and the remote login shell only sees
     `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
-    command of dq goes through here or run_on_all (with a timeout and the
+    command of dq goes through run_scripts below (with a timeout and the
     --debug echo)."""
     return run_scripts(cfg, [(host, script)], timeout)[0]
 
