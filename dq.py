@@ -321,13 +321,14 @@ class Lock:
 
         def expired(*_):
             raise _Expired
-        old = None
+        armed = False
         if self.timeout > 0:
             try:
                 old = signal.signal(signal.SIGALRM, expired)
+                armed = True
             except ValueError:      # not the main thread
                 pass
-        if old is not None:
+        if armed:
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
             try:
                 if self._try(fd, fcntl.LOCK_EX):
@@ -336,7 +337,7 @@ class Lock:
                 self._timed_out()
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
+                signal.signal(signal.SIGALRM, old if old is not None else signal.SIG_DFL)
         delay = 0.002
         while not self._try(fd):
             if time.monotonic() > deadline:
