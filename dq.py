@@ -1047,7 +1047,7 @@ def retire(cfg, job):
     with global_lock(cfg):
         places = load_placements(cfg)
         if places.pop(job.id, None) is not None:
-            save_placements(cfg, places, durable=False)
+            save_placements(cfg, places)
 
 
 # Placement ###################################################################
@@ -1082,13 +1082,13 @@ def rebuild_placements(cfg):
     return places
 
 
-def save_placements(cfg, places, durable=True):
-    """durable=False where a crash losing this write costs nothing (it only
-    drops reservations, which the next pass redoes), or where the caller
-    fsyncs it after releasing the lock and before launching anything
-    (schedule_pass): GPUs are never handed out twice."""
+def save_placements(cfg, places):
+    """Not fsynced here, under the lock: a write that only drops reservations
+    costs nothing if a crash loses it (the next pass redoes it), and one
+    that hands out GPUs is fsynced by schedule_pass after it releases the
+    lock and before it launches anything, so no GPU is handed out twice."""
     write_json(cfg.p("state", "placements.json"), {"jobs": places}, mode=0o666,
-               compact=True, durable=durable)
+               compact=True, durable=False)
 
 
 def reserved_by_host(places):
@@ -1323,7 +1323,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
                 changed = True
         others = {p["user"] for p in places.values() if p["state"] == "assigned"}
         if changed:
-            save_placements(cfg, places, durable=False)
+            save_placements(cfg, places)
     if placed or mine:
         # Durable before anything is launched, but fsynced outside the
         # lock (a crash before this only loses a decision nobody acted on).
@@ -1455,7 +1455,7 @@ def launch_all(cfg, jobs, res):
             places = load_placements(cfg)
             for job_id, _, _ in res.failed:
                 places.pop(job_id, None)    # back to the queue
-            save_placements(cfg, places, durable=False)
+            save_placements(cfg, places)
     for job_id, host, reason in res.failed:
         warn(f"could not start {job_id} on {host}: {reason}; it stays queued")
     if res.failed:
