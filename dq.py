@@ -1044,51 +1044,246 @@ def done_count(cfg, user):
 def retire(cfg, job):
     """Take an ended job out of the active index and free its GPUs."""
     drop_from_index(cfg, job.id)
-    with global_lock(cfg):
-        places = load_placements(cfg)
-        if places.pop(job.id, None) is not None:
-            save_placements(cfg, places)
+    with Placements.locked(cfg) as places:
+        places.drop(job.id)
 
 
 # Placement ###################################################################
 
-def load_placements(cfg):
-    """{job_id: {user, host, gpus, state, since}}: the GPUs dq has handed out.
-    A GPU stays reserved from placement until its job ends, so a job that
-    loads data for a minute before touching the GPU still owns it."""
-    path = cfg.p("state", "placements.json")
-    data = read_json(path, None)
-    if data is None and os.path.exists(path):
-        return rebuild_placements(cfg)
-    jobs = (data or {}).get("jobs", {})
-    return jobs if isinstance(jobs, dict) else rebuild_placements(cfg)
+class Placements(dict):
+    """The GPUs dq has handed out: state/placements.json, {job_id: placement}
+    with placement = {user, host, gpus, state, since[, seen]}.  Only this
+    class changes it, through the transitions below, under the global lock:
+
+        with Placements.locked(cfg) as places:    # lock, load (or rebuild)
+            places.assign(job_id, host, gpus, now)
+        # saved only if a transition changed something; a save that handed
+        # out GPUs is fsynced after the lock is released, before any launch
+
+    Placements.read(cfg) is a snapshot without the lock, for listings and
+    for guesses that a pass checks again under the lock.
+
+    A placement's life (a job's GPUs are reserved from the decision until
+    the job ends, so a job that loads data for a minute before touching
+    its GPU keeps it):
+
+    state      set by                 means                 leaves it
+    ---------  ---------------------  --------------------  ----------------------------
+    assigned   assign(): any user's   GPUs reserved for a   claim(): its owner's next
+               pass decided it        queued job; owner's   pass -> launching.
+                                      loop woken            drop(): nobody claimed it in
+                                                            assign_timeout (the owner has
+                                                            no loop): the job keeps its
+                                                            place in the queue
+    launching  claim(): the owner's   its screen session    confirm(): a poll saw the
+               pass, just before it   is being started      session, or the wrapper's
+               launches (since=then)                        run.json older than the poll
+                                                            -> running.  drop(): launch
+                                                            failed (queued again), or no
+                                                            session and no run.json by
+                                                            LAUNCH_GRACE after since
+    running    confirm() (seen=when   the job runs in its   drop(): end.json exists (the
+               that pass had its      session               wrapper, dq-kill, the owner
+               poll's answer)                               recording a lost job), or it
+                                                            is lost (below)
+    (gone)     drop()                 not in the file
+
+    Which poll may prove a session gone (it lists the host's screen
+    sessions; the job has no end.json): only one that began after the
+    session surely existed -- for `running`, after `seen`; for `launching`,
+    after the wrapper's run.json (CLOCK_SLACK later) or, without one,
+    LAUNCH_GRACE after the claim; never for `assigned`.  A poll that began
+    earlier may predate the session and proves nothing, whatever the
+    placement says by the time that pass holds the lock.  A session proven
+    gone without an end is `lost` (jobs/lost/<id>); so is a running job on
+    a host silent for lost_after seconds.
+
+    A crash leaves: assigned -- dropped after assign_timeout, job queued;
+    launching -- no session: dropped after LAUNCH_GRACE and queued again,
+    a session: confirmed by the next pass; running -- a wrapper that died
+    leaves no session: lost, recorded (and requeued with DQ_REQUEUE) by
+    the owner's next pass.  A corrupt or missing-but-expected file is
+    rebuilt from the running jobs' run.json (assigned and launching ones
+    are queued again)."""
+
+    ASSIGNED, LAUNCHING, RUNNING = "assigned", "launching", "running"
+    STATES = (ASSIGNED, LAUNCHING, RUNNING)
+
+    def __init__(self, cfg, jobs=(), changed=False):
+        super().__init__(jobs)
+        self.cfg = cfg
+        self.changed = changed      # save on the way out of `locked`
+        self.handed_out = False     # ... and fsync it before any launch
+        self._lock = None
+
+    # Loading and saving
+
+    @classmethod
+    def path(cls, cfg):
+        return cfg.p("state", "placements.json")
+
+    @classmethod
+    def read(cls, cfg):
+        """The placements now (no lock); rebuilt if the file is corrupt."""
+        path = cls.path(cfg)
+        data = read_json(path, None)
+        if data is None:
+            return cls.rebuild(cfg) if os.path.exists(path) else cls(cfg)
+        jobs = data.get("jobs")
+        bad = cls._invalid(jobs)
+        if bad:
+            warn(f"ignoring corrupt file {path}: {bad}")
+            return cls.rebuild(cfg)
+        return cls(cfg, jobs)
+
+    @classmethod
+    def _invalid(cls, jobs):
+        """Why `jobs` is not a valid placements table, or None."""
+        if not isinstance(jobs, dict):
+            return "'jobs' is not an object"
+        for job_id, p in jobs.items():
+            m = JOB_ID_RE.match(job_id)
+            if not (m and m.group(2) and isinstance(p, dict)
+                    and p.get("user") == m.group(2) and isinstance(p.get("host"), str)
+                    and isinstance(p.get("gpus"), list)
+                    and all(isinstance(g, int) for g in p["gpus"])
+                    and p.get("state") in cls.STATES
+                    and isinstance(p.get("since"), (int, float))
+                    and isinstance(p.get("seen", 0), (int, float))):
+                return f"bad placement of {job_id!r}"
+        return None
+
+    @classmethod
+    def rebuild(cls, cfg):
+        """The running jobs' run.json files say which GPUs are held, so
+        nothing is handed out twice; the next locked pass saves it."""
+        warn("rebuilding placements from the running jobs' run.json files")
+        places = cls(cfg, changed=True)
+        for job_id in active_ids(cfg):
+            job = load_job(cfg, job_id, quiet=True)
+            if job and job.run and not job.end:
+                started = job.run.get("started", 0)
+                places[job_id] = {"user": job.owner, "host": job.run["host"],
+                                  "gpus": job.run.get("gpus", []), "state": cls.RUNNING,
+                                  "since": started, "seen": started}
+        return places
+
+    @classmethod
+    def locked(cls, cfg):
+        """The placements, loaded under the global lock, held until the
+        `with` block ends (see the class docstring)."""
+        lock = global_lock(cfg)
+        lock.acquire()
+        try:
+            places = cls.read(cfg)
+        except BaseException:
+            lock.release()
+            raise
+        places._lock = lock
+        return places
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        try:
+            # Not fsynced under the lock: a write that only drops
+            # reservations costs nothing if a crash loses it (the next
+            # pass redoes it).
+            if exc_type is None and self.changed:
+                write_json(self.path(self.cfg), {"jobs": dict(self)}, mode=0o666,
+                           compact=True, durable=False)
+        finally:
+            self._lock.release()
+        if exc_type is None and self.handed_out:
+            # Durable before anything is launched, but fsynced outside the
+            # lock (a crash before this loses a decision nobody acted on).
+            sync_file(self.path(self.cfg))
+
+    # Transitions
+
+    def assign(self, job_id, host, gpus, now):
+        """(queued) -> assigned: these GPUs of host are the job's."""
+        self[job_id] = {"user": job_id.split("-", 1)[1], "host": host, "gpus": gpus,
+                        "state": self.ASSIGNED, "since": now}
+        self.changed = self.handed_out = True
+
+    def claim(self, user, now):
+        """assigned -> launching, for user's jobs: [(job_id, host, gpus)],
+        which the caller launches once the lock is released."""
+        mine = []
+        for job_id, p in self.items():
+            if p["user"] == user and p["state"] == self.ASSIGNED:
+                p["state"], p["since"] = self.LAUNCHING, now
+                mine.append((job_id, p["host"], p["gpus"]))
+        if mine:
+            self.changed = self.handed_out = True
+        return mine
+
+    def confirm(self, job_id, now):
+        """launching -> running: a pass saw the job run.  `now` is after
+        that pass's polls answered (see the class docstring)."""
+        p = self[job_id]
+        p["state"], p["seen"] = self.RUNNING, now
+        self.changed = True
+
+    def drop(self, job_id):
+        """any -> gone: the job ended, was lost or killed, or goes back to
+        the queue.  False if it had no placement."""
+        if self.pop(job_id, None) is None:
+            return False
+        self.changed = True
+        return True
+
+    # Questions
+
+    def state(self, job_id):
+        return self[job_id]["state"] if job_id in self else None
+
+    def unclaimed_users(self):
+        """Users with jobs assigned to them: their loops are to be woken."""
+        return {p["user"] for p in self.values() if p["state"] == self.ASSIGNED}
+
+    def counts(self, user):
+        """(assigned, launching or running) placements of user's jobs."""
+        waiting = sum(1 for p in self.values() if p["user"] == user
+                      and p["state"] == self.ASSIGNED)
+        held = sum(1 for p in self.values() if p["user"] == user
+                   and p["state"] != self.ASSIGNED)
+        return waiting, held
+
+    def expired(self, job_id, now):
+        """An assignment its owner did not claim in assign_timeout (their
+        dq-schedule is not running)."""
+        p = self[job_id]
+        return p["state"] == self.ASSIGNED and now - p["since"] > self.cfg.assign_timeout
+
+    def session_verdict(self, job_id, poll, run_started, now):
+        """What a poll of the job's host proves about its screen session:
+        'seen', 'gone' or None (nothing; see the class docstring).
+        run_started: the wrapper's start (run.json), None if it has not
+        written one; asked for only where it matters (a callable)."""
+        p = self[job_id]
+        if poll.sessions is None or p["state"] == self.ASSIGNED:
+            return None
+        if job_id in poll.sessions:
+            return "seen"
+        if p["state"] == self.RUNNING:
+            return "gone" if poll.started > p.get("seen", p["since"]) else None
+        if poll.started <= p["since"]:
+            return None
+        ran = run_started()
+        if ran is not None:
+            return "gone" if ran < poll.started - CLOCK_SLACK else None
+        return "gone" if now - p["since"] >= LAUNCH_GRACE + self.cfg.timeout else None
 
 
-class Rebuilt(dict):
-    """Placements rebuilt from run.json files: the next pass saves them."""
-
-
-def rebuild_placements(cfg):
-    """placements.json was corrupt: the running jobs' run.json files say
-    which GPUs are held, so nothing is handed out twice."""
-    warn("rebuilding placements from the running jobs' run.json files")
-    places = Rebuilt()
-    for job_id in active_ids(cfg):
-        job = load_job(cfg, job_id, quiet=True)
-        if job and job.run and not job.end:
-            places[job_id] = {"user": job.owner, "host": job.run["host"],
-                              "gpus": job.run.get("gpus", []), "state": "running",
-                              "since": job.run.get("started", 0)}
-    return places
-
-
-def save_placements(cfg, places):
-    """Not fsynced here, under the lock: a write that only drops reservations
-    costs nothing if a crash loses it (the next pass redoes it), and one
-    that hands out GPUs is fsynced by schedule_pass after it releases the
-    lock and before it launches anything, so no GPU is handed out twice."""
-    write_json(cfg.p("state", "placements.json"), {"jobs": places}, mode=0o666,
-               compact=True, durable=False)
+# A launch's ssh may take `timeout`; its screen session is there within
+# this many seconds more, or it never started.
+LAUNCH_GRACE = 5
+# How far the hosts' clocks may disagree: a run.json written on the job's
+# host and a poll started elsewhere are compared with this margin.
+CLOCK_SLACK = 1
 
 
 def reserved_by_host(places):
@@ -1193,58 +1388,45 @@ def cached_hosts(cfg, max_age):
 
 
 def reconcile(cfg, places, polls, now):
-    """Drop reservations that no longer hold: jobs that ended, jobs whose
-    screen session vanished without an end, or whose host has not answered
-    for lost_after seconds (both: lost), assignments nobody took up.
-    Returns True if `places` changed."""
-    changed = False
+    """Bring the placements in line with what the polls saw, under the
+    lock: drop those of jobs that ended and assignments nobody claimed,
+    confirm launched jobs seen running, and mark lost the jobs whose
+    session a poll proves gone without an end (Placements.session_verdict)
+    or whose host has been silent for lost_after seconds."""
     down = track_hosts(cfg, polls)
     for job_id, p in list(places.items()):
-        st = polls.get(p["host"])
         # Under the lock at every job change: a stat per placement, and a
         # job's files are read only where this poll can say more of it.
-        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
-            del places[job_id]
-            changed = True
+        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) \
+                or places.expired(job_id, now):
+            places.drop(job_id)
             continue
-        if p["state"] == "assigned" and now - p["since"] > cfg.assign_timeout:
-            del places[job_id]      # its owner's dq-schedule is not running
-            changed = True
+        st = polls.get(p["host"])
+        if st is None:
             continue
-        if st is None or st.reachable and (st.sessions is None or p["since"] >= st.started):
-            continue
-        job = load_job(cfg, job_id, quiet=True)
-        if job is None:
-            del places[job_id]
-            changed = True
-            continue
+        job = None
+
+        def load():
+            nonlocal job
+            job = job or load_job(cfg, job_id, quiet=True)
+            return job
         if not st.reachable:
             since = down.get(p["host"], now)
             if now - since >= cfg.lost_after:
-                if p["state"] == "running" or job.run:
+                if load() and (p["state"] == Placements.RUNNING or job.run):
                     mark_lost(cfg, job, f"host {p['host']} stopped answering "
                                         f"({st.error}) for {now - since:.0f}s")
-                del places[job_id]
-                changed = True
+                places.drop(job_id)
             continue
-        alive = job_id in st.sessions
-        if p["state"] == "launching":
-            # Launched jobs stay 'launching' until a pass sees them run:
-            # their session is there, or their wrapper started before
-            # this poll (so its session was there to see, or is gone).
-            ran = job.run.get("started")
-            if alive or (ran and ran < st.started - 1):
-                p["state"] = "running"
-                changed = True
-            elif now - p["since"] < cfg.timeout + 5:
-                continue
-        if not alive:
-            if p["state"] == "running" or job.run:
+        verdict = places.session_verdict(
+            job_id, st, lambda: (load() and job.run.get("started")) or None, now)
+        if verdict == "seen" and p["state"] == Placements.LAUNCHING:
+            places.confirm(job_id, now)
+        elif verdict == "gone":
+            if load() and (p["state"] == Placements.RUNNING or job.run):
                 mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
                                     f"recording an exit status")
-            del places[job_id]
-            changed = True
-    return changed
+            places.drop(job_id)
 
 
 def mark_lost(cfg, job, reason):
@@ -1303,31 +1485,17 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     res = PassResult()
     res.polls = {} if launch_only else polls if polls is not None else poll_hosts(cfg)
     now = time.time()
-    with global_lock(cfg):
-        places = load_placements(cfg)
-        changed = isinstance(places, Rebuilt) or places.pop(retiring, None) is not None
-        placed = []
+    with Placements.locked(cfg) as places:
+        if retiring:
+            places.drop(retiring)
         if not launch_only:
-            changed = reconcile(cfg, places, res.polls, now) or changed
+            reconcile(cfg, places, res.polls, now)
             placed = plan(read_queue(cfg, places), res.polls, places, now, cfg) + \
                 plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg)
-        for job_id, host, gpus in placed:
-            places[job_id] = {"user": job_id.split("-", 1)[1], "host": host,
-                              "gpus": gpus, "state": "assigned", "since": now}
-            changed = True
-        mine = []
-        for job_id, p in places.items():
-            if p["user"] == user and p["state"] == "assigned":
-                p["state"], p["since"] = "launching", now
-                mine.append((job_id, p["host"], p["gpus"]))
-                changed = True
-        others = {p["user"] for p in places.values() if p["state"] == "assigned"}
-        if changed:
-            save_placements(cfg, places)
-    if placed or mine:
-        # Durable before anything is launched, but fsynced outside the
-        # lock (a crash before this only loses a decision nobody acted on).
-        sync_file(cfg.p("state", "placements.json"))
+            for job_id, host, gpus in placed:
+                places.assign(job_id, host, gpus, now)
+        mine = places.claim(user, now)
+        others = places.unclaimed_users()
     if decided:
         decided()
     if not launch_only:
@@ -1336,13 +1504,12 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
         touch_wake(cfg, other)
     if mine:
         launch_all(cfg, mine, res)
-    places = load_placements(cfg)
+    places = Placements.read(cfg)
     stale = []
+    assigned, res.my_running = places.counts(user)
     # Whether any of ours still waits; the first one found answers it.
-    res.my_waiting = next(iter(read_queue(cfg, places, stale, user=user)), None) is not None \
-        or any(p["user"] == user and p["state"] == "assigned" for p in places.values())
-    res.my_running = sum(1 for p in places.values() if p["user"] == user
-                         and p["state"] in ("launching", "running"))
+    res.my_waiting = bool(assigned) or \
+        next(iter(read_queue(cfg, places, stale, user=user)), None) is not None
     tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
     kill_leftovers(cfg, res.polls, user)
     return res
@@ -1451,11 +1618,9 @@ def launch_all(cfg, jobs, res):
     # A started job's placement stays 'launching' until a pass sees its
     # session ('running'): no second hold of the lock per launch.
     if res.failed:
-        with global_lock(cfg):
-            places = load_placements(cfg)
+        with Placements.locked(cfg) as places:
             for job_id, _, _ in res.failed:
-                places.pop(job_id, None)    # back to the queue
-            save_placements(cfg, places)
+                places.drop(job_id)     # back to the queue
     for job_id, host, reason in res.failed:
         warn(f"could not start {job_id} on {host}: {reason}; it stays queued")
     if res.failed:
@@ -1671,9 +1836,8 @@ def hand_over(cfg, host, gpus, job_id):
     turn = Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout)
     try:
         turn.acquire()
-        places = load_placements(cfg)
-        places.pop(job_id, None)
-        if gpus and set(gpus) <= reserved_by_host(places).get(host, set()):
+        others = {k: p for k, p in Placements.read(cfg).items() if k != job_id}
+        if gpus and set(gpus) <= reserved_by_host(others).get(host, set()):
             res = schedule_pass(cfg, launch_only=True, retiring=job_id, decided=turn.release)
         else:
             res = schedule_pass(cfg, poll_handover(cfg, host), retiring=job_id,
@@ -1989,7 +2153,7 @@ def may_place_now(cfg, seen, want):
     pass place a job wanting `want` GPUs (0: CPU only) right now?"""
     if want == 0:
         return True
-    reserved = reserved_by_host(load_placements(cfg))
+    reserved = reserved_by_host(Placements.read(cfg))
     return any(s["ok"] and s["gpus"] - len(set(s["busy"]) | reserved.get(h, set())) >= want
                for h, s in seen.items())
 
@@ -2018,7 +2182,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     res = schedule_pass(cfg, polls) if polls is not None else None
     started = [(h, g) for j, h, g in res.launched if j == job_id] if res else []
     if not started:     # another pass (our loop's) may have placed it meanwhile
-        p = load_placements(cfg).get(job_id)
+        p = Placements.read(cfg).get(job_id)
         started = [(p["host"], p["gpus"])] if p else []
     if started:
         host, gpus = started[0]
@@ -2079,23 +2243,28 @@ def cmd_kill(cfg, argv):
 
 
 def kill_job(cfg, job):
-    state = job.state()
-    if state not in ("queued", "running"):
-        print(f"{PROG}: error: {job.id} is not active ({state}); nothing to kill",
+    def not_active():
+        job._end = job._lost = None
+        print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
               file=sys.stderr)
         return 1
-    with global_lock(cfg):
-        place = load_placements(cfg).get(job.id)
+    if job.state() not in ("queued", "running"):
+        return not_active()
+    with Placements.locked(cfg) as places:
+        place = places.get(job.id)
         # Recorded first: the wrapper then knows the end was a kill, and a
         # launch under way does not start the script.
-        record_end(cfg, job, "killed", "killed by dq-kill",
-                   host=(place or {}).get("host") or job.run.get("host"))
+        killed = record_end(cfg, job, "killed", "killed by dq-kill",
+                            host=(place or {}).get("host") or job.run.get("host"))
+        placed_as = places.state(job.id)
+    if not killed:          # it ended on its own meanwhile
+        return not_active()
     crash_point("kill-recorded")
-    if not job.run and (place is None or place["state"] == "assigned"):
+    if not job.run and placed_as in (None, Placements.ASSIGNED):
         print(f"Removing {job.id} from the queue")
         retire(cfg, job)
         return 0
-    if not job.run and place and place["state"] == "launching":
+    if not job.run and placed_as == Placements.LAUNCHING:
         # wait for the launch to settle so we know what to kill
         for _ in range(int(cfg.timeout * 10)):
             job._run = None
@@ -2112,7 +2281,7 @@ def kill_job(cfg, job):
 
 
 def active_jobs(cfg, who):
-    places = load_placements(cfg)
+    places = Placements.read(cfg)
     out = []
     for job_id in active_ids(cfg):
         if who and not job_id.endswith("-" + who):
@@ -2226,7 +2395,7 @@ def cmd_free(cfg, argv):
     args = parse(p, argv)
     ensure_layout(cfg)
     polls = poll_hosts(cfg, with_ps=False)
-    reserved = reserved_by_host(load_placements(cfg))
+    reserved = reserved_by_host(Placements.read(cfg))
     out = []
     for h in cfg.hosts:
         s = polls[h]
