@@ -5,12 +5,75 @@
 # commands (symlinks, one per file in links/).  With GROUP, the data root is
 # group-owned and setgid so the whole lab shares it; without, anyone may use it.
 # Re-running it upgrades dq.py in place and keeps every job.
+#
+# Everything that could stop the install half-way (no such group, a DIR that
+# cannot be created or written, directories of an earlier install that belong
+# to someone else) is checked first: on any of them it says so in one line on
+# stderr, with the fix, and exits 1 having changed nothing.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-dir=${1:?usage: install.sh DIR [GROUP]}
-group=${2:-}
 
-mkdir -p "$dir/bin"
+die() {
+    echo "install.sh: $*" >&2
+    exit 1
+}
+
+[ $# -ge 1 ] && [ $# -le 2 ] && [ -n "$1" ] ||
+    die "usage: install.sh DIR [GROUP] (e.g. install.sh \$HOME/dq-local, or install.sh /deep/group/dq lab)"
+dir=$1
+group=${2:-}
+case $dir in
+    /*) ;;
+    *) dir=$(pwd)/$dir ;;
+esac
+uid=$(id -u)
+user=$(id -un 2>/dev/null || echo "uid $uid")
+
+# The group: it must exist, and (unless root) the installer must be in it,
+# or chgrp fails.
+if [ -n "$group" ]; then
+    entry=$(getent group "$group" 2>/dev/null) ||
+        entry=$(grep "^$group:" /etc/group 2>/dev/null) ||
+        die "there is no group '$group' on this machine: create it first (groupadd $group, as root), or leave GROUP out for a personal install"
+    gid=$(echo "$entry" | cut -d: -f3)
+    if [ "$uid" != 0 ]; then
+        case " $(id -G) " in
+            *" $gid "*) ;;
+            *) die "you ($user) are not in group '$group', so cannot give it $dir: run the install as root, or log in again once you are in '$group' (id -Gn lists your groups)" ;;
+        esac
+    fi
+fi
+
+# DIR: an existing writable directory, or one we can create (the nearest
+# existing parent is a directory we may write to).
+if [ -e "$dir" ] || [ -L "$dir" ]; then
+    [ -d "$dir" ] || die "$dir exists and is not a directory: choose another DIR (PREFIX=...)"
+    [ -w "$dir" ] && [ -x "$dir" ] ||
+        die "$dir is not writable by you ($user): choose another DIR (e.g. PREFIX=\$HOME/dq-local), or install as its owner or root"
+else
+    parent=$(dirname "$dir")
+    while [ ! -e "$parent" ] && [ "$parent" != / ]; do
+        parent=$(dirname "$parent")
+    done
+    [ -d "$parent" ] || die "cannot create $dir: $parent is not a directory; choose another DIR (PREFIX=...)"
+    [ -w "$parent" ] && [ -x "$parent" ] ||
+        die "cannot create $dir: $parent is not writable by you ($user); choose another DIR (e.g. PREFIX=\$HOME/dq-local), or install as root"
+fi
+
+# Directories of an earlier install get their modes (and group) set again,
+# which only their owner (or root) may do.
+if [ "$uid" != 0 ]; then
+    for d in "$dir" "$dir/state" "$dir/jobs" "$dir/jobs/backend" "$dir/jobs/active" \
+             "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/sched"; do
+        [ "$d" = "$dir" ] && [ -z "$group" ] && continue
+        if [ -d "$d" ] && [ ! -O "$d" ]; then
+            owner=$(ls -ld "$d" | awk '{print $3}')
+            die "$d belongs to $owner: run install.sh as $owner (or as root) to upgrade this install"
+        fi
+    done
+fi
+
+mkdir -p "$dir/bin" || die "could not create $dir/bin (see the message above)"
 cp "$here/dq.py" "$dir/dq.py.new"
 chmod 755 "$dir/dq.py.new"
 mv -f "$dir/dq.py.new" "$dir/dq.py"

@@ -1,6 +1,7 @@
 """pytest fixtures for dq's end-to-end tests on the namespace test cluster.
 
-- `cluster` (session): a started 4-node Cluster (4 fake GPUs each).
+- `cluster` (session): a started 4-node Cluster (4 fake GPUs each), users
+  dqalice, dqbob and dqdan.
 - `dq` (function): a fresh dq install on that cluster (see DQInstall).
 After every test that used the cluster, it is reset (test-user processes
 killed, dead nodes rebooted, fake GPUs restored) so tests are independent.
@@ -41,7 +42,7 @@ def cluster():
     reason = unavailable_reason()
     if reason:
         _unavailable(reason)
-    c = Cluster(nodes=4, gpus=4).start()
+    c = Cluster(nodes=4, gpus=4, users=("dqalice", "dqbob", "dqdan")).start()
     _session["cluster"] = c
     try:
         yield c

@@ -5,7 +5,7 @@ import pwd
 import re
 import time
 
-ALICE, BOB = "dqalice", "dqbob"
+ALICE, BOB, DAN = "dqalice", "dqbob", "dqdan"
 
 
 def wait_until(cond, timeout=30, interval=0.1, what="condition"):

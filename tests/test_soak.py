@@ -1,0 +1,176 @@
+"""A busy, healthy cluster never loses, kills or doubles a job (issue 10).
+
+Three users submit a few hundred short mixed jobs (1 GPU, 2 GPUs, CPU
+only; 0.2-3 s) from parallel shells, while GPU processes are started and
+stopped by hand beside dq and a few jobs are dq-killed; every host stays
+up.  Then, as a user would check: every job ended as it should (done, or
+killed when it was killed), none ran twice, no two jobs ever shared a GPU,
+and no job started on a GPU a hand-started process had been holding.
+
+DQ_SOAK_RUNS=N repeats it N times (each on a fresh install), DQ_SOAK_JOBS
+sets the jobs per run (default 240); the suite runs it once.
+"""
+import os
+import random
+import re
+import threading
+import time
+
+import pytest
+
+from dqtest import ALICE, BOB, DAN, configure, jobs, script, wait_until
+
+RUNS = int(os.environ.get("DQ_SOAK_RUNS", "1"))
+JOBS = int(os.environ.get("DQ_SOAK_JOBS", "240"))
+USERS = (ALICE, BOB, DAN)
+HOLD_EVERY = 1.5        # seconds between hand-started GPU processes
+# A job may start on a GPU whose hand-started process began after the poll
+# that placed it; one that began this long before the start was missable.
+POLL_SLACK = 2.0
+
+# Each run of a job appends a line to its own file (so a job run twice
+# shows two), and start/end lines with its GPUs to the user's trace.
+JOB = r'''
+echo "$(hostname) $CUDA_VISIBLE_DEVICES" >> "$DQ_RUNS/$DQ_JOB_ID"
+echo "start $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N)" >> "$DQ_TRACE"
+trap 'echo "end $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N)" >> "$DQ_TRACE"; exit 143' TERM
+if [ "$DQ_GPUS" = 0 ]; then sleep "$DQ_T"; else fake-cuda --hold "$DQ_T" >/dev/null; fi
+echo "end $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N)" >> "$DQ_TRACE"
+'''
+
+
+def job_mix(rng, n):
+    """n (gpus, seconds) pairs: mostly 1-GPU jobs, some 2-GPU and CPU-only."""
+    out = []
+    for _ in range(n):
+        gpus = rng.choices([1, 2, 0], weights=[6, 2, 2])[0]
+        out.append((gpus, round(rng.uniform(0.2, 3.0), 1)))
+    return out
+
+
+def submit_loop(dq, host, user, path, mix, trace, runs):
+    """One user's shell: a loop of dq-submit, as typed into a terminal."""
+    lines = [f"DQ_GPUS={g} DQ_T={t} {dq.path('submit')} {path}" for g, t in mix]
+    r = dq.cluster.run(host, user, "\n".join(lines), cwd=os.path.dirname(path),
+                       env={"DQ_TRACE": trace, "DQ_RUNS": runs}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = re.findall(r"^Job ID: '([0-9]+-[a-z]+)'$", r.stdout, re.M)
+    assert len(ids) == len(mix), r.stdout[-2000:] + r.stderr[-2000:]
+    return ids
+
+
+def read_trace(path):
+    """{job_id: [host, [gpus], start, end]}; end None if it never wrote one."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            kind, job_id, host, gpus, t = line.split()
+            if kind == "start":
+                out[job_id] = [host, [] if gpus == "-" else gpus.split(","), float(t), None]
+            else:
+                out[job_id][3] = float(t)
+    return out
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
+    rng = random.Random(run)
+    configure(dq, cluster.hosts)
+    per_user = JOBS // len(USERS)
+    files = {}
+    for user in USERS:
+        d, path = script(cluster, user, "soak.sh", JOB)
+        runs = os.path.join(d, "runs")
+        os.makedirs(runs, exist_ok=True)
+        os.chown(runs, *[getattr(os.stat(d), k) for k in ("st_uid", "st_gid")])
+        files[user] = (path, os.path.join(d, "trace"), runs)
+
+    stop = threading.Event()
+    holds, errors = [], []
+
+    def hand_started():
+        """Someone starting GPU processes by hand every HOLD_EVERY s."""
+        while not stop.wait(HOLD_EVERY):
+            host, gpu, seconds = rng.choice(cluster.hosts), rng.randrange(4), rng.uniform(1, 3)
+            t0 = time.time()
+            try:
+                cluster.hold_gpu(host, BOB, gpu, seconds=seconds)
+            except Exception as e:       # reported after the run
+                errors.append(e)
+                continue
+            holds.append((host, gpu, t0, t0 + seconds))
+
+    submitted, killed = {}, set()
+
+    def shell(user, host):
+        path, trace, runs = files[user]
+        submitted[user] = submit_loop(dq, host, user, path, job_mix(rng, per_user), trace, runs)
+
+    def killer():
+        """A few dq-kills, of running and of queued jobs."""
+        for _ in range(6):
+            if stop.wait(4):
+                return
+            user = rng.choice(USERS)
+            mine = [j for j in jobs(dq, user=user) if j["user"] == user]
+            queued = [j for j in jobs(dq, user=user, view="queue") if j["user"] == user]
+            pick = [j for j in (mine[:1] + queued[-1:])]
+            for j in pick:
+                r = dq.run(cluster.hosts[0], user, "kill", j["id"])
+                if r.returncode == 0:
+                    killed.add(j["id"])
+                else:
+                    assert "is not active" in r.stderr, r.stderr
+
+    threads = [threading.Thread(target=hand_started), threading.Thread(target=killer)]
+    shells = [threading.Thread(target=shell, args=(u, cluster.hosts[i % len(cluster.hosts)]))
+              for i, u in enumerate(USERS)]
+    for t in threads + shells:
+        t.start()
+    for t in shells:
+        t.join()
+    try:
+        assert set(submitted) == set(USERS), "a submitting shell failed (see above)"
+        all_ids = [i for ids in submitted.values() for i in ids]
+        wait_until(lambda: not jobs(dq), timeout=60 + JOBS, interval=1,
+                   what="every job to end")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+    ended = {j["id"]: j for j in jobs(dq, view="complete")}
+    assert sorted(ended) == sorted(all_ids)
+    wrong = {i: (j["state"], j["reason"]) for i, j in ended.items()
+             if j["state"] != ("killed" if i in killed else "done")}
+    assert not wrong, f"jobs that ended wrongly: {wrong}"
+
+    traces = {}
+    for user in USERS:
+        path, trace, runs = files[user]
+        traces.update(read_trace(trace))
+        for job_id in submitted[user]:
+            try:
+                with open(os.path.join(runs, job_id)) as f:
+                    times_run = len(f.read().splitlines())
+            except FileNotFoundError:
+                times_run = 0
+            j = ended[job_id]
+            expected = (0, 1) if job_id in killed else (1,)
+            assert times_run in expected, f"{job_id} ran {times_run} times: {j}"
+    for job_id, (host, gpus, start, end) in traces.items():
+        j = ended[job_id]
+        assert (host, [int(g) for g in gpus]) == (j["host"], j["gpus"]), job_id
+        assert end is not None, f"{job_id} left no end line: {j}"
+
+    spans = [(h, g, s, e, i) for i, (h, gs, s, e) in traces.items() for g in gs]
+    spans.sort()
+    for a, b in zip(spans, spans[1:]):
+        if a[:2] == b[:2]:
+            assert a[3] <= b[2], f"{a[4]} and {b[4]} shared {a[0]} GPU {a[1]}"
+    for host, gpu, t0, t1 in holds:
+        for h, g, s, e, i in spans:
+            if (h, g) == (host, str(gpu)) and t0 + POLL_SLACK < s < t1 - 0.5:
+                raise AssertionError(f"{i} started on {h} GPU {g} at {s:.2f}, "
+                                     f"held by hand since {t0:.2f}")
