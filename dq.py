@@ -2,7 +2,7 @@
 ''''exec python3 -S -c 'import os,sys;sys.path[0]=os.path.dirname(os.path.realpath(sys.argv[1]));import dq;dq.boot()' "$0" "$@" # '''
 # For /bin/sh, dq.py is the line above: it starts Python on dq imported as
 # a module, so that Python runs its cached bytecode (__pycache__/, written
-# by install.sh) instead of compiling 2,000 lines for every command.
+# by install.sh) instead of compiling all of dq.py for every command.
 # `python3 dq.py CMD ...` works too.  BOOT below must match that line.
 __doc__ = """dq -- a GPU job queue for lab clusters.
 
@@ -48,6 +48,7 @@ import configparser
 import errno
 import fcntl
 import json
+import math
 import os
 import pwd
 import re
@@ -86,8 +87,23 @@ class Failure(Exception):
     """An expected error: main() prints it as `dq-cmd: error: ...`, exit 1."""
 
 
+_warned = set()
+_held = None        # a list while warnings are held back (see resolve_job)
+
+
 def warn(msg):
-    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+    if _held is not None:
+        _held.append(msg)
+    # Once per process: a corrupt file is read by several steps of one
+    # command (and by every pass of a loop), and one line says it all.
+    elif msg not in _warned:
+        _warned.add(msg)
+        print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+def one_line(text):
+    """An error names user input and file names: one line whatever they hold."""
+    return " ".join(str(text).splitlines())
 
 
 def debug(msg):
@@ -137,15 +153,36 @@ class Config:
     """The data root and dq.conf.  No dq.conf (or no hosts in it) means the
     cluster is this machine alone, reached without ssh."""
 
+    # The number keys: default, and whether 0 makes sense (0 for kill_grace:
+    # KILL at once; a timeout or interval of 0 would spin or never wait).
+    NUMBERS = {"timeout": (15, False), "poll_interval": (2, False),
+               "starve_after": (600, True), "assign_timeout": (30, False),
+               "kill_grace": (5, True), "lost_after": (45, True),
+               "watch_interval": (10, False), "lock_timeout": (30, False)}
+    # More than 11 days is a typo, and poll() takes at most ~24 days.
+    MAX_SECONDS = 1_000_000
+    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "lock_stats"} | set(NUMBERS)
+
     def __init__(self):
         self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
         self.path = os.path.join(self.root, "dq.conf")
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
         try:
-            parser.read(self.path)
-        except configparser.Error as e:
-            raise Failure(f"cannot parse {self.path}: {e}".replace("\n", " "))
+            with open(self.path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except FileNotFoundError:
+            pass        # no dq.conf: this machine alone
+        except OSError as e:
+            # Not read: running on this machine alone would be a silent surprise
+            raise Failure(f"cannot read {self.path}: {e.strerror}{access_hint(self.root, e)}")
+        except (configparser.Error, UnicodeDecodeError) as e:
+            raise Failure(f"cannot parse {self.path}: {e}; it must be UTF-8 text in INI form, "
+                          f"'[dq]' then 'key = value' lines".replace("\n", " "))
         sect = parser["dq"] if parser.has_section("dq") else {}
+        for key in sect:
+            if key not in self.KEYS:
+                warn(f"{self.path}: unknown key {key!r} ignored (known: "
+                     f"{' '.join(sorted(self.KEYS - {'lock_stats'}))})")
         self.hosts = sect.get("hosts", "").split()
         for h in self.hosts:
             if not HOST_RE.match(h):
@@ -157,25 +194,41 @@ class Config:
             self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
         except ValueError as e:
             raise Failure(f"{self.path}: 'ssh': {e}")
-        self.multiplex = sect.get("multiplex", "yes").lower() in ("yes", "true", "1", "on")
-        self.python = sect.get("python", "python3")
-        self.timeout = self._number(sect, "timeout", 15)          # one remote command
-        self.poll_interval = self._number(sect, "poll_interval", 2)
-        self.starve_after = self._number(sect, "starve_after", 600)
-        self.cpu_slots = int(self._number(sect, "cpu_slots", 4))
-        self.assign_timeout = self._number(sect, "assign_timeout", 30)
-        self.kill_grace = self._number(sect, "kill_grace", 5)
-        self.lost_after = self._number(sect, "lost_after", 45)
-        self.watch_interval = self._number(sect, "watch_interval", 10)
-        self.lock_timeout = self._number(sect, "lock_timeout", 30)
+        if not self.ssh:
+            raise Failure(f"{self.path}: 'ssh' is empty; give the ssh command, e.g. "
+                          f"'ssh = ssh -o BatchMode=yes', or leave the key out")
+        multiplex = sect.get("multiplex", "yes").strip().lower()
+        if multiplex not in ("yes", "true", "1", "on", "no", "false", "0", "off"):
+            raise Failure(f"{self.path}: 'multiplex' must be yes or no, not {multiplex!r}")
+        self.multiplex = multiplex in ("yes", "true", "1", "on")
+        self.python = sect.get("python", "python3").strip()
+        if not self.python:
+            raise Failure(f"{self.path}: 'python' is empty; name the hosts' Python, e.g. "
+                          f"'python = python3', or leave the key out")
+        for key, (default, zero_ok) in self.NUMBERS.items():
+            setattr(self, key, self._number(sect, key, default, zero_ok))
+        slots = sect.get("cpu_slots", "4").strip()
+        if not re.fullmatch(r"[0-9]+", slots) or not 1 <= int(slots) <= self.MAX_SECONDS:
+            raise Failure(f"{self.path}: 'cpu_slots' must be a whole number of jobs, 1 or "
+                          f"more (not {slots!r}), e.g. 'cpu_slots = 4'")
+        self.cpu_slots = int(slots)
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
-    def _number(self, sect, key, default):
+    def _number(self, sect, key, default, zero_ok):
+        """A number of seconds: finite (float() takes 'nan' and 'inf'), not
+        negative, and above 0 unless `zero_ok`."""
+        raw = sect.get(key, str(default)).strip()
         try:
-            return float(sect.get(key, default))
+            value = float(raw)
         except ValueError:
-            raise Failure(f"{self.path}: '{key}' must be a number")
+            value = math.nan
+        if math.isfinite(value) and (value > 0 or zero_ok and value == 0) \
+                and value <= self.MAX_SECONDS:
+            return value
+        allowed = "0 or more" if zero_ok else "above 0"
+        raise Failure(f"{self.path}: '{key}' must be a number of seconds, {allowed} and at "
+                      f"most {self.MAX_SECONDS} (not {raw!r}), e.g. '{key} = {default}'")
 
     def p(self, *parts):
         return os.path.join(self.root, *parts)
@@ -198,8 +251,11 @@ LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
 def ensure_layout(cfg):
     for sub, mode in LAYOUT.items():
         path = cfg.p(sub)
-        if os.path.isdir(path):
+        # Every user lists and writes them all ('jobs' is only traversed).
+        if os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
             continue
+        if os.path.isdir(path):
+            raise Failure(f"you cannot read and write {path}{access_hint(cfg.root)}")
         try:
             os.makedirs(path, exist_ok=True)
             os.chmod(path, mode)
@@ -208,27 +264,96 @@ def ensure_layout(cfg):
                           f"run 'make install' for {cfg.root}")
 
 
-def read_json(path, default=None):
-    """Read one of dq's JSON files.  Missing: `default`.  Corrupt: a warning
-    naming the file, and `default`, so one bad file never stops a listing."""
+def access_hint(root, err=None):
+    """What to do about a permission error under the data root: '; ...'
+    (empty when `err` is not about permissions)."""
+    if err is not None and err.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    import grp
     try:
-        with open(path) as f:
+        st = os.stat(root)
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        return f"; ask the admin of {root} for access"
+    if st.st_mode & 0o2000:     # a group install (install.sh DIR GROUP)
+        return (f"; the data root {root} belongs to group '{group}': ask its admin to add "
+                f"you to that group (then log in again)")
+    return f"; ask the admin of {root} (owned by {user_of_uid(st.st_uid)}) for access"
+
+
+_DEFAULT = object()
+
+
+def read_json(path, default=None, corrupt=_DEFAULT, fix="remove it or put it right",
+              skip_newer=False):
+    """Read one of dq's JSON files.  Missing: `default`.  Corrupt or
+    unreadable: a warning naming the file and `fix`, and `corrupt` (else
+    `default`), so one bad file never stops a listing.  Written by a newer
+    dq: Failure, or with `skip_newer` (a file of one job, which must not
+    stop everybody's passes) a warning and `corrupt`."""
+    corrupt = default if corrupt is _DEFAULT else corrupt
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         return default
-    except (ValueError, UnicodeDecodeError) as e:
-        warn(f"ignoring corrupt file {path}: {e}")
-        return default
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return bad_file(path, str(e) if not isinstance(e, RecursionError)
+                        else "nested too deep", fix, corrupt)
     except OSError as e:
-        warn(f"cannot read {path}: {e.strerror}")
-        return default
+        warn(f"cannot read {path}: {e.strerror}; {fix}")
+        return corrupt
     if not isinstance(data, dict):
-        warn(f"ignoring corrupt file {path}: not a JSON object")
-        return default
-    if data.get("format", 1) > FORMAT:
-        raise Failure(f"{path} was written by a newer dq (format {data['format']}); "
-                      f"upgrade {DQ_PY}")
+        return bad_file(path, "not a JSON object", fix, corrupt)
+    version = data.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        return bad_file(path, "its 'format' is not a whole number", fix, corrupt)
+    if version > FORMAT:
+        newer = f"written by a newer dq (format {version}); upgrade {DQ_PY}"
+        if not skip_newer:
+            raise Failure(f"{path} was {newer}")
+        warn(f"ignoring {path}, {newer}")
+        return corrupt
     return data
+
+
+def bad_file(path, why, fix, value=None):
+    """Say that a file is corrupt and what to do: one line.  Returns value."""
+    warn(f"ignoring corrupt file {path} ({why}); {fix}")
+    return value
+
+
+def bad_field(data, fields):
+    """Why `data` (a dict read by read_json) does not fit `fields`, or None.
+    fields: {name: (check, what it must be, required)}; an absent field
+    that is not required is fine (readers use .get)."""
+    for name, (check, what, required) in fields.items():
+        if name not in data:
+            if required:
+                return f"no {name!r}"
+        elif not check(data[name]):
+            return f"{name!r} must be {what}, not {json.dumps(data[name])[:40]}"
+    return None
+
+
+# Checks for bad_field
+def is_str(v):
+    return isinstance(v, str) and "\0" not in v
+
+
+def is_int(v, low=0, high=None):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low \
+        and (high is None or v <= high)
+
+
+def is_time(v):
+    """Seconds since 1970; NaN, inf and times after the year 30000 (which
+    break arithmetic with floats) are garbage."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1e12
+
+
+def optional(check):
+    return lambda v: v is None or check(v)
 
 
 def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=False):
@@ -287,7 +412,7 @@ class Lock:
         self.fd = None
 
     def acquire(self, blocking=True):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+        fd = self._open()
         try:
             if os.fstat(fd).st_uid == os.getuid():
                 os.fchmod(fd, self.mode)  # umask must not lock others out
@@ -303,6 +428,21 @@ class Lock:
         self.fd = fd
         self.since = time.monotonic()
         return True
+
+    def _open(self):
+        """Open (or create) the lock file.  A user who creates it gets it
+        with their umask's mode until the fchmod below: another user who
+        opens it in between is refused, so waits a moment for that fchmod
+        (the first commands of a new install, all at once)."""
+        for delay in (0.001, 0.01, 0.1, 0.5, None):
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+            except PermissionError as e:
+                if delay is None or not os.path.exists(self.path):
+                    raise Failure(f"cannot open the lock {self.path}: {e.strerror}; its "
+                                  f"mode must let every dq user write it (chmod "
+                                  f"{self.mode:o} {self.path})")
+                time.sleep(delay)
 
     def _try(self, fd, flags=fcntl.LOCK_EX | fcntl.LOCK_NB):
         try:
@@ -687,7 +827,7 @@ class HostState:
 
 def _int_field(s):
     s = s.strip()
-    return int(s) if s.isdigit() else None
+    return int(s) if re.fullmatch(r"[0-9]+", s) else None
 
 
 def parse_smi_gpus(text):
@@ -803,7 +943,7 @@ def poll_handover(cfg, host):
     (hosts.json) gave the table and saw every GPU's memory, only the
     compute-apps query runs: one nvidia-smi instead of two at every job's
     end.  No ps: which sessions live is the loops' business."""
-    seen = (read_json(cfg.p("state", "hosts.json"), {}) or {}).get("seen", {}).get(host, {})
+    seen = load_hosts(cfg)["seen"].get(host, {})
     table = seen.get("table")
     started = time.time()
     if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE:
@@ -815,10 +955,83 @@ def poll_handover(cfg, host):
 
 # Jobs ########################################################################
 
+MAX_GPUS = 64       # per job: more is a typo
+
+
+def is_env(v):
+    return isinstance(v, dict) and all(is_str(k) and k and "=" not in k and is_str(x)
+                                       for k, x in v.items())
+
+
+def is_gpu_list(v):
+    return isinstance(v, list) and all(is_int(g) for g in v)
+
+
+# What each of a job's files holds (see bad_field): a file that does not
+# fit is corrupt, and read as the fallback its reader names.
+JOB_FIELDS = {
+    "id": (is_str, "the job ID", True), "user": (is_str, "a user name", True),
+    "script": (lambda v: is_str(v) and v.startswith("/"), "an absolute path", True),
+    "cwd": (lambda v: is_str(v) and v.startswith("/"), "an absolute path", True),
+    "env": (is_env, "an object of DQ_* variables and their string values", False),
+    "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", False),
+    "submitted": (is_time, "a time in seconds", True),
+    "submit_host": (optional(is_str), "a host name", False),
+    "restart_of": (optional(is_str), "a job ID", False),
+    "requeues": (is_int, "a count", False)}
+RUN_FIELDS = {
+    "host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
+    "gpus": (is_gpu_list, "a list of GPUs", False),
+    "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
+    "started": (is_time, "a time in seconds", True)}
+END_STATES = ("done", "failed", "killed", "lost")
+END_FIELDS = {
+    "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
+    "reason": (optional(is_str), "a text", False),
+    "exit_code": (optional(lambda v: is_int(v, -1 << 31)), "an exit status", False),
+    "signal": (optional(is_str), "a signal name", False),
+    "ended": (optional(is_time), "a time in seconds", False),
+    "host": (optional(is_str), "a host name", False)}
+LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
+               "ended": (optional(is_time), "a time in seconds", False)}
+INDEX_FIELDS = {
+    "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
+    "submitted": (optional(is_time), "a time in seconds", False)}
+
+
+def read_job_file(path, fields, corrupt, fix):
+    """One of a job's JSON files: {} when missing, `corrupt` when it exists
+    but cannot be trusted (a warning naming it and `fix` says so)."""
+    data = read_json(path, None, False, fix, skip_newer=True)
+    if data is None:
+        return {}
+    if data is False:
+        return corrupt
+    why = bad_field(data, fields)
+    return bad_file(path, why, fix, corrupt) if why else data
+
+
 class Job:
     """A job as its files say.  job.json is written once by the submitter;
     run.json by the job's wrapper when it starts; end.json once, when it
-    ends (by the wrapper, dq-kill, or whoever finds it lost)."""
+    ends (by the wrapper, dq-kill, or whoever finds it lost).  Its state
+    is read from which files exist (state()), never stored twice:
+
+    state     files                          written by
+    --------  -----------------------------  ---------------------------------
+    queued    job.json, jobs/active/<id>     dq-submit, dq-restart, a requeue
+    running   + run.json                     its wrapper, in its screen session
+    lost      + jobs/lost/<id>, no end.json  a pass that proved its session
+                                             gone or its host silent (see
+                                             Placements); the owner's next
+                                             pass records the end
+    done,     + end.json (state, exit code,  the wrapper when the script exits;
+    failed,     signal, reason); out of      dq-kill (killed, written before
+    killed,     jobs/active                  it kills); the owner's pass
+    lost                                     (lost)
+
+    Whether it holds GPUs meanwhile is the placement's business
+    (Placements: assigned, launching, running)."""
 
     def __init__(self, cfg, job_id, spec, owner):
         self.cfg, self.id, self.spec, self.owner = cfg, job_id, spec, owner
@@ -827,21 +1040,33 @@ class Job:
 
     n = property(lambda self: int(self.id.split("-", 1)[0]))
 
+    # A file that exists counts, whatever it holds: an end.json, however
+    # broken, means the job ended, and a lost marker that it was lost (the
+    # queue goes by their existence too).  A broken run.json reads as not
+    # started, so nobody acts on a host or process group it does not name.
+
     @property
     def run(self):
         if self._run is None:
-            self._run = read_json(os.path.join(self.dir, "run.json"), {})
+            self._run = read_job_file(os.path.join(self.dir, "run.json"), RUN_FIELDS, {},
+                                      "dq takes the job as not started")
         return self._run
 
     @property
     def end(self):
         if self._end is None:
-            self._end = read_json(os.path.join(self.dir, "end.json"), {})
+            self._end = read_job_file(
+                os.path.join(self.dir, "end.json"), END_FIELDS,
+                {"state": "failed", "reason": "its end.json is corrupt"},
+                "dq counts the job as failed")
         return self._end
 
     def lost_marker(self):
         if self._lost is None:
-            self._lost = read_json(self.cfg.p("jobs", "lost", self.id), {})
+            self._lost = read_job_file(
+                self.cfg.p("jobs", "lost", self.id), LOST_FIELDS,
+                {"reason": "lost (its marker in jobs/lost is corrupt)"},
+                "dq counts the job as lost")
         return self._lost
 
     def is_active(self):
@@ -875,6 +1100,7 @@ class Job:
             "ended": self.end.get("ended") or self.lost_marker().get("ended"),
             "exit_code": self.end.get("exit_code"), "signal": self.end.get("signal"),
             "reason": reason, "restart_of": self.spec.get("restart_of"),
+            "submit_host": self.spec.get("submit_host"),
         }
 
 
@@ -886,8 +1112,10 @@ def load_job(cfg, job_id, quiet=False):
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    spec = read_json(path)
-    if spec is None:
+    spec = read_job_file(path, JOB_FIELDS, None,
+                         f"dq leaves job {job_id} out; remove {os.path.dirname(path)} "
+                         f"if nobody needs it")
+    if not spec:
         return None
     owner = user_of_uid(st.st_uid)
     if spec.get("user") != owner or spec.get("id") != job_id or not job_id.endswith("-" + owner):
@@ -898,10 +1126,26 @@ def load_job(cfg, job_id, quiet=False):
 
 
 def resolve_job(cfg, arg):
-    """'42' or '42-alice' -> Job, or Failure naming the problem."""
+    """'42' or '42-alice' -> Job, or Failure naming the problem: when the
+    job's files are what is wrong, the warning about them is the error."""
+    global _held
     m = JOB_ID_RE.match(arg or "")
     if not m:
         raise Failure(f"{arg!r} is not a job ID (expected N or N-user, e.g. 42 or 42-{me()})")
+    _held = []
+    try:
+        job = _find_job(cfg, arg, m)
+    finally:
+        said, _held = _held, None
+    if job is None:
+        raise Failure(f"no job {arg}" + (f" that dq can use: {said[0]}" if said
+                                         else " (see dq-jobs complete)"))
+    for msg in said:
+        warn(msg)
+    return job
+
+
+def _find_job(cfg, arg, m):
     if m.group(2):
         job = load_job(cfg, arg)
     elif os.path.isdir(cfg.job_dir(f"{m.group(1)}-{me()}")):
@@ -915,8 +1159,6 @@ def resolve_job(cfg, arg):
         job = load_job(cfg, names[0]) if len(names) == 1 else None
         if len(names) > 1:
             raise Failure(f"job {arg} is ambiguous: {' '.join(sorted(names))}")
-    if job is None:
-        raise Failure(f"no job {arg} (see dq-jobs complete)")
     return job
 
 
@@ -1014,10 +1256,12 @@ def count_done(cfg, job):
 
 def stored_done_count(cfg, user):
     path = cfg.p("jobs", "done", user)
-    data = read_json(path, None)
-    if data is not None and isinstance(data.get("done"), int) and owns_entry(path, "0-" + user):
-        return data["done"]
-    return None
+    fix = "remove it, and dq counts the user's ended jobs again"
+    data = read_json(path, None, fix=fix, skip_newer=True)
+    if data is None or not owns_entry(path, "0-" + user):
+        return None
+    why = bad_field(data, {"done": (is_int, "a count", True)})
+    return bad_file(path, why, fix) if why else data["done"]
 
 
 def done_count(cfg, user):
@@ -1126,38 +1370,37 @@ class Placements(dict):
     def read(cls, cfg):
         """The placements now (no lock); rebuilt if the file is corrupt."""
         path = cls.path(cfg)
-        data = read_json(path, None)
+        fix = "dq rebuilds it from the running jobs' run.json files"
+        data = read_json(path, None, False, fix)
         if data is None:
-            return cls.rebuild(cfg) if os.path.exists(path) else cls(cfg)
-        jobs = data.get("jobs")
-        bad = cls._invalid(jobs)
-        if bad:
-            warn(f"ignoring corrupt file {path}: {bad}")
+            return cls(cfg)
+        if data is False:
             return cls.rebuild(cfg)
-        return cls(cfg, jobs)
+        jobs = data.get("jobs")
+        why = "'jobs' is not an object" if not isinstance(jobs, dict) else \
+            next(filter(None, (cls._invalid(job_id, p) for job_id, p in jobs.items())), None)
+        return bad_file(path, why, fix, cls.rebuild(cfg)) if why else cls(cfg, jobs)
+
+    FIELDS = {"host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
+              "gpus": (is_gpu_list, "a list of GPU indices", True),
+              "state": (lambda v: v in Placements.STATES, " or ".join(STATES), True),
+              "since": (is_time, "a time", True), "seen": (is_time, "a time", False)}
 
     @classmethod
-    def _invalid(cls, jobs):
-        """Why `jobs` is not a valid placements table, or None."""
-        if not isinstance(jobs, dict):
-            return "'jobs' is not an object"
-        for job_id, p in jobs.items():
-            m = JOB_ID_RE.match(job_id)
-            if not (m and m.group(2) and isinstance(p, dict)
-                    and p.get("user") == m.group(2) and isinstance(p.get("host"), str)
-                    and isinstance(p.get("gpus"), list)
-                    and all(isinstance(g, int) for g in p["gpus"])
-                    and p.get("state") in cls.STATES
-                    and isinstance(p.get("since"), (int, float))
-                    and isinstance(p.get("seen", 0), (int, float))):
-                return f"bad placement of {job_id!r}"
-        return None
+    def _invalid(cls, job_id, p):
+        """Why one placement cannot be trusted, or None."""
+        m = JOB_ID_RE.match(job_id)
+        if not (m and m.group(2)):
+            return f"{job_id!r} is not a job ID"
+        if not isinstance(p, dict) or p.get("user") != m.group(2):
+            return f"the placement of {job_id} is not an object naming its user"
+        why = bad_field(p, cls.FIELDS)
+        return f"the placement of {job_id}: {why}" if why else None
 
     @classmethod
     def rebuild(cls, cfg):
         """The running jobs' run.json files say which GPUs are held, so
         nothing is handed out twice; the next locked pass saves it."""
-        warn("rebuilding placements from the running jobs' run.json files")
         places = cls(cfg, changed=True)
         for job_id in active_ids(cfg):
             job = load_job(cfg, job_id, quiet=True)
@@ -1349,6 +1592,42 @@ def plan_cpu(queue, polls, places, cfg):
     return out
 
 
+def is_gpu_table(v):
+    return isinstance(v, dict) and bad_field(v, {
+        "at": (is_time, "", True), "all_known": (lambda x: isinstance(x, bool), "", True),
+        "gpus": (lambda x: isinstance(x, list) and all(
+            isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_str(r[1]) for r in x),
+            "", True)}) is None
+
+
+HOST_FIELDS = {
+    "at": (is_time, "a time in seconds", True), "gpus": (is_int, "a GPU count", True),
+    "ok": (lambda v: isinstance(v, bool), "true or false", True),
+    "reachable": (lambda v: isinstance(v, bool), "true or false", True),
+    "busy": (is_gpu_list, "a list of GPUs", True),
+    "table": (optional(is_gpu_table), "a GPU table", False)}
+
+
+def load_hosts(cfg):
+    """state/hosts.json (see track_hosts) as {"down": {host: since},
+    "seen": {host: what its last poll saw}}.  What is corrupt in it is left
+    out, with a warning: it is only a record of the last polls."""
+    path = cfg.p("state", "hosts.json")
+    fix = "dq does without it until the next poll writes it anew"
+    data = read_json(path, {}, fix=fix, skip_newer=True)
+    down, seen = data.get("down", {}), data.get("seen", {})
+    if not isinstance(down, dict) or not isinstance(seen, dict):
+        bad_file(path, "'down' and 'seen' must be objects", fix)
+        return {"down": {}, "seen": {}}
+    good_down = {h: t for h, t in down.items() if is_time(t)}
+    good_seen = {h: e for h, e in seen.items()
+                 if isinstance(e, dict) and bad_field(e, HOST_FIELDS) is None}
+    if len(good_down) < len(down) or len(good_seen) < len(seen):
+        bad = sorted((set(down) - set(good_down)) | (set(seen) - set(good_seen)))
+        bad_file(path, f"bad entries for {' '.join(bad)[:60]}", fix)
+    return {"down": good_down, "seen": good_seen}
+
+
 def track_hosts(cfg, polls):
     """Keep state/hosts.json: since when each silent host is down (so that
     'down for lost_after seconds' spans passes and users), and what the last
@@ -1356,9 +1635,8 @@ def track_hosts(cfg, polls):
     polling the cluster when nothing can be free, and the GPU table of its
     last full poll (see poll_handover).  Returns {host: down_since}."""
     path = cfg.p("state", "hosts.json")
-    old = read_json(path, {}) or {}
-    down = dict(old.get("down", {}))
-    seen = dict(old.get("seen", {}))
+    old = load_hosts(cfg)
+    down, seen = old["down"], old["seen"]
     for h, st in polls.items():
         if st.reachable:
             down.pop(h, None)
@@ -1380,7 +1658,7 @@ def track_hosts(cfg, polls):
 def cached_hosts(cfg, max_age):
     """What the last polls saw of every host, if all are younger than
     max_age seconds; else None."""
-    seen = (read_json(cfg.p("state", "hosts.json"), {}) or {}).get("seen", {})
+    seen = load_hosts(cfg)["seen"]
     now = time.time()
     if all(h in seen and now - seen[h].get("at", 0) < max_age for h in cfg.hosts):
         return {h: seen[h] for h in cfg.hosts}
@@ -1449,7 +1727,10 @@ def read_queue(cfg, places, stale=None, index="active", user=None):
         path = cfg.p("jobs", "active", job_id)
         if not owns_entry(path, job_id):
             continue
-        info = read_json(path, None)
+        # A bad entry keeps its job out of the queue (with a warning at
+        # each pass), never the others.
+        fix = f"its owner can dq-kill {job_id} and dq-restart it"
+        info = read_json(path, None, False, fix, skip_newer=True)
         if info is None:
             continue
         if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) or \
@@ -1457,7 +1738,14 @@ def read_queue(cfg, places, stale=None, index="active", user=None):
             if stale is not None:
                 stale.append(job_id)
             continue
-        yield job_id, int(info.get("gpus", 1)), info.get("submitted")
+        why = info is not False and bad_field(info, INDEX_FIELDS)
+        if info is False or why:
+            if why:
+                bad_file(path, why, fix)
+            continue
+        if index == "cpu" and info["gpus"] != 0:
+            continue        # a GPU job's stray cpu/ entry: plan() places it
+        yield job_id, info["gpus"], info.get("submitted")
 
 
 # Scheduling ##################################################################
@@ -1554,7 +1842,7 @@ def requeue(cfg, job):
     raw = job.spec.get("env", {}).get("DQ_REQUEUE", "").strip()
     if not raw or raw == "0":
         return None
-    limit = int(raw) if raw.isdigit() else 1
+    limit = int(raw) if re.fullmatch(r"[0-9]+", raw) else 1
     done = job.spec.get("requeues", 0)
     if done >= limit:
         return None
@@ -1593,7 +1881,7 @@ def launch_all(cfg, jobs, res):
     for job_id, host, gpus in jobs:
         line = launch_line(cfg, job_id, host, gpus)
         if line.startswith("#"):
-            why[job_id] = line[2:]
+            why[job_id] = line[2:] + "; it leaves the queue"
         else:
             per_host.setdefault(host, []).append((job_id, line))
     hosts = list(per_host)
@@ -1622,7 +1910,8 @@ def launch_all(cfg, jobs, res):
             for job_id, _, _ in res.failed:
                 places.drop(job_id)     # back to the queue
     for job_id, host, reason in res.failed:
-        warn(f"could not start {job_id} on {host}: {reason}; it stays queued")
+        warn(f"could not start {job_id} on {host}: {reason}"
+             + ("" if reason.endswith("queue") else "; it stays queued"))
     if res.failed:
         touch_wake(cfg, me())
 
@@ -1640,10 +1929,7 @@ def launch_line(cfg, job_id, host, gpus):
     if job is None or job.end:
         # Never runnable (a forged or broken job.json) or over: out of the
         # queue for good, or every pass would place it again.
-        try:
-            os.unlink(cfg.p("jobs", "active", job_id))
-        except OSError:
-            pass
+        drop_from_index(cfg, job_id)
         return "# " + ("its job.json is missing or not yours" if job is None
                        else "it already ended")
     # The wrapper writes the log itself (see run_in_pty), so screen needs
@@ -1706,9 +1992,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
                 time.sleep(cfg.poll_interval)
                 continue
             if not quiet:
-                for job_id, host, gpus in res.launched:
-                    print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...",
-                          flush=True)
+                say_executing(res.launched)
             if not res.my_waiting and not res.my_running and not forever:
                 break
             # Waiting jobs: poll often for GPUs freed outside dq (when some
@@ -1751,6 +2035,12 @@ def fmt_gpus(gpus):
     return ",".join(map(str, gpus)) if gpus else "-"
 
 
+def say_executing(launched):
+    """The manual's line for each job started: [(job_id, host, gpus)]."""
+    for job_id, host, gpus in launched:
+        print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...", flush=True)
+
+
 # Job wrapper (runs inside the screen session) ###############################
 
 def job_env(job, gpus):
@@ -1768,15 +2058,18 @@ def job_env(job, gpus):
 def cmd__run(cfg, argv):
     """Internal: the process screen runs for a job.  It runs the script as a
     child, records how it ended, frees the GPUs and wakes the scheduler."""
+    internal_args(argv, "_run JOB_ID HOST GPUS", "started by dq-schedule in the job's "
+                  "screen session", (full_job_id, HOST_RE.fullmatch,
+                                     re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch))
     job_id, host, gpu_csv = argv
-    job = load_job(cfg, job_id)
-    if job is None or job.owner != me():
+    job = resolve_job(cfg, job_id)      # a broken job.json: its warning is the error
+    if job.owner != me():
         raise Failure(f"refusing to run {job_id}: not a job of {me()}")
     if job.end:     # killed while it was being launched
         return 0
     gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
-           "started": time.time(), "session": session_name(job_id)}
+           "started": time.time()}
     run_json = os.path.join(job.dir, "run.json")
     write_json(run_json, run, durable=False)     # durable once the job runs, below
 
@@ -1988,6 +2281,8 @@ def cmd__kill(cfg, argv):
     group, then every process still carrying DQ_JOB_ID=<id> (it may have
     left the group with setsid), TERM then KILL after a grace period, then
     quit the screen session."""
+    internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
+                  (full_job_id, re.compile(r"[0-9]+").fullmatch))
     job_id, pgid = argv[0], int(argv[1])
     marker = f"DQ_JOB_ID={job_id}".encode()
 
@@ -2024,10 +2319,30 @@ def cmd__kill(cfg, argv):
         pids = members()
     signal_all(pids, signal.SIGKILL)
     import subprocess
-    subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    try:
+        subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        # Its processes are gone, which is what counts; the session ends
+        # with them.
+        warn(f"could not quit the screen session of {job_id}: {e}")
     print(f"killed {len(pids)} straggler(s)" if pids else "ok")
     return 0
+
+
+def full_job_id(arg):
+    """Is arg a job ID with its user (N-user), as dq passes them around?"""
+    m = JOB_ID_RE.fullmatch(arg)
+    return bool(m and m.group(2))
+
+
+def internal_args(argv, usage, what, checks):
+    """Check the arguments of an internal command, one check per argument,
+    so that a wrong call changes nothing."""
+    if len(argv) != len(checks) or not all(c(a) for c, a in zip(checks, argv)):
+        given = " ".join(map(repr, argv)) or "(none)"
+        raise Failure(f"bad arguments {given}; usage: dq.py {usage} (internal: {what}; "
+                      f"users never need to run it)")
 
 
 # Commands ####################################################################
@@ -2044,6 +2359,29 @@ def parser(cmd, description):
     p.add_argument("--debug", action="store_true", help="echo every ssh command")
     p.add_argument("--version", action="version", version=f"dq {__version__}")
     return p
+
+
+def count_type(what):
+    """An argparse type: a whole number of `what`, 0 or more."""
+    def check(v):
+        if not re.fullmatch(r"[0-9]+", v):
+            import argparse
+            raise argparse.ArgumentTypeError(f"{v!r} is not a number of {what} (e.g. 10)")
+        return int(v)
+    return check
+
+
+def seconds_type(v):
+    """An argparse type: a number of seconds above 0 (as Config's)."""
+    try:
+        s = float(v)
+    except ValueError:
+        s = math.nan
+    if not (math.isfinite(s) and 0 < s <= Config.MAX_SECONDS):
+        import argparse
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number of seconds above 0 and at "
+                                         f"most {Config.MAX_SECONDS} (e.g. 30)")
+    return s
 
 
 def parse(p, argv):
@@ -2069,7 +2407,11 @@ def check_script(path):
 def submit_cwd():
     """The working directory as the user sees it ($PWD keeps symlinked or
     automounted paths such as /deep/u/avati) when it is the same directory."""
-    cwd = os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except OSError as e:
+        raise Failure(f"cannot tell the current directory ({e.strerror}): it was probably "
+                      f"deleted; cd to the job's directory again and resubmit")
     pwd_env = os.environ.get("PWD")
     try:
         if pwd_env and os.path.samefile(pwd_env, cwd):
@@ -2081,8 +2423,9 @@ def submit_cwd():
 
 def wanted_gpus(env):
     raw = env.get("DQ_GPUS", "1").strip()
-    if not raw.isdigit() or int(raw) > 64:
-        raise Failure(f"DQ_GPUS={raw!r} is not a number of GPUs (0 for a CPU-only job)")
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > MAX_GPUS:
+        raise Failure(f"DQ_GPUS={raw!r} is not a number of GPUs from 0 to {MAX_GPUS} "
+                      f"(0 for a CPU-only job), e.g. DQ_GPUS=2")
     return int(raw)
 
 
@@ -2110,9 +2453,14 @@ def check_fits(cfg, hosts, want):
 
 def next_number(cfg):
     """The counter, or (missing or corrupt) one past the highest job."""
-    counter = read_json(cfg.p("state", "next_id"), None)
-    if counter and str(counter.get("next", "")).isdigit():
-        return int(counter["next"])
+    path, fix = cfg.p("state", "next_id"), "dq counts on from the highest job ID and rewrites it"
+    counter = read_json(path, None, fix=fix)
+    if counter is not None:
+        why = bad_field(counter, {"next": (lambda v: is_int(v, 1, 10 ** 12), "a job number",
+                                           True)})
+        if not why:
+            return counter["next"]
+        bad_file(path, why, fix)
     ids = all_job_ids(cfg)
     return int(ids[-1].split("-")[0]) + 1 if ids else 1
 
@@ -2158,24 +2506,33 @@ def may_place_now(cfg, seen, want):
                for h, s in seen.items())
 
 
+# Polls of the cluster this recent tell dq-submit whether to poll at all:
+# GPUs that dq jobs free are handed over at once, and the loops poll for
+# the others every poll_interval.
+SUBMIT_POLL_MAX_AGE = 30
+
+
 def submit_and_place(cfg, script, cwd, env, restart_of=None):
     """Queue a job and start it at once if a GPU is free.  When the last
     polls (under 30 s old) show nothing free for it, submitting polls no
     host and runs no pass: the job just joins the queue, and its owner's
     dq-schedule loop (or the end of a running job) places it."""
     want = wanted_gpus(env)
-    # GPUs that dq jobs free are handed over at once, and the loops poll for
-    # the others every poll_interval: polls that old are good enough here.
-    seen = cached_hosts(cfg, max(30, 3 * cfg.poll_interval))
+    ensure_layout(cfg)      # who may not use the data root learns it first
+    seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
+    queue_only = seen is not None and not may_place_now(cfg, seen, want)
+    if queue_only:
+        try:
+            check_fits(cfg, {h: (s["gpus"], s["reachable"]) for h, s in seen.items()}, want)
+        except Failure:     # refused on old news (nvidia-smi failed then?): ask the hosts
+            queue_only = False
     polls = None
-    if seen is None or may_place_now(cfg, seen, want):
+    if not queue_only:
         polls = poll_hosts(cfg)
         for h, s in sorted(polls.items()):
             if s.error and (want or not s.reachable):
                 warn(f"{h}: {s.error}")
         check_fits(cfg, {h: (len(s.gpus), s.reachable) for h, s in polls.items()}, want)
-    else:
-        check_fits(cfg, {h: (s["gpus"], s["reachable"]) for h, s in seen.items()}, want)
     job_id = create_job(cfg, script, cwd, env, want, restart_of)
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
@@ -2185,8 +2542,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
         p = Placements.read(cfg).get(job_id)
         started = [(p["host"], p["gpus"])] if p else []
     if started:
-        host, gpus = started[0]
-        print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
+        say_executing([(job_id, *started[0])])
     else:
         print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",
               file=sys.stderr)
@@ -2207,9 +2563,10 @@ def cmd_submit(cfg, argv):
                    "CPU-only job); DQ_DESC=text is shown by dq-jobs.")
         p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
         path = parse(p, argv).script
+    cwd = submit_cwd()
     script = check_script(path)
     env = {k: v for k, v in os.environ.items() if k.startswith("DQ_") and k not in OWN_VARS}
-    return submit_and_place(cfg, script, submit_cwd(), env)
+    return submit_and_place(cfg, script, cwd, env)
 
 
 def cmd_restart(cfg, argv):
@@ -2329,9 +2686,11 @@ def cmd_jobs(cfg, argv):
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-a", "--all", action="store_true", help="every user's jobs")
     p.add_argument("-u", "--user", help="jobs of USER")
-    p.add_argument("-n", "--last", type=int, default=0,
+    p.add_argument("-n", "--last", type=count_type("jobs"), default=0,
                    help="complete: only the last N jobs")
     args = parse(p, argv)
+    if args.user is not None and not JOB_ID_RE.fullmatch("0-" + args.user):
+        raise Failure(f"-u {args.user!r} is not a user name (e.g. -u {me()})")
     who = None if args.all else (args.user or me())
     ensure_layout(cfg)
     now = time.time()
@@ -2423,9 +2782,8 @@ def cmd_schedule(cfg, argv):
     args = parse(p, argv)
     if args.once:
         res = schedule_pass(cfg)
-        for job_id, host, gpus in res.launched:
-            if not args.quiet:
-                print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...")
+        if not args.quiet:
+            say_executing(res.launched)
         return 0
     return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
@@ -2437,9 +2795,10 @@ def job_log(job):
 
 
 def flush_log(cfg, job):
-    """Make a running job's log current before reading it.  Screen writes
-    it at once (logfile flush 0), but on NFS the writing host's client may
-    still sit on dirty pages: an fsync there pushes them to the server."""
+    """Make a running job's log current before reading it.  The job's
+    wrapper writes it unbuffered (see run_in_pty), but on NFS the writing
+    host's client may still sit on dirty pages: an fsync there pushes them
+    to the server."""
     if job.state() != "running":
         return
     print(f"Flushing logs of {job.id}", file=sys.stderr, flush=True)
@@ -2524,8 +2883,8 @@ def count_arg(argv, default=10):
             num = int(a[1:])
         elif a in ("-n", "--lines"):
             v = next(it, "")
-            if not v.isdigit():
-                raise Failure(f"{a} needs a number of lines")
+            if not re.fullmatch(r"[0-9]+", v):
+                raise Failure(f"{a} needs a number of lines, e.g. {a} 20 (not {v!r})")
             num = int(v)
         else:
             rest.append(a)
@@ -2587,11 +2946,11 @@ def cmd_logs(cfg, argv):
 
 
 def cmd_grep(cfg, argv):
-    if argv and argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help", "--version"):
         p = parser("grep", "Search a job's output for a regular expression (grep -E);\n"
                    "options before PATTERN go to grep, e.g. dq-grep 12 -i -c loss.\n\n"
                    "  dq-grep ID [GREP-OPTIONS] PATTERN")
-        p.parse_args(["--help"])
+        p.parse_args(argv[:1])
     rest = [a for a in argv if a != "--debug"]
     global DEBUG
     DEBUG = DEBUG or len(rest) != len(argv)
@@ -2602,9 +2961,14 @@ def cmd_grep(cfg, argv):
     # grep reads the log itself: as fast as grep, in constant memory.
     sys.stdout.flush()
     import subprocess
-    g = subprocess.run(["grep", "-E", colour] + rest[1:-1] + ["-e", rest[-1], "--", path])
+    # Its complaints (a bad option or pattern) become our one error line.
+    g = subprocess.run(["grep", "-E", colour] + rest[1:-1] + ["-e", rest[-1], "--", path],
+                       stderr=subprocess.PIPE)
+    err = one_line(g.stderr.decode(errors="replace").strip())
     if g.returncode == 2:
-        raise Failure("grep failed (see its message above)")
+        raise Failure(f"{err or 'grep failed'} (options before PATTERN go to grep -E)")
+    if err:
+        print(err, file=sys.stderr)
     return g.returncode
 
 
@@ -2713,9 +3077,9 @@ def cmd_users(cfg, argv):
 def cmd_on_all(cfg, argv):
     p = parser("on-all", "Run a command on every host in parallel; each output line is "
                "prefixed with\nits host.  Several arguments are quoted one by one (dq-on-all "
-               "date '+%%F');\na single argument is a /bin/sh command line "
+               "date '+%F');\na single argument is a /bin/sh command line "
                "(dq-on-all 'nvidia-smi | head -3').")
-    p.add_argument("-t", "--timeout", type=float, help="seconds per host "
+    p.add_argument("-t", "--timeout", type=seconds_type, help="seconds per host "
                    "(default: the configured timeout)")
     import argparse
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -2778,24 +3142,49 @@ def main(argv=None):
         cmd, rest = argv[1], argv[2:]
     else:
         cmd, rest = "", []
+    if cmd in ("", "-h", "--help", "help"):
+        # No command is a usage error: the overview goes to stderr.
+        print(overview(), file=sys.stderr if cmd == "" else sys.stdout)
+        return 2 if cmd == "" else 0
+    if cmd in ("-V", "--version"):
+        print(f"dq {__version__}")
+        return 0
     func = COMMANDS.get(cmd) or INTERNAL.get(cmd)
     if func is None:
         names = " ".join(f"dq-{c}" for c in COMMANDS)
-        print(f"dq: unknown command {cmd!r}; call dq as one of: {names}\n"
-              f"(or as 'python3 dq.py COMMAND')", file=sys.stderr)
+        print(f"dq: error: unknown command {cmd!r}; the commands are {names} (python3 "
+              f"dq.py --help says what each does)", file=sys.stderr)
         return 2
     PROG = f"dq-{cmd}"
+    root = None
     try:
         cfg = Config()
+        root = cfg.root
         return func(cfg, rest) or 0
     except Failure as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         sys.stderr.close()
         return 1
+    except OSError as e:
+        # Not expected (a directory that is not ours to read, a full
+        # disk): one line naming the file, not a traceback.
+        path = str(e.filename or "")
+        what = f"{path}: {e.strerror or e}" if path else str(e.strerror or e)
+        hint = access_hint(root, e) if root and path.startswith(root) else ""
+        print(f"{PROG}: error: {one_line(what)}{hint}", file=sys.stderr)
+        return 1
+
+
+def overview():
+    """`dq.py --help`: what dq is and its commands, from the docstring."""
+    intro = __doc__.split("\n\n", 1)[0].replace("dq --", f"dq {__version__} --")
+    commands = __doc__.split("\nCommands", 1)[1].split("\nFiles:", 1)[0]
+    return (f"{intro}\n\nCommands{commands.rstrip()}\n\nEach takes --help, e.g. "
+            f"dq-jobs --help.  This dq.py: {DQ_PY}")
 
 
 def boot():

@@ -50,7 +50,9 @@ def job_mix(rng, n):
 
 def submit_loop(dq, host, user, path, mix, trace, runs):
     """One user's shell: a loop of dq-submit, as typed into a terminal."""
-    lines = [f"DQ_GPUS={g} DQ_T={t} {dq.path('submit')} {path}" for g, t in mix]
+    # A short pause now and then: submits (each a pass) go on while jobs run
+    lines = [f"DQ_GPUS={g} DQ_T={t} {dq.path('submit')} {path}" + (" && sleep 0.3" if i % 4 == 3 else "")
+             for i, (g, t) in enumerate(mix)]
     r = dq.cluster.run(host, user, "\n".join(lines), cwd=os.path.dirname(path),
                        env={"DQ_TRACE": trace, "DQ_RUNS": runs}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -59,27 +61,38 @@ def submit_loop(dq, host, user, path, mix, trace, runs):
     return ids
 
 
-def read_trace(path):
-    """{job_id: [host, [gpus], start, end]}; end None if it never wrote one."""
-    out = {}
+def read_trace(path, killed):
+    """{job_id: [host, [gpus], start, end]}; end None if it never wrote one.
+    A job killed as it wrote a line may have lost a field of it (the kill
+    hit the `date` or `hostname` it ran): such a job is left out."""
+    out, torn = {}, set()
     with open(path) as f:
         for line in f:
-            kind, job_id, host, gpus, t = line.split()
+            fields = line.split()
+            if len(fields) != 5:
+                assert fields[1] in killed, f"a torn line of a job not killed: {line!r}"
+                torn.add(fields[1])
+                continue
+            kind, job_id, host, gpus, t = fields
             if kind == "start":
                 out[job_id] = [host, [] if gpus == "-" else gpus.split(","), float(t), None]
             else:
                 out[job_id][3] = float(t)
+    for job_id in torn:
+        out.pop(job_id, None)
     return out
 
 
 @pytest.mark.parametrize("run", range(RUNS))
 def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
     rng = random.Random(run)
-    configure(dq, cluster.hosts)
+    # Loops that poll often: more passes deciding beside each other
+    configure(dq, cluster.hosts, poll_interval=0.5)
     per_user = JOBS // len(USERS)
     files = {}
     for user in USERS:
-        d, path = script(cluster, user, "soak.sh", JOB)
+        # A directory of this run's own: job numbers start again at 1
+        d, path = script(cluster, user, "soak.sh", JOB, subdir=os.path.basename(dq.root))
         runs = os.path.join(d, "runs")
         os.makedirs(runs, exist_ok=True)
         os.chown(runs, *[getattr(os.stat(d), k) for k in ("st_uid", "st_gid")])
@@ -149,7 +162,7 @@ def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
     traces = {}
     for user in USERS:
         path, trace, runs = files[user]
-        traces.update(read_trace(trace))
+        traces.update(read_trace(trace, killed))
         for job_id in submitted[user]:
             try:
                 with open(os.path.join(runs, job_id)) as f:

@@ -49,6 +49,7 @@ def test_job_runs_on_its_gpu_from_submit_dir_with_dq_vars(cluster, dq):
     assert (j["state"], j["host"], j["gpus"], j["user"], j["cwd"], j["script"]) == \
         ("running", "node2", [gpu], ALICE, d, path)
     assert j["ended"] is None and j["exit_code"] is None
+    assert j["submit_host"] == "node1"      # where it was submitted from
     assert j["env"]["DQ_FOO"] == "a b $(x) 'q'" and j["started"] >= j["submitted"]
     # the manual's table
     r = dq.run("node3", ALICE, "jobs")
@@ -178,3 +179,16 @@ def test_without_config_the_cluster_is_this_machine(cluster, dq):
     wait_state(dq, long_id, "running")
     r = dq.run("node3", ALICE, "kill", long_id)
     assert r.returncode == 0 and job(dq, long_id)["state"] == "killed"
+
+
+def test_gpu_submit_after_a_failed_poll_asks_the_hosts_again(cluster, dq):
+    # A pass recorded node1's nvidia-smi failing; it works again now, and a
+    # GPU job within the next seconds is not refused on that old news.
+    configure(dq, ["node1"])
+    d, path = script(cluster, ALICE, "ok.sh", "exit 0\n")
+    cluster.set_smi_mode("node1", "fail")
+    cpu_job, _ = submit(dq, "node1", ALICE, path, env={"DQ_GPUS": "0"})
+    wait_state(dq, cpu_job, "done")
+    cluster.set_smi_mode("node1", "ok")
+    job_id, r = submit(dq, "node1", ALICE, path)
+    assert f"Executing '{job_id}' on node1/" in r.stdout, r.stderr

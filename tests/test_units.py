@@ -307,3 +307,78 @@ def test_lock_wait_times_out_with_the_fix_named(tmp_path):
         holder.kill()
         holder.wait()
     assert dq.Lock(path).acquire(blocking=False)
+
+
+# The placement model ########################################################
+
+def poll_at(started, sessions):
+    st = dq.HostState("node1", started)
+    st.sessions = set(sessions)
+    return st
+
+
+def placements(state, since=100.0, **extra):
+    places = dq.Placements(cfg(timeout=15))
+    places["7-x"] = dict({"user": "x", "host": "node1", "gpus": [0], "state": state,
+                          "since": since}, **extra)
+    return places
+
+
+def never():
+    raise AssertionError("run.json read where the poll proves nothing")
+
+
+def test_a_poll_older_than_the_sighting_proves_nothing():
+    # The captured race: one pass saw the job's session (at 105) and
+    # confirmed it; another pass whose poll began at 102, before the
+    # session existed, then judges it.
+    places = placements(dq.Placements.RUNNING, seen=105.0)
+    assert places.session_verdict("7-x", poll_at(102.0, []), never, 110) is None
+    assert places.session_verdict("7-x", poll_at(106.0, []), never, 110) == "gone"
+    assert places.session_verdict("7-x", poll_at(106.0, ["7-x"]), never, 110) == "seen"
+
+
+def test_a_launch_is_judged_on_its_wrapper_start_or_after_the_grace():
+    places = placements(dq.Placements.LAUNCHING)
+    # began before the claim: nothing
+    assert places.session_verdict("7-x", poll_at(99.0, []), never, 130) is None
+    # the wrapper started at 101: a poll from 101.5 may predate its session
+    assert places.session_verdict("7-x", poll_at(101.5, []), lambda: 101.0, 102) is None
+    assert places.session_verdict("7-x", poll_at(103.0, []), lambda: 101.0, 104) == "gone"
+    # no wrapper yet: gone only once the launch must be over
+    assert places.session_verdict("7-x", poll_at(110.0, []), lambda: None, 110) is None
+    late = 100 + 15 + dq.LAUNCH_GRACE
+    assert places.session_verdict("7-x", poll_at(late, []), lambda: None, late) == "gone"
+
+
+def test_assigned_jobs_and_polls_without_ps_prove_nothing():
+    places = placements(dq.Placements.ASSIGNED)
+    assert places.session_verdict("7-x", poll_at(200.0, []), never, 200) is None
+    places = placements(dq.Placements.RUNNING, seen=105.0)
+    st = poll_at(200.0, [])
+    st.sessions = None
+    assert places.session_verdict("7-x", st, never, 200) is None
+
+
+def test_transitions_and_what_they_save(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQ_ROOT", str(tmp_path))
+    c = dq.Config()
+    dq.ensure_layout(c)
+    with dq.Placements.locked(c) as places:
+        places.assign("1-x", "node1", [0], 10.0)
+        places.assign("2-y", "node1", [1], 10.0)
+        assert places.claim("x", 11.0) == [("1-x", "node1", [0])]
+        assert places.handed_out
+    places = dq.Placements.read(c)
+    assert places.state("1-x") == "launching" and places.state("2-y") == "assigned"
+    assert places.unclaimed_users() == {"y"} and places.counts("x") == (0, 1)
+    mtime = os.stat(dq.Placements.path(c)).st_mtime_ns
+    with dq.Placements.locked(c) as places:
+        assert places.drop("3-z") is False      # nothing changed: not rewritten
+    assert os.stat(dq.Placements.path(c)).st_mtime_ns == mtime
+    with dq.Placements.locked(c) as places:
+        places.confirm("1-x", 12.0)
+        places.drop("2-y")
+    assert dict(dq.Placements.read(c)) == {"1-x": {
+        "user": "x", "host": "node1", "gpus": [0], "state": "running", "since": 11.0,
+        "seen": 12.0}}
