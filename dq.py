@@ -38,6 +38,19 @@ resolving symlinks) or $DQ_ROOT:
   jobs/lost/<id>          written by whoever finds a job's host lost it
   sched/<user>.lock       held by that user's dq-schedule loop
 
+How a job travels through this file (`grep '^# .*###' dq.py` lists its
+sections): dq-submit (Commands) writes it (Jobs: job.json, then its
+jobs/active entry: it is queued).  A pass (Scheduling) polls the hosts
+(Remote execution, Hosts and GPUs) holding no lock, then under the global
+lock brings the placements up to date with what the polls saw (Placement:
+the Placements model and its table of states, reconcile), gives free GPUs
+to queued jobs (Planning: pure functions) and starts the caller's own
+placed jobs in screen sessions.  In its session the job's wrapper (Job
+wrapper) runs the script, records its end (Jobs: end.json) and hands its
+GPUs over to the next jobs at once (another pass).  dq-kill (Killing) ends
+a job early; the listings (Job listings, Job output, Cluster views) only
+read.
+
 A job's owner is whoever owns its files; dq only ever starts a job with the
 credentials of its owner, over the owner's own ssh.
 """
@@ -145,6 +158,25 @@ def print_table(headers, rows):
     print(line(["-" * len(h) for h in headers]))
     for row in rows:
         print(line(row))
+
+
+def fmt_gpus(gpus):
+    return ",".join(map(str, gpus)) if gpus else "-"
+
+
+def use_colour():
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def env_text(env):
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "DQ_GPUS"
+                    or v != "1")
+
+
+def say_executing(launched):
+    """The manual's line for each job started: [(job_id, host, gpus)]."""
+    for job_id, host, gpus in launched:
+        print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...", flush=True)
 
 
 # Configuration ###############################################################
@@ -354,6 +386,15 @@ def is_time(v):
 
 def optional(check):
     return lambda v: v is None or check(v)
+
+
+def is_env(v):
+    return isinstance(v, dict) and all(is_str(k) and k and "=" not in k and is_str(x)
+                                       for k, x in v.items())
+
+
+def is_gpu_list(v):
+    return isinstance(v, list) and all(is_int(g) for g in v)
 
 
 def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=False):
@@ -786,7 +827,7 @@ def dq_argv(python, *args):
     return [python, "-S", "-c", BOOT, DQ_PY] + list(args)
 
 
-# GPU state ###################################################################
+# Hosts and GPUs ##############################################################
 
 SMI_GPUS = "nvidia-smi --query-gpu=index,uuid,memory.used,memory.total --format=csv,noheader,nounits"
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
@@ -953,18 +994,82 @@ def poll_handover(cfg, host):
     return {host: parse_poll(host, run_on(cfg, host, script), started, table)}
 
 
+def is_gpu_table(v):
+    return isinstance(v, dict) and bad_field(v, {
+        "at": (is_time, "", True), "all_known": (lambda x: isinstance(x, bool), "", True),
+        "gpus": (lambda x: isinstance(x, list) and all(
+            isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_str(r[1]) for r in x),
+            "", True)}) is None
+
+
+HOST_FIELDS = {
+    "at": (is_time, "a time in seconds", True), "gpus": (is_int, "a GPU count", True),
+    "ok": (lambda v: isinstance(v, bool), "true or false", True),
+    "reachable": (lambda v: isinstance(v, bool), "true or false", True),
+    "busy": (is_gpu_list, "a list of GPUs", True),
+    "table": (optional(is_gpu_table), "a GPU table", False)}
+
+
+def load_hosts(cfg):
+    """state/hosts.json (see track_hosts) as {"down": {host: since},
+    "seen": {host: what its last poll saw}}.  What is corrupt in it is left
+    out, with a warning: it is only a record of the last polls."""
+    path = cfg.p("state", "hosts.json")
+    fix = "dq does without it until the next poll writes it anew"
+    data = read_json(path, {}, fix=fix, skip_newer=True)
+    down, seen = data.get("down", {}), data.get("seen", {})
+    if not isinstance(down, dict) or not isinstance(seen, dict):
+        bad_file(path, "'down' and 'seen' must be objects", fix)
+        return {"down": {}, "seen": {}}
+    good_down = {h: t for h, t in down.items() if is_time(t)}
+    good_seen = {h: e for h, e in seen.items()
+                 if isinstance(e, dict) and bad_field(e, HOST_FIELDS) is None}
+    if len(good_down) < len(down) or len(good_seen) < len(seen):
+        bad = sorted((set(down) - set(good_down)) | (set(seen) - set(good_seen)))
+        bad_file(path, f"bad entries for {' '.join(bad)[:60]}", fix)
+    return {"down": good_down, "seen": good_seen}
+
+
+def track_hosts(cfg, polls):
+    """Keep state/hosts.json: since when each silent host is down (so that
+    'down for lost_after seconds' spans passes and users), and what the last
+    poll of each host saw (GPU count, busy GPUs), which lets dq-submit skip
+    polling the cluster when nothing can be free, and the GPU table of its
+    last full poll (see poll_handover).  Returns {host: down_since}."""
+    path = cfg.p("state", "hosts.json")
+    old = load_hosts(cfg)
+    down, seen = old["down"], old["seen"]
+    for h, st in polls.items():
+        if st.reachable:
+            down.pop(h, None)
+        else:
+            down.setdefault(h, st.started)
+        table = seen.get(h, {}).get("table")
+        if not st.error and st.table_at == st.started:      # a full poll
+            table = {"at": st.started, "gpus": [[g.index, g.uuid] for g in st.gpus],
+                     "all_known": all(g.known for g in st.gpus)}
+        elif st.gpus and not all(g.known for g in st.gpus):
+            table = None        # it named a GPU the table lacks: read it again
+        seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error,
+                   "reachable": st.reachable,
+                   "busy": [g.index for g in st.gpus if g.busy()], "table": table}
+    write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False, compact=True)
+    return down
+
+
+def cached_hosts(cfg, max_age):
+    """What the last polls saw of every host, if all are younger than
+    max_age seconds; else None."""
+    seen = load_hosts(cfg)["seen"]
+    now = time.time()
+    if all(h in seen and now - seen[h].get("at", 0) < max_age for h in cfg.hosts):
+        return {h: seen[h] for h in cfg.hosts}
+    return None
+
+
 # Jobs ########################################################################
 
 MAX_GPUS = 64       # per job: more is a typo
-
-
-def is_env(v):
-    return isinstance(v, dict) and all(is_str(k) and k and "=" not in k and is_str(x)
-                                       for k, x in v.items())
-
-
-def is_gpu_list(v):
-    return isinstance(v, list) and all(is_int(g) for g in v)
 
 
 # What each of a job's files holds (see bad_field): a file that does not
@@ -979,6 +1084,8 @@ JOB_FIELDS = {
     "submit_host": (optional(is_str), "a host name", False),
     "restart_of": (optional(is_str), "a job ID", False),
     "requeues": (is_int, "a count", False)}
+
+
 RUN_FIELDS = {
     "host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
     "gpus": (is_gpu_list, "a list of GPUs", False),
@@ -1285,11 +1392,142 @@ def done_count(cfg, user):
     return count
 
 
-def retire(cfg, job):
-    """Take an ended job out of the active index and free its GPUs."""
-    drop_from_index(cfg, job.id)
-    with Placements.locked(cfg) as places:
-        places.drop(job.id)
+def check_script(path):
+    if not os.path.exists(path):
+        raise Failure(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise Failure(f"{path} is a directory, not a script")
+    if not os.access(path, os.R_OK):
+        raise Failure(f"{path} is not readable")
+    if not os.access(path, os.X_OK):
+        raise Failure(f"{path} is not executable; run 'chmod +x {path}' (and give it a "
+                      f"#! line)")
+    return os.path.abspath(path)
+
+
+def submit_cwd():
+    """The working directory as the user sees it ($PWD keeps symlinked or
+    automounted paths such as /deep/u/avati) when it is the same directory."""
+    try:
+        cwd = os.getcwd()
+    except OSError as e:
+        raise Failure(f"cannot tell the current directory ({e.strerror}): it was probably "
+                      f"deleted; cd to the job's directory again and resubmit")
+    pwd_env = os.environ.get("PWD")
+    try:
+        if pwd_env and os.path.samefile(pwd_env, cwd):
+            return pwd_env
+    except OSError:
+        pass
+    return cwd
+
+
+def wanted_gpus(env):
+    raw = env.get("DQ_GPUS", "1").strip()
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > MAX_GPUS:
+        raise Failure(f"DQ_GPUS={raw!r} is not a number of GPUs from 0 to {MAX_GPUS} "
+                      f"(0 for a CPU-only job), e.g. DQ_GPUS=2")
+    return int(raw)
+
+
+def next_number(cfg):
+    """The counter, or (missing or corrupt) one past the highest job."""
+    path, fix = cfg.p("state", "next_id"), "dq counts on from the highest job ID and rewrites it"
+    counter = read_json(path, None, fix=fix)
+    if counter is not None:
+        why = bad_field(counter, {"next": (lambda v: is_int(v, 1, 10 ** 12), "a job number",
+                                           True)})
+        if not why:
+            return counter["next"]
+        bad_file(path, why, fix)
+    ids = all_job_ids(cfg)
+    return int(ids[-1].split("-")[0]) + 1 if ids else 1
+
+
+def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
+    """Allocate the next id under the global lock (the counter and a mkdir:
+    the directory claims the id), then write the job.  The counter only
+    grows; an id whose directory exists is skipped, so a lost or rolled-back
+    counter never hands out an id twice.  The job is queued once its
+    jobs/active entry exists, which is written last."""
+    user = me()
+    ensure_layout(cfg)
+    with global_lock(cfg):
+        n = next_number(cfg)
+        while True:
+            job_id = f"{n}-{user}"
+            try:
+                os.mkdir(cfg.job_dir(job_id), 0o755)
+                break
+            except FileExistsError:
+                n += 1
+        # Not fsynced: a counter that rolls back in a crash only makes the
+        # mkdir above skip ids whose directories exist.
+        write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666, durable=False)
+    now = time.time()
+    spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
+            "gpus": want, "submitted": now, "submit_host": os.uname().nodename,
+            "restart_of": restart_of, "requeues": requeues}
+    write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
+    if want == 0:
+        write_json(cfg.p("jobs", "cpu", job_id), {})
+    write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
+    return job_id
+
+
+def requeue(cfg, job):
+    """DQ_REQUEUE=N: a lost job is queued again, up to N times (1 for any
+    other non-empty value).  Returns the new id or None."""
+    raw = job.spec.get("env", {}).get("DQ_REQUEUE", "").strip()
+    if not raw or raw == "0":
+        return None
+    limit = int(raw) if re.fullmatch(r"[0-9]+", raw) else 1
+    done = job.spec.get("requeues", 0)
+    if done >= limit:
+        return None
+    return create_job(cfg, job.spec["script"], job.spec["cwd"], job.spec.get("env", {}),
+                      job.spec.get("gpus", 1), restart_of=job.id, requeues=done + 1)
+
+
+def mark_lost(cfg, job, reason):
+    path = cfg.p("jobs", "lost", job.id)
+    try:
+        write_json(path, {"reason": reason, "ended": time.time()}, exclusive=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        warn(f"cannot mark {job.id} lost: {e.strerror}")
+
+
+def read_queue(cfg, places, stale=None, index="active", user=None):
+    """Yield (job_id, gpus_wanted, submitted) of jobs waiting for a
+    placement, oldest first, reading each entry only when asked for it.
+    Entries of jobs that ended or were lost go to `stale`."""
+    for job_id in index_names(cfg, index):
+        if job_id in places or (user and not job_id.endswith("-" + user)):
+            continue
+        path = cfg.p("jobs", "active", job_id)
+        if not owns_entry(path, job_id):
+            continue
+        # A bad entry keeps its job out of the queue (with a warning at
+        # each pass), never the others.
+        fix = f"its owner can dq-kill {job_id} and dq-restart it"
+        info = read_json(path, None, False, fix, skip_newer=True)
+        if info is None:
+            continue
+        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) or \
+                os.path.exists(cfg.p("jobs", "lost", job_id)):
+            if stale is not None:
+                stale.append(job_id)
+            continue
+        why = info is not False and bad_field(info, INDEX_FIELDS)
+        if info is False or why:
+            if why:
+                bad_file(path, why, fix)
+            continue
+        if index == "cpu" and info["gpus"] != 0:
+            continue        # a GPU job's stray cpu/ entry: plan() places it
+        yield job_id, info["gpus"], info.get("submitted")
 
 
 # Placement ###################################################################
@@ -1524,6 +1762,8 @@ class Placements(dict):
 # A launch's ssh may take `timeout`; its screen session is there within
 # this many seconds more, or it never started.
 LAUNCH_GRACE = 5
+
+
 # How far the hosts' clocks may disagree: a run.json written on the job's
 # host and a poll started elsewhere are compared with this margin.
 CLOCK_SLACK = 1
@@ -1535,6 +1775,50 @@ def reserved_by_host(places):
         out.setdefault(p["host"], set()).update(p.get("gpus", []))
     return out
 
+
+def reconcile(cfg, places, polls, now):
+    """Bring the placements in line with what the polls saw, under the
+    lock: drop those of jobs that ended and assignments nobody claimed,
+    confirm launched jobs seen running, and mark lost the jobs whose
+    session a poll proves gone without an end (Placements.session_verdict)
+    or whose host has been silent for lost_after seconds."""
+    down = track_hosts(cfg, polls)
+    for job_id, p in list(places.items()):
+        # Under the lock at every job change: a stat per placement, and a
+        # job's files are read only where this poll can say more of it.
+        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) \
+                or places.expired(job_id, now):
+            places.drop(job_id)
+            continue
+        st = polls.get(p["host"])
+        if st is None:
+            continue
+        job = None
+
+        def load():
+            nonlocal job
+            job = job or load_job(cfg, job_id, quiet=True)
+            return job
+        if not st.reachable:
+            since = down.get(p["host"], now)
+            if now - since >= cfg.lost_after:
+                if load() and (p["state"] == Placements.RUNNING or job.run):
+                    mark_lost(cfg, job, f"host {p['host']} stopped answering "
+                                        f"({st.error}) for {now - since:.0f}s")
+                places.drop(job_id)
+            continue
+        verdict = places.session_verdict(
+            job_id, st, lambda: (load() and job.run.get("started")) or None, now)
+        if verdict == "seen" and p["state"] == Placements.LAUNCHING:
+            places.confirm(job_id, now)
+        elif verdict == "gone":
+            if load() and (p["state"] == Placements.RUNNING or job.run):
+                mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
+                                    f"recording an exit status")
+            places.drop(job_id)
+
+
+# Planning (pure: no I/O) #####################################################
 
 def plan(queue, polls, places, now, cfg):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
@@ -1590,162 +1874,6 @@ def plan_cpu(queue, polls, places, cfg):
         cpu_used[h] = cpu_used.get(h, 0) + 1
         out.append((job_id, h, []))
     return out
-
-
-def is_gpu_table(v):
-    return isinstance(v, dict) and bad_field(v, {
-        "at": (is_time, "", True), "all_known": (lambda x: isinstance(x, bool), "", True),
-        "gpus": (lambda x: isinstance(x, list) and all(
-            isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_str(r[1]) for r in x),
-            "", True)}) is None
-
-
-HOST_FIELDS = {
-    "at": (is_time, "a time in seconds", True), "gpus": (is_int, "a GPU count", True),
-    "ok": (lambda v: isinstance(v, bool), "true or false", True),
-    "reachable": (lambda v: isinstance(v, bool), "true or false", True),
-    "busy": (is_gpu_list, "a list of GPUs", True),
-    "table": (optional(is_gpu_table), "a GPU table", False)}
-
-
-def load_hosts(cfg):
-    """state/hosts.json (see track_hosts) as {"down": {host: since},
-    "seen": {host: what its last poll saw}}.  What is corrupt in it is left
-    out, with a warning: it is only a record of the last polls."""
-    path = cfg.p("state", "hosts.json")
-    fix = "dq does without it until the next poll writes it anew"
-    data = read_json(path, {}, fix=fix, skip_newer=True)
-    down, seen = data.get("down", {}), data.get("seen", {})
-    if not isinstance(down, dict) or not isinstance(seen, dict):
-        bad_file(path, "'down' and 'seen' must be objects", fix)
-        return {"down": {}, "seen": {}}
-    good_down = {h: t for h, t in down.items() if is_time(t)}
-    good_seen = {h: e for h, e in seen.items()
-                 if isinstance(e, dict) and bad_field(e, HOST_FIELDS) is None}
-    if len(good_down) < len(down) or len(good_seen) < len(seen):
-        bad = sorted((set(down) - set(good_down)) | (set(seen) - set(good_seen)))
-        bad_file(path, f"bad entries for {' '.join(bad)[:60]}", fix)
-    return {"down": good_down, "seen": good_seen}
-
-
-def track_hosts(cfg, polls):
-    """Keep state/hosts.json: since when each silent host is down (so that
-    'down for lost_after seconds' spans passes and users), and what the last
-    poll of each host saw (GPU count, busy GPUs), which lets dq-submit skip
-    polling the cluster when nothing can be free, and the GPU table of its
-    last full poll (see poll_handover).  Returns {host: down_since}."""
-    path = cfg.p("state", "hosts.json")
-    old = load_hosts(cfg)
-    down, seen = old["down"], old["seen"]
-    for h, st in polls.items():
-        if st.reachable:
-            down.pop(h, None)
-        else:
-            down.setdefault(h, st.started)
-        table = seen.get(h, {}).get("table")
-        if not st.error and st.table_at == st.started:      # a full poll
-            table = {"at": st.started, "gpus": [[g.index, g.uuid] for g in st.gpus],
-                     "all_known": all(g.known for g in st.gpus)}
-        elif st.gpus and not all(g.known for g in st.gpus):
-            table = None        # it named a GPU the table lacks: read it again
-        seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error,
-                   "reachable": st.reachable,
-                   "busy": [g.index for g in st.gpus if g.busy()], "table": table}
-    write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False, compact=True)
-    return down
-
-
-def cached_hosts(cfg, max_age):
-    """What the last polls saw of every host, if all are younger than
-    max_age seconds; else None."""
-    seen = load_hosts(cfg)["seen"]
-    now = time.time()
-    if all(h in seen and now - seen[h].get("at", 0) < max_age for h in cfg.hosts):
-        return {h: seen[h] for h in cfg.hosts}
-    return None
-
-
-def reconcile(cfg, places, polls, now):
-    """Bring the placements in line with what the polls saw, under the
-    lock: drop those of jobs that ended and assignments nobody claimed,
-    confirm launched jobs seen running, and mark lost the jobs whose
-    session a poll proves gone without an end (Placements.session_verdict)
-    or whose host has been silent for lost_after seconds."""
-    down = track_hosts(cfg, polls)
-    for job_id, p in list(places.items()):
-        # Under the lock at every job change: a stat per placement, and a
-        # job's files are read only where this poll can say more of it.
-        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) \
-                or places.expired(job_id, now):
-            places.drop(job_id)
-            continue
-        st = polls.get(p["host"])
-        if st is None:
-            continue
-        job = None
-
-        def load():
-            nonlocal job
-            job = job or load_job(cfg, job_id, quiet=True)
-            return job
-        if not st.reachable:
-            since = down.get(p["host"], now)
-            if now - since >= cfg.lost_after:
-                if load() and (p["state"] == Placements.RUNNING or job.run):
-                    mark_lost(cfg, job, f"host {p['host']} stopped answering "
-                                        f"({st.error}) for {now - since:.0f}s")
-                places.drop(job_id)
-            continue
-        verdict = places.session_verdict(
-            job_id, st, lambda: (load() and job.run.get("started")) or None, now)
-        if verdict == "seen" and p["state"] == Placements.LAUNCHING:
-            places.confirm(job_id, now)
-        elif verdict == "gone":
-            if load() and (p["state"] == Placements.RUNNING or job.run):
-                mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
-                                    f"recording an exit status")
-            places.drop(job_id)
-
-
-def mark_lost(cfg, job, reason):
-    path = cfg.p("jobs", "lost", job.id)
-    try:
-        write_json(path, {"reason": reason, "ended": time.time()}, exclusive=True)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        warn(f"cannot mark {job.id} lost: {e.strerror}")
-
-
-def read_queue(cfg, places, stale=None, index="active", user=None):
-    """Yield (job_id, gpus_wanted, submitted) of jobs waiting for a
-    placement, oldest first, reading each entry only when asked for it.
-    Entries of jobs that ended or were lost go to `stale`."""
-    for job_id in index_names(cfg, index):
-        if job_id in places or (user and not job_id.endswith("-" + user)):
-            continue
-        path = cfg.p("jobs", "active", job_id)
-        if not owns_entry(path, job_id):
-            continue
-        # A bad entry keeps its job out of the queue (with a warning at
-        # each pass), never the others.
-        fix = f"its owner can dq-kill {job_id} and dq-restart it"
-        info = read_json(path, None, False, fix, skip_newer=True)
-        if info is None:
-            continue
-        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) or \
-                os.path.exists(cfg.p("jobs", "lost", job_id)):
-            if stale is not None:
-                stale.append(job_id)
-            continue
-        why = info is not False and bad_field(info, INDEX_FIELDS)
-        if info is False or why:
-            if why:
-                bad_file(path, why, fix)
-            continue
-        if index == "cpu" and info["gpus"] != 0:
-            continue        # a GPU job's stray cpu/ entry: plan() places it
-        yield job_id, info["gpus"], info.get("submitted")
 
 
 # Scheduling ##################################################################
@@ -1834,42 +1962,6 @@ def tidy_own_jobs(cfg, job_ids, polls):
                 print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
                       file=sys.stderr)
         drop_from_index(cfg, job_id)
-
-
-def requeue(cfg, job):
-    """DQ_REQUEUE=N: a lost job is queued again, up to N times (1 for any
-    other non-empty value).  Returns the new id or None."""
-    raw = job.spec.get("env", {}).get("DQ_REQUEUE", "").strip()
-    if not raw or raw == "0":
-        return None
-    limit = int(raw) if re.fullmatch(r"[0-9]+", raw) else 1
-    done = job.spec.get("requeues", 0)
-    if done >= limit:
-        return None
-    return create_job(cfg, job.spec["script"], job.spec["cwd"], job.spec.get("env", {}),
-                      job.spec.get("gpus", 1), restart_of=job.id, requeues=done + 1)
-
-
-def kill_leftovers(cfg, polls, user):
-    """A screen session of ours whose job dq already counts as killed or
-    lost (its host came back, or a dq-kill died half-way) is killed, so that
-    nothing runs twice and no GPU stays held by a job dq has written off."""
-    for host, st in polls.items():
-        for job_id in st.sessions or ():
-            if not job_id.endswith("-" + user):
-                continue
-            job = load_job(cfg, job_id, quiet=True)
-            if job and (job.lost_marker() or job.end.get("state") in ("killed", "lost")):
-                warn(f"killing what is left of {job_id} on {host} "
-                     f"({job.end.get('state') or 'lost'})")
-                kill_on_host(cfg, job, host)
-
-
-def kill_on_host(cfg, job, host):
-    """Kill every process of a job on its host (see cmd__kill); a Result."""
-    return run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
-                                                  str(job.run.get("pgid", 0))),
-                  timeout=cfg.timeout + cfg.kill_grace)
 
 
 def launch_all(cfg, jobs, res):
@@ -2031,17 +2123,22 @@ def _mtime(path):
         os.close(fd)
 
 
-def fmt_gpus(gpus):
-    return ",".join(map(str, gpus)) if gpus else "-"
-
-
-def say_executing(launched):
-    """The manual's line for each job started: [(job_id, host, gpus)]."""
-    for job_id, host, gpus in launched:
-        print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...", flush=True)
-
-
 # Job wrapper (runs inside the screen session) ###############################
+
+def full_job_id(arg):
+    """Is arg a job ID with its user (N-user), as dq passes them around?"""
+    m = JOB_ID_RE.fullmatch(arg)
+    return bool(m and m.group(2))
+
+
+def internal_args(argv, usage, what, checks):
+    """Check the arguments of an internal command, one check per argument,
+    so that a wrong call changes nothing."""
+    if len(argv) != len(checks) or not all(c(a) for c, a in zip(checks, argv)):
+        given = " ".join(map(repr, argv)) or "(none)"
+        raise Failure(f"bad arguments {given}; usage: dq.py {usage} (internal: {what}; "
+                      f"users never need to run it)")
+
 
 def job_env(job, gpus):
     env = clean_env()
@@ -2330,19 +2427,71 @@ def cmd__kill(cfg, argv):
     return 0
 
 
-def full_job_id(arg):
-    """Is arg a job ID with its user (N-user), as dq passes them around?"""
-    m = JOB_ID_RE.fullmatch(arg)
-    return bool(m and m.group(2))
+def kill_on_host(cfg, job, host):
+    """Kill every process of a job on its host (see cmd__kill); a Result."""
+    return run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
+                                                  str(job.run.get("pgid", 0))),
+                  timeout=cfg.timeout + cfg.kill_grace)
 
 
-def internal_args(argv, usage, what, checks):
-    """Check the arguments of an internal command, one check per argument,
-    so that a wrong call changes nothing."""
-    if len(argv) != len(checks) or not all(c(a) for c, a in zip(checks, argv)):
-        given = " ".join(map(repr, argv)) or "(none)"
-        raise Failure(f"bad arguments {given}; usage: dq.py {usage} (internal: {what}; "
-                      f"users never need to run it)")
+def kill_leftovers(cfg, polls, user):
+    """A screen session of ours whose job dq already counts as killed or
+    lost (its host came back, or a dq-kill died half-way) is killed, so that
+    nothing runs twice and no GPU stays held by a job dq has written off."""
+    for host, st in polls.items():
+        for job_id in st.sessions or ():
+            if not job_id.endswith("-" + user):
+                continue
+            job = load_job(cfg, job_id, quiet=True)
+            if job and (job.lost_marker() or job.end.get("state") in ("killed", "lost")):
+                warn(f"killing what is left of {job_id} on {host} "
+                     f"({job.end.get('state') or 'lost'})")
+                kill_on_host(cfg, job, host)
+
+
+def kill_job(cfg, job):
+    def not_active():
+        job._end = job._lost = None
+        print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
+              file=sys.stderr)
+        return 1
+    if job.state() not in ("queued", "running"):
+        return not_active()
+    with Placements.locked(cfg) as places:
+        place = places.get(job.id)
+        # Recorded first: the wrapper then knows the end was a kill, and a
+        # launch under way does not start the script.
+        killed = record_end(cfg, job, "killed", "killed by dq-kill",
+                            host=(place or {}).get("host") or job.run.get("host"))
+        placed_as = places.state(job.id)
+    if not killed:          # it ended on its own meanwhile
+        return not_active()
+    crash_point("kill-recorded")
+    if not job.run and placed_as in (None, Placements.ASSIGNED):
+        print(f"Removing {job.id} from the queue")
+        retire(cfg, job)
+        return 0
+    if not job.run and placed_as == Placements.LAUNCHING:
+        # wait for the launch to settle so we know what to kill
+        for _ in range(int(cfg.timeout * 10)):
+            job._run = None
+            if job.run:
+                break
+            time.sleep(0.1)
+    host = job.run.get("host") or place["host"]
+    print(f"Killing {job.id} on {host} ...")
+    r = kill_on_host(cfg, job, host)
+    if not r.ok:
+        warn(f"could not reach {host} to kill {job.id}: {r.why()}")
+    retire(cfg, job)
+    return 0 if r.ok else 1
+
+
+def retire(cfg, job):
+    """Take an ended job out of the active index and free its GPUs."""
+    drop_from_index(cfg, job.id)
+    with Placements.locked(cfg) as places:
+        places.drop(job.id)
 
 
 # Commands ####################################################################
@@ -2391,44 +2540,6 @@ def parse(p, argv):
     return args
 
 
-def check_script(path):
-    if not os.path.exists(path):
-        raise Failure(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise Failure(f"{path} is a directory, not a script")
-    if not os.access(path, os.R_OK):
-        raise Failure(f"{path} is not readable")
-    if not os.access(path, os.X_OK):
-        raise Failure(f"{path} is not executable; run 'chmod +x {path}' (and give it a "
-                      f"#! line)")
-    return os.path.abspath(path)
-
-
-def submit_cwd():
-    """The working directory as the user sees it ($PWD keeps symlinked or
-    automounted paths such as /deep/u/avati) when it is the same directory."""
-    try:
-        cwd = os.getcwd()
-    except OSError as e:
-        raise Failure(f"cannot tell the current directory ({e.strerror}): it was probably "
-                      f"deleted; cd to the job's directory again and resubmit")
-    pwd_env = os.environ.get("PWD")
-    try:
-        if pwd_env and os.path.samefile(pwd_env, cwd):
-            return pwd_env
-    except OSError:
-        pass
-    return cwd
-
-
-def wanted_gpus(env):
-    raw = env.get("DQ_GPUS", "1").strip()
-    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > MAX_GPUS:
-        raise Failure(f"DQ_GPUS={raw!r} is not a number of GPUs from 0 to {MAX_GPUS} "
-                      f"(0 for a CPU-only job), e.g. DQ_GPUS=2")
-    return int(raw)
-
-
 def check_fits(cfg, hosts, want):
     """A GPU job that no host can ever run is refused, not left waiting.
     hosts: {host: (GPU count, reachable)}."""
@@ -2449,51 +2560,6 @@ def check_fits(cfg, hosts, want):
                       f"submit it with DQ_GPUS=0")
     raise Failure(f"no host has {want} GPUs (the most on one host is {best}); "
                   f"ask for fewer with DQ_GPUS")
-
-
-def next_number(cfg):
-    """The counter, or (missing or corrupt) one past the highest job."""
-    path, fix = cfg.p("state", "next_id"), "dq counts on from the highest job ID and rewrites it"
-    counter = read_json(path, None, fix=fix)
-    if counter is not None:
-        why = bad_field(counter, {"next": (lambda v: is_int(v, 1, 10 ** 12), "a job number",
-                                           True)})
-        if not why:
-            return counter["next"]
-        bad_file(path, why, fix)
-    ids = all_job_ids(cfg)
-    return int(ids[-1].split("-")[0]) + 1 if ids else 1
-
-
-def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
-    """Allocate the next id under the global lock (the counter and a mkdir:
-    the directory claims the id), then write the job.  The counter only
-    grows; an id whose directory exists is skipped, so a lost or rolled-back
-    counter never hands out an id twice.  The job is queued once its
-    jobs/active entry exists, which is written last."""
-    user = me()
-    ensure_layout(cfg)
-    with global_lock(cfg):
-        n = next_number(cfg)
-        while True:
-            job_id = f"{n}-{user}"
-            try:
-                os.mkdir(cfg.job_dir(job_id), 0o755)
-                break
-            except FileExistsError:
-                n += 1
-        # Not fsynced: a counter that rolls back in a crash only makes the
-        # mkdir above skip ids whose directories exist.
-        write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666, durable=False)
-    now = time.time()
-    spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
-            "gpus": want, "submitted": now, "submit_host": os.uname().nodename,
-            "restart_of": restart_of, "requeues": requeues}
-    write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
-    if want == 0:
-        write_json(cfg.p("jobs", "cpu", job_id), {})
-    write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
-    return job_id
 
 
 def may_place_now(cfg, seen, want):
@@ -2599,43 +2665,24 @@ def cmd_kill(cfg, argv):
     return status
 
 
-def kill_job(cfg, job):
-    def not_active():
-        job._end = job._lost = None
-        print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
-              file=sys.stderr)
-        return 1
-    if job.state() not in ("queued", "running"):
-        return not_active()
-    with Placements.locked(cfg) as places:
-        place = places.get(job.id)
-        # Recorded first: the wrapper then knows the end was a kill, and a
-        # launch under way does not start the script.
-        killed = record_end(cfg, job, "killed", "killed by dq-kill",
-                            host=(place or {}).get("host") or job.run.get("host"))
-        placed_as = places.state(job.id)
-    if not killed:          # it ended on its own meanwhile
-        return not_active()
-    crash_point("kill-recorded")
-    if not job.run and placed_as in (None, Placements.ASSIGNED):
-        print(f"Removing {job.id} from the queue")
-        retire(cfg, job)
+def cmd_schedule(cfg, argv):
+    p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
+               "waiting.\ndq-submit starts it in the background for you when a job has to "
+               "wait;\nonly one runs per user.  Admins may run it as a service with "
+               "--forever.")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--forever", action="store_true", help="never exit (service mode)")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    args = parse(p, argv)
+    if args.once:
+        res = schedule_pass(cfg)
+        if not args.quiet:
+            say_executing(res.launched)
         return 0
-    if not job.run and placed_as == Placements.LAUNCHING:
-        # wait for the launch to settle so we know what to kill
-        for _ in range(int(cfg.timeout * 10)):
-            job._run = None
-            if job.run:
-                break
-            time.sleep(0.1)
-    host = job.run.get("host") or place["host"]
-    print(f"Killing {job.id} on {host} ...")
-    r = kill_on_host(cfg, job, host)
-    if not r.ok:
-        warn(f"could not reach {host} to kill {job.id}: {r.why()}")
-    retire(cfg, job)
-    return 0 if r.ok else 1
+    return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
+
+# Job listings ################################################################
 
 def active_jobs(cfg, who):
     places = Placements.read(cfg)
@@ -2671,11 +2718,6 @@ def completed_jobs(cfg, who, last=0):
         if d["state"] not in ("queued", "running"):
             out.append(d)
     return out[::-1]
-
-
-def env_text(env):
-    return " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "DQ_GPUS"
-                    or v != "1")
 
 
 def cmd_jobs(cfg, argv):
@@ -2745,47 +2787,6 @@ def cmd_jobs(cfg, argv):
     print_table(["JobID", "Host", "GPU", "Runtime", "Script", "Env"], rows)
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
     return 0
-
-
-def cmd_free(cfg, argv):
-    p = parser("free", "List the unused GPUs of each host: no process on them (nvidia-smi) "
-               "and not\nreserved for a dq job.")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    args = parse(p, argv)
-    ensure_layout(cfg)
-    polls = poll_hosts(cfg, with_ps=False)
-    reserved = reserved_by_host(Placements.read(cfg))
-    out = []
-    for h in cfg.hosts:
-        s = polls[h]
-        if s.error:
-            warn(f"{h}: {s.error}")
-        out.append({"host": h, "free": sorted(s.free(reserved.get(h, ())), reverse=True),
-                    "gpus": len(s.gpus), "error": s.error})
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return 0
-    for o in out:
-        if o["free"]:
-            print(f"{o['host']}: {' '.join(map(str, o['free']))}")
-    return 0
-
-
-def cmd_schedule(cfg, argv):
-    p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
-               "waiting.\ndq-submit starts it in the background for you when a job has to "
-               "wait;\nonly one runs per user.  Admins may run it as a service with "
-               "--forever.")
-    p.add_argument("--once", action="store_true", help="one pass, then exit")
-    p.add_argument("--forever", action="store_true", help="never exit (service mode)")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
-    args = parse(p, argv)
-    if args.once:
-        res = schedule_pass(cfg)
-        if not args.quiet:
-            say_executing(res.launched)
-        return 0
-    return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
 
 # Job output ##################################################################
@@ -2996,10 +2997,6 @@ def cmd_attach(cfg, argv):
 
 # Cluster views ###############################################################
 
-def use_colour():
-    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
-
-
 STATE_WORDS = {"R": "running", "S": "sleeping", "D": "disk sleep", "Z": "zombie",
                "T": "stopped", "t": "traced", "I": "idle", "X": "dead"}
 
@@ -3109,6 +3106,30 @@ def cmd_on_all(cfg, argv):
         print(f"{PROG}: failed on {len(failed)} of {len(cfg.hosts)} hosts: "
               f"{', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_free(cfg, argv):
+    p = parser("free", "List the unused GPUs of each host: no process on them (nvidia-smi) "
+               "and not\nreserved for a dq job.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parse(p, argv)
+    ensure_layout(cfg)
+    polls = poll_hosts(cfg, with_ps=False)
+    reserved = reserved_by_host(Placements.read(cfg))
+    out = []
+    for h in cfg.hosts:
+        s = polls[h]
+        if s.error:
+            warn(f"{h}: {s.error}")
+        out.append({"host": h, "free": sorted(s.free(reserved.get(h, ())), reverse=True),
+                    "gpus": len(s.gpus), "error": s.error})
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for o in out:
+        if o["free"]:
+            print(f"{o['host']}: {' '.join(map(str, o['free']))}")
     return 0
 
 
