@@ -835,6 +835,9 @@ SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
 
 
 class Gpu:
+    """One GPU of a poll: nvidia-smi's index and UUID, memory used and in
+    total (MiB; None where it said [N/A] or such)."""
+
     def __init__(self, index, uuid, used, total):
         self.index, self.uuid, self.used, self.total = index, uuid, used, total
         self.apps = []          # (pid, MiB) of compute processes nvidia-smi reports on it
@@ -1563,7 +1566,8 @@ class Placements(dict):
                                                             -> running.  drop(): launch
                                                             failed (queued again), or no
                                                             session and no run.json by
-                                                            LAUNCH_GRACE after since
+                                                            timeout + LAUNCH_GRACE after
+                                                            since
     running    confirm() (seen=when   the job runs in its   drop(): end.json exists (the
                that pass had its      session               wrapper, dq-kill, the owner
                poll's answer)                               recording a lost job), or it
@@ -1574,19 +1578,19 @@ class Placements(dict):
     sessions; the job has no end.json): only one that began after the
     session surely existed -- for `running`, after `seen`; for `launching`,
     after the wrapper's run.json (CLOCK_SLACK later) or, without one,
-    LAUNCH_GRACE after the claim; never for `assigned`.  A poll that began
+    timeout + LAUNCH_GRACE after the claim; never for `assigned`.  A poll that began
     earlier may predate the session and proves nothing, whatever the
     placement says by the time that pass holds the lock.  A session proven
     gone without an end is `lost` (jobs/lost/<id>); so is a running job on
     a host silent for lost_after seconds.
 
     A crash leaves: assigned -- dropped after assign_timeout, job queued;
-    launching -- no session: dropped after LAUNCH_GRACE and queued again,
-    a session: confirmed by the next pass; running -- a wrapper that died
-    leaves no session: lost, recorded (and requeued with DQ_REQUEUE) by
-    the owner's next pass.  A corrupt or missing-but-expected file is
-    rebuilt from the running jobs' run.json (assigned and launching ones
-    are queued again)."""
+    launching -- no session: dropped after timeout + LAUNCH_GRACE and
+    queued again, a session: confirmed by the next pass; running -- a
+    wrapper that died leaves no session: lost, recorded (and requeued with
+    DQ_REQUEUE) by the owner's next pass.  A corrupt file is rebuilt from
+    the running jobs' run.json (assigned and launching ones are queued
+    again)."""
 
     ASSIGNED, LAUNCHING, RUNNING = "assigned", "launching", "running"
     STATES = (ASSIGNED, LAUNCHING, RUNNING)
@@ -2472,12 +2476,12 @@ def kill_job(cfg, job):
         retire(cfg, job)
         return 0
     if not job.run and placed_as == Placements.LAUNCHING:
-        # wait for the launch to settle so we know what to kill
-        for _ in range(int(cfg.timeout * 10)):
-            job._run = None
-            if job.run:
-                break
+        # The launch's ssh may take `timeout`: wait that long at most for
+        # the wrapper's run.json, so we know where its processes are.
+        deadline = time.monotonic() + cfg.timeout
+        while not job.run and time.monotonic() < deadline:
             time.sleep(0.1)
+            job._run = None
     host = job.run.get("host") or place["host"]
     print(f"Killing {job.id} on {host} ...")
     r = kill_on_host(cfg, job, host)
@@ -2892,6 +2896,11 @@ def count_arg(argv, default=10):
     return num, rest
 
 
+# Seconds between two flushes of a followed log on its host (an ssh each,
+# for NFS clients that sit on the job host's dirty pages).
+TAIL_FLUSH_EVERY = 2
+
+
 def cmd_tail(cfg, argv):
     num, argv = count_arg(argv)
     p = parser("tail", "Show the last lines of a job's output (stdout and stderr).\n\n"
@@ -2914,7 +2923,8 @@ def cmd_tail(cfg, argv):
             job._end = job._lost = None
             if job.end or job.lost_marker():
                 return 0
-            if time.monotonic() - last_flush > 2 and job.run.get("host") and not cfg.local:
+            if time.monotonic() - last_flush > TAIL_FLUSH_EVERY and job.run.get("host") \
+                    and not cfg.local:
                 run_on(cfg, job.run["host"], f"sync {q(path)} 2>/dev/null; true")
                 last_flush = time.monotonic()
             time.sleep(0.1)
@@ -3122,8 +3132,10 @@ def cmd_free(cfg, argv):
         s = polls[h]
         if s.error:
             warn(f"{h}: {s.error}")
-        out.append({"host": h, "free": sorted(s.free(reserved.get(h, ())), reverse=True),
-                    "gpus": len(s.gpus), "error": s.error})
+        free = sorted(s.free(reserved.get(h, ())), reverse=True)
+        total = {g.index: g.total for g in s.gpus}
+        out.append({"host": h, "free": free, "gpus": len(s.gpus), "error": s.error,
+                    "free_gpus": [{"index": i, "memory_total_mib": total[i]} for i in free]})
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

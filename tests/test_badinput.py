@@ -918,3 +918,25 @@ def test_group_install_used_by_an_outsider(base, group_install, args):
                        capture_output=True, text=True, cwd=base["work"], env=env, timeout=30)
     refused(r, f"group '{GROUP}'")
     assert snapshot(group_install) == before
+
+
+@root_only
+def test_a_lock_another_user_created_a_moment_ago(root):
+    # The first commands of a new install, by two users at once: the lock
+    # file is created with its creator's umask (0644) and chmod'ed to 0666
+    # a moment later.  The other user waits for that, and when it never
+    # comes, gets one line saying how to fix the mode.
+    import threading
+    lock = root.p("state", "lock")
+    with open(lock, "w"):
+        pass
+    os.chmod(lock, 0o644)
+    later = threading.Timer(0.05, os.chmod, (lock, 0o666))
+    later.start()
+    r = root.run("schedule", "--once", "--quiet", user=OTHER)
+    later.join()
+    assert r.returncode == 0, r.stderr
+    check_lines(r)
+    os.chmod(lock, 0o644)
+    refused(root.run("schedule", "--once", "--quiet", user=OTHER),
+            "cannot open the lock", f"chmod 666 {lock}")
