@@ -1523,10 +1523,11 @@ def read_queue(cfg, places, stale=None, index="active", user=None):
             if stale is not None:
                 stale.append(job_id)
             continue
-        why = info is not False and bad_field(info, INDEX_FIELDS)
-        if info is False or why:
-            if why:
-                bad_file(path, why, fix)
+        if info is False:
+            continue        # read_json said why
+        why = bad_field(info, INDEX_FIELDS)
+        if why:
+            bad_file(path, why, fix)
             continue
         if index == "cpu" and info["gpus"] != 0:
             continue        # a GPU job's stray cpu/ entry: plan() places it
