@@ -34,6 +34,7 @@ GLOBAL_LOCK = "/var/tmp/dq-cluster.lock"
 FIRST_PORT = 2222
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 SMI_MODES = ("ok", "fail", "hang", "missing", "nodevices", "na")
+DEFAULT_MODEL = ("NVIDIA H100 80GB HBM3", 81559)     # what nvidia-smi says of an H100
 DQ_COMMANDS = ("submit", "jobs", "kill", "restart", "free", "schedule", "tail",
                "head", "logs", "grep", "attach", "users", "on-all")
 REQUIRED_TOOLS = ("unshare", "nsenter", "setpriv", "/usr/sbin/sshd", "ssh",
@@ -41,10 +42,10 @@ REQUIRED_TOOLS = ("unshare", "nsenter", "setpriv", "/usr/sbin/sshd", "ssh",
 
 # Runs as PID 1 of the node's fresh namespaces, then becomes its sshd.
 NODE_INIT = r"""#!/bin/sh
-# usage: node-init.sh NAME BINDIR GPUS SSHD_CONFIG
+# usage: node-init.sh NAME BINDIR GPUS SSHD_CONFIG GPU_NAME GPU_MEM_MIB
 set -e
 umask 022
-name=$1 bindir=$2 gpus=$3 config=$4
+name=$1 bindir=$2 gpus=$3 config=$4 gpu_name=$5 gpu_mem=$6
 hostname "$name"
 mount --make-rprivate /
 mount -t tmpfs -o mode=1777 "tmp-$name" /tmp
@@ -52,6 +53,7 @@ mount -t tmpfs -o mode=1777 "screen-$name" /run/screen
 mount -t tmpfs -o mode=1777 "fakegpu-$name" /run/fakegpu
 mkdir -m 1777 /run/fakegpu/holders
 echo "$gpus" > /run/fakegpu/gpus
+printf '%s\n%s\n' "$gpu_name" "$gpu_mem" > /run/fakegpu/model
 echo ok > /run/fakegpu/mode
 mount --bind "$bindir" /usr/local/bin
 exec /usr/sbin/sshd -D -e -f "$config"
@@ -191,7 +193,7 @@ class _GlobalLock:
 class Node:
     """Book-keeping for one node; `pid` is the host pid of its init (sshd)."""
 
-    def __init__(self, cluster, index, gpus):
+    def __init__(self, cluster, index, gpus, model):
         self.name = "node%d" % index
         self.index = index
         self.addr = "127.0.0.%d" % (index + 1)
@@ -202,6 +204,7 @@ class Node:
         self.hostkey = os.path.join(self.dir, "ssh_host_ed25519_key")
         self.gpus_configured = gpus
         self.gpus = gpus
+        self.model_configured = self.model = model     # (nvidia-smi name, MiB)
         self.proc = None        # the host-side `unshare` process
         self.pid = None         # its child: PID 1 of the node
 
@@ -218,13 +221,21 @@ class Cluster:
     """Several namespace "nodes" with sshd, screen, test users and fake GPUs.
 
     gpus: GPUs per node, an int or a list with one count per node.
+    models: the GPUs' model per node, (nvidia-smi name, memory.total in MiB),
+    one for all nodes or a list with one per node (default an H100 80GB).
     """
 
-    def __init__(self, nodes=4, gpus=4, users=("dqalice", "dqbob")):
+    def __init__(self, nodes=4, gpus=4, users=("dqalice", "dqbob"), models=None):
         if isinstance(gpus, int):
             gpus = [gpus] * nodes
         if len(gpus) != nodes:
             raise ValueError("gpus must be an int or a list of %d counts" % nodes)
+        models = models or DEFAULT_MODEL
+        if isinstance(models, tuple):
+            models = [models] * nodes
+        if len(models) != nodes:
+            raise ValueError("models must be one (name, MiB) or a list of %d" % nodes)
+        self._models = list(models)
         self.users = tuple(users)
         self.base = os.path.join(BASE_PARENT, BASE_PREFIX + secrets.token_hex(4))
         self.keys = os.path.join(self.base, "keys")
@@ -320,7 +331,7 @@ class Cluster:
     def _write_configs(self):
         lines = []
         for i, host in enumerate(self.hosts):
-            node = Node(self, i + 1, self._gpus[i])
+            node = Node(self, i + 1, self._gpus[i], self._models[i])
             self._nodes[host] = node
             os.makedirs(node.bindir, mode=0o755)
             os.chmod(node.dir, 0o755)
@@ -360,7 +371,8 @@ class Cluster:
             node.proc = subprocess.Popen(
                 ["unshare", "--uts", "--mount", "--pid", "--fork", "--kill-child",
                  "--mount-proc", "/bin/sh", os.path.join(self.base, "node-init.sh"),
-                 node.name, node.bindir, str(node.gpus), node.config],
+                 node.name, node.bindir, str(node.gpus), node.config,
+                 node.model[0], str(node.model[1])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
                 start_new_session=True)
@@ -546,6 +558,12 @@ class Cluster:
         node.gpus = int(count)
         _write_atomic(node.path("/run/fakegpu/gpus"), "%d\n" % node.gpus)
 
+    def set_gpu_model(self, host, name, memory_mib):
+        """Change the model the node's nvidia-smi reports (until reset)."""
+        node = self._node(host)
+        node.model = (name, int(memory_mib))
+        _write_atomic(node.path("/run/fakegpu/model"), "%s\n%d\n" % node.model)
+
     def set_smi_mode(self, host, mode):
         """ok | fail | hang | missing | nodevices | na (see fakegpu/fakesmi.py)."""
         if mode not in SMI_MODES:
@@ -661,6 +679,7 @@ class Cluster:
         """
         for host, node in self._nodes.items():
             node.gpus = node.gpus_configured
+            node.model = node.model_configured
             if node.alive():
                 os.kill(node.pid, signal.SIGCONT)
             else:
@@ -672,6 +691,7 @@ class Cluster:
             self._install_fake_tools(node)
             _write_atomic(node.path("/run/fakegpu/mode"), "ok\n")
             _write_atomic(node.path("/run/fakegpu/gpus"), "%d\n" % node.gpus)
+            _write_atomic(node.path("/run/fakegpu/model"), "%s\n%d\n" % node.model)
 
 
 # ---------------------------------------------------------------- helpers

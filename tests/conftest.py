@@ -1,7 +1,8 @@
 """pytest fixtures for dq's end-to-end tests on the namespace test cluster.
 
-- `cluster` (session): a started 4-node Cluster (4 fake GPUs each), users
-  dqalice, dqbob and dqdan.
+- `cluster` (session): a started 4-node Cluster (4 fake GPUs each: an
+  A100 80GB node, an RTX 3090 node, two GTX 1080 Ti nodes), users dqalice,
+  dqbob and dqdan.
 - `dq` (function): a fresh dq install on that cluster (see DQInstall).
 After every test that used the cluster, it is reset (test-user processes
 killed, dead nodes rebooted, fake GPUs restored) so tests are independent.
@@ -15,6 +16,7 @@ import re
 import pytest
 
 from cluster import Cluster, DQInstall, install_dq, unavailable_reason
+from dqtest import MODELS
 
 _session = {"cluster": None, "installs": 0}
 
@@ -42,7 +44,8 @@ def cluster():
     reason = unavailable_reason()
     if reason:
         _unavailable(reason)
-    c = Cluster(nodes=4, gpus=4, users=("dqalice", "dqbob", "dqdan")).start()
+    c = Cluster(nodes=4, gpus=4, users=("dqalice", "dqbob", "dqdan"),
+                models=MODELS).start()
     _session["cluster"] = c
     try:
         yield c

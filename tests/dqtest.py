@@ -6,6 +6,11 @@ import re
 import time
 
 ALICE, BOB, DAN = "dqalice", "dqbob", "dqdan"
+# The test cluster's GPUs, node1 to node4: a lab's mix of one node of big
+# GPUs, one of mid-size ones and two of old 11 GB cards (names and
+# memory.total as nvidia-smi prints them for these cards).
+MODELS = [("NVIDIA A100-SXM4-80GB", 81920), ("NVIDIA GeForce RTX 3090", 24576),
+          ("NVIDIA GeForce GTX 1080 Ti", 11264), ("NVIDIA GeForce GTX 1080 Ti", 11264)]
 
 
 def wait_until(cond, timeout=30, interval=0.1, what="condition"):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from cluster import BASE_PARENT, Cluster, ClusterError, CommandFailed, install_dq, DQInstall
+from dqtest import MODELS
 
 SMI_GPU = "nvidia-smi --query-gpu=index,uuid,memory.used,memory.total --format=csv,noheader,nounits"
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
@@ -152,7 +153,7 @@ def test_nvidia_smi_gpu_query_format(cluster):
     assert [r[0] for r in rows] == ["0", "1", "2", "3"]
     for r in rows:
         assert r[1].startswith("GPU-") and len(r[1]) == 40
-        assert r[2:] == ["0", "81559"]
+        assert r[2:] == ["0", str(MODELS[0][1])]
     # UUIDs: stable, distinct per node
     assert smi_gpus(cluster, "node1", "dqbob") == rows
     other = {r[1] for r in smi_gpus(cluster, "node2")}
@@ -162,7 +163,7 @@ def test_nvidia_smi_gpu_query_format(cluster):
                     "memory.free,utilization.gpu,pci.bus_id --format=csv -i 1", check=True)
     assert r.stdout.splitlines() == [
         "memory.used [MiB], index, name, memory.free [MiB], utilization.gpu [%], pci.bus_id",
-        "0 MiB, 1, NVIDIA H100 80GB HBM3, 81559 MiB, 0 %, 00000000:2A:00.0"]
+        "0 MiB, 1, %s, %d MiB, 0 %%, 00000000:2A:00.0" % MODELS[0]]
     r = cluster.run("node1", "dqalice", "nvidia-smi --query-gpu=index,bogus --format=csv")
     assert (r.returncode, r.stdout.splitlines()[0]) == \
         (2, 'Field "bogus" is not a valid field to query.')
@@ -193,7 +194,7 @@ def test_nvidia_smi_reports_gpu_processes(cluster):
     table = cluster.run("node2", "dqalice", "nvidia-smi", check=True).stdout
     assert "NVIDIA-SMI" in table and str(pid_b) in table
     lst = cluster.run("node2", "dqalice", "nvidia-smi -L", check=True).stdout.splitlines()
-    assert lst[0] == "GPU 0: NVIDIA H100 80GB HBM3 (UUID: %s)" % uuids[0]
+    assert lst[0] == "GPU 0: %s (UUID: %s)" % (MODELS[1][0], uuids[0])
 
 
 def test_set_gpus(cluster):
@@ -204,6 +205,23 @@ def test_set_gpus(cluster):
     cluster.set_gpus("node3", 0)
     r = cluster.run("node3", "dqalice", SMI_GPU)
     assert (r.returncode, r.stdout) == (6, "No devices were found\n")
+
+
+def test_gpu_models_per_node(cluster):
+    name_mem = "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits"
+    for host, model in zip(cluster.hosts, MODELS):
+        out = cluster.run(host, "dqbob", name_mem, check=True).stdout.splitlines()
+        assert out == ["%s, %d" % model] * 4
+    cluster.set_gpu_model("node4", "Tesla V100-SXM2-32GB", 32510)
+    assert cluster.run("node4", "dqbob", name_mem, check=True).stdout.splitlines()[0] == \
+        "Tesla V100-SXM2-32GB, 32510"
+    pid = cluster.hold_gpu("node4", "dqbob", 1)
+    apps = cluster.run("node4", "dqbob", "nvidia-smi --query-compute-apps=pid,gpu_name "
+                       "--format=csv,noheader", check=True).stdout
+    assert apps == "%d, Tesla V100-SXM2-32GB\n" % pid
+    cluster.reset()
+    assert cluster.run("node4", "dqbob", name_mem, check=True).stdout.splitlines()[0] == \
+        "%s, %d" % MODELS[3]
 
 
 @pytest.mark.parametrize("mode,rc,out", [
@@ -234,7 +252,7 @@ def test_nvidia_smi_hang_and_na(cluster):
     cluster.set_smi_mode("node1", "na")
     cluster.hold_gpu("node1", "dqalice", 0)
     rows = smi_gpus(cluster, "node1")
-    assert [r[2] for r in rows] == ["[N/A]"] * 4 and rows[0][3] == "81559"
+    assert [r[2] for r in rows] == ["[N/A]"] * 4 and rows[0][3] == str(MODELS[0][1])
     assert cluster.run("node1", "dqalice", SMI_APPS).stdout.endswith(", [N/A]\n")
 
 

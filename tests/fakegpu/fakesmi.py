@@ -6,6 +6,9 @@ reading the node's fake GPU state from /run/fakegpu (a tmpfs private to each
 test node):
 
   /run/fakegpu/gpus             number of GPUs on this node
+  /run/fakegpu/model            the GPUs' model: its name (first line) and
+                                memory.total in MiB (second line); default
+                                an H100 80GB
   /run/fakegpu/mode             ok | fail | hang | nodevices | na
                                 ("missing" is done by deleting this script)
   /run/fakegpu/holders/<k>.<pid>[.<tag>]
@@ -48,6 +51,16 @@ def read_state(name, default):
             return f.read().strip() or default
     except OSError:
         return default
+
+
+def gpu_model():
+    """(name, memory.total MiB) of this node's GPUs (all alike, as in a
+    real server)."""
+    lines = read_state("model", "").splitlines()
+    try:
+        return lines[0].strip(), int(lines[1])
+    except (IndexError, ValueError):
+        return GPU_NAME, MEM_TOTAL
 
 
 def gpu_count():
@@ -161,15 +174,16 @@ def gpus_info(mode):
         used[gpu] += mem
         busy[gpu] += 1
     na = mode == "na"
+    name, total = gpu_model()
     out = []
     for i in range(n):
         out.append({
             "index": i,
             "uuid": gpu_uuid(i),
-            "name": GPU_NAME,
+            "name": name,
             "memory.used": None if na else used[i],
-            "memory.total": MEM_TOTAL,
-            "memory.free": None if na else MEM_TOTAL - used[i],
+            "memory.total": total,
+            "memory.free": None if na else total - used[i],
             "utilization.gpu": min(100, 97 * busy[i]),
             "pci.bus_id": bus_id(i),
             "temperature.gpu": 33 + 20 * min(1, busy[i]),
@@ -252,7 +266,7 @@ def query_apps(fields, fmtopts, gpus, procs, na):
             continue
         row = {"gpu_uuid": by_index[gpu]["uuid"], "pid": pid,
                "used_memory": None if na else mem, "process_name": pname,
-               "gpu_bus_id": by_index[gpu]["pci.bus_id"], "gpu_name": GPU_NAME}
+               "gpu_bus_id": by_index[gpu]["pci.bus_id"], "gpu_name": by_index[gpu]["name"]}
         lines.append(", ".join(
             fmt(row[APP_FIELDS[f][2]], APP_FIELDS[f][1], nounits) for f in fields))
     return lines
