@@ -829,17 +829,20 @@ def dq_argv(python, *args):
 
 # Hosts and GPUs ##############################################################
 
-SMI_GPUS = "nvidia-smi --query-gpu=index,uuid,memory.used,memory.total --format=csv,noheader,nounits"
+# name last: a GPU's name is the one field that might hold a comma
+SMI_GPUS = ("nvidia-smi --query-gpu=index,uuid,memory.used,memory.total,name "
+            "--format=csv,noheader,nounits")
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
 SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
 
 
 class Gpu:
     """One GPU of a poll: nvidia-smi's index and UUID, memory used and in
-    total (MiB; None where it said [N/A] or such)."""
+    total (MiB; None where it said [N/A] or such), and its name."""
 
-    def __init__(self, index, uuid, used, total):
+    def __init__(self, index, uuid, used, total, name=None):
         self.index, self.uuid, self.used, self.total = index, uuid, used, total
+        self.name = name
         self.apps = []          # (pid, MiB) of compute processes nvidia-smi reports on it
         self.known = used is not None
 
@@ -861,7 +864,7 @@ class HostState:
         self.gpus = []
         self.sessions = set()   # job ids with a dq screen session (None: no ps ran)
         self.ps = ""            # the poll's ps section, as the host printed it
-        self.table_at = None    # when the GPU table (index, uuid) was read
+        self.table_at = None    # when the GPU table (index, uuid, MiB, name) was read
 
     def free(self, reserved=()):
         if self.error:
@@ -875,17 +878,19 @@ def _int_field(s):
 
 
 def parse_smi_gpus(text):
-    """Rows of `index, uuid, memory.used, memory.total`.  A field such as
-    [N/A] or [Insufficient Permissions] leaves the GPU unknown (never free);
-    a row that does not parse at all is an error for the whole host."""
+    """Rows of `index, uuid, memory.used, memory.total, name`.  A field
+    such as [N/A] or [Insufficient Permissions] leaves the GPU unknown
+    (never free; its size or name matches no constraint); a row that does
+    not parse at all is an error for the whole host."""
     gpus = []
     for line in text.splitlines():
         if not line.strip():
             continue
-        f = [x.strip() for x in line.split(",")]
-        if len(f) != 4 or _int_field(f[0]) is None or not f[1].startswith("GPU-"):
+        f = [x.strip() for x in line.split(",", 4)]
+        if len(f) != 5 or _int_field(f[0]) is None or not f[1].startswith("GPU-"):
             raise ValueError(line.strip()[:120])
-        gpus.append(Gpu(int(f[0]), f[1], _int_field(f[2]), _int_field(f[3])))
+        name = f[4] if f[4] and not f[4].startswith("[") else None
+        gpus.append(Gpu(int(f[0]), f[1], _int_field(f[2]), _int_field(f[3]), name))
     return gpus
 
 
@@ -926,7 +931,7 @@ def poll_script(cfg, with_ps=True):
 
 def parse_poll(host, res, started, table=None):
     """A HostState from a poll's output.  table: the host's GPU table from an
-    earlier poll ({"at", "gpus": [[index, uuid], ...]}) when this poll ran
+    earlier poll ({"at", "gpus": [[index, uuid, MiB, name], ...]}) when this poll ran
     only the compute-apps query (see poll_handover)."""
     st = HostState(host, started)
     if not res.ok:
@@ -954,7 +959,7 @@ def parse_poll(host, res, started, table=None):
         return st
     try:
         st.gpus = parse_smi_gpus(gtext) if table is None else \
-            [Gpu(i, uuid, 0, None) for i, uuid in table["gpus"]]
+            [Gpu(i, uuid, 0, total, name) for i, uuid, total, name in table["gpus"]]
         st.table_at = started if table is None else table["at"]
         by_uuid = {g.uuid: g for g in st.gpus}
         for uuid, pid, mem in parse_smi_apps(atext):
@@ -978,7 +983,7 @@ def poll_hosts(cfg, hosts=None, with_ps=True):
     return {h: parse_poll(h, r, started) for h, r in results.items()}
 
 
-GPU_TABLE_MAX_AGE = 60      # seconds a host's GPU table (index: uuid) is trusted
+GPU_TABLE_MAX_AGE = 60      # seconds a host's GPU table (index, uuid, ...) is trusted
 
 
 def poll_handover(cfg, host):
@@ -990,7 +995,8 @@ def poll_handover(cfg, host):
     seen = load_hosts(cfg)["seen"].get(host, {})
     table = seen.get("table")
     started = time.time()
-    if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE:
+    if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE \
+            or any(len(row) != 4 for row in table["gpus"]):      # from an older dq
         return poll_hosts(cfg, [host], with_ps=False)
     script = (f"echo @@apps; timeout {smi_timeout(cfg)} {SMI_APPS} </dev/null 2>&1; "
               f"echo \"@@rc $?\"\n")
@@ -1001,7 +1007,9 @@ def is_gpu_table(v):
     return isinstance(v, dict) and bad_field(v, {
         "at": (is_time, "", True), "all_known": (lambda x: isinstance(x, bool), "", True),
         "gpus": (lambda x: isinstance(x, list) and all(
-            isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_str(r[1]) for r in x),
+            isinstance(r, list) and len(r) in (2, 4) and is_int(r[0]) and is_str(r[1])
+            and (len(r) == 2 or optional(is_int)(r[2]) and optional(is_str)(r[3]))
+            for r in x),
             "", True)}) is None
 
 
@@ -1049,7 +1057,8 @@ def track_hosts(cfg, polls):
             down.setdefault(h, st.started)
         table = seen.get(h, {}).get("table")
         if not st.error and st.table_at == st.started:      # a full poll
-            table = {"at": st.started, "gpus": [[g.index, g.uuid] for g in st.gpus],
+            table = {"at": st.started,
+                     "gpus": [[g.index, g.uuid, g.total, g.name] for g in st.gpus],
                      "all_known": all(g.known for g in st.gpus)}
         elif st.gpus and not all(g.known for g in st.gpus):
             table = None        # it named a GPU the table lacks: read it again
@@ -1106,7 +1115,8 @@ LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
                "ended": (optional(is_time), "a time in seconds", False)}
 INDEX_FIELDS = {
     "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
-    "submitted": (optional(is_time), "a time in seconds", False)}
+    "submitted": (optional(is_time), "a time in seconds", False),
+    "need": (lambda v: is_need(v), "the job's constraints (see job_needs)", False)}
 
 
 def read_job_file(path, fields, corrupt, fix):
@@ -1433,6 +1443,114 @@ def wanted_gpus(env):
     return int(raw)
 
 
+# What a job may run on: DQ_HOSTS, DQ_EXCLUDE, DQ_GPU_TYPE, DQ_GPU_MEM at
+# submit become the job's `need` ({hosts, exclude, gpu_type, gpu_mem}, only
+# the keys asked for), kept in its jobs/active entry for the passes.
+HOST_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]+$")
+MAX_RANGE = 10000       # hosts one [a-b] range may name
+
+
+def job_needs(env, want):
+    """The job's constraints from its DQ_* variables, checked."""
+    need = {}
+    for var, key in (("DQ_HOSTS", "hosts"), ("DQ_EXCLUDE", "exclude")):
+        raw = env.get(var, "").strip()
+        if raw:
+            need[key] = host_patterns(var, raw)
+    gpu_type = env.get("DQ_GPU_TYPE", "").strip()
+    if gpu_type:
+        need["gpu_type"] = gpu_type
+    mem = env.get("DQ_GPU_MEM", "").strip()
+    if mem:
+        need["gpu_mem"] = size_mib("DQ_GPU_MEM", mem)
+    if want == 0 and ("gpu_type" in need or "gpu_mem" in need):
+        raise Failure("DQ_GPU_TYPE and DQ_GPU_MEM choose GPUs, but DQ_GPUS=0 asks for "
+                      "none; drop them, or ask for GPUs with DQ_GPUS")
+    return need
+
+
+def host_patterns(var, text):
+    """'deep[1-4],deep1*' -> ['deep1', ..., 'deep4', 'deep1*']: names and
+    shell globs, ranges expanded."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out = []
+    for item in items + [cur]:
+        for pat in _expand_range(var, item.strip()):
+            if not HOST_PATTERN_RE.match(pat):
+                raise Failure(f"{var}: {item.strip()!r} is not a host name, range or glob; "
+                              f"e.g. {var}=deep1,deep[3-5],gpu*")
+            out.append(pat)
+    return out
+
+
+def _expand_range(var, item):
+    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
+    if not m:
+        return [item]
+    head, body, tail = m.groups()
+    names = []
+    for part in body.split(","):
+        r = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        lo, hi = (int(r.group(1)), int(r.group(2) or r.group(1))) if r else (1, 0)
+        if not r or hi < lo or hi - lo > MAX_RANGE:
+            raise Failure(f"{var}: bad range [{body}] in {item!r}; e.g. deep[1-4] or "
+                          f"deep[1,3,7-9]")
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        names += [f"{head}{n:0{width}d}" for n in range(lo, hi + 1)]
+    return [x for name in names for x in _expand_range(var, name + tail)]
+
+
+def size_mib(var, text):
+    """'24G', '24000M', '24 GiB', '24000' (MiB) -> MiB."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([MGT]?)(?:I?B)?", text.strip(), re.I)
+    if not m:
+        raise Failure(f"{var}={text!r} is not a size; e.g. {var}=24G, {var}=24000M, or a "
+                      f"plain number of MiB")
+    unit = 1024 ** "MGT".index(m.group(2).upper() or "M")
+    return math.ceil(float(m.group(1)) * unit)
+
+
+def _glob(pattern, name):
+    if "*" not in pattern and "?" not in pattern:
+        return pattern == name
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."),
+                        name) is not None
+
+
+def host_allowed(need, host):
+    if need.get("hosts") and not any(_glob(p, host) for p in need["hosts"]):
+        return False
+    return not any(_glob(p, host) for p in need.get("exclude", ()))
+
+
+def gpu_allowed(need, name, total):
+    """Does a GPU (nvidia-smi's name and memory.total, None if unknown) fit?"""
+    kind = need.get("gpu_type")
+    if kind and (name is None or kind.lower() not in name.lower()):
+        return False
+    return total is not None and total >= need["gpu_mem"] if "gpu_mem" in need else True
+
+
+def is_need(v):
+    return isinstance(v, dict) and bad_field(v, NEED_FIELDS) is None and set(v) <= set(NEED_FIELDS)
+
+
+NEED_FIELDS = {
+    "hosts": (lambda v: isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p)
+                                                      for p in v), "host patterns", False),
+    "exclude": (lambda v: isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p)
+                                                        for p in v), "host patterns", False),
+    "gpu_type": (is_str, "a text", False),
+    "gpu_mem": (lambda v: is_int(v, 1), "a size in MiB", False)}
+
+
 def next_number(cfg):
     """The counter, or (missing or corrupt) one past the highest job."""
     path, fix = cfg.p("state", "next_id"), "dq counts on from the highest job ID and rewrites it"
@@ -1474,7 +1592,9 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
     write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
     if want == 0:
         write_json(cfg.p("jobs", "cpu", job_id), {})
-    write_json(cfg.p("jobs", "active", job_id), {"gpus": want, "submitted": now})
+    need = job_needs(env, want)
+    write_json(cfg.p("jobs", "active", job_id),
+               dict({"gpus": want, "submitted": now}, **({"need": need} if need else {})))
     return job_id
 
 
@@ -1531,7 +1651,7 @@ def read_queue(cfg, places, stale=None, index="active", user=None):
             continue
         if index == "cpu" and info["gpus"] != 0:
             continue        # a GPU job's stray cpu/ entry: plan() places it
-        yield job_id, info["gpus"], info.get("submitted")
+        yield job_id, info["gpus"], info.get("submitted"), info.get("need")
 
 
 # Placement ###################################################################
@@ -1828,36 +1948,49 @@ def reconcile(cfg, places, polls, now):
 def plan(queue, polls, places, now, cfg):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
 
-    queue: (job_id, gpus_wanted, submitted) oldest first, read lazily: it
-    stops as soon as no GPU is left, so a pass costs the same with ten or
-    ten thousand jobs waiting.  First come, first served, with backfill: a
+    queue: (job_id, gpus_wanted, submitted[, need]) oldest first, read
+    lazily: it stops as soon as no GPU is left, so a pass costs the same
+    with ten or ten thousand jobs waiting.  need: the job's constraints
+    (job_needs): only the GPUs and hosts they allow are its to take.  First come, first served, with backfill: a
     job that cannot fit yet is passed over by smaller ones behind it, except
     that once it has waited `starve_after` seconds the host closest to
     fitting it is kept for it.  Among hosts that fit, the one with the
     fewest free GPUs wins, which keeps whole hosts free for multi-GPU jobs.
     Returns [(job_id, host, gpus)]."""
     reserved = reserved_by_host(places)
-    free = {h: s.free(reserved.get(h, ())) for h, s in polls.items() if not s.error}
-    total = {h: len(s.gpus) for h, s in polls.items() if not s.error}
+    up = {h: s for h, s in polls.items() if not s.error}
+    free = {h: s.free(reserved.get(h, ())) for h, s in up.items()}
     kept_for = {}           # host -> job id that starves for it
     out = []
     queue = iter(queue)
     while any(free[h] for h in free if h not in kept_for):
-        job_id, want, submitted = next(queue, (None, 0, None))
-        if job_id is None:
+        item = next(queue, None)
+        if item is None:
             break
+        job_id, want, submitted = item[:3]
+        need = item[3] if len(item) > 3 else None
         if want == 0:
             continue        # see plan_cpu
-        fits = [h for h in free if len(free[h]) >= want and h not in kept_for]
+
+        def usable(h, gpus):
+            """Of these GPUs of h (indices), those the job may take."""
+            if not need:
+                return gpus
+            if not host_allowed(need, h):
+                return []
+            info = {g.index: g for g in up[h].gpus}
+            return [i for i in gpus if gpu_allowed(need, info[i].name, info[i].total)]
+        mine = {h: usable(h, free[h]) for h in free if h not in kept_for}
+        fits = [h for h in mine if len(mine[h]) >= want]
         if fits:
             h = min(fits, key=lambda h: len(free[h]))
-            gpus = sorted(free[h])[:want]
+            gpus = sorted(mine[h])[:want]
             free[h] = [g for g in free[h] if g not in gpus]
             out.append((job_id, h, gpus))
         elif submitted is not None and now - submitted >= cfg.starve_after:
-            big = [h for h in free if total[h] >= want and h not in kept_for]
+            big = [h for h in mine if len(usable(h, [g.index for g in up[h].gpus])) >= want]
             if big:
-                kept_for[max(big, key=lambda h: len(free[h]))] = job_id
+                kept_for[max(big, key=lambda h: len(mine[h]))] = job_id
     return out
 
 
@@ -1871,10 +2004,14 @@ def plan_cpu(queue, polls, places, cfg):
             cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
     up = [h for h, s in polls.items() if s.reachable]
     out = []
-    for job_id, _, _ in queue:
+    for job_id, _, _, *need in queue:
         hosts = [h for h in up if cpu_used.get(h, 0) < cfg.cpu_slots]
         if not hosts:
             break
+        if need and need[0]:
+            hosts = [h for h in hosts if host_allowed(need[0], h)]
+            if not hosts:
+                continue
         h = min(hosts, key=lambda h: cpu_used.get(h, 0))
         cpu_used[h] = cpu_used.get(h, 0) + 1
         out.append((job_id, h, []))
@@ -2545,26 +2682,71 @@ def parse(p, argv):
     return args
 
 
-def check_fits(cfg, hosts, want):
-    """A GPU job that no host can ever run is refused, not left waiting.
-    hosts: {host: (GPU count, reachable)}."""
+def check_fits(cfg, hosts, want, need):
+    """A job that no host can ever run (too many GPUs, or constraints that
+    match no host or GPU of the cluster) is refused, not left waiting.
+    hosts: {host: ([(GPU name, MiB)], reachable)}; need: job_needs()."""
+    allowed = {h: v for h, v in hosts.items() if host_allowed(need, h)}
+    if not allowed:
+        raise Failure(f"{describe_need(need, hosts=True)} leaves no host of the cluster "
+                      f"(its hosts: {' '.join(sorted(hosts))}); change DQ_HOSTS or DQ_EXCLUDE")
     if want == 0:
         return
-    ok = {h: n for h, (n, reachable) in hosts.items() if reachable}
-    down = sorted(h for h, (n, reachable) in hosts.items() if not reachable)
+    ok = {h: sum(1 for name, total in gpus if gpu_allowed(need, name, total))
+          for h, (gpus, reachable) in allowed.items() if reachable}
+    down = sorted(h for h, (_, reachable) in allowed.items() if not reachable)
     best = max(ok.values(), default=0)
     if best >= want:
         return
     if down:
-        warn(f"no host that answered has {want} GPU(s); queued in case "
+        warn(f"no host that answered has {want} GPU(s) for this job; queued in case "
              f"{', '.join(down)} come(s) back")
         return
     where = "this machine" if cfg.local else "any host of the cluster"
-    if best == 0:
+    if not any(gpus for gpus, _ in hosts.values()):
         raise Failure(f"nvidia-smi finds no GPU on {where}; to run a CPU-only job "
                       f"submit it with DQ_GPUS=0")
+    if need:
+        raise Failure(f"no host has {want} GPU(s) for {describe_need(need)}; the cluster "
+                      f"has {gpu_inventory(hosts)}")
     raise Failure(f"no host has {want} GPUs (the most on one host is {best}); "
                   f"ask for fewer with DQ_GPUS")
+
+
+def describe_need(need, hosts=False):
+    """The constraints in the user's words (hosts: only the host ones)."""
+    words = []
+    if need.get("hosts"):
+        words.append("DQ_HOSTS=" + ",".join(need["hosts"]))
+    if need.get("exclude"):
+        words.append("DQ_EXCLUDE=" + ",".join(need["exclude"]))
+    if not hosts and "gpu_type" in need:
+        words.append(f"DQ_GPU_TYPE={need['gpu_type']}")
+    if not hosts and "gpu_mem" in need:
+        words.append(f"DQ_GPU_MEM={need['gpu_mem']}M")
+    return " ".join(words)
+
+
+def gpu_inventory(hosts):
+    """'4 x NVIDIA A100-SXM4-80GB (80 GB) on node1; ...': what the cluster
+    has, for a refusal to name."""
+    kinds = {}
+    for h, (gpus, _) in sorted(hosts.items()):
+        for name, total in gpus:
+            kinds.setdefault((name or "an unknown GPU", total), []).append(h)
+    return "; ".join(
+        f"{len(hs)} x {name}" + (f" ({round(total / 1024)} GB)" if total else "")
+        + f" on {','.join(sorted(set(hs)))}" for (name, total), hs in kinds.items()) \
+        or "no GPU"
+
+
+def seen_models(seen):
+    """[(name, MiB)] of a host's GPUs as hosts.json remembers them (from
+    its last full poll; unknown where it has none)."""
+    table = (seen.get("table") or {}).get("gpus", [])
+    if table and all(len(row) == 4 for row in table):
+        return [(name, total) for _, _, total, name in table]
+    return [(None, None)] * seen["gpus"]
 
 
 def may_place_now(cfg, seen, want):
@@ -2589,12 +2771,14 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     host and runs no pass: the job just joins the queue, and its owner's
     dq-schedule loop (or the end of a running job) places it."""
     want = wanted_gpus(env)
+    need = job_needs(env, want)
     ensure_layout(cfg)      # who may not use the data root learns it first
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
     queue_only = seen is not None and not may_place_now(cfg, seen, want)
     if queue_only:
         try:
-            check_fits(cfg, {h: (s["gpus"], s["reachable"]) for h, s in seen.items()}, want)
+            check_fits(cfg, {h: (seen_models(s), s["reachable"]) for h, s in seen.items()},
+                       want, need)
         except Failure:     # refused on old news (nvidia-smi failed then?): ask the hosts
             queue_only = False
     polls = None
@@ -2603,7 +2787,8 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
         for h, s in sorted(polls.items()):
             if s.error and (want or not s.reachable):
                 warn(f"{h}: {s.error}")
-        check_fits(cfg, {h: (len(s.gpus), s.reachable) for h, s in polls.items()}, want)
+        check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
+                         for h, s in polls.items()}, want, need)
     job_id = create_job(cfg, script, cwd, env, want, restart_of)
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")

@@ -17,10 +17,10 @@ from lib import (ALICE, BOB, Row, check, failed, fmt_s, hold_all, job_files, job
 SIZES = {
     "full": dict(b1_nodes=4, b1_jobs=200, b2_n=10, b3_n=20, b3_queue=10000, b3_per=25,
                  b4_small=100, b4_big=100000, b4_n=15, b5_nodes=32, b5_n=10,
-                 b6_bytes=2 << 30, b6_n=3),
+                 b6_bytes=2 << 30, b6_n=3, b8_queue=10000, b8_n=7),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
-                  b6_bytes=64 << 20, b6_n=1),
+                  b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -391,7 +391,7 @@ def canned_smi(cluster, hosts):
     for h in hosts:
         node = cluster._node(h)
         g = cluster.run(h, "root", "nvidia-smi --query-gpu=index,uuid,memory.used,"
-                        "memory.total --format=csv,noheader,nounits", check=True).stdout
+                        "memory.total,name --format=csv,noheader,nounits", check=True).stdout
         path = os.path.join(node.bindir, "nvidia-smi")
         with open(path + ".new", "w") as f:
             f.write("#!/bin/sh\ncase \"$*\" in\n*--query-gpu=*) cat <<'EOF'\n" + g +
@@ -529,8 +529,40 @@ def bench_logs(ctx):
     return rows
 
 
+# 8: passes with constrained jobs waiting #####################################
+
+def bench_constrained(ctx):
+    """A pass when every queued job asks for node1 (DQ_HOSTS=node1), whose
+    GPUs are all busy, while the other hosts have GPUs free: none of the
+    queue fits, so how much of it does a pass read?"""
+    c = ctx.cluster(4)
+    qlen, n = ctx.size["b8_queue"], ctx.size["b8_n"]
+    say("node1's GPUs held; node2-4 free")
+    held = hold_all(c, ["node1"], GPUS)      # noqa: F841 -- killed by the reset afterwards
+    dq = new_install(c, "b8-constrained")
+    users = [ALICE, BOB]
+    env, need = {"DQ_HOSTS": "node1"}, {"hosts": ["node1"]}
+    once = [dq.path("schedule"), "--once", "--quiet"]
+
+    def pass_time():
+        return median([t.wall for t in times(c, "node2", BOB, once, n + 1)[1:]])
+    synth_jobs(dq, next_id(dq), 10, users, "queued", env=env, need=need)
+    small = pass_time()
+    say(f"synthesizing {qlen - 10} more queued jobs for node1")
+    synth_jobs(dq, next_id(dq), qlen - 10, users, "queued", env=env, need=need)
+    big = pass_time()
+    r = dq.run("node1", ALICE, "jobs", "summary", "-a", "--json", timeout=120)
+    queued = json.loads(r.stdout)["queued"]
+    return [Row(8, f"pass (dq-schedule --once), {qlen} / 10 queued jobs that fit only busy "
+                f"hosts", "<= 1.5x", f"{big / small:.2f}x ({fmt_s(big)} / {fmt_s(small)})",
+                check(big <= 1.5 * small),
+                f"DQ_HOSTS=node1 for every job, node1's 4 GPUs held by hand, 12 GPUs free "
+                f"elsewhere; {n} passes each (median), as {BOB} on node2, polls included; "
+                f"{queued} jobs still queued after them")]
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
-         5: ("wide clusters", bench_wide)}
-ORDER = [1, 7, 2, 3, 4, 6, 5]      # 7 reads what 1 measured; 5 needs its own cluster
+         5: ("wide clusters", bench_wide), 8: ("constrained queue", bench_constrained)}
+ORDER = [1, 7, 2, 3, 4, 6, 8, 5]   # 7 reads what 1 measured; 5 needs its own cluster

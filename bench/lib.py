@@ -258,12 +258,14 @@ def _write(path, data, uid, gid, text=None):
 
 
 def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=None,
-               log=False, step=1.0):
+               log=False, step=1.0, env=None, need=None):
     """Write `count` jobs numbered from `first` straight into the data root,
     as dq would have left them, owned by their users (round robin).
     state: 'queued' (job.json + active entry) or 'done' (job.json, run.json,
     end.json, and an empty log if `log`).  Bumps state/next_id and the
-    completed-job counters dq keeps.  Returns the ids."""
+    completed-job counters dq keeps.  env/need: the jobs' DQ_* variables
+    and the constraints dq derives from them (its jobs/active entry).
+    Returns the ids."""
     root = dq.root
     backend = os.path.join(root, "jobs", "backend")
     active = os.path.join(root, "jobs", "active")
@@ -281,10 +283,11 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
         sub = t0 + i * step
         _write(os.path.join(d, "job.json"), {
             "format": 1, "id": job_id, "user": user, "script": script, "cwd": cwd,
-            "env": {}, "gpus": 1, "submitted": sub, "submit_host": "node1",
+            "env": env or {}, "gpus": 1, "submitted": sub, "submit_host": "node1",
             "restart_of": None, "requeues": 0}, uid, gid)
         if state == "queued":
-            _write(os.path.join(active, job_id), {"format": 1, "gpus": 1, "submitted": sub},
+            entry = {"format": 1, "gpus": 1, "submitted": sub}
+            _write(os.path.join(active, job_id), dict(entry, need=need) if need else entry,
                    uid, gid)
         else:
             host, gpu = f"node{1 + n % 4}", n % 4

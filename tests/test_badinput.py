@@ -49,7 +49,7 @@ NEXT = 846                  # one past the highest seeded job
 SMI = """#!/bin/sh
 # stub nvidia-smi: 4 idle GPUs
 case "$*" in
-*--query-gpu*) for i in 0 1 2 3; do echo "$i, GPU-0000000$i-1111-2222-3333-4444, 0, 81559"; done ;;
+*--query-gpu*) for i in 0 1 2 3; do echo "$i, GPU-0000000$i-1111-2222-3333-4444, 0, 81559, NVIDIA H100 80GB HBM3"; done ;;
 *--query-compute-apps*) ;;
 *) echo "stub nvidia-smi" ;;
 esac

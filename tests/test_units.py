@@ -23,31 +23,38 @@ def parsed(out, rc=0, err=""):
 
 
 def test_idle_gpus_are_free():
-    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n1, {UUID1}, 3, 81559\n", ""))
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559, NVIDIA H100 80GB HBM3\n1, {UUID1}, 3, 81559, NVIDIA H100 80GB HBM3\n", ""))
     assert st.error is None
     assert st.free() == [0, 1]
 
 
+def test_gpu_name_and_memory_are_read_a_comma_in_the_name_too():
+    st = parsed(poll_output(f"0, {UUID0}, 0, 11264, NVIDIA GeForce GTX 1080 Ti\n"
+                            f"1, {UUID1}, 0, [N/A], Odd, Name\n", ""))
+    assert [(g.name, g.total) for g in st.gpus] == \
+        [("NVIDIA GeForce GTX 1080 Ti", 11264), ("Odd, Name", None)]
+
+
 def test_gpu_with_a_process_is_busy_and_pid_recorded():
-    st = parsed(poll_output(f"0, {UUID0}, 1043, 81559\n1, {UUID1}, 0, 81559\n",
+    st = parsed(poll_output(f"0, {UUID0}, 1043, 81559, NVIDIA H100 80GB HBM3\n1, {UUID1}, 0, 81559, NVIDIA H100 80GB HBM3\n",
                             f"{UUID0}, 12345, 1034\n"))
     assert st.free() == [1]
     assert st.gpus[0].pids == [12345]
 
 
 def test_reserved_gpus_are_not_free():
-    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n1, {UUID1}, 0, 81559\n", ""))
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559, NVIDIA H100 80GB HBM3\n1, {UUID1}, 0, 81559, NVIDIA H100 80GB HBM3\n", ""))
     assert st.free(reserved={0}) == [1]
 
 
 @pytest.mark.parametrize("field", ["[N/A]", "[Insufficient Permissions]", "[Unknown Error]"])
 def test_unknown_memory_means_not_free(field):
-    st = parsed(poll_output(f"0, {UUID0}, {field}, 81559\n1, {UUID1}, 0, 81559\n", ""))
+    st = parsed(poll_output(f"0, {UUID0}, {field}, 81559, NVIDIA H100 80GB HBM3\n1, {UUID1}, 0, 81559, NVIDIA H100 80GB HBM3\n", ""))
     assert st.free() == [1]
 
 
 def test_process_on_unknown_uuid_makes_every_gpu_unknown():
-    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n", "GPU-ffffffff-0000, 77, 10\n"))
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559, NVIDIA H100 80GB HBM3\n", "GPU-ffffffff-0000, 77, 10\n"))
     assert st.free() == []
 
 
@@ -83,7 +90,7 @@ def test_unreachable_host():
 def test_sessions_found_in_ps():
     ps = ("SCREEN -c /x/jobs/backend/3-alice/screenrc -L -dmS dq-3-alice python3 /x/dq.py"
           " _run 3-alice node1 0\nSCREEN -dmS other\n")
-    st = parsed(poll_output(f"0, {UUID0}, 0, 81559\n", "", ps=ps))
+    st = parsed(poll_output(f"0, {UUID0}, 0, 81559, NVIDIA H100 80GB HBM3\n", "", ps=ps))
     assert st.sessions == {"3-alice"}
 
 
@@ -236,16 +243,18 @@ def apps_only(apps, rc=0):
 
 
 def test_handover_poll_uses_the_gpu_table_of_the_last_full_poll():
-    table = {"at": 50.0, "gpus": [[0, UUID0], [1, UUID1]], "all_known": True}
+    table = {"at": 50.0, "gpus": [[0, UUID0, 81559, "NVIDIA H100 80GB HBM3"],
+                                  [1, UUID1, 81559, "NVIDIA H100 80GB HBM3"]], "all_known": True}
     st = dq.parse_poll("node1", dq.Result("node1", 0, apps_only(f"{UUID1}, 4321, 900\n"),
                                           "", 0.01), 100.0, table)
     assert st.error is None and st.free() == [0]
     assert st.gpus[1].pids == [4321]
+    assert (st.gpus[1].name, st.gpus[1].total) == ("NVIDIA H100 80GB HBM3", 81559)
     assert st.table_at == 50.0 and st.sessions is None
 
 
 def test_handover_poll_failing_or_naming_a_new_gpu_frees_nothing(tmp_path):
-    table = {"at": 50.0, "gpus": [[0, UUID0]], "all_known": True}
+    table = {"at": 50.0, "gpus": [[0, UUID0, 81559, "NVIDIA H100 80GB HBM3"]], "all_known": True}
     st = dq.parse_poll("node1", dq.Result("node1", 0, apps_only("", rc=9), "", 0.01),
                        100.0, table)
     assert st.error and st.free() == []
@@ -255,10 +264,10 @@ def test_handover_poll_failing_or_naming_a_new_gpu_frees_nothing(tmp_path):
     # ... and the table is read again at the next hand-over
     cfg = types.SimpleNamespace(p=lambda *parts: str(tmp_path.joinpath(*parts)))
     tmp_path.joinpath("state").mkdir()
-    full = parsed(poll_output(f"0, {UUID0}, 0, 81559\n", ""))
+    full = parsed(poll_output(f"0, {UUID0}, 0, 81559, NVIDIA H100 80GB HBM3\n", ""))
     dq.track_hosts(cfg, {"node1": full})
     seen = dq.read_json(cfg.p("state", "hosts.json"), {})["seen"]["node1"]
-    assert seen["table"]["gpus"] == [[0, UUID0]]
+    assert seen["table"]["gpus"] == [[0, UUID0, 81559, "NVIDIA H100 80GB HBM3"]]
     dq.track_hosts(cfg, {"node1": st})
     assert dq.read_json(cfg.p("state", "hosts.json"), {})["seen"]["node1"]["table"] is None
 

@@ -1,0 +1,89 @@
+"""Host and GPU constraints at submit (issue 11): DQ_HOSTS, DQ_EXCLUDE,
+DQ_GPU_TYPE, DQ_GPU_MEM, on the test cluster's mixed GPUs (node1: A100
+80GB, node2: RTX 3090 24GB, node3 and node4: GTX 1080 Ti 11GB)."""
+import json
+
+from dqtest import ALICE, BOB, MODELS, configure, job, jobs, script, submit, wait_state
+
+
+def hosts_of(dq, ids):
+    return {i: wait_state(dq, i, ("running", "done"), timeout=30)["host"] for i in ids}
+
+
+def test_each_constraint_places_only_where_allowed(cluster, dq):
+    configure(dq, cluster.hosts)
+    d, path = script(cluster, ALICE, "s.sh", "sleep 3\n")
+    asks = {
+        "type 3090": ({"DQ_GPU_TYPE": "3090"}, {"node2"}),
+        "type a100, any case": ({"DQ_GPU_TYPE": "a100"}, {"node1"}),
+        "memory": ({"DQ_GPU_MEM": "20G"}, {"node1", "node2"}),
+        "memory in MiB": ({"DQ_GPU_MEM": "30000"}, {"node1"}),
+        "range": ({"DQ_HOSTS": "node[3-4]"}, {"node3", "node4"}),
+        "list and glob": ({"DQ_HOSTS": "node4,nodeX*"}, {"node4"}),
+        "exclude": ({"DQ_EXCLUDE": "node[1,2],node3"}, {"node4"}),
+        "include and exclude": ({"DQ_HOSTS": "node*", "DQ_EXCLUDE": "node[2-4]"}, {"node1"}),
+        "cpu job on a host": ({"DQ_GPUS": "0", "DQ_HOSTS": "node3"}, {"node3"}),
+    }
+    placed = {}
+    for what, (env, allowed) in asks.items():
+        for _ in range(2):
+            job_id, r = submit(dq, "node1", ALICE, path, env=env)
+            placed[job_id] = (what, allowed)
+    for job_id, host in hosts_of(dq, placed).items():
+        what, allowed = placed[job_id]
+        assert host in allowed, f"{what}: {job_id} ran on {host}"
+    # the constraints are shown with the job, as its DQ_* variables
+    for job_id in placed:
+        wait_state(dq, job_id, "done")
+    r = dq.run("node1", ALICE, "jobs", "complete")
+    assert "DQ_GPU_TYPE=3090" in r.stdout and "DQ_HOSTS=node[3-4]" in r.stdout
+
+
+def test_a_constrained_job_waits_for_its_kind_of_gpu(cluster, dq):
+    configure(dq, cluster.hosts)
+    holders = [cluster.hold_gpu("node1", BOB, g) for g in range(4)]
+    d, path = script(cluster, ALICE, "s.sh", "exit 0\n")
+    job_id, r = submit(dq, "node2", ALICE, path, env={"DQ_GPU_MEM": "40G"})
+    assert "is queued" in r.stderr, r.stdout + r.stderr
+    # twelve other GPUs are free, none big enough: it keeps waiting
+    free = json.loads(dq.run("node1", ALICE, "free", "--json").stdout)
+    assert sum(len(h["free"]) for h in free) == 12
+    assert job(dq, job_id)["state"] == "queued"
+    cluster.run("node1", BOB, ["kill", str(holders[2])], check=True)
+    j = wait_state(dq, job_id, ("running", "done"), timeout=20)
+    assert (j["host"], j["gpus"]) == ("node1", [2])
+
+
+def test_impossible_constraints_are_refused_at_submit(cluster, dq):
+    configure(dq, cluster.hosts)
+    d, path = script(cluster, ALICE, "s.sh", "exit 0\n")
+    cases = [
+        ({"DQ_GPU_TYPE": "V100"}, ["DQ_GPU_TYPE=V100", MODELS[0][0], "(80 GB)", "node3,node4"]),
+        ({"DQ_GPU_MEM": "100G"}, ["DQ_GPU_MEM", "(24 GB) on node2"]),
+        ({"DQ_GPU_TYPE": "3090", "DQ_GPUS": "5"}, ["5 GPU(s)", "DQ_GPU_TYPE=3090"]),
+        ({"DQ_HOSTS": "deep[1-4]"}, ["DQ_HOSTS=deep1,deep2,deep3,deep4", "node1 node2"]),
+        ({"DQ_EXCLUDE": "node*"}, ["DQ_EXCLUDE=node*", "leaves no host"]),
+        ({"DQ_HOSTS": "node[4-2]"}, ["bad range", "deep[1-4]"]),
+        ({"DQ_GPU_MEM": "lots"}, ["DQ_GPU_MEM='lots' is not a size", "24G"]),
+        ({"DQ_GPU_TYPE": "A100", "DQ_GPUS": "0"}, ["DQ_GPUS=0"]),
+    ]
+    for env, needles in cases:
+        job_id, r = submit(dq, "node1", ALICE, path, env=env, check=False)
+        assert r.returncode == 1 and job_id is None, (env, r.stdout, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dq-submit: error: "), r.stderr
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+    assert jobs(dq, view="complete") == [] and jobs(dq) == []
+
+
+def test_restart_keeps_the_constraints(cluster, dq):
+    configure(dq, cluster.hosts)
+    d, path = script(cluster, ALICE, "s.sh", "exit 0\n")
+    first, _ = submit(dq, "node1", ALICE, path, env={"DQ_GPU_TYPE": "1080", "DQ_EXCLUDE": "node3"})
+    assert wait_state(dq, first, "done")["host"] == "node4"
+    r = dq.run("node2", ALICE, "restart", first)
+    assert r.returncode == 0, r.stderr
+    again = r.stdout.split("'")[1]
+    j = wait_state(dq, again, "done")
+    assert j["host"] == "node4" and j["env"]["DQ_GPU_TYPE"] == "1080"
