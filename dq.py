@@ -2889,6 +2889,61 @@ def active_jobs(cfg, who):
     return out
 
 
+# Why a queued job waits (dq-jobs queue's Reason), from the last polls and
+# the reservations, like Slurm's REASON column; see the README.
+WAIT_REASONS = {
+    "starting": "placed on GPUs; its owner's dq-schedule starts it now",
+    "next pass": "GPUs it may use are free; the next pass places it",
+    "GPUs busy": "every GPU it may use is in use",
+    "GPU kind": "GPUs are free, but none of the type or size it asks for",
+    "hosts": "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out",
+    "hosts down": "the hosts it may use do not answer, or their nvidia-smi fails",
+    "CPU slots": "every host it may use runs cpu_slots CPU-only jobs",
+}
+
+
+def wait_reasons(cfg, queued, places):
+    """Set each queued job's `reason` (a key of WAIT_REASONS).  No host is
+    polled: hosts.json says what the last polls saw."""
+    seen = load_hosts(cfg)["seen"]
+    reserved = reserved_by_host(places)
+    free, up, cpu_used = {}, set(), {}
+    for p in places.values():
+        if not p["gpus"]:
+            cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
+    for h in cfg.hosts:
+        st = seen.get(h)
+        if st and st["ok"]:
+            up.add(h)
+            busy = set(st["busy"]) | reserved.get(h, set())
+            models = seen_models(st)
+            free[h] = [models[i] for i in range(min(st["gpus"], len(models)))
+                       if i not in busy]
+    for j in queued:
+        want = j["gpus_wanted"]
+        try:
+            need = job_needs(j["env"], want)
+        except Failure:
+            need = {}
+        mine = [h for h in up if host_allowed(need, h)]
+        if j["id"] in places:
+            j["reason"] = "starting"
+        elif not mine:
+            j["reason"] = "hosts down" if any(host_allowed(need, h) for h in cfg.hosts) \
+                else "hosts"
+        elif want == 0:
+            j["reason"] = "next pass" if any(cpu_used.get(h, 0) < cfg.cpu_slots
+                                             for h in mine) else "CPU slots"
+        elif any(sum(1 for m in free[h] if gpu_allowed(need, *m)) >= want for h in mine):
+            j["reason"] = "next pass"
+        elif any(len(free[h]) >= want for h in mine):
+            j["reason"] = "GPU kind"
+        elif any(len(free[h]) >= want for h in up):
+            j["reason"] = "hosts"
+        else:
+            j["reason"] = "GPUs busy"
+
+
 def completed_jobs(cfg, who, last=0):
     """Finished jobs, oldest first; with `last`, only the newest `last`
     (read newest first, so the rest of the history is not loaded)."""
@@ -2945,13 +3000,14 @@ def cmd_jobs(cfg, argv):
                   f"Completed jobs: {counts['completed']}")
         return 0
     if args.view == "queue":
+        wait_reasons(cfg, queued, Placements.read(cfg))
         if args.json:
             print(json.dumps(queued, indent=1))
             return 0
         print(f"Jobs in queue: {len(queued)}")
-        rows = [(j["id"], fmt_seconds(now - j["submitted"]), j["script"], env_text(j["env"]))
-                for j in queued]
-        print_table(["JobID", "Wait", "Script", "Env"], rows)
+        rows = [(j["id"], fmt_seconds(now - j["submitted"]), j["reason"], j["script"],
+                 env_text(j["env"])) for j in queued]
+        print_table(["JobID", "Wait", "Reason", "Script", "Env"], rows)
         return 0
     if args.view == "complete":
         done = completed_jobs(cfg, who, max(0, args.last))

@@ -87,3 +87,27 @@ def test_restart_keeps_the_constraints(cluster, dq):
     again = r.stdout.split("'")[1]
     j = wait_state(dq, again, "done")
     assert j["host"] == "node4" and j["env"]["DQ_GPU_TYPE"] == "1080"
+
+
+def test_the_queue_says_why_each_job_waits(cluster, dq):
+    configure(dq, ["node1", "node2"])
+    for g in range(4):
+        cluster.hold_gpu("node1", BOB, g)
+    for g in (1, 2, 3):
+        cluster.hold_gpu("node2", BOB, g)       # node2's GPU 0 (24 GB) stays free
+    d, path = script(cluster, ALICE, "s.sh", "exit 0\n")
+    want = {}
+    for env, reason in [({"DQ_GPU_MEM": "40G"}, "GPU kind"),      # only node1's are that big
+                        ({"DQ_HOSTS": "node1"}, "hosts"),
+                        ({"DQ_GPUS": "2"}, "GPUs busy")]:
+        job_id, r = submit(dq, "node1", ALICE, path, env=env)
+        assert "is queued" in r.stderr, r.stdout + r.stderr
+        want[job_id] = reason
+    got = {j["id"]: j["reason"] for j in jobs(dq, view="queue")}
+    assert got == want
+    r = dq.run("node2", ALICE, "jobs", "queue")
+    header, _, *rows = r.stdout.splitlines()[1:]
+    assert header.split()[:3] == ["JobID", "Wait", "Reason"]
+    for row in rows:
+        job_id = row.split()[0]
+        assert f"  {want[job_id]}  " in row, row
