@@ -193,7 +193,9 @@ class Config:
                "watch_interval": (10, False), "lock_timeout": (30, False)}
     # More than 11 days is a typo, and poll() takes at most ~24 days.
     MAX_SECONDS = 1_000_000
-    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "lock_stats"} | set(NUMBERS)
+    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order",
+            "lock_stats"} | set(NUMBERS)
+    ORDERS = ("fairshare", "fifo")
 
     def __init__(self):
         self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
@@ -244,6 +246,10 @@ class Config:
             raise Failure(f"{self.path}: 'cpu_slots' must be a whole number of jobs, 1 or "
                           f"more (not {slots!r}), e.g. 'cpu_slots = 4'")
         self.cpu_slots = int(slots)
+        self.order = sect.get("order", "fairshare").strip().lower()
+        if self.order not in self.ORDERS:
+            raise Failure(f"{self.path}: 'order' must be fairshare or fifo, not "
+                          f"{self.order!r}, e.g. 'order = fairshare'")
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
@@ -1623,11 +1629,26 @@ def mark_lost(cfg, job, reason):
 
 
 def read_queue(cfg, places, stale=None, index="active", user=None):
-    """Yield (job_id, gpus_wanted, submitted) of jobs waiting for a
+    """Yield (job_id, gpus_wanted, submitted, need) of jobs waiting for a
     placement, oldest first, reading each entry only when asked for it.
     Entries of jobs that ended or were lost go to `stale`."""
+    names = index_names(cfg, index)
+    return _queue_entries(cfg, places, [n for n in names if n.endswith("-" + user)]
+                          if user else names, stale, index)
+
+
+def queues_by_user(cfg, places, index="active"):
+    """{user: read_queue of that user's jobs}: one listing of the index, the
+    entries read lazily, so a pass can take each user's jobs in turn."""
+    names = {}
     for job_id in index_names(cfg, index):
-        if job_id in places or (user and not job_id.endswith("-" + user)):
+        names.setdefault(job_id.split("-", 1)[1], []).append(job_id)
+    return {u: _queue_entries(cfg, places, ids, None, index) for u, ids in names.items()}
+
+
+def _queue_entries(cfg, places, names, stale, index):
+    for job_id in names:
+        if job_id in places:
             continue
         path = cfg.p("jobs", "active", job_id)
         if not owns_entry(path, job_id):
@@ -1948,25 +1969,49 @@ def reconcile(cfg, places, polls, now):
 def plan(queue, polls, places, now, cfg):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
 
-    queue: (job_id, gpus_wanted, submitted[, need]) oldest first, read
-    lazily: it stops as soon as no GPU is left, so a pass costs the same
-    with ten or ten thousand jobs waiting.  need: the job's constraints
-    (job_needs): only the GPUs and hosts they allow are its to take.  First come, first served, with backfill: a
-    job that cannot fit yet is passed over by smaller ones behind it, except
-    that once it has waited `starve_after` seconds the host closest to
-    fitting it is kept for it.  Among hosts that fit, the one with the
-    fewest free GPUs wins, which keeps whole hosts free for multi-GPU jobs.
+    queue: {user: that user's queue} (or one queue), each of
+    (job_id, gpus_wanted, submitted[, need]) oldest first, read lazily:
+    it stops as soon as no GPU is left, so a pass costs the same with ten
+    or ten thousand jobs waiting.  need: the job's constraints (job_needs):
+    only the GPUs and hosts they allow are its to take.
+
+    Order (cfg.order): `fairshare` takes next the oldest job of the user
+    who holds the fewest GPUs (placed or running, this pass's placements
+    included), the earlier job first between users holding as many;
+    `fifo` takes the oldest job of all.  Backfill: a job that cannot fit
+    yet is passed over by the ones behind it, except that once it has
+    waited `starve_after` seconds the host closest to fitting it is kept
+    for it.  Among hosts that fit, the one with the fewest free GPUs wins,
+    which keeps whole hosts free for multi-GPU jobs.
     Returns [(job_id, host, gpus)]."""
     reserved = reserved_by_host(places)
     up = {h: s for h, s in polls.items() if not s.error}
     free = {h: s.free(reserved.get(h, ())) for h, s in up.items()}
     kept_for = {}           # host -> job id that starves for it
     out = []
-    queue = iter(queue)
+    streams = {u: iter(q) for u, q in (queue.items() if isinstance(queue, dict)
+                                       else [(None, queue)])}
+    heads = {}
+    held = {}               # user -> GPUs held
+    for p in places.values():
+        held[p["user"]] = held.get(p["user"], 0) + len(p["gpus"])
+    fair = getattr(cfg, "order", "fifo") == "fairshare"
+
+    def turn(u):
+        """Sort key: who goes next (the head's job number is its age)."""
+        number = int(heads[u][0].split("-", 1)[0])
+        return (held.get(u, 0), number) if fair else number
     while any(free[h] for h in free if h not in kept_for):
-        item = next(queue, None)
-        if item is None:
+        for u in [u for u in streams if u not in heads]:
+            item = next(streams[u], None)
+            if item is None:
+                del streams[u]
+            else:
+                heads[u] = item
+        if not heads:
             break
+        user = min(heads, key=turn)
+        item = heads.pop(user)
         job_id, want, submitted = item[:3]
         need = item[3] if len(item) > 3 else None
         if want == 0:
@@ -1987,6 +2032,7 @@ def plan(queue, polls, places, now, cfg):
             gpus = sorted(mine[h])[:want]
             free[h] = [g for g in free[h] if g not in gpus]
             out.append((job_id, h, gpus))
+            held[user] = held.get(user, 0) + want
         elif submitted is not None and now - submitted >= cfg.starve_after:
             big = [h for h in mine if len(usable(h, [g.index for g in up[h].gpus])) >= want]
             if big:
@@ -2048,7 +2094,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
             places.drop(retiring)
         if not launch_only:
             reconcile(cfg, places, res.polls, now)
-            placed = plan(read_queue(cfg, places), res.polls, places, now, cfg) + \
+            placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg) + \
                 plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg)
             for job_id, host, gpus in placed:
                 places.assign(job_id, host, gpus, now)

@@ -391,3 +391,20 @@ def test_transitions_and_what_they_save(tmp_path, monkeypatch):
     assert dict(dq.Placements.read(c)) == {"1-x": {
         "user": "x", "host": "node1", "gpus": [0], "state": "running", "since": 11.0,
         "seen": 12.0}}
+
+
+def test_plan_fair_share_goes_to_who_holds_fewest_gpus():
+    polls = {"a": host("a", {2, 3}, 4)}
+    places = {"1-x": {"host": "a", "gpus": [0, 1], "state": "running", "user": "x",
+                      "since": 0}}
+
+    def queues():
+        return {"x": [("2-x", 1, 0), ("3-x", 1, 0)], "y": [("4-y", 1, 5), ("5-y", 1, 5)]}
+    fair = [j for j, _, _ in dq.plan(queues(), polls, places, 10, cfg(order="fairshare"))]
+    assert fair == ["4-y", "5-y"]
+    fifo = [j for j, _, _ in dq.plan(queues(), polls, places, 10, cfg(order="fifo"))]
+    assert fifo == ["2-x", "3-x"]
+    # holding as many: the earlier job first, then turns
+    even = [j for j, _, _ in dq.plan(queues(), {"a": host("a", {0, 1, 2, 3}, 4)}, {}, 10,
+                                       cfg(order="fairshare"))]
+    assert even == ["2-x", "4-y", "3-x", "5-y"]

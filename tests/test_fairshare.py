@@ -1,0 +1,30 @@
+"""Fair share across users (issue 11): when GPUs free up, the next job is
+that of the user who holds the fewest; `order = fifo` is first come,
+first served."""
+import pytest
+
+from dqtest import ALICE, BOB, configure, jobs, script, submit, wait_until
+
+
+@pytest.mark.parametrize("order", ["fairshare", "fifo"])
+def test_a_later_user_gets_a_fair_share_of_the_first_wave(cluster, dq, order):
+    # The issue's worked example: every GPU of a 12-GPU cluster busy,
+    # alice queues 12 jobs, then bob 4; when the GPUs free up, all 4 of
+    # bob's are among the first 12 to start (fair share), or none (fifo).
+    hosts = ["node2", "node3", "node4"]
+    configure(dq, hosts, order=order, poll_interval=0.5)
+    held = {h: [cluster.hold_gpu(h, BOB, g) for g in range(4)] for h in hosts}
+    d_a, path_a = script(cluster, ALICE, "a.sh", "sleep 4\n")
+    d_b, path_b = script(cluster, BOB, "b.sh", "sleep 4\n")
+    ids = [submit(dq, "node1", ALICE, path_a)[0] for _ in range(12)]
+    ids += [submit(dq, "node1", BOB, path_b)[0] for _ in range(4)]
+    assert len(jobs(dq, view="queue")) == 16
+    for h, pids in held.items():
+        cluster.run(h, BOB, ["kill"] + [str(p) for p in pids], check=True)
+    done = wait_until(lambda: (lambda c: c if len(c) == 16 else None)(
+        jobs(dq, view="complete")), timeout=90, interval=0.5, what="all 16 jobs to end")
+    assert {j["state"] for j in done} == {"done"}
+    first_wave = sorted(done, key=lambda j: j["started"])[:12]
+    bobs = sum(1 for j in first_wave if j["user"] == BOB)
+    assert bobs == (4 if order == "fairshare" else 0), \
+        [(j["id"], round(j["started"] % 100, 2)) for j in sorted(done, key=lambda j: j["started"])]
