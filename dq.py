@@ -1548,11 +1548,13 @@ def is_need(v):
     return isinstance(v, dict) and bad_field(v, NEED_FIELDS) is None and set(v) <= set(NEED_FIELDS)
 
 
+def is_host_patterns(v):
+    return isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p) for p in v)
+
+
 NEED_FIELDS = {
-    "hosts": (lambda v: isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p)
-                                                      for p in v), "host patterns", False),
-    "exclude": (lambda v: isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p)
-                                                        for p in v), "host patterns", False),
+    "hosts": (is_host_patterns, "host patterns", False),
+    "exclude": (is_host_patterns, "host patterns", False),
     "gpu_type": (is_str, "a text", False),
     "gpu_mem": (lambda v: is_int(v, 1), "a size in MiB", False)}
 
