@@ -18,6 +18,8 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-jobs [summary|queue|complete]   list jobs (--json for data)
   dq-kill ID...           remove a queued job, or kill a running one
   dq-restart ID           run a finished job again (same script, cwd, env)
+  dq-hold ID...           keep queued jobs from starting
+  dq-release ID...        let held jobs start again
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
   dq-tail ID [-N] [-f], dq-head ID [-N], dq-logs ID, dq-grep ID PATTERN
@@ -1122,7 +1124,8 @@ LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
 INDEX_FIELDS = {
     "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
     "submitted": (optional(is_time), "a time in seconds", False),
-    "need": (lambda v: is_need(v), "the job's constraints (see job_needs)", False)}
+    "need": (lambda v: is_need(v), "the job's constraints (see job_needs)", False),
+    "held": (lambda v: v is True, "true (dq-hold)", False)}
 
 
 def read_job_file(path, fields, corrupt, fix):
@@ -1674,6 +1677,8 @@ def _queue_entries(cfg, places, names, stale, index):
             continue
         if index == "cpu" and info["gpus"] != 0:
             continue        # a GPU job's stray cpu/ entry: plan() places it
+        if info.get("held"):
+            continue        # dq-hold
         yield job_id, info["gpus"], info.get("submitted"), info.get("need")
 
 
@@ -2903,6 +2908,51 @@ def cmd_kill(cfg, argv):
     return status
 
 
+def cmd_hold(cfg, argv):
+    p = parser("hold", "Keep queued jobs of yours from starting until dq-release lets "
+               "them go.")
+    p.add_argument("job_id", nargs="+")
+    return set_held(cfg, parse(p, argv).job_id, True)
+
+
+def cmd_release(cfg, argv):
+    p = parser("release", "Let held jobs of yours start again (see dq-hold); they keep "
+               "their place in the queue.")
+    p.add_argument("job_id", nargs="+")
+    status = set_held(cfg, parse(p, argv).job_id, False)
+    if not scheduler_running(cfg):
+        spawn_scheduler(cfg)
+    return status
+
+
+def set_held(cfg, args, held):
+    """dq-hold / dq-release: the job's jobs/active entry (its owner's file)
+    says `held`, rewritten under the global lock, so that no pass decides
+    on the old entry after it."""
+    jobs = [resolve_job(cfg, a) for a in args]
+    verb = "hold" if held else "release"
+    for job in jobs:
+        require_owner(job, verb)
+    status = 0
+    for job in jobs:
+        path = cfg.p("jobs", "active", job.id)
+        with Placements.locked(cfg) as places:
+            info = read_json(path, None, False) if job.state() == "queued" else None
+            if not info or job.id in places:
+                why = "already starting" if job.id in places else job.state()
+                print(f"{PROG}: error: {job.id} is {why}; only a queued job can be "
+                      f"{'held' if held else 'released'}", file=sys.stderr)
+                status = 1
+                continue
+            if bool(info.get("held")) == held:
+                print(f"{job.id} is {'already held' if held else 'not held'}")
+                continue
+            info = {k: v for k, v in info.items() if k not in ("format", "held")}
+            write_json(path, dict(info, held=True) if held else info)
+        print(f"{'Holding' if held else 'Releasing'} {job.id}")
+    return status
+
+
 def cmd_schedule(cfg, argv):
     p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
                "waiting.\ndq-submit starts it in the background for you when a job has to "
@@ -2940,6 +2990,7 @@ def active_jobs(cfg, who):
 # Why a queued job waits (dq-jobs queue's Reason), from the last polls and
 # the reservations, like Slurm's REASON column; see the README.
 WAIT_REASONS = {
+    "held": "held by its owner (dq-hold); dq-release lets it go",
     "starting": "placed on GPUs; its owner's dq-schedule starts it now",
     "next pass": "GPUs it may use are free; the next pass places it",
     "GPUs busy": "every GPU it may use is in use",
@@ -2974,7 +3025,9 @@ def wait_reasons(cfg, queued, places):
         except Failure:
             need = {}
         mine = [h for h in up if host_allowed(need, h)]
-        if j["id"] in places:
+        if (read_json(cfg.p("jobs", "active", j["id"]), {}, {}) or {}).get("held"):
+            j["reason"] = "held"
+        elif j["id"] in places:
             j["reason"] = "starting"
         elif not mine:
             j["reason"] = "hosts down" if any(host_allowed(need, h) for h in cfg.hosts) \
@@ -3441,6 +3494,8 @@ COMMANDS = {
     "submit": cmd_submit,
     "jobs": cmd_jobs,
     "kill": cmd_kill,
+    "hold": cmd_hold,
+    "release": cmd_release,
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,

@@ -377,6 +377,13 @@ BAD_ARGS = [
     ("kill", ["999-nosuchuser"], {}, ["no job"]),
     ("kill", [SHORT(J_CPU), "x"], {}, ["'x' is not a job ID"]),
     ("kill", [SHORT(J_DONE)], {}, ["not active"]),
+    ("hold", [], {}, ["required"]),
+    ("hold", ["x"], {}, ["not a job ID"]),
+    ("hold", ["999"], {}, ["no job 999"]),
+    ("hold", [SHORT(J_DONE)], {}, ["only a queued job"]),
+    ("release", [], {}, ["required"]),
+    ("release", ["1-"], {}, ["not a job ID"]),
+    ("release", [SHORT(J_DONE)], {}, ["only a queued job"]),
     ("restart", [], {}, ["required"]),
     ("restart", ["x"], {}, ["not a job ID"]),
     ("restart", [SHORT(J_GPU)], {}, ["only a finished job"]),
@@ -481,7 +488,8 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
-    for cmd in ("submit", "jobs", "kill", "restart", "free", "schedule", "tail", "head",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "restart", "free", "schedule",
+                "tail", "head",
                 "logs", "grep", "attach", "users", "on-all"):
         assert f"dq-{cmd}" in r.stderr
     assert "0." in r.stderr.splitlines()[0]     # the version
@@ -491,7 +499,8 @@ def test_no_command_prints_the_overview(root):
 def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
-    for cmd in ("submit", "jobs", "kill", "restart", "free", "schedule", "tail", "head",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "restart", "free", "schedule",
+                "tail", "head",
                 "logs", "grep", "attach", "users", "on-all"):
         assert re.search(rf"^  dq-{cmd}\b|, dq-{cmd}\b", r.stdout, re.M), cmd
 
@@ -506,7 +515,8 @@ def test_unknown_command_is_one_line(root):
     refused_unchanged(root, "bogus", needles=["unknown command 'bogus'", "dq-submit"])
 
 
-@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "restart", "free", "schedule",
+@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "restart",
+                                 "free", "schedule",
                                  "tail", "head", "logs", "grep", "attach", "users", "on-all"])
 def test_every_command_has_help_and_version(root, cmd):
     r = root.run(cmd, "--help")

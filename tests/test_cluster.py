@@ -393,7 +393,8 @@ def test_install_dq_with_a_stub(cluster):
     assert lines[3] == "ssh = " + cluster.ssh_command
     assert os.path.exists(os.path.join(root, "made-by-dqalice"))
     assert sorted(os.listdir(d.bin)) == sorted("dq-" + c for c in (
-        "submit jobs kill restart free schedule tail head logs grep attach users on-all".split()))
+        "submit jobs kill hold release restart free schedule tail head logs grep attach "
+        "users on-all").split())
 
 
 def test_dq_fixture(request, cluster):
