@@ -196,7 +196,7 @@ class Config:
     # More than 11 days is a typo, and poll() takes at most ~24 days.
     MAX_SECONDS = 1_000_000
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order",
-            "lock_stats"} | set(NUMBERS)
+            "max_gpus_per_user", "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
 
     def __init__(self):
@@ -252,8 +252,31 @@ class Config:
         if self.order not in self.ORDERS:
             raise Failure(f"{self.path}: 'order' must be fairshare or fifo, not "
                           f"{self.order!r}, e.g. 'order = fairshare'")
+        # Per-user GPU limits: max_gpus_per_user for all, [limits] user = N
+        # for some (a promise to the lab: GPUs stay idle above it).
+        self.max_gpus_per_user = self._count(sect, "max_gpus_per_user", "[dq]")
+        self.limits = {}
+        if parser.has_section("limits"):
+            for user, _ in parser.items("limits"):
+                if not re.fullmatch(r"[a-z_][a-z0-9_.-]*[$]?", user, re.I):
+                    raise Failure(f"{self.path}: [limits] {user!r} is not a user name")
+                self.limits[user] = self._count(parser["limits"], user, "[limits]")
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
+
+    def _count(self, sect, key, where):
+        """A whole number of GPUs, 0 or more, or None where not set."""
+        if key not in sect:
+            return None
+        raw = sect[key].strip()
+        if not re.fullmatch(r"[0-9]+", raw) or int(raw) > self.MAX_SECONDS:
+            raise Failure(f"{self.path}: {where} {key!r} must be a whole number of GPUs, "
+                          f"0 or more (not {raw!r}), e.g. '{key} = 8'")
+        return int(raw)
+
+    def gpu_limit(self, user):
+        """The most GPUs user's jobs may hold at once, or None."""
+        return self.limits.get(user, self.max_gpus_per_user)
 
     def _number(self, sect, key, default, zero_ok):
         """A number of seconds: finite (float() takes 'nan' and 'inf'), not
@@ -1985,7 +2008,8 @@ def plan(queue, polls, places, now, cfg):
     Order (cfg.order): `fairshare` takes next the oldest job of the user
     who holds the fewest GPUs (placed or running, this pass's placements
     included), the earlier job first between users holding as many;
-    `fifo` takes the oldest job of all.  Backfill: a job that cannot fit
+    `fifo` takes the oldest job of all.  A job that would take its owner
+    above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that cannot fit
     yet is passed over by the ones behind it, except that once it has
     waited `starve_after` seconds the host closest to fitting it is kept
     for it.  Among hosts that fit, the one with the fewest free GPUs wins,
@@ -2020,6 +2044,11 @@ def plan(queue, polls, places, now, cfg):
         user = min(heads, key=turn)
         item = heads.pop(user)
         job_id, want, submitted = item[:3]
+        limit = cfg.gpu_limit(user) if user and hasattr(cfg, "gpu_limit") else None
+        if limit is not None and held.get(user, 0) + want > limit:
+            if held.get(user, 0) >= limit:
+                del streams[user]   # none of theirs fits: read no more of them
+            continue        # at its owner's limit: waits, whatever is free
         need = item[3] if len(item) > 3 else None
         if want == 0:
             continue        # see plan_cpu
@@ -2994,6 +3023,7 @@ WAIT_REASONS = {
     "starting": "placed on GPUs; its owner's dq-schedule starts it now",
     "next pass": "GPUs it may use are free; the next pass places it",
     "GPUs busy": "every GPU it may use is in use",
+    "user limit": "its owner holds as many GPUs as max_gpus_per_user / [limits] allow",
     "GPU kind": "GPUs are free, but none of the type or size it asks for",
     "hosts": "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out",
     "hosts down": "the hosts it may use do not answer, or their nvidia-smi fails",
@@ -3006,8 +3036,9 @@ def wait_reasons(cfg, queued, places):
     polled: hosts.json says what the last polls saw."""
     seen = load_hosts(cfg)["seen"]
     reserved = reserved_by_host(places)
-    free, up, cpu_used = {}, set(), {}
+    free, up, cpu_used, held = {}, set(), {}, {}
     for p in places.values():
+        held[p["user"]] = held.get(p["user"], 0) + len(p["gpus"])
         if not p["gpus"]:
             cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
     for h in cfg.hosts:
@@ -3032,6 +3063,9 @@ def wait_reasons(cfg, queued, places):
         elif not mine:
             j["reason"] = "hosts down" if any(host_allowed(need, h) for h in cfg.hosts) \
                 else "hosts"
+        elif want and cfg.gpu_limit(j["user"]) is not None and \
+                held.get(j["user"], 0) + want > cfg.gpu_limit(j["user"]):
+            j["reason"] = "user limit"
         elif want == 0:
             j["reason"] = "next pass" if any(cpu_used.get(h, 0) < cfg.cpu_slots
                                              for h in mine) else "CPU slots"

@@ -545,8 +545,8 @@ NUMBER_KEYS = ["timeout", "poll_interval", "starve_after", "assign_timeout", "ki
 ABOVE_ZERO = ["timeout", "poll_interval", "assign_timeout", "watch_interval", "lock_timeout",
               "cpu_slots"]
 BAD_NUMBERS = ["nan", "inf", "-inf", "-1", "ten", "", "1e400", "1e9", "0x10"]
-BAD_CONF = [(k, v) for k in NUMBER_KEYS for v in BAD_NUMBERS] + \
-    [(k, "0") for k in ABOVE_ZERO] + [("cpu_slots", "2.5")]
+BAD_CONF = [(k, v) for k in NUMBER_KEYS + ["max_gpus_per_user"] for v in BAD_NUMBERS] + \
+    [(k, "0") for k in ABOVE_ZERO] + [("cpu_slots", "2.5"), ("max_gpus_per_user", "2.5")]
 
 
 @pytest.mark.parametrize("key,value", BAD_CONF, ids=lambda x: x or "empty")
@@ -554,6 +554,16 @@ def test_bad_config_number(root, key, value):
     write(root.p("dq.conf"), f"[dq]\n{key} = {value}\n")
     line = refused_unchanged(root, "jobs", needles=[f"'{key}'", "dq.conf", f"{key} = "])
     assert "e.g." in line
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("[dq]\norder = random\n", ["'order'", "fairshare or fifo"]),
+    ("[dq]\n[limits]\ndqalice = -1\n", ["[limits]", "'dqalice'", "dqalice = 8"]),
+    ("[dq]\n[limits]\nbad user = 1\n", ["[limits]", "not a user name"]),
+])
+def test_bad_order_and_limits(root, text, needles):
+    write(root.p("dq.conf"), text)
+    refused_unchanged(root, "jobs", needles=needles + ["dq.conf"])
 
 
 @pytest.mark.parametrize("text", ["starve_after = 0", "kill_grace = 0", "lost_after = 0",

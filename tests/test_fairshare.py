@@ -1,6 +1,9 @@
 """Fair share across users (issue 11): when GPUs free up, the next job is
 that of the user who holds the fewest; `order = fifo` is first come,
 first served."""
+import json
+import os
+
 import pytest
 
 from dqtest import ALICE, BOB, configure, jobs, script, submit, wait_until
@@ -28,3 +31,24 @@ def test_a_later_user_gets_a_fair_share_of_the_first_wave(cluster, dq, order):
     bobs = sum(1 for j in first_wave if j["user"] == BOB)
     assert bobs == (4 if order == "fairshare" else 0), \
         [(j["id"], round(j["started"] % 100, 2)) for j in sorted(done, key=lambda j: j["started"])]
+
+
+def test_a_user_at_the_limit_waits_while_others_start(cluster, dq):
+    # max_gpus_per_user = 2 for all, [limits] 1 for bob: on 4 GPUs alice
+    # runs 2, bob 1, and the fourth GPU stays idle -- the limit is a
+    # promise to the lab, not only a share.
+    configure(dq, ["node1"], max_gpus_per_user=2)
+    with open(os.path.join(dq.root, "dq.conf"), "a") as f:
+        f.write(f"[limits]\n{BOB} = 1\n")
+    _, path_a = script(cluster, ALICE, "a.sh", "sleep 6\n")
+    _, path_b = script(cluster, BOB, "b.sh", "sleep 6\n")
+    a = [submit(dq, "node1", ALICE, path_a)[0] for _ in range(3)]
+    b = [submit(dq, "node1", BOB, path_b)[0] for _ in range(2)]
+    running = wait_until(lambda: (lambda r: r if len(r) == 3 else None)(
+        [j["id"] for j in jobs(dq) if j["state"] == "running"]), timeout=20,
+        what="three jobs running")
+    assert sorted(running) == sorted(a[:2] + b[:1])
+    reasons = {j["id"]: j["reason"] for j in jobs(dq, view="queue")}
+    assert reasons == {a[2]: "user limit", b[1]: "user limit"}
+    free = json.loads(dq.run("node1", ALICE, "free", "--json").stdout)
+    assert len(free[0]["free"]) == 1

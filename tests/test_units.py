@@ -214,6 +214,7 @@ def test_readme_example_config_parses(tmp_path, monkeypatch):
     assert cfg.hosts == ["deep1", "deep2", "deep3"]
     assert cfg.ssh == ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
     assert (cfg.timeout, cfg.lost_after, cfg.python) == (15, 45, "python3")
+    assert (cfg.order, cfg.gpu_limit("alice"), cfg.gpu_limit("bob")) == ("fairshare", 12, 8)
 
 
 def test_bad_config_is_one_clear_error(tmp_path, monkeypatch):
@@ -408,3 +409,15 @@ def test_plan_fair_share_goes_to_who_holds_fewest_gpus():
     even = [j for j, _, _ in dq.plan(queues(), {"a": host("a", {0, 1, 2, 3}, 4)}, {}, 10,
                                        cfg(order="fairshare"))]
     assert even == ["2-x", "4-y", "3-x", "5-y"]
+
+
+def test_plan_user_limit_leaves_gpus_idle_for_others_only():
+    polls = {"a": host("a", {0, 1, 2, 3}, 4)}
+    limits = {"x": 2}
+    c = cfg(order="fairshare", gpu_limit=limits.get)
+    queues = {"x": [("1-x", 1, 0), ("2-x", 2, 0), ("3-x", 1, 0), ("4-x", 1, 0)],
+              "y": [("5-y", 1, 0)]}
+    out = [j for j, _, _ in dq.plan(queues, polls, {}, 10, c)]
+    # x gets two 1-GPU jobs (its 2-GPU job would take it to 3), y its one;
+    # the fourth GPU stays idle: the limit holds even with nobody waiting
+    assert out == ["1-x", "5-y", "3-x"]
