@@ -2009,10 +2009,10 @@ def plan(queue, polls, places, now, cfg):
     who holds the fewest GPUs (placed or running, this pass's placements
     included), the earlier job first between users holding as many;
     `fifo` takes the oldest job of all.  A job that would take its owner
-    above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that cannot fit
-    yet is passed over by the ones behind it, except that once it has
-    waited `starve_after` seconds the host closest to fitting it is kept
-    for it.  Among hosts that fit, the one with the fewest free GPUs wins,
+    above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that
+    cannot fit yet is passed over by the ones behind it, except that once
+    it has waited `starve_after` seconds the host closest to fitting it is
+    kept for it.  Among hosts that fit, the one with the fewest free GPUs wins,
     which keeps whole hosts free for multi-GPU jobs.
     Returns [(job_id, host, gpus)]."""
     reserved = reserved_by_host(places)
@@ -2044,14 +2044,14 @@ def plan(queue, polls, places, now, cfg):
         user = min(heads, key=turn)
         item = heads.pop(user)
         job_id, want, submitted = item[:3]
-        limit = cfg.gpu_limit(user) if user and hasattr(cfg, "gpu_limit") else None
-        if limit is not None and held.get(user, 0) + want > limit:
-            if held.get(user, 0) >= limit:
-                del streams[user]   # none of theirs fits: read no more of them
-            continue        # at its owner's limit: waits, whatever is free
         need = item[3] if len(item) > 3 else None
         if want == 0:
             continue        # see plan_cpu
+        limit = cfg.gpu_limit(user) if user and hasattr(cfg, "gpu_limit") else None
+        if limit is not None and held.get(user, 0) + want > limit:
+            if held.get(user, 0) >= limit:
+                streams.pop(user, None)     # none of theirs fits: read no more
+            continue        # at its owner's limit: waits, whatever is free
 
         def usable(h, gpus):
             """Of these GPUs of h (indices), those the job may take."""
