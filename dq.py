@@ -196,7 +196,7 @@ class Config:
     # More than 11 days is a typo, and poll() takes at most ~24 days.
     MAX_SECONDS = 1_000_000
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order",
-            "max_gpus_per_user", "lock_stats"} | set(NUMBERS)
+            "max_gpus_per_user", "time_limit", "max_time", "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
 
     def __init__(self):
@@ -261,6 +261,11 @@ class Config:
                 if not re.fullmatch(r"[a-z_][a-z0-9_.-]*[$]?", user, re.I):
                     raise Failure(f"{self.path}: [limits] {user!r} is not a user name")
                 self.limits[user] = self._count(parser["limits"], user, "[limits]")
+        # Time limits: a default for jobs without DQ_TIME, and the most one
+        # may ask for (durations, e.g. 4h or 2d).
+        for key in ("time_limit", "max_time"):
+            setattr(self, key, duration(f"{self.path}: {key}", sect[key], key)
+                    if key in sect else None)
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
@@ -1126,7 +1131,8 @@ JOB_FIELDS = {
     "submitted": (is_time, "a time in seconds", True),
     "submit_host": (optional(is_str), "a host name", False),
     "restart_of": (optional(is_str), "a job ID", False),
-    "requeues": (is_int, "a count", False)}
+    "requeues": (is_int, "a count", False),
+    "time_limit": (optional(lambda v: is_int(v, 1)), "seconds", False)}
 
 
 RUN_FIELDS = {
@@ -1134,7 +1140,7 @@ RUN_FIELDS = {
     "gpus": (is_gpu_list, "a list of GPUs", False),
     "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
     "started": (is_time, "a time in seconds", True)}
-END_STATES = ("done", "failed", "killed", "lost")
+END_STATES = ("done", "failed", "killed", "lost", "timeout")
 END_FIELDS = {
     "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
     "reason": (optional(is_str), "a text", False),
@@ -1177,10 +1183,11 @@ class Job:
                                              gone or its host silent (see
                                              Placements); the owner's next
                                              pass records the end
-    done,     + end.json (state, exit code,  the wrapper when the script exits;
-    failed,     signal, reason); out of      dq-kill (killed, written before
-    killed,     jobs/active                  it kills); the owner's pass
-    lost                                     (lost)
+    done,     + end.json (state, exit code,  the wrapper when the script exits
+    failed,     signal, reason); out of      (timeout: it stopped the job at
+    timeout,    jobs/active                  its time limit); dq-kill (killed,
+    killed,                                  written before it kills); the
+    lost                                     owner's pass (lost)
 
     Whether it holds GPUs meanwhile is the placement's business
     (Placements: assigned, launching, running)."""
@@ -1253,6 +1260,7 @@ class Job:
             "exit_code": self.end.get("exit_code"), "signal": self.end.get("signal"),
             "reason": reason, "restart_of": self.spec.get("restart_of"),
             "submit_host": self.spec.get("submit_host"),
+            "time_limit": self.spec.get("time_limit"),
         }
 
 
@@ -1549,6 +1557,47 @@ def size_mib(var, text):
     return math.ceil(float(m.group(1)) * unit)
 
 
+DURATION_RE = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s?)?", re.I)
+
+
+def duration(what, text, example):
+    """'3600', '90m', '4h', '2d', '1h30m' -> seconds (above 0)."""
+    m = DURATION_RE.fullmatch(text.strip())
+    if not text.strip() or not m:
+        raise Failure(f"{what}={text.strip()!r} is not a duration; e.g. {example}=3600, 90m, "
+                      f"4h, 2d or 1h30m")
+    if any(m.groups()[:3]) and text.strip()[-1].isdigit():
+        raise Failure(f"{what}={text.strip()!r}: say the unit of its last number, e.g. "
+                      f"1h30m")
+    d, h, mi, sec = (int(x or 0) for x in m.groups())
+    seconds = ((d * 24 + h) * 60 + mi) * 60 + sec
+    if not 0 < seconds <= 10 ** 9:
+        raise Failure(f"{what}={text.strip()!r} must be above 0 and under 30 years")
+    return seconds
+
+
+def fmt_duration(seconds):
+    """3600 -> '1h', 5400 -> '1h30m', 90 -> '1m30s'."""
+    seconds = int(seconds)
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not out):
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out
+
+
+def job_time_limit(cfg, env):
+    """Seconds the job may run (DQ_TIME, else time_limit), or None;
+    refused above max_time."""
+    raw = env.get("DQ_TIME", "").strip()
+    limit = duration("DQ_TIME", raw, "DQ_TIME") if raw else cfg.time_limit
+    if limit and cfg.max_time and limit > cfg.max_time:
+        raise Failure(f"DQ_TIME={raw} is above this cluster's max_time of "
+                      f"{fmt_duration(cfg.max_time)}; ask for less")
+    return limit
+
+
 def _glob(pattern, name):
     if "*" not in pattern and "?" not in pattern:
         return pattern == name
@@ -1599,7 +1648,7 @@ def next_number(cfg):
     return int(ids[-1].split("-")[0]) + 1 if ids else 1
 
 
-def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
+def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0, time_limit=None):
     """Allocate the next id under the global lock (the counter and a mkdir:
     the directory claims the id), then write the job.  The counter only
     grows; an id whose directory exists is skipped, so a lost or rolled-back
@@ -1622,7 +1671,7 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0):
     now = time.time()
     spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
             "gpus": want, "submitted": now, "submit_host": os.uname().nodename,
-            "restart_of": restart_of, "requeues": requeues}
+            "restart_of": restart_of, "requeues": requeues, "time_limit": time_limit}
     write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
     if want == 0:
         write_json(cfg.p("jobs", "cpu", job_id), {})
@@ -1643,7 +1692,8 @@ def requeue(cfg, job):
     if done >= limit:
         return None
     return create_job(cfg, job.spec["script"], job.spec["cwd"], job.spec.get("env", {}),
-                      job.spec.get("gpus", 1), restart_of=job.id, requeues=done + 1)
+                      job.spec.get("gpus", 1), restart_of=job.id, requeues=done + 1,
+                      time_limit=job.spec.get("time_limit"))
 
 
 def mark_lost(cfg, job, reason):
@@ -2409,7 +2459,8 @@ def cmd__run(cfg, argv):
         reason = f"{script} is not executable on {host}"
     else:
         try:
-            rc = run_in_pty([script], cwd, job_env(job, gpus), log, on_start)
+            timer = TimeLimit(job, cfg.kill_grace)
+            rc = run_in_pty([script], cwd, job_env(job, gpus), log, on_start, timer)
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 code, reason = 128 - rc, f"killed by {sig}"
@@ -2417,6 +2468,10 @@ def cmd__run(cfg, argv):
                 code = rc
                 state = "done" if rc == 0 else "failed"
                 reason = None if rc == 0 else f"exit status {rc}"
+            if timer.hit:
+                timer.finish()
+                state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
+                    f"reached ({reason or 'it exited with status 0'})"
         except OSError as e:
             reason = f"cannot execute {script}: {e.strerror}"
     if reason:
@@ -2474,7 +2529,41 @@ def _write_all(fd, data):
         pass
 
 
-def run_in_pty(argv, cwd, env, log, started):
+class TimeLimit:
+    """The wrapper's enforcement of a job's time limit (job.json's
+    time_limit, from DQ_TIME or time_limit): once the job has run that
+    long, TERM to every process of the job, KILL after kill_grace."""
+
+    def __init__(self, job, grace):
+        self.job_id, self.limit, self.grace = job.id, job.spec.get("time_limit"), grace
+        self.pgid = None
+        self.hit = False
+        self.term_at = self.kill_at = None
+
+    def start(self, pgid):
+        self.pgid = pgid
+        if self.limit:
+            self.term_at = time.monotonic() + self.limit
+
+    def check(self):
+        """Called now and then by run_in_pty while the job runs."""
+        now = time.monotonic()
+        if self.term_at is not None and now >= self.term_at:
+            self.hit, self.term_at, self.kill_at = True, None, now + self.grace
+            signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
+        elif self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            signal_all(job_processes(self.job_id, self.pgid), signal.SIGKILL)
+
+    def finish(self):
+        """After the script's exit: what it left (setsid children that
+        ignore TERM) gets the rest of the grace period, then KILL."""
+        while self.kill_at is not None and job_processes(self.job_id, self.pgid):
+            time.sleep(0.1)
+            self.check()
+
+
+def run_in_pty(argv, cwd, env, log, started, timer=None):
     """Run the job on a pty of its own and copy what it writes, byte for
     byte, to the log file (unbuffered: current to the byte for dq-tail) and
     to our terminal, the screen window.  The job sees a terminal (line
@@ -2505,10 +2594,14 @@ def run_in_pty(argv, cwd, env, log, started):
     finally:
         os.close(slave)
     started(pid)        # the job's process group, for dq-kill
+    if timer:
+        timer.start(pid)
     inputs = [master] + ([0] if interactive else [])
     drain_until = status = None
     try:
         while True:
+            if timer:
+                timer.check()
             if drain_until is None:
                 ended, status = os.waitpid(pid, os.WNOHANG)
                 if ended:
@@ -2597,6 +2690,37 @@ def _copy_winsize(src, dst):
 
 # Killing #####################################################################
 
+def job_processes(job_id, pgid):
+    """PIDs of ours on this host that belong to the job: its process group,
+    and whatever still carries DQ_JOB_ID=<id> (it may have left the group
+    with setsid)."""
+    marker = f"DQ_JOB_ID={job_id}".encode()
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            if pgid > 1 and os.getpgid(int(pid)) == pgid:
+                found.add(int(pid))
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.add(int(pid))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
 def cmd__kill(cfg, argv):
     """Internal, on the job's host as its owner: kill the job's process
     group, then every process still carrying DQ_JOB_ID=<id> (it may have
@@ -2605,33 +2729,9 @@ def cmd__kill(cfg, argv):
     internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
                   (full_job_id, re.compile(r"[0-9]+").fullmatch))
     job_id, pgid = argv[0], int(argv[1])
-    marker = f"DQ_JOB_ID={job_id}".encode()
 
     def members():
-        found = set()
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-                    continue
-                if pgid > 1 and os.getpgid(int(pid)) == pgid:
-                    found.add(int(pid))
-                    continue
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if marker in f.read().split(b"\0"):
-                        found.add(int(pid))
-            except (OSError, ProcessLookupError):
-                continue
-        return found
-
-    def signal_all(pids, sig):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-
+        return job_processes(job_id, pgid)
     pids = members()
     signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + cfg.kill_grace
@@ -2854,6 +2954,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     dq-schedule loop (or the end of a running job) places it."""
     want = wanted_gpus(env)
     need = job_needs(env, want)
+    limit = job_time_limit(cfg, env)
     ensure_layout(cfg)      # who may not use the data root learns it first
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
     queue_only = seen is not None and not may_place_now(cfg, seen, want)
@@ -2871,7 +2972,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
                 warn(f"{h}: {s.error}")
         check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
                          for h, s in polls.items()}, want, need)
-    job_id = create_job(cfg, script, cwd, env, want, restart_of)
+    job_id = create_job(cfg, script, cwd, env, want, restart_of, time_limit=limit)
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
     res = schedule_pass(cfg, polls) if polls is not None else None
@@ -3165,7 +3266,13 @@ def cmd_jobs(cfg, argv):
     print(f"Active jobs: {len(running)}")
     rows = [(j["id"], j["host"], fmt_gpus(j["gpus"]), fmt_seconds(now - j["started"]),
              j["script"], env_text(j["env"])) for j in running]
-    print_table(["JobID", "Host", "GPU", "Runtime", "Script", "Env"], rows)
+    headers = ["JobID", "Host", "GPU", "Runtime", "Script", "Env"]
+    if any(j["time_limit"] for j in running):     # time left, for jobs with a limit
+        headers.insert(4, "Left")
+        rows = [row[:4] + (fmt_duration(max(0, j["started"] + j["time_limit"] - now))
+                           if j["time_limit"] else "-",) + row[4:]
+                for row, j in zip(rows, running)]
+    print_table(headers, rows)
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
     return 0
 

@@ -560,6 +560,8 @@ def test_bad_config_number(root, key, value):
     ("[dq]\norder = random\n", ["'order'", "fairshare or fifo"]),
     ("[dq]\n[limits]\ndqalice = -1\n", ["[limits]", "'dqalice'", "dqalice = 8"]),
     ("[dq]\n[limits]\nbad user = 1\n", ["[limits]", "not a user name"]),
+    ("[dq]\ntime_limit = soon\n", ["time_limit='soon'", "not a duration", "4h"]),
+    ("[dq]\nmax_time = 0\n", ["max_time='0'", "above 0"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
