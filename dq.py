@@ -1648,12 +1648,13 @@ def next_number(cfg):
     return int(ids[-1].split("-")[0]) + 1 if ids else 1
 
 
-def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0, time_limit=None):
+def create_job(cfg, script, cwd, env, want, need, time_limit, restart_of=None, requeues=0):
     """Allocate the next id under the global lock (the counter and a mkdir:
     the directory claims the id), then write the job.  The counter only
     grows; an id whose directory exists is skipped, so a lost or rolled-back
     counter never hands out an id twice.  The job is queued once its
-    jobs/active entry exists, which is written last."""
+    jobs/active entry exists, which is written last.  need, time_limit:
+    from job_needs and job_time_limit, checked before anything is written."""
     user = me()
     ensure_layout(cfg)
     with global_lock(cfg):
@@ -1675,7 +1676,6 @@ def create_job(cfg, script, cwd, env, want, restart_of=None, requeues=0, time_li
     write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
     if want == 0:
         write_json(cfg.p("jobs", "cpu", job_id), {})
-    need = job_needs(env, want)
     write_json(cfg.p("jobs", "active", job_id),
                dict({"gpus": want, "submitted": now}, **({"need": need} if need else {})))
     return job_id
@@ -1691,9 +1691,10 @@ def requeue(cfg, job):
     done = job.spec.get("requeues", 0)
     if done >= limit:
         return None
-    return create_job(cfg, job.spec["script"], job.spec["cwd"], job.spec.get("env", {}),
-                      job.spec.get("gpus", 1), restart_of=job.id, requeues=done + 1,
-                      time_limit=job.spec.get("time_limit"))
+    env, want = job.spec.get("env", {}), job.spec.get("gpus", 1)
+    return create_job(cfg, job.spec["script"], job.spec["cwd"], env, want,
+                      job_needs(env, want), job.spec.get("time_limit"),
+                      restart_of=job.id, requeues=done + 1)
 
 
 def mark_lost(cfg, job, reason):
@@ -2002,6 +2003,23 @@ def reserved_by_host(places):
     return out
 
 
+def gpus_held(places):
+    """{user: how many GPUs their placed and running jobs hold}."""
+    out = {}
+    for p in places.values():
+        out[p["user"]] = out.get(p["user"], 0) + len(p["gpus"])
+    return out
+
+
+def cpu_jobs_by_host(places):
+    """{host: how many CPU-only jobs are placed or running there}."""
+    out = {}
+    for p in places.values():
+        if not p.get("gpus"):
+            out[p["host"]] = out.get(p["host"], 0) + 1
+    return out
+
+
 def reconcile(cfg, places, polls, now):
     """Bring the placements in line with what the polls saw, under the
     lock: drop those of jobs that ended and assignments nobody claimed,
@@ -2073,9 +2091,7 @@ def plan(queue, polls, places, now, cfg):
     streams = {u: iter(q) for u, q in (queue.items() if isinstance(queue, dict)
                                        else [(None, queue)])}
     heads = {}
-    held = {}               # user -> GPUs held
-    for p in places.values():
-        held[p["user"]] = held.get(p["user"], 0) + len(p["gpus"])
+    held = gpus_held(places)    # this pass's placements are added as it goes
     fair = getattr(cfg, "order", "fifo") == "fairshare"
 
     def turn(u):
@@ -2130,10 +2146,7 @@ def plan_cpu(queue, polls, places, cfg):
     """Place CPU-only jobs (DQ_GPUS=0): at most cpu_slots per host, on the
     host running the fewest.  They take no GPU, so they never wait for or
     block a GPU job."""
-    cpu_used = {}
-    for p in places.values():
-        if not p.get("gpus"):
-            cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
+    cpu_used = cpu_jobs_by_host(places)
     up = [h for h, s in polls.items() if s.reachable]
     out = []
     for job_id, _, _, *need in queue:
@@ -2558,9 +2571,9 @@ class TimeLimit:
     def finish(self):
         """After the script's exit: what it left (setsid children that
         ignore TERM) gets the rest of the grace period, then KILL."""
-        while self.kill_at is not None and job_processes(self.job_id, self.pgid):
-            time.sleep(0.1)
-            self.check()
+        if self.kill_at is not None:
+            kill_stragglers(self.job_id, self.pgid, self.kill_at)
+            self.kill_at = None
 
 
 def run_in_pty(argv, cwd, env, log, started, timer=None):
@@ -2721,6 +2734,17 @@ def signal_all(pids, sig):
             pass
 
 
+def kill_stragglers(job_id, pgid, kill_at):
+    """After a TERM: wait until the job's processes are gone or the time
+    kill_at (monotonic) comes, then KILL what is left; those PIDs."""
+    pids = job_processes(job_id, pgid)
+    while pids and time.monotonic() < kill_at:
+        time.sleep(0.1)
+        pids = job_processes(job_id, pgid)
+    signal_all(pids, signal.SIGKILL)
+    return pids
+
+
 def cmd__kill(cfg, argv):
     """Internal, on the job's host as its owner: kill the job's process
     group, then every process still carrying DQ_JOB_ID=<id> (it may have
@@ -2729,16 +2753,8 @@ def cmd__kill(cfg, argv):
     internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
                   (full_job_id, re.compile(r"[0-9]+").fullmatch))
     job_id, pgid = argv[0], int(argv[1])
-
-    def members():
-        return job_processes(job_id, pgid)
-    pids = members()
-    signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + cfg.kill_grace
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.1)
-        pids = members()
-    signal_all(pids, signal.SIGKILL)
+    signal_all(job_processes(job_id, pgid), signal.SIGTERM)
+    pids = kill_stragglers(job_id, pgid, time.monotonic() + cfg.kill_grace)
     import subprocess
     try:
         subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
@@ -2972,7 +2988,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
                 warn(f"{h}: {s.error}")
         check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
                          for h, s in polls.items()}, want, need)
-    job_id = create_job(cfg, script, cwd, env, want, restart_of, time_limit=limit)
+    job_id = create_job(cfg, script, cwd, env, want, need, limit, restart_of)
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
     res = schedule_pass(cfg, polls) if polls is not None else None
@@ -3137,11 +3153,8 @@ def wait_reasons(cfg, queued, places):
     polled: hosts.json says what the last polls saw."""
     seen = load_hosts(cfg)["seen"]
     reserved = reserved_by_host(places)
-    free, up, cpu_used, held = {}, set(), {}, {}
-    for p in places.values():
-        held[p["user"]] = held.get(p["user"], 0) + len(p["gpus"])
-        if not p["gpus"]:
-            cpu_used[p["host"]] = cpu_used.get(p["host"], 0) + 1
+    held, cpu_used = gpus_held(places), cpu_jobs_by_host(places)
+    free, up = {}, set()
     for h in cfg.hosts:
         st = seen.get(h)
         if st and st["ok"]:
@@ -3152,12 +3165,11 @@ def wait_reasons(cfg, queued, places):
                        if i not in busy]
     for j in queued:
         want = j["gpus_wanted"]
-        try:
-            need = job_needs(j["env"], want)
-        except Failure:
-            need = {}
+        # The job's queue entry, as the passes read it: its constraints, held
+        entry = read_json(cfg.p("jobs", "active", j["id"]), {}, {}) or {}
+        need = entry.get("need") if is_need(entry.get("need")) else {}
         mine = [h for h in up if host_allowed(need, h)]
-        if (read_json(cfg.p("jobs", "active", j["id"]), {}, {}) or {}).get("held"):
+        if entry.get("held"):
             j["reason"] = "held"
         elif j["id"] in places:
             j["reason"] = "starting"
