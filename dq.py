@@ -20,6 +20,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-restart ID           run a finished job again (same script, cwd, env)
   dq-hold ID...           keep queued jobs from starting
   dq-release ID...        let held jobs start again
+  dq-top ID...            move queued jobs to the front of your own
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
   dq-tail ID [-N] [-f], dq-head ID [-N], dq-logs ID, dq-grep ID PATTERN
@@ -36,6 +37,7 @@ resolving symlinks) or $DQ_ROOT:
                           handover-<host>.lock
   jobs/backend/<id>/      job.json, run.json, end.json, log   (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
+  jobs/queue/<user>/      the user's queued GPU jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended
   jobs/lost/<id>          written by whoever finds a job's host lost it
   sched/<user>.lock       held by that user's dq-schedule loop
@@ -312,7 +314,7 @@ class Config:
 # per-user entries, so they are sticky like /tmp and nobody removes another
 # user's entries.
 LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
-          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/lost": 0o1777, "jobs/done": 0o1777,
+          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/queue": 0o1777, "jobs/lost": 0o1777, "jobs/done": 0o1777,
           "sched": 0o1777}
 
 
@@ -1154,7 +1156,10 @@ INDEX_FIELDS = {
     "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
     "submitted": (optional(is_time), "a time in seconds", False),
     "need": (lambda v: is_need(v), "the job's constraints (see job_needs)", False),
-    "held": (lambda v: v is True, "true (dq-hold)", False)}
+    "held": (lambda v: v is True, "true (dq-hold)", False),
+    "priority": (lambda v: is_int(v, -MAX_PRIORITY, MAX_PRIORITY), "a whole number (DQ_PRIORITY)",
+                 False),
+    "top": (lambda v: is_int(v, 0, 10 ** 15), "a whole number (dq-top)", False)}
 
 
 def read_job_file(path, fields, corrupt, fix):
@@ -1358,6 +1363,8 @@ def active_ids(cfg):
 
 
 def drop_from_index(cfg, job_id):
+    if job_id.endswith("-" + me()):
+        set_queue_name(cfg, job_id, None)
     for index in ("active", "cpu"):
         try:
             os.unlink(cfg.p("jobs", index, job_id))
@@ -1509,6 +1516,18 @@ def job_needs(env, want):
     return need
 
 
+def job_priority(env):
+    """DQ_PRIORITY: a whole number, higher first, among the owner's own jobs."""
+    raw = env.get("DQ_PRIORITY", "").strip()
+    if not raw:
+        return 0
+    if not re.fullmatch(r"[-+]?[0-9]+", raw) or abs(int(raw)) > MAX_PRIORITY:
+        raise Failure(f"DQ_PRIORITY={raw!r} is not a whole number from -{MAX_PRIORITY} to "
+                      f"{MAX_PRIORITY}; e.g. DQ_PRIORITY=10 (higher goes first among your "
+                      f"own jobs)")
+    return int(raw)
+
+
 def host_patterns(var, text):
     """'deep[1-4],deep1*' -> ['deep1', ..., 'deep4', 'deep1*']: names and
     shell globs, ranges expanded."""
@@ -1648,13 +1667,15 @@ def next_number(cfg):
     return int(ids[-1].split("-")[0]) + 1 if ids else 1
 
 
-def create_job(cfg, script, cwd, env, want, need, time_limit, restart_of=None, requeues=0):
+def create_job(cfg, script, cwd, env, want, need, time_limit, priority=0, restart_of=None,
+               requeues=0):
     """Allocate the next id under the global lock (the counter and a mkdir:
     the directory claims the id), then write the job.  The counter only
     grows; an id whose directory exists is skipped, so a lost or rolled-back
     counter never hands out an id twice.  The job is queued once its
-    jobs/active entry exists, which is written last.  need, time_limit:
-    from job_needs and job_time_limit, checked before anything is written."""
+    jobs/active entry exists, which is written last (after its name in the
+    owner's queue directory).  need, time_limit, priority: from job_needs,
+    job_time_limit and job_priority, checked before anything is written."""
     user = me()
     ensure_layout(cfg)
     with global_lock(cfg):
@@ -1676,8 +1697,11 @@ def create_job(cfg, script, cwd, env, want, need, time_limit, restart_of=None, r
     write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
     if want == 0:
         write_json(cfg.p("jobs", "cpu", job_id), {})
-    write_json(cfg.p("jobs", "active", job_id),
-               dict({"gpus": want, "submitted": now}, **({"need": need} if need else {})))
+    entry = dict({"gpus": want, "submitted": now}, **({"need": need} if need else {}),
+                 **({"priority": priority} if priority else {}))
+    rebuild_own_queue(cfg)
+    set_queue_name(cfg, job_id, entry)
+    write_json(cfg.p("jobs", "active", job_id), entry)
     return job_id
 
 
@@ -1693,7 +1717,7 @@ def requeue(cfg, job):
         return None
     env, want = job.spec.get("env", {}), job.spec.get("gpus", 1)
     return create_job(cfg, job.spec["script"], job.spec["cwd"], env, want,
-                      job_needs(env, want), job.spec.get("time_limit"),
+                      job_needs(env, want), job.spec.get("time_limit"), job_priority(env),
                       restart_of=job.id, requeues=done + 1)
 
 
@@ -1716,16 +1740,9 @@ def read_queue(cfg, places, stale=None, index="active", user=None):
                           if user else names, stale, index)
 
 
-def queues_by_user(cfg, places, index="active"):
-    """{user: read_queue of that user's jobs}: one listing of the index, the
-    entries read lazily, so a pass can take each user's jobs in turn."""
-    names = {}
-    for job_id in index_names(cfg, index):
-        names.setdefault(job_id.split("-", 1)[1], []).append(job_id)
-    return {u: _queue_entries(cfg, places, ids, None, index) for u, ids in names.items()}
-
-
-def _queue_entries(cfg, places, names, stale, index):
+def _queue_entries(cfg, places, names, stale, index, full=False):
+    """(job_id, gpus, submitted, need) of each of these jobs that is
+    queued; full: priority and dq-top's mark too."""
     for job_id in names:
         if job_id in places:
             continue
@@ -1753,7 +1770,222 @@ def _queue_entries(cfg, places, names, stale, index):
             continue        # a GPU job's stray cpu/ entry: plan() places it
         if info.get("held"):
             continue        # dq-hold
-        yield job_id, info["gpus"], info.get("submitted"), info.get("need")
+        if full:
+            yield (job_id, info["gpus"], info.get("submitted"), info.get("need"),
+                   info.get("priority", 0), info.get("top", 0))
+        else:
+            yield job_id, info["gpus"], info.get("submitted"), info.get("need")
+
+
+# Each user's queue, in the order the passes take it: jobs/queue/<user>/, a
+# directory of the user's own (no one else can add to it or reorder it),
+# holds one empty file per queued GPU job, whose name says all a pass needs
+# to order and skip it without opening anything:
+#     <number>_<gpus>_<shape>_<priority>_<top>[_h]
+# shape: a hash of the job's constraints ('-': none); _h: held.  A pass lists
+# these directories, not the whole queue, and reads a job's jobs/active entry
+# only when it may place it, or to learn the constraints of a shape once.
+# The jobs/active entries stay the record (listings read them); the names
+# are derived from them, so the owner rebuilds a lost directory from them.
+QUEUE_NAME_RE = re.compile(r"^([0-9]+)_([0-9]+)_(-|[0-9a-f]{12})_(-?[0-9]+)_([0-9]+)(_h)?$")
+MAX_PRIORITY = 1_000_000
+
+
+def need_shape(need):
+    """A short name for a set of constraints: jobs of one shape (and as
+    many GPUs) fit or not alike, so a pass can skip the rest at once."""
+    if not need:
+        return "-"
+    import hashlib
+    return hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def queue_name(job_id, info):
+    """The queue file name of a job from its jobs/active entry."""
+    return (f"{job_id.split('-', 1)[0]}_{info['gpus']}_{need_shape(info.get('need'))}_"
+            f"{info.get('priority', 0)}_{info.get('top', 0)}" + ("_h" if info.get("held") else ""))
+
+
+def order_key(number, priority, top):
+    """Within one user: DQ_PRIORITY (higher first), then dq-top (the latest
+    first), then submission."""
+    return (-priority, -top, number)
+
+
+class Queued:
+    """A queued GPU job as a pass sees it: what its queue name says, and
+    (read on demand) its entry's submit time and constraints."""
+    __slots__ = ("job_id", "gpus", "shape", "key", "_load", "_info")
+
+    def __init__(self, job_id, gpus, shape, key, load=None, info=None):
+        self.job_id, self.gpus, self.shape, self.key = job_id, gpus, shape, key
+        self._load, self._info = load, info
+
+    @classmethod
+    def of(cls, item):
+        """From a (job_id, gpus, submitted[, need]) tuple (tests, plan_cpu)."""
+        if isinstance(item, cls):
+            return item
+        job_id, gpus, submitted = item[:3]
+        need = item[3] if len(item) > 3 else None
+        return cls(job_id, gpus, need_shape(need), None, info=(submitted, need or None))
+
+    def details(self):
+        """(submitted, need), or None if the job is no longer queued."""
+        if self._load is not None:
+            self._info, self._load = self._load(), None
+        return self._info
+
+
+def user_queue_names(cfg, user):
+    """The names in the user's queue directory, or None when it is missing
+    or not the user's own (then the entries are read instead)."""
+    path = cfg.p("jobs", "queue", user)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        if user_of_uid(os.fstat(fd).st_uid) != user:
+            warn(f"ignoring {path}: it belongs to {user_of_uid(os.fstat(fd).st_uid)}, not "
+                 f"{user}; ask the admin of {cfg.root} to remove it")
+            return None
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def user_queue(cfg, places, user, names=None):
+    """The user's queued GPU jobs (Queued), in their order; lazily read."""
+    names = user_queue_names(cfg, user) if names is None else names
+    if names is None:       # no usable directory: read and sort the entries
+        items = [Queued(j, g, need_shape(need), order_key(int(j.split("-")[0]), p, t),
+                        info=(s, need)) for j, g, s, need, p, t
+                 in _queue_entries(cfg, places, [n for n in index_names(cfg)
+                                                 if n.endswith("-" + user)], None, "active",
+                                   full=True)
+                 if g]
+        return sorted(items, key=lambda i: i.key)
+    items = []
+    for name in names:
+        m = QUEUE_NAME_RE.match(name)
+        if not m or m.group(6):
+            continue        # held, or not one of dq's names
+        number, gpus, shape, priority, top = m.groups()[:5]
+        job_id = f"{number}-{user}"
+        if job_id in places or gpus == "0":
+            continue
+        items.append(Queued(job_id, int(gpus), shape,
+                            order_key(int(number), int(priority), int(top)),
+                            load=lambda j=job_id: _queued_details(cfg, places, j)))
+    items.sort(key=lambda i: i.key)
+    return items
+
+
+def _queued_details(cfg, places, job_id):
+    for _, _, submitted, need in _queue_entries(cfg, places, [job_id], None, "active"):
+        return submitted, need
+    return None
+
+
+def queues_by_user(cfg, places):
+    """{user: that user's queued GPU jobs in order}: one directory listed
+    per user; entries are read only when a pass asks for them."""
+    try:
+        users = os.listdir(cfg.p("jobs", "queue"))
+    except FileNotFoundError:
+        users = []
+    out = {}
+    for user in users:
+        if JOB_ID_RE.fullmatch("0-" + user):
+            out[user] = user_queue(cfg, places, user)
+    return out
+
+
+def rebuild_own_queue(cfg):
+    """Make the caller's queue directory if it is missing (a new user, an
+    install from before it existed, or removed by hand), from their
+    jobs/active entries: built aside, then renamed into place, so that a
+    pass sees all of it or none."""
+    user = me()
+    final = cfg.p("jobs", "queue", user)
+    if os.path.isdir(final):
+        return
+    import tempfile
+    try:
+        os.makedirs(cfg.p("jobs", "queue"), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{user}-", dir=cfg.p("jobs", "queue"))
+        os.chmod(tmp, 0o755)
+        for job_id in index_names(cfg):
+            if not job_id.endswith("-" + user):
+                continue
+            info = read_json(cfg.p("jobs", "active", job_id), None, None)
+            if info and not bad_field(info, INDEX_FIELDS) and info["gpus"]:
+                open(os.path.join(tmp, queue_name(job_id, info)), "w").close()
+        try:
+            os.rename(tmp, final)
+        except OSError:         # another command of ours made it meanwhile
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        warn(f"cannot make {final}: {e.strerror}; your jobs are taken in submission "
+             f"order meanwhile")
+
+
+def sync_own_queue(cfg):
+    """Put the caller's queue directory in line with their jobs/active
+    entries (each pass of theirs): a name missing (a crash between the two
+    writes, a full disk) is added, one whose job left the queue a while ago
+    removed.  Reads only the entries that disagree."""
+    rebuild_own_queue(cfg)
+    user = me()
+    names = user_queue_names(cfg, user)
+    if names is None:
+        return
+    have = {}
+    for name in names:
+        if QUEUE_NAME_RE.match(name):
+            have[name.split("_", 1)[0] + "-" + user] = name
+    active = {n for n in index_names(cfg) if n.endswith("-" + user)}
+    try:
+        cpu = set(os.listdir(cfg.p("jobs", "cpu")))
+    except OSError:
+        cpu = set()
+    for job_id in sorted(active - set(have) - cpu):
+        if not owns_entry(cfg.p("jobs", "active", job_id), job_id):
+            continue
+        info = read_json(cfg.p("jobs", "active", job_id), None, None)
+        if info and not bad_field(info, INDEX_FIELDS):
+            set_queue_name(cfg, job_id, info)
+    for job_id in set(have) - active:
+        path = cfg.p("jobs", "queue", user, have[job_id])
+        try:
+            if time.time() - os.stat(path).st_mtime > 60:   # not a submit under way
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def set_queue_name(cfg, job_id, info):
+    """Put the job's queue file in line with its entry (info; None: the job
+    left the queue).  The owner's only; a failure costs order, not jobs."""
+    user = job_id.split("-", 1)[1]
+    path = cfg.p("jobs", "queue", user)
+    prefix = job_id.split("-", 1)[0] + "_"
+    try:
+        old = [n for n in os.listdir(path) if n.startswith(prefix)]
+    except OSError:
+        return
+    new = queue_name(job_id, info) if info and info.get("gpus") else None
+    try:
+        if new and new not in old:
+            open(os.path.join(path, new), "w").close()
+        for name in old:
+            if name != new:
+                os.unlink(os.path.join(path, name))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            warn(f"cannot update {path}: {e.strerror}")
 
 
 # Placement ###################################################################
@@ -2067,11 +2299,13 @@ def reconcile(cfg, places, polls, now):
 def plan(queue, polls, places, now, cfg):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
 
-    queue: {user: that user's queue} (or one queue), each of
-    (job_id, gpus_wanted, submitted[, need]) oldest first, read lazily:
-    it stops as soon as no GPU is left, so a pass costs the same with ten
-    or ten thousand jobs waiting.  need: the job's constraints (job_needs):
-    only the GPUs and hosts they allow are its to take.
+    queue: {user: that user's queue} (or one queue), each in the user's
+    order (user_queue) of Queued items or (job_id, gpus_wanted, submitted[,
+    need]) tuples, read lazily: it stops as soon as no GPU is left, and
+    once a job found no room, the rest of its shape (as many GPUs, the same
+    constraints) are passed over unread, so a pass costs about the same
+    with ten or ten thousand jobs waiting.  need: the job's constraints
+    (job_needs): only the GPUs and hosts they allow are its to take.
 
     Order (cfg.order): `fairshare` takes next the oldest job of the user
     who holds the fewest GPUs (placed or running, this pass's placements
@@ -2093,10 +2327,11 @@ def plan(queue, polls, places, now, cfg):
     heads = {}
     held = gpus_held(places)    # this pass's placements are added as it goes
     fair = getattr(cfg, "order", "fifo") == "fairshare"
+    no_room = set()     # (GPUs, shape) of jobs that found no room: the same fail alike
 
     def turn(u):
         """Sort key: who goes next (the head's job number is its age)."""
-        number = int(heads[u][0].split("-", 1)[0])
+        number = int(heads[u].job_id.split("-", 1)[0])
         return (held.get(u, 0), number) if fair else number
     while any(free[h] for h in free if h not in kept_for):
         for u in [u for u in streams if u not in heads]:
@@ -2104,13 +2339,12 @@ def plan(queue, polls, places, now, cfg):
             if item is None:
                 del streams[u]
             else:
-                heads[u] = item
+                heads[u] = Queued.of(item)
         if not heads:
             break
         user = min(heads, key=turn)
         item = heads.pop(user)
-        job_id, want, submitted = item[:3]
-        need = item[3] if len(item) > 3 else None
+        job_id, want = item.job_id, item.gpus
         if want == 0:
             continue        # see plan_cpu
         limit = cfg.gpu_limit(user) if user and hasattr(cfg, "gpu_limit") else None
@@ -2118,6 +2352,12 @@ def plan(queue, polls, places, now, cfg):
             if held.get(user, 0) >= limit:
                 streams.pop(user, None)     # none of theirs fits: read no more
             continue        # at its owner's limit: waits, whatever is free
+        if (want, item.shape) in no_room:
+            continue
+        details = item.details()
+        if details is None:
+            continue        # no longer queued
+        submitted, need = details
 
         def usable(h, gpus):
             """Of these GPUs of h (indices), those the job may take."""
@@ -2135,10 +2375,13 @@ def plan(queue, polls, places, now, cfg):
             free[h] = [g for g in free[h] if g not in gpus]
             out.append((job_id, h, gpus))
             held[user] = held.get(user, 0) + want
-        elif submitted is not None and now - submitted >= cfg.starve_after:
-            big = [h for h in mine if len(usable(h, [g.index for g in up[h].gpus])) >= want]
-            if big:
-                kept_for[max(big, key=lambda h: len(mine[h]))] = job_id
+        else:
+            no_room.add((want, item.shape))
+            if submitted is not None and now - submitted >= cfg.starve_after:
+                big = [h for h in mine
+                       if len(usable(h, [g.index for g in up[h].gpus])) >= want]
+                if big:
+                    kept_for[max(big, key=lambda h: len(mine[h]))] = job_id
     return out
 
 
@@ -2214,6 +2457,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     res.my_waiting = bool(assigned) or \
         next(iter(read_queue(cfg, places, stale, user=user)), None) is not None
     tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
+    sync_own_queue(cfg)     # for the next pass
     kill_leftovers(cfg, res.polls, user)
     return res
 
@@ -2971,6 +3215,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
     want = wanted_gpus(env)
     need = job_needs(env, want)
     limit = job_time_limit(cfg, env)
+    priority = job_priority(env)
     ensure_layout(cfg)      # who may not use the data root learns it first
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
     queue_only = seen is not None and not may_place_now(cfg, seen, want)
@@ -2988,7 +3233,7 @@ def submit_and_place(cfg, script, cwd, env, restart_of=None):
                 warn(f"{h}: {s.error}")
         check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
                          for h, s in polls.items()}, want, need)
-    job_id = create_job(cfg, script, cwd, env, want, need, limit, restart_of)
+    job_id = create_job(cfg, script, cwd, env, want, need, limit, priority, restart_of)
     print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
     res = schedule_pass(cfg, polls) if polls is not None else None
@@ -3094,9 +3339,48 @@ def set_held(cfg, args, held):
                 print(f"{job.id} is {'already held' if held else 'not held'}")
                 continue
             info = {k: v for k, v in info.items() if k not in ("format", "held")}
-            write_json(path, dict(info, held=True) if held else info)
+            info = dict(info, held=True) if held else info
+            write_json(path, info)
+            set_queue_name(cfg, job.id, info)
         print(f"{'Holding' if held else 'Releasing'} {job.id}")
     return status
+
+
+def cmd_top(cfg, argv):
+    p = parser("top", "Move queued jobs of yours to the front of your own jobs, in the "
+               "order given\n(other users' jobs keep their turns; DQ_PRIORITY still "
+               "comes first).")
+    p.add_argument("job_id", nargs="+")
+    jobs = [resolve_job(cfg, a) for a in parse(p, argv).job_id]
+    for job in jobs:
+        require_owner(job, "move")
+    status, moved = 0, []
+    with Placements.locked(cfg) as places:
+        # Above every mark so far: the last dq-top goes first.
+        mark = 1 + max([_entry_top(cfg, j) for j in index_names(cfg)
+                        if j.endswith("-" + me())] + [0])
+        for i, job in enumerate(reversed(jobs)):
+            path = cfg.p("jobs", "active", job.id)
+            info = read_json(path, None, False) if job.state() == "queued" else None
+            if not info or job.id in places or bad_field(info, INDEX_FIELDS):
+                why = "already starting" if job.id in places else job.state()
+                print(f"{PROG}: error: {job.id} is {why}; only a queued job can be moved",
+                      file=sys.stderr)
+                status = 1
+                continue
+            info = dict({k: v for k, v in info.items() if k != "format"}, top=mark + i)
+            write_json(path, info)
+            set_queue_name(cfg, job.id, info)
+            moved.insert(0, job.id)
+    for job_id in moved:
+        print(f"Moved {job_id} to the front of your jobs")
+    return status
+
+
+def _entry_top(cfg, job_id):
+    info = read_json(cfg.p("jobs", "active", job_id), {}, {})
+    top = info.get("top", 0) if isinstance(info, dict) else 0
+    return top if is_int(top, 0, 10 ** 15) else 0
 
 
 def cmd_schedule(cfg, argv):
@@ -3649,6 +3933,7 @@ COMMANDS = {
     "kill": cmd_kill,
     "hold": cmd_hold,
     "release": cmd_release,
+    "top": cmd_top,
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,

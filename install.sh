@@ -100,12 +100,12 @@ if [ -n "$group" ]; then
 else
     shared=777 sticky=1777 jobs=755
 fi
-mkdir -p "$dir/state" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" \
+mkdir -p "$dir/state" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" \
     "$dir/sched"
 chmod "$shared" "$dir/state"
 chmod "$jobs" "$dir/jobs"
-chmod "$sticky" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" \
+chmod "$sticky" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" \
     "$dir/sched"
 [ -z "$group" ] || chgrp "$group" "$dir/state" "$dir/jobs" "$dir/jobs/backend" \
-    "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/sched"
+    "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/sched"
 echo "dq installed in $dir; put $dir/bin on PATH, and list the hosts in $dir/dq.conf"

@@ -163,6 +163,12 @@ def seed_job(root, b, job_id, gpus=1, run=None, end=None, queued=False, owner=No
               {"format": 1, "gpus": gpus, "submitted": time.time() - 100}, owner)
         if gpus == 0:
             write(os.path.join(root, "jobs", "cpu", job_id), {"format": 1}, owner)
+        else:       # its name in its owner's queue directory, as dq-submit writes it
+            qdir = os.path.join(root, "jobs", "queue", job_id.split("-", 1)[1])
+            write(os.path.join(qdir, f"{job_id.split('-')[0]}_{gpus}_-_0_0"), "", owner)
+            if owner:
+                pw = pwd.getpwnam(owner)
+                os.chown(qdir, pw.pw_uid, pw.pw_gid)
     if owner:
         pw = pwd.getpwnam(owner)
         os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -381,6 +387,13 @@ BAD_ARGS = [
     ("hold", ["x"], {}, ["not a job ID"]),
     ("hold", ["999"], {}, ["no job 999"]),
     ("hold", [SHORT(J_DONE)], {}, ["only a queued job"]),
+    ("top", [], {}, ["required"]),
+    ("top", ["x"], {}, ["not a job ID"]),
+    ("top", ["999"], {}, ["no job 999"]),
+    ("top", [SHORT(J_DONE)], {}, ["only a queued job"]),
+    ("submit", ["ok.sh"], {"DQ_PRIORITY": "high"}, ["DQ_PRIORITY"]),
+    ("submit", ["ok.sh"], {"DQ_PRIORITY": "1.5"}, ["DQ_PRIORITY"]),
+    ("submit", ["ok.sh"], {"DQ_PRIORITY": "99999999999"}, ["DQ_PRIORITY"]),
     ("release", [], {}, ["required"]),
     ("release", ["1-"], {}, ["not a job ID"]),
     ("release", [SHORT(J_DONE)], {}, ["only a queued job"]),
@@ -433,6 +446,7 @@ BAD_ARGS = [
 ]
 OTHER_ARGS = [      # another user's job
     ("kill", [J_OTHER], {}, ["belongs to"]),
+    ("top", [J_OTHER], {}, ["belongs to"]),
     ("restart", [J_OTHER], {}, ["belongs to"]),
     ("attach", [J_OTHER], {}, ["belongs to"]),
 ]
@@ -488,7 +502,8 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "restart", "free", "schedule",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "restart", "free",
+                "schedule",
                 "tail", "head",
                 "logs", "grep", "attach", "users", "on-all"):
         assert f"dq-{cmd}" in r.stderr
@@ -499,7 +514,8 @@ def test_no_command_prints_the_overview(root):
 def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "restart", "free", "schedule",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "restart", "free",
+                "schedule",
                 "tail", "head",
                 "logs", "grep", "attach", "users", "on-all"):
         assert re.search(rf"^  dq-{cmd}\b|, dq-{cmd}\b", r.stdout, re.M), cmd
@@ -515,7 +531,7 @@ def test_unknown_command_is_one_line(root):
     refused_unchanged(root, "bogus", needles=["unknown command 'bogus'", "dq-submit"])
 
 
-@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "restart",
+@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "restart",
                                  "free", "schedule",
                                  "tail", "head", "logs", "grep", "attach", "users", "on-all"])
 def test_every_command_has_help_and_version(root, cmd):
@@ -861,6 +877,12 @@ BAD_NAMES = [
     ("backend", "junk", "dir"),
     ("backend", f"99-{ME}", "dir"),             # an empty job directory
     ("lost", "junk", {"format": 1}),
+    (f"queue/{ME}", "junk", {}),
+    (f"queue/{ME}", f"{SHORT(J_GPU)}_1_-_0_0_x", {}),
+    (f"queue/{ME}", f"99_1_-_0_0", {}),                # no such job
+    (f"queue/{ME}", f"{SHORT(J_GPU)}_1_-_0_99999999999999999999", {}),
+    ("queue", "nosuchuserxyz", "dir"),
+    ("queue", "junk", {}),
     ("done", "nosuchuserxyz", {"format": 1, "done": "x"}),
 ]
 
@@ -869,6 +891,7 @@ BAD_NAMES = [
                          ids=lambda x: repr(x)[:30] if not isinstance(x, dict) else "")
 def test_bad_index_entries(root, index, name, content):
     path = root.p("jobs", index, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if content == "dir":
         os.mkdir(path)
     elif content == "symlink":

@@ -149,6 +149,32 @@ def test_plan_reads_the_queue_only_while_gpus_are_free():
     assert [j for j, _, _ in out] == ["1-x", "2-x"] and len(read) == 2
 
 
+def test_plan_passes_over_a_shape_that_found_no_room_unread():
+    # 10,000 jobs that may only use host b (busy), one that fits a: the
+    # pass reads one entry of the unfit shape, then the one that fits.
+    polls = {"a": host("a", [0], 2), "b": host("b", [], 2)}
+    read = []
+
+    def item(i, need):
+        def load():
+            read.append(i)
+            return (0, need)
+        return dq.Queued(f"{i}-x", 1, dq.need_shape(need), None, load=load)
+    queue = [item(i, {"hosts": ["b"]}) for i in range(1, 10001)] + [item(10001, None)]
+    out = dq.plan(queue, polls, {}, 10, cfg())
+    assert out == [("10001-x", "a", [0])] and read == [1, 10001]
+
+
+def test_user_order_priority_then_top_then_submission():
+    keys = {"1": dq.order_key(1, 0, 0), "2": dq.order_key(2, 5, 0), "3": dq.order_key(3, 0, 2),
+            "4": dq.order_key(4, 0, 7), "5": dq.order_key(5, -1, 9)}
+    assert sorted(keys, key=keys.get) == ["2", "4", "3", "1", "5"]
+    name = dq.queue_name("12-x", {"gpus": 2, "need": {"hosts": ["b"]}, "priority": -3,
+                                  "top": 4, "held": True})
+    m = dq.QUEUE_NAME_RE.match(name)
+    assert m and m.group(1, 2, 4, 5, 6) == ("12", "2", "-3", "4", "_h")
+
+
 def test_plan_multi_gpu_job_stays_on_one_host():
     polls = {"a": host("a", [0], 2), "b": host("b", [1], 2)}
     assert dq.plan([("1-x", 2, 0)], polls, {}, 10, cfg()) == []
