@@ -1,4 +1,4 @@
-"""The seven benchmarks of dq's performance targets (see bench/run).
+"""The benchmarks of dq's performance targets (see bench/run).
 
 Each bench_N(ctx) returns [Row].  Times of dq commands are taken inside the
 node, as the test user (lib.run_timed), so nsenter/setpriv are not counted.
@@ -10,17 +10,20 @@ import sys
 import threading
 import time
 
-from lib import (ALICE, BOB, Row, check, failed, fmt_s, hold_all, job_files, job_id_of, median,
-                 new_install, next_id, percentile, release, run_timed, synth_jobs, times,
-                 wait_for, write_conf, write_script)
+from lib import (ALICE, BOB, PY, Row, check, ensure_users, failed, fmt_s, hold_all, job_files,
+                 job_id_of, median, new_install, next_id, percentile, read_json, release,
+                 run_timed, synth_jobs, times, wait_for, write_conf, write_script)
+from dqtest import MODELS
 
 SIZES = {
     "full": dict(b1_nodes=4, b1_jobs=200, b2_n=10, b3_n=20, b3_queue=10000, b3_per=25,
                  b4_small=100, b4_big=100000, b4_n=15, b5_nodes=32, b5_n=10,
-                 b6_bytes=2 << 30, b6_n=3, b8_queue=10000, b8_n=7),
+                 b6_bytes=2 << 30, b6_n=3, b8_queue=10000, b8_n=7,
+                 b9_queue=10000, b9_users=50, b9_passes=7, b9_n=10),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
-                  b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2),
+                  b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
+                  b9_queue=1000, b9_users=50, b9_passes=2, b9_n=2),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -561,8 +564,190 @@ def bench_constrained(ctx):
                 f"{queued} jobs still queued after them")]
 
 
+# 9: a deep queue of many users ###############################################
+
+# The queue's jobs, in turn (job i of the queue is of kind i % 7, and of
+# user i % users): what dq-submit writes for each (job.json's env, the
+# jobs/active entry's gpus and need, as job_needs() makes it).
+B9_KINDS = [
+    ("DQ_HOSTS=node1", 1, {"DQ_HOSTS": "node1"}, {"hosts": ["node1"]}),
+    ("DQ_GPU_TYPE=A100", 1, {"DQ_GPU_TYPE": "A100"}, {"gpu_type": "A100"}),
+    ("DQ_GPU_MEM=40G", 1, {"DQ_GPU_MEM": "40G"}, {"gpu_mem": 40960}),
+    ("DQ_GPUS=2", 2, {"DQ_GPUS": "2"}, None),
+    ("plain", 1, {}, None), ("plain", 1, {}, None), ("plain", 1, {}, None),
+]
+B9_LIMITS = {ALICE: 2, BOB: 3}      # [limits]; each runs that many real jobs
+B9_MAX = 4                          # max_gpus_per_user
+B9_SMALL = 10
+
+# Runs a dq command under cProfile inside a node, as the user (BENCH_PROFILE).
+PROFILE = r"""
+import cProfile, io, pstats, sys
+sys.path.insert(0, sys.argv[1])
+import dq
+pr = cProfile.Profile()
+out = sys.stdout
+sys.stdout = io.StringIO()
+pr.enable()
+try:
+    dq.main(sys.argv[2:])
+except SystemExit:
+    pass
+pr.disable()
+sys.stdout = out
+pstats.Stats(pr, stream=out).sort_stats("cumulative").print_stats(30)
+pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(15)
+"""
+
+
+def b9_users(count):
+    """dqalice, dqbob and count - 2 users that exist only to own queued jobs."""
+    return [ALICE, BOB] + [f"dqu{i:02d}" for i in range(1, count - 1)]
+
+
+def bench_deep(ctx):
+    """Issue 11's speed targets: a pass, dq-jobs, dq-jobs summary and
+    dq-free with a deep queue of many users, per-user limits and
+    constraints, on a busy cluster; against the same with 10 jobs queued."""
+    qlen, nusers = ctx.size["b9_queue"], ctx.size["b9_users"]
+    npass, n = ctx.size["b9_passes"], ctx.size["b9_n"]
+    if nusers < B9_SMALL or qlen <= B9_SMALL:
+        raise RuntimeError(f"benchmark 9 needs b9_users >= {B9_SMALL} and b9_queue > "
+                           f"{B9_SMALL}")
+    users = b9_users(nusers)
+    t = time.monotonic()
+    created = ensure_users(users)
+    users_s = time.monotonic() - t
+    c = ctx.cluster(4)
+    for host, (name, mib) in zip(c.hosts, MODELS):     # A100, 3090, 1080 Ti x2
+        c.set_gpu_model(host, name, mib)
+    dq = new_install(c, "b9-deep")
+    # assign_timeout: a placement nobody claims (the synthetic users run no
+    # dq-schedule) is dropped by the next pass, so every pass finds the same
+    # free GPUs and places the same jobs: one job change, repeated.  The
+    # loops of dqalice and dqbob (started by their submits) poll seldom, so
+    # that no pass of theirs runs during the timings.
+    write_conf(dq, c.hosts, max_gpus_per_user=B9_MAX, assign_timeout=0.001,
+               poll_interval=3600, watch_interval=3600)
+    with open(os.path.join(dq.root, "dq.conf"), "a") as f:
+        f.write("[limits]\n" + "".join(f"{u} = {k}\n" for u, k in B9_LIMITS.items()))
+    say(f"{sum(B9_LIMITS.values())} running jobs (each user at their limit); all GPUs "
+        f"but one on node3 and one on node4 held by hand")
+    real = []
+    for u, k in B9_LIMITS.items():
+        _, path = write_script(c, u, "b9.sh", "sleep 3600\n")
+        res = run_timed(c, "node1", u, submit_items(dq, path, k))
+        for t, job_id in zip(res, submitted_ids(res)):
+            if "Executing" not in t.out:
+                raise RuntimeError(f"{job_id} did not start at submit: {t.out!r} {t.err!r}")
+            real.append(job_id)
+    wait_for(lambda: all(os.path.exists(os.path.join(dq.root, "jobs", "backend", j, "run.json"))
+                         for j in real), 30, 0.2, f"{len(real)} jobs to run")
+    r = dq.run("node1", ALICE, "free", "--json", timeout=60, check=True)
+    free = {h["host"]: h["free"] for h in json.loads(r.stdout)}
+    left = {h: max(free.get(h) or [None]) for h in ("node3", "node4")}
+    if None in left.values():
+        raise RuntimeError(f"node3 and node4 should have free GPUs: dq-free says {free}")
+    held = {h: [g for g in gs if left.get(h) != g] for h, gs in free.items()}
+    for h, gs in held.items():
+        for g in gs:
+            c.hold_gpu(h, BOB, g)
+    busy = len(c.hosts) * GPUS - len(left)
+    once = [dq.path("schedule"), "--once", "--quiet"]
+    views = [("dq-jobs", [dq.path("jobs")]), ("dq-jobs summary", [dq.path("jobs"), "summary"]),
+             ("dq-free", [dq.path("free")])]
+    base = next_id(dq)
+
+    def shape(num):
+        i = num - base
+        _, gpus, env, need = B9_KINDS[i % len(B9_KINDS)]
+        return {"user": users[i % nusers], "gpus": gpus, "env": env, "need": need}
+
+    def mine(count):
+        return sum(1 for i in range(count) if users[i % nusers] == ALICE)
+
+    def measure(count):
+        out = {"pass": times(c, "node2", BOB, once, npass + 1)}
+        places = read_json(os.path.join(dq.root, "state", "placements.json"), {})
+        placed = sorted((j, p["host"], tuple(p["gpus"])) for j, p in
+                        (places.get("jobs") or {}).items() if p.get("state") == "assigned")
+        for name, argv in views:
+            out[name] = times(c, "node1", ALICE, argv, n + 1)
+        s = out["dq-jobs summary"][-1].out
+        want = f"Active jobs: {B9_LIMITS[ALICE]}\nJobs in queue: {mine(count)}\n"
+        if want not in s:
+            raise RuntimeError(f"dq-jobs summary as {ALICE} should say {want!r}: {s!r}")
+        r = dq.run("node1", ALICE, "jobs", "summary", "-a", "--json", timeout=300)
+        queued = json.loads(r.stdout)["queued"] if r.returncode == 0 else None
+        if queued != count:
+            raise RuntimeError(f"{count} jobs should be queued after the timings, dq-jobs "
+                               f"summary -a says {queued} ({r.stderr.strip()[-300:]})")
+        return out, placed
+
+    now = time.time()
+    say(f"{B9_SMALL} queued jobs of {B9_SMALL} users: {npass + 1} passes as {BOB}, "
+        f"{n + 1} of each view as {ALICE}")
+    synth_jobs(dq, base, B9_SMALL, users, "queued", t0=now - 300, step=0.01, shape=shape)
+    small, placed_small = measure(B9_SMALL)
+    say(f"synthesizing {qlen - B9_SMALL} more queued jobs of {nusers} users")
+    t = time.monotonic()
+    synth_jobs(dq, base + B9_SMALL, qlen - B9_SMALL, users, "queued", t0=now - 200, step=100 / qlen, shape=shape)
+    synth_s = time.monotonic() - t
+    say(f"{qlen} queued jobs: the same again")
+    big, placed_big = measure(qlen)
+    if os.environ.get("BENCH_PROFILE"):     # development: where the time goes
+        with open(os.environ["BENCH_PROFILE"], "w") as f:
+            for user, host, argv in [(BOB, "node2", ["dq-schedule", "--once", "--quiet"])] + \
+                    [(ALICE, "node1", ["dq-" + a[0].rsplit("dq-", 1)[1]] + a[1:])
+                     for _, a in views]:
+                r = c.run(host, user, [PY, "-S", "-c", PROFILE, dq.root] + argv, timeout=300)
+                f.write(f"=== {' '.join(argv)} as {user} on {host} ({qlen} queued)\n"
+                        f"{r.stdout}{r.stderr[-3000:]}\n")
+    rows = []
+    med = {k: (median([t.wall for t in small[k][1:]]), median([t.wall for t in big[k][1:]]))
+           for k in small}
+    cpu = {k: (median([t.cpu for t in small[k][1:]]), median([t.cpu for t in big[k][1:]]))
+           for k in small}
+
+    def row(key, what, note):
+        s, b = med[key]
+        rows.append(Row(9, what, "<= 1.5x", f"{b / s:.2f}x ({fmt_s(b)} / {fmt_s(s)})",
+                        check(b <= 1.5 * s), note))
+    kinds = ", ".join(f"{sum(1 for k in B9_KINDS if k[0] == w)} {w}"
+                      for w in dict.fromkeys(k[0] for k in B9_KINDS))
+    placed = "; ".join(f"{j} on {h} GPU {','.join(map(str, g))}" for j, h, g in placed_big)
+    row("pass", f"pass (dq-schedule --once), {qlen} / {B9_SMALL} queued jobs of {nusers} "
+        f"users, limits and constraints",
+        f"{npass} passes each (median, after a warm-up), as {BOB} on node2, polls included; "
+        f"GPUs A100 / 3090 / 1080 Ti / 1080 Ti (node1-4), {busy} of 16 busy: "
+        f"{sum(B9_LIMITS.values())} by real dq jobs (sleep) of users at their limit "
+        f"({', '.join(f'{u} {k}' for u, k in B9_LIMITS.items())}; max_gpus_per_user "
+        f"{B9_MAX}), the rest held by hand; queue in turn of 7: {kinds}; jobs under "
+        f"starve_after; each pass placed the same {len(placed_big)} jobs in both cases"
+        f"{'' if placed_big == placed_small else ' (NOT: ' + str(placed_small) + ')'} "
+        f"({placed}), dropped by the next pass (assign_timeout 0.001); CPU per pass "
+        f"{cpu['pass'][1]:.3f} / {cpu['pass'][0]:.3f} CPU-s; {qlen} jobs still queued "
+        f"after the timings; the {qlen - B9_SMALL} jobs written in {synth_s:.1f} s"
+        + (f"; {created} users created ({users_s:.1f} s)" if created else ""))
+    cold = {k: (small[k][0].wall, big[k][0].wall) for k in small}
+    row("dq-jobs", f"dq-jobs, {qlen} / {B9_SMALL} queued jobs (as a user with {mine(qlen)} / "
+        f"{mine(B9_SMALL)} of them)",
+        f"as {ALICE} on node1, who also runs {B9_LIMITS[ALICE]} jobs (her dq-schedule loop "
+        f"runs, idle); {n} runs each (median) after a cold one ({fmt_s(cold['dq-jobs'][1])} / "
+        f"{fmt_s(cold['dq-jobs'][0])}); CPU {cpu['dq-jobs'][1]:.3f} / "
+        f"{cpu['dq-jobs'][0]:.3f} CPU-s")
+    row("dq-jobs summary", f"dq-jobs summary, {qlen} / {B9_SMALL} queued jobs",
+        f"as {ALICE}, {n} runs each; says 'Jobs in queue: {mine(qlen)}'; CPU "
+        f"{cpu['dq-jobs summary'][1]:.3f} / {cpu['dq-jobs summary'][0]:.3f} CPU-s")
+    row("dq-free", f"dq-free, {qlen} / {B9_SMALL} queued jobs",
+        f"as {ALICE}, {n} runs each (polls 4 hosts); CPU {cpu['dq-free'][1]:.3f} / "
+        f"{cpu['dq-free'][0]:.3f} CPU-s")
+    return rows
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
-         5: ("wide clusters", bench_wide), 8: ("constrained queue", bench_constrained)}
-ORDER = [1, 7, 2, 3, 4, 6, 8, 5]   # 7 reads what 1 measured; 5 needs its own cluster
+         5: ("wide clusters", bench_wide), 8: ("constrained queue", bench_constrained),
+         9: ("deep queue of many users", bench_deep)}
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 5]   # 7 reads what 1 measured; 5 needs its own cluster

@@ -17,8 +17,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from cluster import (BASE_PARENT, BASE_PREFIX, Cluster, DQInstall, install_dq,  # noqa: E402
-                     unavailable_reason)
+from cluster import (BASE_PARENT, BASE_PREFIX, Cluster, DQInstall, _GlobalLock,  # noqa: E402
+                     install_dq, unavailable_reason)
 from dqtest import ALICE, BOB, configure as write_conf, script, wait_until  # noqa: E402
 
 PY = "/usr/bin/python3"         # the test users' python3 (the shims in root's PATH are slow)
@@ -257,25 +257,49 @@ def _write(path, data, uid, gid, text=None):
         os.close(fd)
 
 
+def _queue_name(queues, user, uid, gid, n, gpus, need):
+    """A queued GPU job's name in its owner's queue directory
+    (jobs/queue/<user>/<number>_<gpus>_<shape>_<priority>_<top>, as dq's
+    queue_name() makes it; the directory the user's own, as dq makes it)."""
+    d = os.path.join(queues, user)
+    if not os.path.isdir(d):
+        os.mkdir(d, 0o755)
+        os.chown(d, uid, gid)
+        os.chmod(d, 0o755)
+    shape = hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12] \
+        if need else "-"
+    _write(os.path.join(d, f"{n}_{gpus}_{shape}_0_0"), None, uid, gid, text="")
+
+
 def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=None,
-               log=False, step=1.0, env=None, need=None):
+               log=False, step=1.0, env=None, need=None, shape=None):
     """Write `count` jobs numbered from `first` straight into the data root,
     as dq would have left them, owned by their users (round robin).
     state: 'queued' (job.json + active entry) or 'done' (job.json, run.json,
     end.json, and an empty log if `log`).  Bumps state/next_id and the
     completed-job counters dq keeps.  env/need: the jobs' DQ_* variables
     and the constraints dq derives from them (its jobs/active entry).
+    shape: for a mixed queue, a function of the job number returning a dict
+    with any of user, gpus, env, need: that job's, instead of the above.
     Returns the ids."""
     root = dq.root
     backend = os.path.join(root, "jobs", "backend")
     active = os.path.join(root, "jobs", "active")
-    pws = [pwd.getpwnam(u) for u in users]
+    queues = os.path.join(root, "jobs", "queue")     # dq's per-user queues, where it keeps them
+    pws = {}
+
+    def pw_of(name):
+        if name not in pws:
+            pws[name] = pwd.getpwnam(name)
+        return pws[name]
     t0 = t0 or time.time() - count * step - 3600
     ids = []
     for i in range(count):
         n = first + i
-        pw = pws[i % len(pws)]
+        kind = shape(n) if shape else {}
+        pw = pw_of(kind.get("user") or users[i % len(users)])
         uid, gid, user = pw.pw_uid, pw.pw_gid, pw.pw_name
+        gpus, jenv, jneed = kind.get("gpus", 1), kind.get("env", env), kind.get("need", need)
         job_id = f"{n}-{user}"
         d = os.path.join(backend, job_id)
         os.mkdir(d)
@@ -283,12 +307,14 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
         sub = t0 + i * step
         _write(os.path.join(d, "job.json"), {
             "format": 1, "id": job_id, "user": user, "script": script, "cwd": cwd,
-            "env": env or {}, "gpus": 1, "submitted": sub, "submit_host": "node1",
+            "env": jenv or {}, "gpus": gpus, "submitted": sub, "submit_host": "node1",
             "restart_of": None, "requeues": 0}, uid, gid)
         if state == "queued":
-            entry = {"format": 1, "gpus": 1, "submitted": sub}
-            _write(os.path.join(active, job_id), dict(entry, need=need) if need else entry,
+            entry = {"format": 1, "gpus": gpus, "submitted": sub}
+            _write(os.path.join(active, job_id), dict(entry, need=jneed) if jneed else entry,
                    uid, gid)
+            if gpus and os.path.isdir(queues):
+                _queue_name(queues, user, uid, gid, n, gpus, jneed)
         else:
             host, gpu = f"node{1 + n % 4}", n % 4
             _write(os.path.join(d, "run.json"), {
@@ -302,7 +328,7 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
                 _write(os.path.join(d, "log"), None, uid, gid, text="")
         ids.append(job_id)
     if state == "done":     # dq's per-user completed counters (jobs/done/<user>), if kept
-        for pw in pws:
+        for pw in [pw_of(u) for u in users]:
             path = os.path.join(root, "jobs", "done", pw.pw_name)
             old = read_json(path)
             if isinstance(old, dict) and isinstance(old.get("done"), int):
@@ -312,6 +338,36 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
            0, 0)
     os.chmod(os.path.join(root, "state", "next_id"), 0o666)
     return ids
+
+
+def ensure_users(names):
+    """Unix users that only own synthesized job files (nobody logs in as
+    them): created once if missing, without a home, with a locked password
+    and nologin as their shell, and left in place (harmless; the next run
+    finds them).  Under the simulated cluster's global lock, which
+    serialises its own user setup."""
+    missing = []
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            missing.append(name)
+    if not missing:
+        return 0
+    shell = "/usr/sbin/nologin" if os.path.exists("/usr/sbin/nologin") else "/bin/false"
+    with _GlobalLock():
+        for name in missing:
+            try:
+                pwd.getpwnam(name)
+                continue
+            except KeyError:
+                pass
+            r = subprocess.run(["useradd", "--no-create-home", "--shell", shell, "--comment",
+                                "dq bench/run, owns synthesized queued jobs", name],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"useradd {name} failed: {r.stderr.strip()}")
+    return len(missing)
 
 
 def next_id(dq):
