@@ -21,6 +21,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-hold ID...           keep queued jobs from starting
   dq-release ID...        let held jobs start again
   dq-top ID...            move queued jobs to the front of your own
+  dq-drain [HOST...] [-r REASON] [--undo]   (admins) no new jobs on hosts
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
   dq-tail ID [-N] [-f], dq-head ID [-N], dq-logs ID, dq-grep ID PATTERN
@@ -139,11 +140,17 @@ def me():
     return pwd.getpwuid(os.getuid()).pw_name
 
 
+_user_names = {}
+
+
 def user_of_uid(uid):
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    """The user name of a uid (remembered: each look-up reads /etc/passwd)."""
+    if uid not in _user_names:
+        try:
+            _user_names[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            _user_names[uid] = str(uid)
+    return _user_names[uid]
 
 
 def fmt_seconds(s):
@@ -197,8 +204,9 @@ class Config:
                "watch_interval": (10, False), "lock_timeout": (30, False)}
     # More than 11 days is a typo, and poll() takes at most ~24 days.
     MAX_SECONDS = 1_000_000
-    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order",
-            "max_gpus_per_user", "time_limit", "max_time", "lock_stats"} | set(NUMBERS)
+    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
+            "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
+            "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
 
     def __init__(self):
@@ -226,6 +234,11 @@ class Config:
             if not HOST_RE.match(h):
                 raise Failure(f"{self.path}: bad host name {h!r} in 'hosts'")
         self.local = not self.hosts
+        self.admin_names = sect.get("admins", "").replace(",", " ").split()
+        for u in self.admin_names:
+            if not re.fullmatch(r"[a-z_][a-z0-9_.-]*[$]?", u, re.I):
+                raise Failure(f"{self.path}: 'admins': {u!r} is not a user name; e.g. "
+                              f"'admins = alice bob'")
         if self.local:
             self.hosts = [os.uname().nodename.split(".")[0]]
         try:
@@ -268,6 +281,11 @@ class Config:
         for key in ("time_limit", "max_time"):
             setattr(self, key, duration(f"{self.path}: {key}", sect[key], key)
                     if key in sect else None)
+        # Fair share between users holding as many GPUs: less recent use
+        # first, GPU-seconds halving every fairshare_halflife.
+        self.fairshare_halflife = duration(f"{self.path}: fairshare_halflife",
+                                           sect.get("fairshare_halflife", "1d"),
+                                           "fairshare_halflife")
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
@@ -314,7 +332,7 @@ class Config:
 # per-user entries, so they are sticky like /tmp and nobody removes another
 # user's entries.
 LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
-          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/queue": 0o1777, "jobs/lost": 0o1777, "jobs/done": 0o1777,
+          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/queue": 0o1777, "drain": 0o1777, "jobs/lost": 0o1777, "jobs/done": 0o1777,
           "sched": 0o1777}
 
 
@@ -1117,6 +1135,106 @@ def cached_hosts(cfg, max_age):
     return None
 
 
+# Drain #######################################################################
+
+# An admin drains a host (dq-drain): no new job is placed there; running ones
+# finish.  Admins are the owner of dq.conf and the users its `admins` names.
+# Each admin's drains are in drain/<admin>, a file of their own in a sticky
+# directory: nobody else can write, replace or remove it, and a file there
+# counts only if its owner is an admin and it bears their name -- so no one
+# can forge a drain (or undo one) by writing a shared file.  The latest
+# entry for a host, over all admins' files, says whether it is drained.
+DRAIN_HOST_FIELDS = {
+    "drained": (lambda v: isinstance(v, bool), "true or false", True),
+    "since": (is_time, "a time in seconds", True),
+    "reason": (lambda v: isinstance(v, str), "text", False)}
+
+
+def admins(cfg):
+    """(the admins' user names, None) or (set(), why nobody can be trusted
+    as one).  The owner of dq.conf (of the data root without one) is an
+    admin, and so are the users dq.conf's `admins` names -- as far as only
+    its owner can change the file: if others may write dq.conf, `admins`
+    is ignored; if others may replace it, nobody is an admin."""
+    try:
+        root_st = os.stat(cfg.root)
+        conf_st = os.stat(cfg.path) if os.path.exists(cfg.path) else root_st
+    except OSError as e:
+        return set(), f"cannot read {cfg.path}: {e.strerror}"
+    if root_st.st_mode & 0o022 and not root_st.st_mode & 0o1000:
+        return set(), (f"{cfg.root} is writable by others than its owner, so anyone "
+                       f"could replace dq.conf; its owner should run 'chmod go-w {cfg.root}'")
+    owner = user_of_uid(conf_st.st_uid)
+    if conf_st.st_mode & 0o022 and cfg.admin_names:
+        warn(f"'admins' in {cfg.path} ignored: others than its owner ({owner}) may write "
+             f"the file; they should run 'chmod go-w {cfg.path}'")
+        return {owner}, None
+    return {owner} | set(cfg.admin_names), None
+
+
+def read_drains(cfg, quiet=False):
+    """{host: {reason, by, since}} of drained hosts, from the admins' files
+    (the others ignored, with a warning unless quiet)."""
+    try:
+        names = os.listdir(cfg.p("drain"))
+    except FileNotFoundError:
+        return {}
+    if not names:
+        return {}
+    trusted, why = admins(cfg)
+    latest = {}
+    for name in names:
+        path = cfg.p("drain", name)
+        try:
+            owner = user_of_uid(os.lstat(path).st_uid)
+        except OSError:
+            continue
+        if owner != name or name not in trusted:
+            if not quiet and not name.startswith("."):
+                warn(f"ignoring {path}: " + (why or f"{owner} is not an admin (dq.conf "
+                                                    f"'admins', or the owner of dq.conf)"))
+            continue
+        data = read_json(path, None, None, "its owner can remove it and drain again",
+                         skip_newer=True)
+        hosts = data.get("hosts") if isinstance(data, dict) else None
+        if data is not None and not isinstance(hosts, dict):
+            bad_file(path, "no 'hosts' object", "its owner can remove it and drain again")
+            continue
+        for host, entry in (hosts or {}).items():
+            if not isinstance(entry, dict) or bad_field(entry, DRAIN_HOST_FIELDS):
+                continue
+            if host not in latest or entry["since"] > latest[host]["since"]:
+                latest[host] = dict(entry, by=name)
+    return {h: {"reason": e.get("reason") or "", "by": e["by"], "since": e["since"]}
+            for h, e in latest.items() if e["drained"]}
+
+
+def set_drained(cfg, hosts, drained, reason):
+    """Record drains (or their end) in the caller's own drain file."""
+    user = me()
+    trusted, why = admins(cfg)
+    if user not in trusted:
+        raise Failure("only admins may drain hosts: " + (why or (
+            f"you ({user}) are not one; admins are the owner of {cfg.path} and the users "
+            f"its 'admins' line names (e.g. 'admins = {user}')")))
+    unknown = [h for h in hosts if h not in cfg.hosts]
+    if unknown:
+        raise Failure(f"{unknown[0]} is not a host of this cluster ({' '.join(cfg.hosts)}); "
+                      f"see 'hosts' in {cfg.path}")
+    ensure_layout(cfg)
+    path = cfg.p("drain", user)
+    with Lock(cfg.p("drain", "." + user + ".lock"), mode=0o644):
+        data = read_json(path, None, None, "it is rewritten now")
+        old = data.get("hosts") if isinstance(data, dict) else None
+        entries = {h: e for h, e in (old or {}).items()
+                   if isinstance(e, dict) and not bad_field(e, DRAIN_HOST_FIELDS)}
+        now = time.time()
+        for h in hosts:
+            entries[h] = {"drained": drained, "since": now,
+                          **({"reason": reason} if drained and reason else {})}
+        write_json(path, {"hosts": entries})
+
+
 # Jobs ########################################################################
 
 MAX_GPUS = 64       # per job: more is a typo
@@ -1356,10 +1474,12 @@ def owns_entry(path, job_id):
         return False
 
 
-def active_ids(cfg):
-    """Ids of queued and running jobs, oldest first, each checked to be owned
-    by the user its name says."""
-    return [i for i in index_names(cfg) if owns_entry(cfg.p("jobs", "active", i), i)]
+def active_ids(cfg, who=None):
+    """Ids of queued and running jobs (of user `who`), oldest first, each
+    checked to be owned by the user its name says."""
+    active = cfg.p("jobs", "active")
+    return [i for i in index_names(cfg) if (who is None or i.endswith("-" + who))
+            and owns_entry(os.path.join(active, i), i)]
 
 
 def drop_from_index(cfg, job_id):
@@ -1410,46 +1530,93 @@ def finish_end(cfg, job):
 
 
 def count_done(cfg, job):
+    """Count an ended job in its owner's counters (jobs/done/<user>): how
+    many ended, and their GPU-seconds for fair share."""
     try:
         with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
-            count = stored_done_count(cfg, job.owner)
-            if count is None:
-                done_count(cfg, job.owner)      # counts this job too, and saves
+            counters = stored_counters(cfg, job.owner)
+            if counters is None:
+                user_counters(cfg, job.owner)   # counts this job too, and saves
             else:
-                write_json(cfg.p("jobs", "done", job.owner), {"done": count + 1})
+                now = time.time()
+                write_json(cfg.p("jobs", "done", job.owner), {
+                    "done": counters["done"] + 1,
+                    "usage": decayed(counters, now, cfg.fairshare_halflife) + job_usage(job),
+                    "usage_at": now})
     except (OSError, Failure) as e:
         warn(f"cannot count {job.id} as completed: {e}")
 
 
-def stored_done_count(cfg, user):
+def job_usage(job):
+    """GPU-seconds a job used: its GPUs times how long it ran."""
+    started, ended = job.run.get("started"), job.end.get("ended")
+    if not is_time(started) or not is_time(ended):
+        return 0.0
+    return len(job.run.get("gpus") or []) * max(0.0, ended - started)
+
+
+def decayed(counters, now, halflife):
+    """A user's GPU-seconds as of now: each halves every `halflife` seconds
+    (fairshare_halflife), so yesterday's big run counts less than today's."""
+    age = max(0.0, now - counters["usage_at"])
+    return counters["usage"] * 0.5 ** (age / halflife)
+
+
+COUNTER_FIELDS = {
+    "done": (is_int, "a count", True),
+    "usage": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v) and v >= 0, "GPU-seconds, 0 or more", False),
+    "usage_at": (is_time, "a time in seconds", False)}
+
+
+def stored_counters(cfg, user):
+    """{done, usage, usage_at} from jobs/done/<user>, or None (missing, or
+    not to be trusted: then counted again).  A counter from before usage was
+    kept starts its usage at 0."""
     path = cfg.p("jobs", "done", user)
     fix = "remove it, and dq counts the user's ended jobs again"
     data = read_json(path, None, fix=fix, skip_newer=True)
     if data is None or not owns_entry(path, "0-" + user):
         return None
-    why = bad_field(data, {"done": (is_int, "a count", True)})
-    return bad_file(path, why, fix) if why else data["done"]
+    why = bad_field(data, COUNTER_FIELDS)
+    if why:
+        return bad_file(path, why, fix)
+    return {"done": data["done"], "usage": data.get("usage", 0.0),
+            "usage_at": data.get("usage_at", time.time())}
 
 
 def done_count(cfg, user):
-    """How many of user's jobs have ended: a counter kept in jobs/done/<user>
-    as they end, so `dq-jobs summary` need not list the whole history.
-    Missing or corrupt (delete it to recount): counted from the job
-    directories once, and saved when it is the user's own."""
-    count = stored_done_count(cfg, user)
-    if count is not None:
-        return count
-    count = 0
-    for job_id in all_job_ids(cfg):
-        if job_id.endswith("-" + user) and \
-                os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
-            count += 1
+    return user_counters(cfg, user)["done"]
+
+
+def user_counters(cfg, user):
+    """How many of user's jobs have ended, and their decayed GPU-seconds:
+    counters kept in jobs/done/<user> as they end, so neither `dq-jobs
+    summary` nor a pass need list the whole history.  Missing or corrupt
+    (delete it to recount): counted from the job directories once, and
+    saved when it is the user's own."""
+    counters = stored_counters(cfg, user)
+    if counters is not None:
+        return counters
+    count, usage, now = 0, 0.0, time.time()
+    recent = True       # newest first: once a job ended 30 half-lives ago, no more reads
+    for job_id in reversed(all_job_ids(cfg)):
+        if not job_id.endswith("-" + user) or \
+                not os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
+            continue
+        count += 1
+        job = load_job(cfg, job_id, quiet=True) if recent else None
+        if job is not None:
+            ended = job.end.get("ended") if is_time(job.end.get("ended")) else now
+            recent = now - ended < 30 * cfg.fairshare_halflife
+            usage += job_usage(job) * 0.5 ** (max(0.0, now - ended) / cfg.fairshare_halflife)
+    counters = {"done": count, "usage": usage, "usage_at": now}
     if user == me():
         try:
-            write_json(cfg.p("jobs", "done", user), {"done": count})
+            write_json(cfg.p("jobs", "done", user), counters)
         except OSError:
             pass
-    return count
+    return counters
 
 
 def check_script(path):
@@ -2296,7 +2463,7 @@ def reconcile(cfg, places, polls, now):
 
 # Planning (pure: no I/O) #####################################################
 
-def plan(queue, polls, places, now, cfg):
+def plan(queue, polls, places, now, cfg, drained=(), usage=None):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
 
     queue: {user: that user's queue} (or one queue), each in the user's
@@ -2307,18 +2474,19 @@ def plan(queue, polls, places, now, cfg):
     with ten or ten thousand jobs waiting.  need: the job's constraints
     (job_needs): only the GPUs and hosts they allow are its to take.
 
-    Order (cfg.order): `fairshare` takes next the oldest job of the user
+    Order (cfg.order): `fairshare` takes next the first job of the user
     who holds the fewest GPUs (placed or running, this pass's placements
-    included), the earlier job first between users holding as many;
-    `fifo` takes the oldest job of all.  A job that would take its owner
+    included); between users holding as many, the one with less recent
+    usage (usage(user): decayed GPU-seconds), then the earlier job.  `fifo`
+    takes the oldest job of all.  Within one user: their order (user_queue).  A job that would take its owner
     above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that
     cannot fit yet is passed over by the ones behind it, except that once
     it has waited `starve_after` seconds the host closest to fitting it is
     kept for it.  Among hosts that fit, the one with the fewest free GPUs wins,
     which keeps whole hosts free for multi-GPU jobs.
-    Returns [(job_id, host, gpus)]."""
+    No job goes to a drained host.  Returns [(job_id, host, gpus)]."""
     reserved = reserved_by_host(places)
-    up = {h: s for h, s in polls.items() if not s.error}
+    up = {h: s for h, s in polls.items() if not s.error and h not in drained}
     free = {h: s.free(reserved.get(h, ())) for h, s in up.items()}
     kept_for = {}           # host -> job id that starves for it
     out = []
@@ -2332,7 +2500,9 @@ def plan(queue, polls, places, now, cfg):
     def turn(u):
         """Sort key: who goes next (the head's job number is its age)."""
         number = int(heads[u].job_id.split("-", 1)[0])
-        return (held.get(u, 0), number) if fair else number
+        if not fair:
+            return number
+        return (held.get(u, 0), usage(u) if usage and len(heads) > 1 else 0, number)
     while any(free[h] for h in free if h not in kept_for):
         for u in [u for u in streams if u not in heads]:
             item = next(streams[u], None)
@@ -2385,12 +2555,12 @@ def plan(queue, polls, places, now, cfg):
     return out
 
 
-def plan_cpu(queue, polls, places, cfg):
+def plan_cpu(queue, polls, places, cfg, drained=()):
     """Place CPU-only jobs (DQ_GPUS=0): at most cpu_slots per host, on the
     host running the fewest.  They take no GPU, so they never wait for or
     block a GPU job."""
     cpu_used = cpu_jobs_by_host(places)
-    up = [h for h, s in polls.items() if s.reachable]
+    up = [h for h, s in polls.items() if s.reachable and h not in drained]
     out = []
     for job_id, _, _, *need in queue:
         hosts = [h for h in up if cpu_used.get(h, 0) < cfg.cpu_slots]
@@ -2430,14 +2600,17 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     user = me()
     res = PassResult()
     res.polls = {} if launch_only else polls if polls is not None else poll_hosts(cfg)
+    drained = () if launch_only else read_drains(cfg, quiet=polls is not None)
     now = time.time()
     with Placements.locked(cfg) as places:
         if retiring:
             places.drop(retiring)
         if not launch_only:
             reconcile(cfg, places, res.polls, now)
-            placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg) + \
-                plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg)
+            placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg,
+                          drained, recent_usage(cfg, now)) + \
+                plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg,
+                         drained)
             for job_id, host, gpus in placed:
                 places.assign(job_id, host, gpus, now)
         mine = places.claim(user, now)
@@ -2460,6 +2633,19 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     sync_own_queue(cfg)     # for the next pass
     kill_leftovers(cfg, res.polls, user)
     return res
+
+
+def recent_usage(cfg, now):
+    """usage(user) for plan: the user's decayed GPU-seconds, from their
+    counter file, read once per pass and only if a tie asks."""
+    seen = {}
+
+    def usage(user):
+        if user not in seen:
+            counters = stored_counters(cfg, user)
+            seen[user] = decayed(counters, now, cfg.fairshare_halflife) if counters else 0.0
+        return seen[user]
+    return usage
 
 
 def busy_outside_dq(polls, places):
@@ -3383,6 +3569,42 @@ def _entry_top(cfg, job_id):
     return top if is_int(top, 0, 10 ** 15) else 0
 
 
+def cmd_drain(cfg, argv):
+    p = parser("drain", "Place no new job on these hosts (running jobs finish), or with "
+               "--undo, end that;\nalone, list drained hosts.  Only admins may drain: the "
+               "owner of dq.conf and\nthe users its 'admins' line names.")
+    p.add_argument("host", nargs="*")
+    p.add_argument("-r", "--reason", default="", help="why (shown to users)")
+    p.add_argument("--undo", action="store_true", help="let dq use the hosts again")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    args = parse(p, argv)
+    if not args.host:
+        if args.undo or args.reason:
+            raise Failure("name the hosts, e.g. dq-drain node3 -r 'new disk'")
+        drains = read_drains(cfg)
+        if args.json:
+            print(json.dumps([dict(host=h, **d) for h, d in sorted(drains.items())], indent=1))
+            return 0
+        if not drains:
+            print("No host is drained")
+            return 0
+        print_table(["Host", "Since", "By", "Reason"],
+                    [(h, time.strftime("%Y-%m-%d %H:%M", time.localtime(d["since"])), d["by"],
+                      d["reason"] or "-") for h, d in sorted(drains.items())])
+        return 0
+    if args.undo and args.reason:
+        raise Failure("--undo takes no reason")
+    set_drained(cfg, args.host, not args.undo, args.reason.strip())
+    for h in args.host:
+        print(f"{'Undrained' if args.undo else 'Drained'} {h}" +
+              (f" ({args.reason.strip()})" if args.reason.strip() and not args.undo else ""))
+    if args.undo:
+        for user in os.listdir(cfg.p("jobs", "queue")) if os.path.isdir(
+                cfg.p("jobs", "queue")) else []:
+            touch_wake(cfg, user)   # their jobs may fit there now
+    return 0
+
+
 def cmd_schedule(cfg, argv):
     p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
                "waiting.\ndq-submit starts it in the background for you when a job has to "
@@ -3402,12 +3624,12 @@ def cmd_schedule(cfg, argv):
 
 # Job listings ################################################################
 
-def active_jobs(cfg, who):
-    places = Placements.read(cfg)
+def active_jobs(cfg, who, places=None, ids=None):
+    """Queued and running jobs of `who` (None: everybody's) as dicts; ids:
+    only these."""
+    places = Placements.read(cfg) if places is None else places
     out = []
-    for job_id in active_ids(cfg):
-        if who and not job_id.endswith("-" + who):
-            continue
+    for job_id in active_ids(cfg, who) if ids is None else ids:
         job = load_job(cfg, job_id)
         if job is None:
             continue
@@ -3428,6 +3650,7 @@ WAIT_REASONS = {
     "GPU kind": "GPUs are free, but none of the type or size it asks for",
     "hosts": "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out",
     "hosts down": "the hosts it may use do not answer, or their nvidia-smi fails",
+    "drained": "the hosts it may use are drained by an admin (dq-drain lists them)",
     "CPU slots": "every host it may use runs cpu_slots CPU-only jobs",
 }
 
@@ -3436,6 +3659,7 @@ def wait_reasons(cfg, queued, places):
     """Set each queued job's `reason` (a key of WAIT_REASONS).  No host is
     polled: hosts.json says what the last polls saw."""
     seen = load_hosts(cfg)["seen"]
+    drained = read_drains(cfg, quiet=True)
     reserved = reserved_by_host(places)
     held, cpu_used = gpus_held(places), cpu_jobs_by_host(places)
     free, up = {}, set()
@@ -3452,11 +3676,14 @@ def wait_reasons(cfg, queued, places):
         # The job's queue entry, as the passes read it: its constraints, held
         entry = read_json(cfg.p("jobs", "active", j["id"]), {}, {}) or {}
         need = entry.get("need") if is_need(entry.get("need")) else {}
-        mine = [h for h in up if host_allowed(need, h)]
+        allowed = [h for h in up if host_allowed(need, h)]
+        mine = [h for h in allowed if h not in drained]
         if entry.get("held"):
             j["reason"] = "held"
         elif j["id"] in places:
             j["reason"] = "starting"
+        elif allowed and not mine:
+            j["reason"] = "drained"
         elif not mine:
             j["reason"] = "hosts down" if any(host_allowed(need, h) for h in cfg.hosts) \
                 else "hosts"
@@ -3470,7 +3697,7 @@ def wait_reasons(cfg, queued, places):
             j["reason"] = "next pass"
         elif any(len(free[h]) >= want for h in mine):
             j["reason"] = "GPU kind"
-        elif any(len(free[h]) >= want for h in up):
+        elif any(len(free[h]) >= want for h in up if h not in drained):
             j["reason"] = "hosts"
         else:
             j["reason"] = "GPUs busy"
@@ -3513,11 +3740,21 @@ def cmd_jobs(cfg, argv):
     who = None if args.all else (args.user or me())
     ensure_layout(cfg)
     now = time.time()
-    active = active_jobs(cfg, who)
-    running = [j for j in active if j["state"] == "running"]
-    queued = [j for j in active if j["state"] == "queued"]
-    if any(j["user"] == me() for j in active) and not scheduler_running(cfg):
+    places = Placements.read(cfg)
+    ids = active_ids(cfg, who)
+    if any(i.endswith("-" + me()) for i in ids) and not scheduler_running(cfg):
         spawn_scheduler(cfg)    # e.g. a dq-submit was killed before it started one
+    if args.view == "summary" or args.view == "active" and not args.json:
+        # Counts need no job read: an entry not placed is queued (a deep
+        # queue costs a listing, not a read per job); running jobs are read.
+        active = active_jobs(cfg, who, places, [i for i in ids if i in places])
+        running = [j for j in active if j["state"] == "running"]
+        queued = [i for i in ids if i not in places] + \
+            [j["id"] for j in active if j["state"] == "queued"]
+    else:
+        active = active_jobs(cfg, who, places, ids)
+        running = [j for j in active if j["state"] == "running"]
+        queued = [j for j in active if j["state"] == "queued"]
     if args.view == "summary":
         if who:
             done = done_count(cfg, who)
@@ -3532,7 +3769,7 @@ def cmd_jobs(cfg, argv):
                   f"Completed jobs: {counts['completed']}")
         return 0
     if args.view == "queue":
-        wait_reasons(cfg, queued, Placements.read(cfg))
+        wait_reasons(cfg, queued, places)
         if args.json:
             print(json.dumps(queued, indent=1))
             return 0
@@ -3907,20 +4144,26 @@ def cmd_free(cfg, argv):
     ensure_layout(cfg)
     polls = poll_hosts(cfg, with_ps=False)
     reserved = reserved_by_host(Placements.read(cfg))
+    drained = read_drains(cfg)
     out = []
     for h in cfg.hosts:
         s = polls[h]
         if s.error:
             warn(f"{h}: {s.error}")
         free = sorted(s.free(reserved.get(h, ())), reverse=True)
-        total = {g.index: g.total for g in s.gpus}
+        info = {g.index: g for g in s.gpus}
         out.append({"host": h, "free": free, "gpus": len(s.gpus), "error": s.error,
-                    "free_gpus": [{"index": i, "memory_total_mib": total[i]} for i in free]})
+                    "drained": drained.get(h),
+                    "free_gpus": [{"index": i, "name": info[i].name,
+                                   "memory_total_mib": info[i].total} for i in free]})
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
     for o in out:
-        if o["free"]:
+        if o["drained"]:
+            why = o["drained"]["reason"]
+            print(f"{o['host']}: drained" + (f" ({why})" if why else ""))
+        elif o["free"]:
             print(f"{o['host']}: {' '.join(map(str, o['free']))}")
     return 0
 
@@ -3934,6 +4177,7 @@ COMMANDS = {
     "hold": cmd_hold,
     "release": cmd_release,
     "top": cmd_top,
+    "drain": cmd_drain,
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,

@@ -95,17 +95,19 @@ done
 # replace another user's jobs.
 if [ -n "$group" ]; then
     chgrp "$group" "$dir"
-    chmod 2775 "$dir"
+    # Not group-writable: nobody but the installer may replace dq.conf,
+    # whose owner and 'admins' are dq's admins (dq-drain).
+    chmod 2755 "$dir"
     shared=2770 sticky=3770 jobs=2775
 else
     shared=777 sticky=1777 jobs=755
 fi
-mkdir -p "$dir/state" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" \
+mkdir -p "$dir/state" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/drain" \
     "$dir/sched"
 chmod "$shared" "$dir/state"
 chmod "$jobs" "$dir/jobs"
-chmod "$sticky" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" \
+chmod "$sticky" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/drain" \
     "$dir/sched"
 [ -z "$group" ] || chgrp "$group" "$dir/state" "$dir/jobs" "$dir/jobs/backend" \
-    "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/sched"
+    "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/drain" "$dir/sched"
 echo "dq installed in $dir; put $dir/bin on PATH, and list the hosts in $dir/dq.conf"

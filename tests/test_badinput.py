@@ -394,6 +394,10 @@ BAD_ARGS = [
     ("submit", ["ok.sh"], {"DQ_PRIORITY": "high"}, ["DQ_PRIORITY"]),
     ("submit", ["ok.sh"], {"DQ_PRIORITY": "1.5"}, ["DQ_PRIORITY"]),
     ("submit", ["ok.sh"], {"DQ_PRIORITY": "99999999999"}, ["DQ_PRIORITY"]),
+    ("drain", ["--undo"], {}, ["name the hosts"]),
+    ("drain", ["-r", "x"], {}, ["name the hosts"]),
+    ("drain", ["nosuchhost"], {}, ["not a host of this cluster"]),
+    ("drain", [HOST, "--undo", "-r", "x"], {}, ["--undo takes no reason"]),
     ("release", [], {}, ["required"]),
     ("release", ["1-"], {}, ["not a job ID"]),
     ("release", [SHORT(J_DONE)], {}, ["only a queued job"]),
@@ -578,6 +582,9 @@ def test_bad_config_number(root, key, value):
     ("[dq]\n[limits]\nbad user = 1\n", ["[limits]", "not a user name"]),
     ("[dq]\ntime_limit = soon\n", ["time_limit='soon'", "not a duration", "4h"]),
     ("[dq]\nmax_time = 0\n", ["max_time='0'", "above 0"]),
+    ("[dq]\nfairshare_halflife = 0\n", ["fairshare_halflife='0'", "above 0"]),
+    ("[dq]\nfairshare_halflife = a week\n", ["fairshare_halflife", "not a duration"]),
+    ("[dq]\nadmins = alice;rm\n", ["'admins'", "not a user name"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
@@ -826,7 +833,7 @@ def test_corrupt_state_file(root, f, name, g):
         done = root.jobs("complete")
         assert done[J_CPU]["state"] == "lost" and done[J_DONE]["state"] == "done"
     elif f == "job.json":
-        r = root.run("jobs", "-a")
+        r = root.run("jobs", "-a", "--json")
         carried_on(r, needle)
         assert J_RUN in r.stdout
         assert set(root.jobs()) >= {J_RUN, J_CPU}
@@ -906,6 +913,35 @@ def test_bad_index_entries(root, index, name, content):
     r = root.run("jobs", "summary", "-a")
     check_lines(r)
     assert r.returncode == 0
+
+
+@root_only
+def test_drains_only_by_admins_and_bad_drain_files(root):
+    """OTHER is no admin (ME owns the data root, and there is no dq.conf):
+    refused in one line, and a drain file OTHER writes, under any name, is
+    ignored with a warning; a corrupt one of ours too."""
+    refused_unchanged(root, "drain", HOST, user=OTHER, needles=["only admins", "admins ="])
+    drained = {"format": 1, "hosts": {HOST: {"drained": True, "since": 2e9}}}
+    write(root.p("drain", OTHER), drained, owner=OTHER)
+    r = schedule_places(root, {J_GPU, J_CPU}, "not an admin")
+    for name, text in ((ME, "{"), (ME, {"format": 1, "hosts": []}),
+                       (ME, {"format": 1, "hosts": {HOST: {"drained": "yes", "since": 1}}})):
+        write(root.p("drain", name), text)
+        r = root.run("drain")
+        check_lines(r)
+        assert r.returncode == 0 and r.stdout == "No host is drained\n", r.stdout
+
+
+def test_drain_by_the_data_roots_owner(root):
+    r = root.run("drain", HOST, "-r", "fan")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"Drained {HOST} (fan)\n", "")
+    assert root.run("free").stdout == f"{HOST}: drained (fan)\n"
+    r = root.run("schedule", "--once")
+    assert J_GPU not in root.launched() and J_CPU not in root.launched(), r.stderr
+    assert root.jobs("queue")[J_GPU]["reason"] == "drained"
+    r = root.run("drain", "--undo", HOST)
+    assert (r.returncode, r.stdout) == (0, f"Undrained {HOST}\n")
+    schedule_places(root, {J_GPU, J_CPU})
 
 
 @root_only

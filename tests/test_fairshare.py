@@ -52,3 +52,32 @@ def test_a_user_at_the_limit_waits_while_others_start(cluster, dq):
     assert reasons == {a[2]: "user limit", b[1]: "user limit"}
     free = json.loads(dq.run("node1", ALICE, "free", "--json").stdout)
     assert len(free[0]["free"]) == 1
+
+
+def test_between_users_holding_as_many_less_recent_usage_goes_first(cluster, dq):
+    # alice has used a GPU for 2 s, bob not at all: when the GPU frees, bob's
+    # job starts first although alice's was queued before it.  Her usage is
+    # kept in jobs/done/<user> as jobs end, and counted again from the job
+    # directories when that file is lost.
+    configure(dq, ["node1"], poll_interval=0.5)
+    cluster.set_gpus("node1", 1)
+    _, path_a = script(cluster, ALICE, "a.sh", "sleep 2\n")
+    _, path_b = script(cluster, BOB, "b.sh", "sleep 0.2\n")
+    used, _ = submit(dq, "node1", ALICE, path_a)
+    wait_until(lambda: [j for j in jobs(dq, view="complete") if j["id"] == used],
+               timeout=20, what="alice's first job to end")
+    counter = os.path.join(dq.root, "jobs", "done", ALICE)
+    usage = json.load(open(counter))["usage"]
+    assert 1.9 < usage < 3, usage
+    os.unlink(counter)
+    assert json.loads(dq.run("node1", ALICE, "jobs", "summary", "--json").stdout)[
+        "completed"] == 1
+    assert abs(json.load(open(counter))["usage"] - usage) < 0.1
+    holder = cluster.hold_gpu("node1", BOB, 0)
+    a, _ = submit(dq, "node1", ALICE, path_a)
+    b, _ = submit(dq, "node1", BOB, path_b)
+    cluster.run("node1", BOB, ["kill", str(holder)], check=True)
+    done = wait_until(lambda: (lambda c: c if len(c) == 3 else None)(
+        jobs(dq, view="complete")), timeout=30, interval=0.3, what="both jobs to end")
+    order = [j["id"] for j in sorted(done, key=lambda j: j["started"])]
+    assert order == [used, b, a]

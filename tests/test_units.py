@@ -437,6 +437,18 @@ def test_plan_fair_share_goes_to_who_holds_fewest_gpus():
     assert even == ["2-x", "4-y", "3-x", "5-y"]
 
 
+def test_plan_fair_share_ties_go_to_less_recent_usage():
+    polls = {"a": host("a", {0, 1, 2}, 3)}
+    queues = {"x": [("1-x", 1, 0), ("2-x", 1, 0)], "y": [("3-y", 1, 0), ("4-y", 1, 0)]}
+    used = {"x": 5000.0, "y": 10.0}
+    out = [j for j, _, _ in dq.plan(queues, polls, {}, 10, cfg(order="fairshare"),
+                                    usage=used.get)]
+    # held GPUs first (y after its first job holds as many as x), usage next
+    assert out == ["3-y", "1-x", "4-y"]
+    counters = {"usage": 1000.0, "usage_at": 0.0}
+    assert dq.decayed(counters, 86400, 86400) == 500.0
+
+
 def test_plan_user_limit_leaves_gpus_idle_for_others_only():
     polls = {"a": host("a", {0, 1, 2, 3}, 4)}
     limits = {"x": 2}
