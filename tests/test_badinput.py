@@ -506,7 +506,8 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "restart", "free",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "restart",
+                "free",
                 "schedule",
                 "tail", "head",
                 "logs", "grep", "attach", "users", "on-all"):
@@ -518,7 +519,8 @@ def test_no_command_prints_the_overview(root):
 def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "restart", "free",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "restart",
+                "free",
                 "schedule",
                 "tail", "head",
                 "logs", "grep", "attach", "users", "on-all"):
@@ -535,7 +537,8 @@ def test_unknown_command_is_one_line(root):
     refused_unchanged(root, "bogus", needles=["unknown command 'bogus'", "dq-submit"])
 
 
-@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "restart",
+@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "drain",
+                                 "restart",
                                  "free", "schedule",
                                  "tail", "head", "logs", "grep", "attach", "users", "on-all"])
 def test_every_command_has_help_and_version(root, cmd):
