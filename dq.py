@@ -1450,14 +1450,16 @@ def require_owner(job, verb):
         raise Failure(f"job {job.id} belongs to {job.owner}; you cannot {verb} it")
 
 
-def index_names(cfg, index="active"):
+def index_names(cfg, index="active", user=None):
     """Names in jobs/<index> (active: queued and running jobs; cpu: those
-    of them that need no GPU), oldest first.  No I/O per entry: a pass
-    looks at as few entries as its decisions need."""
+    of them that need no GPU), oldest first; only `user`'s if given.  No
+    I/O per entry: a pass looks at as few entries as its decisions need."""
     try:
         names = os.listdir(cfg.p("jobs", index))
     except FileNotFoundError:
         return []
+    if user is not None:
+        names = [n for n in names if n.endswith("-" + user)]
     out = []
     for name in names:
         m = JOB_ID_RE.match(name)
@@ -1478,8 +1480,7 @@ def active_ids(cfg, who=None):
     """Ids of queued and running jobs (of user `who`), oldest first, each
     checked to be owned by the user its name says."""
     active = cfg.p("jobs", "active")
-    return [i for i in index_names(cfg) if (who is None or i.endswith("-" + who))
-            and owns_entry(os.path.join(active, i), i)]
+    return [i for i in index_names(cfg, user=who) if owns_entry(os.path.join(active, i), i)]
 
 
 def drop_from_index(cfg, job_id):
@@ -1902,9 +1903,7 @@ def read_queue(cfg, places, stale=None, index="active", user=None):
     """Yield (job_id, gpus_wanted, submitted, need) of jobs waiting for a
     placement, oldest first, reading each entry only when asked for it.
     Entries of jobs that ended or were lost go to `stale`."""
-    names = index_names(cfg, index)
-    return _queue_entries(cfg, places, [n for n in names if n.endswith("-" + user)]
-                          if user else names, stale, index)
+    return _queue_entries(cfg, places, index_names(cfg, index, user), stale, index)
 
 
 def _queue_entries(cfg, places, names, stale, index, full=False):
@@ -2023,30 +2022,70 @@ def user_queue_names(cfg, user):
 
 
 def user_queue(cfg, places, user, names=None):
-    """The user's queued GPU jobs (Queued), in their order; lazily read."""
+    """The user's queued GPU jobs, in their order (a UserQueue of Queued
+    items, each read only when a pass asks)."""
     names = user_queue_names(cfg, user) if names is None else names
     if names is None:       # no usable directory: read and sort the entries
         items = [Queued(j, g, need_shape(need), order_key(int(j.split("-")[0]), p, t),
                         info=(s, need)) for j, g, s, need, p, t
-                 in _queue_entries(cfg, places, [n for n in index_names(cfg)
-                                                 if n.endswith("-" + user)], None, "active",
+                 in _queue_entries(cfg, places, index_names(cfg, user=user), None, "active",
                                    full=True)
                  if g]
-        return sorted(items, key=lambda i: i.key)
-    items = []
+        groups = {}
+        for item in items:
+            groups.setdefault((item.gpus, item.shape), []).append((item.key, item))
+        return UserQueue(groups, lambda item, group: item)
+    groups = {}
+    suffix = "-" + user
     for name in names:
         m = QUEUE_NAME_RE.match(name)
         if not m or m.group(6):
             continue        # held, or not one of dq's names
         number, gpus, shape, priority, top = m.groups()[:5]
-        job_id = f"{number}-{user}"
-        if job_id in places or gpus == "0":
+        if gpus == "0" or number + suffix in places:
             continue
-        items.append(Queued(job_id, int(gpus), shape,
-                            order_key(int(number), int(priority), int(top)),
-                            load=lambda j=job_id: _queued_details(cfg, places, j)))
-    items.sort(key=lambda i: i.key)
-    return items
+        groups.setdefault((int(gpus), shape), []).append(
+            (order_key(int(number), int(priority), int(top)), number + suffix))
+
+    def make(job_id, group):
+        return Queued(job_id, group[0], group[1], None,
+                      load=lambda: _queued_details(cfg, places, job_id))
+    return UserQueue(groups, make)
+
+
+class UserQueue:
+    """One user's queue for a pass: a sub-queue per shape (GPUs wanted and
+    constraints), merged in the user's order.  Once a job of a shape found
+    no room, drop() discards the rest of that shape at once: a pass walks
+    the shapes, not the jobs."""
+
+    def __init__(self, groups, make):
+        import heapq
+        self._heapq, self._make, self._groups = heapq, make, groups
+        for entries in groups.values():
+            entries.sort(key=lambda e: e[0])
+        self._pos = dict.fromkeys(groups, 0)
+        self._heap = [(entries[0][0], group) for group, entries in groups.items()]
+        heapq.heapify(self._heap)
+        self._dropped = set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self._heap:
+            _, group = self._heapq.heappop(self._heap)
+            if group in self._dropped:
+                continue
+            entries, i = self._groups[group], self._pos[group]
+            self._pos[group] = i + 1
+            if i + 1 < len(entries):
+                self._heapq.heappush(self._heap, (entries[i + 1][0], group))
+            return self._make(entries[i][1], group)
+        raise StopIteration
+
+    def drop(self, gpus, shape):
+        self._dropped.add((gpus, shape))
 
 
 def _queued_details(cfg, places, job_id):
@@ -2083,9 +2122,7 @@ def rebuild_own_queue(cfg):
         os.makedirs(cfg.p("jobs", "queue"), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{user}-", dir=cfg.p("jobs", "queue"))
         os.chmod(tmp, 0o755)
-        for job_id in index_names(cfg):
-            if not job_id.endswith("-" + user):
-                continue
+        for job_id in index_names(cfg, user=user):
             info = read_json(cfg.p("jobs", "active", job_id), None, None)
             if info and not bad_field(info, INDEX_FIELDS) and info["gpus"]:
                 open(os.path.join(tmp, queue_name(job_id, info)), "w").close()
@@ -2113,7 +2150,7 @@ def sync_own_queue(cfg):
     for name in names:
         if QUEUE_NAME_RE.match(name):
             have[name.split("_", 1)[0] + "-" + user] = name
-    active = {n for n in index_names(cfg) if n.endswith("-" + user)}
+    active = set(index_names(cfg, user=user))
     try:
         cpu = set(os.listdir(cfg.p("jobs", "cpu")))
     except OSError:
@@ -2547,6 +2584,9 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None):
             held[user] = held.get(user, 0) + want
         else:
             no_room.add((want, item.shape))
+            for q in queue.values() if isinstance(queue, dict) else [queue]:
+                if hasattr(q, "drop"):
+                    q.drop(want, item.shape)    # the rest of that shape, unread
             if submitted is not None and now - submitted >= cfg.starve_after:
                 big = [h for h in mine
                        if len(usable(h, [g.index for g in up[h].gpus])) >= want]
@@ -3543,8 +3583,7 @@ def cmd_top(cfg, argv):
     status, moved = 0, []
     with Placements.locked(cfg) as places:
         # Above every mark so far: the last dq-top goes first.
-        mark = 1 + max([_entry_top(cfg, j) for j in index_names(cfg)
-                        if j.endswith("-" + me())] + [0])
+        mark = 1 + max([_entry_top(cfg, j) for j in index_names(cfg, user=me())] + [0])
         for i, job in enumerate(reversed(jobs)):
             path = cfg.p("jobs", "active", job.id)
             info = read_json(path, None, False) if job.state() == "queued" else None

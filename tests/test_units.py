@@ -165,6 +165,22 @@ def test_plan_passes_over_a_shape_that_found_no_room_unread():
     assert out == [("10001-x", "a", [0])] and read == [1, 10001]
 
 
+def test_user_queue_merges_shapes_in_order_and_drops_a_shape():
+    made = []
+
+    def make(job_id, group):
+        made.append(job_id)
+        return dq.Queued(job_id, group[0], group[1], None, info=(0, None))
+    groups = {(1, "-"): [(dq.order_key(n, 0, 0), f"{n}-x") for n in (5, 1, 3)],
+              (2, "abc"): [(dq.order_key(n, 0, 0), f"{n}-x") for n in (2, 4)],
+              (1, "def"): [(dq.order_key(6, 9, 0), "6-x")]}
+    q = dq.UserQueue(groups, make)
+    assert [next(q).job_id for _ in range(3)] == ["6-x", "1-x", "2-x"]
+    q.drop(2, "abc")
+    assert [i.job_id for i in q] == ["3-x", "5-x"]
+    assert "4-x" not in made        # dropped unmade
+
+
 def test_user_order_priority_then_top_then_submission():
     keys = {"1": dq.order_key(1, 0, 0), "2": dq.order_key(2, 5, 0), "3": dq.order_key(3, 0, 2),
             "4": dq.order_key(4, 0, 7), "5": dq.order_key(5, -1, 9)}
