@@ -152,12 +152,13 @@ def test_free_and_failing_nvidia_smi(cluster, dq):
     data = json.loads(dq.run("node1", ALICE, "free", "--json", timeout=30).stdout)
     assert [(h["host"], h["free"]) for h in data] == \
         [("node1", [3, 1, 0]), ("node2", []), ("node3", []), ("node4", [])]
-    # each free GPU's memory, as nvidia-smi on the host says it
-    smi = cluster.run("node1", ALICE, "nvidia-smi --query-gpu=index,memory.total "
+    # each free GPU's type and memory, as nvidia-smi on the host says them
+    smi = cluster.run("node1", ALICE, "nvidia-smi --query-gpu=index,name,memory.total "
                       "--format=csv,noheader,nounits", check=True).stdout
-    total = {int(i): int(m) for i, m in (ln.split(",") for ln in smi.splitlines())}
-    assert data[0]["free_gpus"] == [{"index": i, "memory_total_mib": total[i]}
-                                    for i in (3, 1, 0)]
+    gpus = {int(i): (n.strip(), int(m)) for i, n, m in (ln.split(",") for ln in
+                                                         smi.splitlines())}
+    assert data[0]["free_gpus"] == [{"index": i, "name": gpus[i][0],
+                                     "memory_total_mib": gpus[i][1]} for i in (3, 1, 0)]
     # a job is never placed on a host whose GPUs dq cannot see
     _, path = script(cluster, ALICE, "x.sh", "sleep 5\n")
     for _ in range(4):

@@ -130,6 +130,18 @@ def test_plan_keeps_a_host_for_a_starving_job():
     assert dq.plan(queue, polls, {}, 10_000, cfg()) == []
 
 
+def test_plan_backfill_and_starvation_guard_under_fair_share():
+    # x's 4-GPU job cannot fit on a's 2 free GPUs: y's 1-GPU job backfills,
+    # until x's job has waited starve_after -- then host a is kept for it
+    polls = {"a": host("a", [0, 1], 4)}
+
+    def queues():
+        return {"x": [("1-x", 4, 0)], "y": [("2-y", 1, 1)]}
+    c = cfg(order="fairshare")
+    assert dq.plan(queues(), polls, {}, 10, c) == [("2-y", "a", [0])]
+    assert dq.plan(queues(), polls, {}, 10_000, c) == []
+
+
 def test_plan_never_gives_a_reserved_gpu():
     polls = {"a": host("a", [0, 1], 2)}
     places = {"9-z": {"host": "a", "gpus": [0], "state": "running", "user": "z", "since": 0}}
