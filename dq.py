@@ -17,10 +17,11 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-submit SCRIPT        queue a job (DQ_GPUS=N asks for N GPUs, 0 = CPU only)
   dq-jobs [summary|queue|complete]   list jobs (--json for data)
   dq-kill ID...           remove a queued job, or kill a running one
-  dq-restart ID           run a finished job again (same script, cwd, env)
+  dq-restart ID...        run finished jobs again (same script, cwd, env)
   dq-hold ID...           keep queued jobs from starting
   dq-release ID...        let held jobs start again
   dq-top ID...            move queued jobs to the front of your own
+  dq-wait ID... [-t S]    wait until jobs have ended (exit 0: all done)
   dq-drain [HOST...] [-r REASON] [--undo]   (admins) no new jobs on hosts
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
@@ -1252,7 +1253,11 @@ JOB_FIELDS = {
     "submit_host": (optional(is_str), "a host name", False),
     "restart_of": (optional(is_str), "a job ID", False),
     "requeues": (is_int, "a count", False),
-    "time_limit": (optional(lambda v: is_int(v, 1)), "seconds", False)}
+    "time_limit": (optional(lambda v: is_int(v, 1)), "seconds", False),
+    "after": (lambda v: is_id_list(v), "a list of job IDs", False),
+    "after_any": (lambda v: is_id_list(v), "a list of job IDs", False),
+    "retry_of": (optional(is_str), "a job ID", False),
+    "retries": (is_int, "a count", False)}
 
 
 RUN_FIELDS = {
@@ -1260,14 +1265,15 @@ RUN_FIELDS = {
     "gpus": (is_gpu_list, "a list of GPUs", False),
     "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
     "started": (is_time, "a time in seconds", True)}
-END_STATES = ("done", "failed", "killed", "lost", "timeout")
+END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
 END_FIELDS = {
     "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
     "reason": (optional(is_str), "a text", False),
     "exit_code": (optional(lambda v: is_int(v, -1 << 31)), "an exit status", False),
     "signal": (optional(is_str), "a signal name", False),
     "ended": (optional(is_time), "a time in seconds", False),
-    "host": (optional(is_str), "a host name", False)}
+    "host": (optional(is_str), "a host name", False),
+    "requeued_as": (optional(is_str), "a job ID", False)}
 LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
                "ended": (optional(is_time), "a time in seconds", False)}
 INDEX_FIELDS = {
@@ -1277,7 +1283,15 @@ INDEX_FIELDS = {
     "held": (lambda v: v is True, "true (dq-hold)", False),
     "priority": (lambda v: is_int(v, -MAX_PRIORITY, MAX_PRIORITY), "a whole number (DQ_PRIORITY)",
                  False),
-    "top": (lambda v: is_int(v, 0, 10 ** 15), "a whole number (dq-top)", False)}
+    "top": (lambda v: is_int(v, 0, 10 ** 15), "a whole number (dq-top)", False),
+    "after": (lambda v: is_id_list(v), "a list of job IDs (DQ_AFTER)", False),
+    "after_any": (lambda v: is_id_list(v), "a list of job IDs (DQ_AFTER_ANY)", False),
+    "waiting": (lambda v: v is True, "true (its dependencies have not ended)", False)}
+
+
+def is_id_list(v):
+    return isinstance(v, list) and all(isinstance(i, str) and JOB_ID_RE.match(i) and "-" in i
+                                       for i in v)
 
 
 def read_job_file(path, fields, corrupt, fix):
@@ -1310,7 +1324,8 @@ class Job:
     failed,     signal, reason); out of      (timeout: it stopped the job at
     timeout,    jobs/active                  its time limit); dq-kill (killed,
     killed,                                  written before it kills); the
-    lost                                     owner's pass (lost)
+    lost,                                    owner's pass (lost, and cancelled:
+    cancelled                                a dependency did not end done)
 
     Whether it holds GPUs meanwhile is the placement's business
     (Placements: assigned, launching, running)."""
@@ -1384,6 +1399,10 @@ class Job:
             "reason": reason, "restart_of": self.spec.get("restart_of"),
             "submit_host": self.spec.get("submit_host"),
             "time_limit": self.spec.get("time_limit"),
+            "sweep": self.spec.get("env", {}).get("DQ_SWEEP"),
+            "after": self.spec.get("after", []), "after_any": self.spec.get("after_any", []),
+            "retry_of": self.spec.get("retry_of"), "retries": self.spec.get("retries", 0),
+            "requeued_as": self.end.get("requeued_as"),
         }
 
 
@@ -1426,6 +1445,66 @@ def resolve_job(cfg, arg):
     for msg in said:
         warn(msg)
     return job
+
+
+RANGE_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
+MAX_IDS = 100_000
+
+
+def id_arguments(p):
+    """The arguments of a command that takes several jobs: IDs (N, N-user),
+    ranges of your own (N-M) and --sweep ID."""
+    p.add_argument("job_id", nargs="*", help="N or N-user, or N-M: your jobs N to M")
+    p.add_argument("--sweep", metavar="ID", action="append", default=[],
+                   help="every job of the sweep whose first job is ID (its DQ_SWEEP)")
+
+
+def resolve_jobs(cfg, args):
+    """The jobs named by id_arguments, each once, in order."""
+    if not args.job_id and not args.sweep:
+        raise Failure("name the jobs: IDs (42, 42-bob), ranges of yours (40-49) or "
+                      "--sweep ID")
+    ids = []
+    for arg in args.job_id:
+        m = RANGE_RE.match(arg)
+        if not m:
+            ids.append(resolve_job(cfg, arg).id)
+            continue
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if hi < lo or hi - lo >= MAX_IDS:
+            raise Failure(f"{arg!r} is not a range of job numbers (e.g. 40-49, low to high, "
+                          f"at most {MAX_IDS})")
+        mine = [f"{n}-{me()}" for n in range(lo, hi + 1)
+                if os.path.isdir(cfg.job_dir(f"{n}-{me()}"))]
+        if not mine:
+            raise Failure(f"you have no job numbered {lo} to {hi} (see dq-jobs complete)")
+        ids += mine
+    for arg in args.sweep:
+        ids += sweep_jobs(cfg, resolve_job(cfg, arg))
+    seen, jobs = set(), []
+    for job_id in ids:
+        if job_id not in seen:
+            seen.add(job_id)
+            job = load_job(cfg, job_id)
+            if job is None:
+                raise Failure(f"no job {job_id} that dq can use")
+            jobs.append(job)
+    return jobs
+
+
+def sweep_jobs(cfg, job):
+    """The IDs of the sweep `job` belongs to (sweep.json in its first job)."""
+    first = job.spec.get("env", {}).get("DQ_SWEEP")
+    if not first or not JOB_ID_RE.match(first) or "-" not in first:
+        raise Failure(f"job {job.id} is not part of a sweep (submit one with dq-submit "
+                      f"--grid or --each)")
+    path = os.path.join(cfg.job_dir(first), "sweep.json")
+    data = read_json(path, None, None, "its owner can name the jobs by range instead")
+    ids = data.get("jobs") if isinstance(data, dict) else None
+    if not is_id_list(ids):
+        raise Failure(f"cannot read the list of sweep {first} ({path}); name its jobs by "
+                      f"range instead (e.g. {first.split('-')[0]}-...)")
+    return ids
 
 
 def _find_job(cfg, arg, m):
@@ -1507,13 +1586,16 @@ def all_job_ids(cfg):
 
 
 def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None,
-               durable=True):
+               durable=True, requeued_as=None):
     """Write end.json once and count the job as completed; False if the job
     already had an end.  durable=False (the wrapper, in a hurry to hand the
     GPUs over): the caller fsyncs end.json and counts the job later, with
-    finish_end."""
+    finish_end.  requeued_as: the job that runs it again (DQ_REQUEUE,
+    DQ_RETRY), which dependencies and dq-wait follow."""
     data = {"state": state, "reason": reason, "exit_code": exit_code,
             "signal": sig, "ended": time.time(), "host": host or job.run.get("host")}
+    if requeued_as:
+        data["requeued_as"] = requeued_as
     try:
         write_json(os.path.join(job.dir, "end.json"), data, exclusive=True, durable=durable)
     except FileExistsError:
@@ -1696,6 +1778,24 @@ def job_priority(env):
     return int(raw)
 
 
+def job_dependencies(cfg, env):
+    """DQ_AFTER / DQ_AFTER_ANY: job IDs (N or N-user, anyone's), each of an
+    existing job -> (after, after_any) as full IDs."""
+    out = []
+    for var in ("DQ_AFTER", "DQ_AFTER_ANY"):
+        ids = []
+        for item in env.get(var, "").split(","):
+            if not item.strip():
+                continue
+            try:
+                ids.append(resolve_job(cfg, item.strip()).id)
+            except Failure as e:
+                raise Failure(f"{var}={env[var]!r}: {e}; give IDs of existing jobs, e.g. "
+                              f"{var}=42,43-{me()}") from None
+        out.append(sorted(set(ids), key=lambda i: int(i.split("-")[0])))
+    return tuple(out)
+
+
 def host_patterns(var, text):
     """'deep[1-4],deep1*' -> ['deep1', ..., 'deep4', 'deep1*']: names and
     shell globs, ranges expanded."""
@@ -1835,42 +1935,86 @@ def next_number(cfg):
     return int(ids[-1].split("-")[0]) + 1 if ids else 1
 
 
-def create_job(cfg, script, cwd, env, want, need, time_limit, priority=0, restart_of=None,
-               requeues=0):
-    """Allocate the next id under the global lock (the counter and a mkdir:
-    the directory claims the id), then write the job.  The counter only
-    grows; an id whose directory exists is skipped, so a lost or rolled-back
-    counter never hands out an id twice.  The job is queued once its
-    jobs/active entry exists, which is written last (after its name in the
-    owner's queue directory).  need, time_limit, priority: from job_needs,
-    job_time_limit and job_priority, checked before anything is written."""
+def prepare_job(cfg, env, deps=True):
+    """What a job's DQ_* variables ask, checked before anything is written:
+    {env, gpus, need, time_limit, priority, after, after_any}."""
+    want = wanted_gpus(env)
+    retry_limit(env)
+    after, after_any = job_dependencies(cfg, env) if deps else ([], [])
+    return {"env": env, "gpus": want, "need": job_needs(env, want),
+            "time_limit": job_time_limit(cfg, env), "priority": job_priority(env),
+            "after": after, "after_any": after_any}
+
+
+def create_job(cfg, script, cwd, job, restart_of=None, requeues=0, retry_of=None, retries=0):
+    return create_jobs(cfg, script, cwd, [job], restart_of, requeues, retry_of, retries)[0]
+
+
+def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=None, retries=0,
+                sweep=False):
+    """Allocate the next ids under the global lock (the counter and a mkdir
+    each: the directory claims the id), then write the jobs (prepare_job).
+    The counter only grows; an id whose directory exists is skipped, so a
+    lost or rolled-back counter never hands out an id twice.  A job is
+    queued once its jobs/active entry exists, which is written last (after
+    its name in the owner's queue directory).  One hold of the lock and one
+    round of fsyncs for a whole sweep; `sweep`: its jobs get DQ_SWEEP (the
+    first ID) and DQ_SWEEP_INDEX, and the first job's directory a list of
+    them (sweep.json)."""
     user = me()
     ensure_layout(cfg)
+    ids = []
     with global_lock(cfg):
         n = next_number(cfg)
-        while True:
-            job_id = f"{n}-{user}"
+        while len(ids) < len(jobs):
             try:
-                os.mkdir(cfg.job_dir(job_id), 0o755)
-                break
+                os.mkdir(cfg.job_dir(f"{n}-{user}"), 0o755)
+                ids.append(f"{n}-{user}")
             except FileExistsError:
-                n += 1
+                pass
+            n += 1
         # Not fsynced: a counter that rolls back in a crash only makes the
         # mkdir above skip ids whose directories exist.
-        write_json(cfg.p("state", "next_id"), {"next": n + 1}, mode=0o666, durable=False)
+        write_json(cfg.p("state", "next_id"), {"next": n}, mode=0o666, durable=False)
     now = time.time()
-    spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
-            "gpus": want, "submitted": now, "submit_host": os.uname().nodename,
-            "restart_of": restart_of, "requeues": requeues, "time_limit": time_limit}
-    write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec)
-    if want == 0:
-        write_json(cfg.p("jobs", "cpu", job_id), {})
-    entry = dict({"gpus": want, "submitted": now}, **({"need": need} if need else {}),
-                 **({"priority": priority} if priority else {}))
+    host = os.uname().nodename
+    entries, written = [], []
+    for i, (job_id, job) in enumerate(zip(ids, jobs)):
+        env = dict(job["env"], DQ_SWEEP=ids[0], DQ_SWEEP_INDEX=str(i)) if sweep else job["env"]
+        spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
+                "gpus": job["gpus"], "submitted": now, "submit_host": host,
+                "restart_of": restart_of, "requeues": requeues,
+                "time_limit": job["time_limit"]}
+        for key in ("after", "after_any"):
+            if job[key]:
+                spec[key] = job[key]
+        if retry_of:
+            spec["retry_of"], spec["retries"] = retry_of, retries
+        path = os.path.join(cfg.job_dir(job_id), "job.json")
+        write_json(path, spec, durable=len(jobs) == 1)
+        written.append(path)
+        entry = {"gpus": job["gpus"], "submitted": now}
+        for key in ("need", "priority", "after", "after_any"):
+            if job[key]:
+                entry[key] = job[key]
+        if job["after"] or job["after_any"]:
+            entry["waiting"] = True     # until its dependencies allow (release_dependents)
+        entries.append((job_id, entry))
+    if sweep:
+        path = os.path.join(cfg.job_dir(ids[0]), "sweep.json")
+        write_json(path, {"jobs": ids}, durable=False)
+        written.append(path)
+    for path in written if len(jobs) > 1 else ():
+        sync_file(path)     # one after another: the first fsync commits them all
     rebuild_own_queue(cfg)
-    set_queue_name(cfg, job_id, entry)
-    write_json(cfg.p("jobs", "active", job_id), entry)
-    return job_id
+    for job_id, entry in entries:
+        if entry["gpus"] == 0:
+            write_json(cfg.p("jobs", "cpu", job_id), {}, durable=len(jobs) == 1)
+        set_queue_name(cfg, job_id, entry)
+        write_json(cfg.p("jobs", "active", job_id), entry, durable=len(jobs) == 1)
+    for job_id, entry in entries if len(jobs) > 1 else ():
+        sync_file(cfg.p("jobs", "active", job_id))
+    return ids
 
 
 def requeue(cfg, job):
@@ -1883,10 +2027,41 @@ def requeue(cfg, job):
     done = job.spec.get("requeues", 0)
     if done >= limit:
         return None
-    env, want = job.spec.get("env", {}), job.spec.get("gpus", 1)
-    return create_job(cfg, job.spec["script"], job.spec["cwd"], env, want,
-                      job_needs(env, want), job.spec.get("time_limit"), job_priority(env),
+    return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
                       restart_of=job.id, requeues=done + 1)
+
+
+def retry(cfg, job):
+    """DQ_RETRY=N: a failed job (not killed, not timed out) is queued again,
+    up to N times in all.  Returns the new ID or None."""
+    limit = retry_limit(job.spec.get("env", {}))
+    done = job.spec.get("retries", 0)
+    if done >= limit:
+        return None
+    try:
+        return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
+                          retry_of=job.id, retries=done + 1)
+    except (Failure, OSError) as e:
+        warn(f"cannot retry {job.id}: {e}")
+        return None
+
+
+def retry_limit(env):
+    raw = env.get("DQ_RETRY", "").strip()
+    if not raw:
+        return 0
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > 1000:
+        raise Failure(f"DQ_RETRY={raw!r} is not a number of retries from 0 to 1000; e.g. "
+                      f"DQ_RETRY=3 (a failed job runs up to 3 more times)")
+    return int(raw)
+
+
+def again_job(cfg, job):
+    """prepare_job for a job's new run (requeue, retry): its variables and
+    time limit as submitted; its dependencies were met."""
+    again = prepare_job(cfg, job.spec.get("env", {}), deps=False)
+    again["time_limit"] = job.spec.get("time_limit")
+    return again
 
 
 def mark_lost(cfg, job, reason):
@@ -1934,8 +2109,8 @@ def _queue_entries(cfg, places, names, stale, index, full=False):
             continue
         if index == "cpu" and info["gpus"] != 0:
             continue        # a GPU job's stray cpu/ entry: plan() places it
-        if info.get("held"):
-            continue        # dq-hold
+        if info.get("held") or info.get("waiting"):
+            continue        # dq-hold, or dependencies (release_dependents)
         if full:
             yield (job_id, info["gpus"], info.get("submitted"), info.get("need"),
                    info.get("priority", 0), info.get("top", 0))
@@ -1948,12 +2123,14 @@ def _queue_entries(cfg, places, names, stale, index, full=False):
 # holds one empty file per queued GPU job, whose name says all a pass needs
 # to order and skip it without opening anything:
 #     <number>_<gpus>_<shape>_<priority>_<top>[_h]
-# shape: a hash of the job's constraints ('-': none); _h: held.  A pass lists
+# shape: a hash of the job's constraints ('-': none); _h: held, _w: waiting
+# for its dependencies (_hw: both).  A pass lists
 # these directories, not the whole queue, and reads a job's jobs/active entry
 # only when it may place it, or to learn the constraints of a shape once.
 # The jobs/active entries stay the record (listings read them); the names
 # are derived from them, so the owner rebuilds a lost directory from them.
-QUEUE_NAME_RE = re.compile(r"^([0-9]+)_([0-9]+)_(-|[0-9a-f]{12})_(-?[0-9]+)_([0-9]+)(_h)?$")
+QUEUE_NAME_RE = re.compile(r"^([0-9]+)_([0-9]+)_(-|[0-9a-f]{12})_(-?[0-9]+)_([0-9]+)"
+                           r"(_h?w?)?$")
 MAX_PRIORITY = 1_000_000
 
 
@@ -1969,7 +2146,9 @@ def need_shape(need):
 def queue_name(job_id, info):
     """The queue file name of a job from its jobs/active entry."""
     return (f"{job_id.split('-', 1)[0]}_{info['gpus']}_{need_shape(info.get('need'))}_"
-            f"{info.get('priority', 0)}_{info.get('top', 0)}" + ("_h" if info.get("held") else ""))
+            f"{info.get('priority', 0)}_{info.get('top', 0)}" +
+            ("_" + "h" * bool(info.get("held")) + "w" * bool(info.get("waiting"))
+             if info.get("held") or info.get("waiting") else ""))
 
 
 def order_key(number, priority, top):
@@ -2040,7 +2219,7 @@ def user_queue(cfg, places, user, names=None):
     for name in names:
         m = QUEUE_NAME_RE.match(name)
         if not m or m.group(6):
-            continue        # held, or not one of dq's names
+            continue        # held or waiting, or not one of dq's names
         number, gpus, shape, priority, top = m.groups()[:5]
         if gpus == "0" or number + suffix in places:
             continue
@@ -2500,7 +2679,7 @@ def reconcile(cfg, places, polls, now):
 
 # Planning (pure: no I/O) #####################################################
 
-def plan(queue, polls, places, now, cfg, drained=(), usage=None):
+def plan(queue, polls, places, now, cfg, drained=(), usage=None, caller=None):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
 
     queue: {user: that user's queue} (or one queue), each in the user's
@@ -2514,8 +2693,10 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None):
     Order (cfg.order): `fairshare` takes next the first job of the user
     who holds the fewest GPUs (placed or running, this pass's placements
     included); between users holding as many, the one with less recent
-    usage (usage(user): decayed GPU-seconds), then the earlier job.  `fifo`
-    takes the oldest job of all.  Within one user: their order (user_queue).  A job that would take its owner
+    usage (usage(user): decayed GPU-seconds; within 10% counts as as
+    little), then the caller (whose jobs start without ssh or a wake-up),
+    then the earlier job.  `fifo` takes the oldest job of all.  Within one
+    user: their order (user_queue).  A job that would take its owner
     above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that
     cannot fit yet is passed over by the ones behind it, except that once
     it has waited `starve_after` seconds the host closest to fitting it is
@@ -2534,12 +2715,19 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None):
     fair = getattr(cfg, "order", "fifo") == "fairshare"
     no_room = set()     # (GPUs, shape) of jobs that found no room: the same fail alike
 
-    def turn(u):
-        """Sort key: who goes next (the head's job number is its age)."""
-        number = int(heads[u].job_id.split("-", 1)[0])
-        if not fair:
-            return number
-        return (held.get(u, 0), usage(u) if usage and len(heads) > 1 else 0, number)
+    def number(u):
+        return int(heads[u].job_id.split("-", 1)[0])   # the head's age
+
+    def turn():
+        """Whose head goes next."""
+        if not fair or len(heads) == 1:
+            return min(heads, key=number)
+        fewest = min(held.get(u, 0) for u in heads)
+        users = [u for u in heads if held.get(u, 0) == fewest]
+        if usage and len(users) > 1:
+            least = min(usage(u) for u in users)
+            users = [u for u in users if usage(u) <= least * 1.1 + 1]
+        return caller if caller in users else min(users, key=number)
     while any(free[h] for h in free if h not in kept_for):
         for u in [u for u in streams if u not in heads]:
             item = next(streams[u], None)
@@ -2549,7 +2737,7 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None):
                 heads[u] = Queued.of(item)
         if not heads:
             break
-        user = min(heads, key=turn)
+        user = turn()
         item = heads.pop(user)
         job_id, want = item.job_id, item.gpus
         if want == 0:
@@ -2626,6 +2814,7 @@ class PassResult:
         self.my_waiting = False     # does any job of the caller wait for GPUs?
         self.my_running = 0
         self.outside_busy = True    # GPUs busy that only a poll can see freed
+        self.deps_waiting = 0       # jobs of the caller waiting on others' ends
 
 
 def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=None):
@@ -2639,6 +2828,8 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     ensure_layout(cfg)
     user = me()
     res = PassResult()
+    if not launch_only:
+        res.deps_waiting = release_dependents(cfg)
     res.polls = {} if launch_only else polls if polls is not None else poll_hosts(cfg)
     drained = () if launch_only else read_drains(cfg, quiet=polls is not None)
     now = time.time()
@@ -2648,7 +2839,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
         if not launch_only:
             reconcile(cfg, places, res.polls, now)
             placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg,
-                          drained, recent_usage(cfg, now)) + \
+                          drained, recent_usage(cfg, now), user) + \
                 plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg,
                          drained)
             for job_id, host, gpus in placed:
@@ -2714,11 +2905,82 @@ def tidy_own_jobs(cfg, job_ids, polls):
                 kill_on_host(cfg, job, host)
             again = requeue(cfg, job)
             reason = lost.get("reason", "lost") + (f"; requeued as {again}" if again else "")
-            record_end(cfg, job, "lost", reason)
+            record_end(cfg, job, "lost", reason, requeued_as=again)
             if again:
                 print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
                       file=sys.stderr)
         drop_from_index(cfg, job_id)
+
+
+def final_state(cfg, job_id):
+    """How a job ended, following its requeues and retries to the last
+    run: (state or None while it has not ended, the job ID of that run)."""
+    for _ in range(1000):
+        end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), None, {}, skip_newer=True)
+        if end is None:
+            if not os.path.isdir(cfg.job_dir(job_id)):
+                return "gone", job_id       # removed by hand: it will never end done
+            return None, job_id
+        state = end.get("state") if end.get("state") in END_STATES else "failed"
+        after = end.get("requeued_as")
+        if not (isinstance(after, str) and JOB_ID_RE.match(after)):
+            return state, job_id
+        job_id = after
+    return "failed", job_id
+
+
+def dependencies_verdict(cfg, entry):
+    """For a job waiting on DQ_AFTER / DQ_AFTER_ANY (its jobs/active entry):
+    ('wait', the job it waits on), ('go', None), or ('cancel', why)."""
+    for dep in entry.get("after", []):
+        state, last = final_state(cfg, dep)
+        if state is None:
+            return "wait", dep
+        if state != "done":
+            return "cancel", f"dependency {dep} ended {state}" + (
+                f" (as {last})" if last != dep else "")
+    for dep in entry.get("after_any", []):
+        if final_state(cfg, dep)[0] is None:
+            return "wait", dep
+    return "go", None
+
+
+def release_dependents(cfg):
+    """The owner's passes: each of their jobs that waits on others either
+    joins the queue (its dependencies ended as it asked) or ends
+    `cancelled` without running (one ended otherwise), and so do, in turn,
+    the jobs waiting on it.  Returns how many still wait."""
+    user = me()
+    for _ in range(100):        # a cancel may release or cancel others: go on
+        waiting, changed = 0, False
+        names = user_queue_names(cfg, user) or []
+        candidates = [n.split("_", 1)[0] + "-" + user for n in names
+                      if n.endswith("w") and QUEUE_NAME_RE.match(n)]
+        candidates += [j for j in index_names(cfg, "cpu", user)]
+        for job_id in candidates:
+            path = cfg.p("jobs", "active", job_id)
+            info = read_json(path, None, False, skip_newer=True)
+            if not info or bad_field(info, INDEX_FIELDS) or not info.get("waiting") or \
+                    not owns_entry(path, job_id):
+                continue
+            verdict, what = dependencies_verdict(cfg, info)
+            if verdict == "wait":
+                waiting += 1
+                continue
+            changed = True
+            if verdict == "go":
+                info = {k: v for k, v in info.items() if k not in ("format", "waiting")}
+                write_json(path, info)
+                set_queue_name(cfg, job_id, info)
+            else:
+                job = load_job(cfg, job_id, quiet=True)
+                if job is not None:
+                    record_end(cfg, job, "cancelled", what)
+                drop_from_index(cfg, job_id)
+                print(f"{job_id} cancelled: {what}", file=sys.stderr)
+        if not changed:
+            return waiting
+    return waiting
 
 
 def launch_all(cfg, jobs, res):
@@ -2825,6 +3087,7 @@ def schedule_loop(cfg, forever=False, quiet=False):
         return 0
     wake = wake_file(cfg, me())
     woken, last_full, outside_busy, interval = False, 0.0, True, cfg.poll_interval
+    deps_waiting = 0
     try:
         while True:
             seen = _mtime(wake)
@@ -2849,7 +3112,9 @@ def schedule_loop(cfg, forever=False, quiet=False):
             # host that died.
             if not quick:
                 outside_busy = res.outside_busy
-            interval = cfg.poll_interval if res.my_waiting and outside_busy \
+                deps_waiting = res.deps_waiting
+            # (a job waiting on another's end learns of it at our next pass)
+            interval = cfg.poll_interval if res.my_waiting and (outside_busy or deps_waiting) \
                 else cfg.watch_interval
             started, queue_seen = time.monotonic(), _mtime(cfg.p("jobs", "active"))
             deadline = started + interval
@@ -2962,8 +3227,14 @@ def cmd__run(cfg, argv):
         os.write(log, msg)
         _write_all(2, msg)
     os.close(log)
+    # (not after a dq-kill: it writes end.json before it kills)
+    again = retry(cfg, job) if state == "failed" and \
+        not os.path.exists(os.path.join(job.dir, "end.json")) else None
+    if again:
+        reason += f"; retried as {again}"
     # The next job first; the fsync and the count can wait until it runs.
-    ours = record_end(cfg, job, state, reason, code, sig, host, durable=False)
+    ours = record_end(cfg, job, state, reason, code, sig, host, durable=False,
+                      requeued_as=again)
     drop_from_index(cfg, job.id)
     hand_over(cfg, host, gpus, job.id)
     if ours:
@@ -3433,51 +3704,61 @@ def may_place_now(cfg, seen, want):
 SUBMIT_POLL_MAX_AGE = 30
 
 
-def submit_and_place(cfg, script, cwd, env, restart_of=None):
-    """Queue a job and start it at once if a GPU is free.  When the last
-    polls (under 30 s old) show nothing free for it, submitting polls no
-    host and runs no pass: the job just joins the queue, and its owner's
-    dq-schedule loop (or the end of a running job) places it."""
-    want = wanted_gpus(env)
-    need = job_needs(env, want)
-    limit = job_time_limit(cfg, env)
-    priority = job_priority(env)
+def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
+    """Queue jobs (one per env; `sweep`: as one sweep) and start them at once
+    where GPUs are free.  When the last polls (under 30 s old) show nothing
+    free for them, submitting polls no host and runs no pass: the jobs just
+    join the queue, and their owner's dq-schedule loop (or the end of a
+    running job) places them.  Every job is checked before any is written."""
+    jobs = [prepare_job(cfg, env) for env in envs]
     ensure_layout(cfg)      # who may not use the data root learns it first
+    shapes = {(j["gpus"], json.dumps(j["need"], sort_keys=True)): j for j in jobs}
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
-    queue_only = seen is not None and not may_place_now(cfg, seen, want)
+    queue_only = seen is not None and not any(
+        may_place_now(cfg, seen, j["gpus"]) for j in shapes.values())
     if queue_only:
         try:
-            check_fits(cfg, {h: (seen_models(s), s["reachable"]) for h, s in seen.items()},
-                       want, need)
+            for j in shapes.values():
+                check_fits(cfg, {h: (seen_models(s), s["reachable"]) for h, s in seen.items()},
+                           j["gpus"], j["need"])
         except Failure:     # refused on old news (nvidia-smi failed then?): ask the hosts
             queue_only = False
     polls = None
     if not queue_only:
         polls = poll_hosts(cfg)
         for h, s in sorted(polls.items()):
-            if s.error and (want or not s.reachable):
+            if s.error and (any(j["gpus"] for j in jobs) or not s.reachable):
                 warn(f"{h}: {s.error}")
-        check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
-                         for h, s in polls.items()}, want, need)
-    job_id = create_job(cfg, script, cwd, env, want, need, limit, priority, restart_of)
-    print(f"Job ID: '{job_id}'", flush=True)
+        for j in shapes.values():
+            check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
+                             for h, s in polls.items()}, j["gpus"], j["need"])
+    ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
+    for job_id in ids:
+        print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
     res = schedule_pass(cfg, polls) if polls is not None else None
-    started = [(h, g) for j, h, g in res.launched if j == job_id] if res else []
-    if not started:     # another pass (our loop's) may have placed it meanwhile
-        p = Placements.read(cfg).get(job_id)
-        started = [(p["host"], p["gpus"])] if p else []
-    if started:
-        say_executing([(job_id, *started[0])])
-    else:
-        print(f"{job_id} is queued; it starts when a GPU frees up (see dq-jobs queue)",
-              file=sys.stderr)
+    started = {j: (h, g) for j, h, g in res.launched if j in ids} if res else {}
+    places = Placements.read(cfg)   # another pass (our loop's) may have placed some
+    for job_id in ids:
+        if job_id not in started and job_id in places:
+            started[job_id] = (places[job_id]["host"], places[job_id]["gpus"])
+    say_executing([(job_id, *started[job_id]) for job_id in ids if job_id in started])
+    waiting = [job_id for job_id in ids if job_id not in started]
+    if len(waiting) == 1:
+        print(f"{waiting[0]} is queued; it starts when " +
+              ("its dependencies have ended" if jobs[ids.index(waiting[0])]["after"] or
+               jobs[ids.index(waiting[0])]["after_any"] else "a GPU frees up") +
+              " (see dq-jobs queue)", file=sys.stderr)
+    elif waiting:
+        print(f"{len(waiting)} jobs are queued; they start as GPUs free up (see dq-jobs "
+              f"queue)", file=sys.stderr)
     if not scheduler_running(cfg):
         spawn_scheduler(cfg)
-    return 0
+    return ids
 
 
 def cmd_submit(cfg, argv):
+    grids, each = [], None
     if len(argv) == 1 and not argv[0].startswith("-"):
         # The usual call, parsed without argparse, which would take a
         # quarter of a queued submit's time (import, gettext look-ups).
@@ -3486,36 +3767,142 @@ def cmd_submit(cfg, argv):
         p = parser("submit", "Queue SCRIPT to run on a free GPU of the cluster, from the "
                    "current directory,\nwith CUDA_VISIBLE_DEVICES set and every DQ_* "
                    "variable of yours.\n\nDQ_GPUS=N asks for N GPUs on one host (0: a "
-                   "CPU-only job); DQ_DESC=text is shown by dq-jobs.")
+                   "CPU-only job); DQ_DESC=text is shown by dq-jobs.\nWith --grid or "
+                   "--each, a sweep: one job per combination.")
+        p.add_argument("--grid", action="append", default=[], metavar="DQ_NAME=V1,V2,...",
+                       help="one job per value; several --grid multiply")
+        p.add_argument("--each", metavar="FILE",
+                       help="one job per line of FILE: DQ_NAME=VALUE assignments, shell "
+                       "quoting; blank lines and # comments skipped")
         p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
-        path = parse(p, argv).script
+        args = parse(p, argv)
+        path, grids, each = args.script, args.grid, args.each
     cwd = submit_cwd()
     script = check_script(path)
-    env = {k: v for k, v in os.environ.items() if k.startswith("DQ_") and k not in OWN_VARS}
-    return submit_and_place(cfg, script, cwd, env)
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("DQ_") and k not in OWN_VARS + SWEEP_VARS}
+    if not grids and each is None:
+        submit_and_place(cfg, script, cwd, [env])
+    else:
+        submit_and_place(cfg, script, cwd, sweep_envs(env, grids, each), sweep=True)
+    return 0
+
+
+MAX_SWEEP = 100_000
+SWEEP_VARS = ("DQ_SWEEP", "DQ_SWEEP_INDEX")     # set by dq for a sweep's jobs
+
+
+def sweep_envs(base, grids, each):
+    """The environments of a sweep's jobs: every line of the --each file
+    (or none) with every combination of the --grid values, in that order;
+    later ones win (--grid over the line over your environment)."""
+    import itertools
+    axes = []
+    for grid in grids:
+        name, eq, values = grid.partition("=")
+        check_sweep_var(name, f"--grid {grid!r}", f"--grid {name or 'DQ_LR'}=0.1,0.01")
+        if not eq or not values:
+            raise Failure(f"--grid {grid!r}: give the values after '=', comma-separated, "
+                          f"e.g. --grid {name}=0.1,0.01")
+        axes.append([(name, v) for v in values.split(",")])
+    lines = [{}] if each is None else each_lines(each)
+    envs = [dict(base, **line, **dict(combo))
+            for line in lines for combo in itertools.product(*axes)]
+    if not envs:
+        raise Failure(f"{each}: no job in it (each job is a line of DQ_NAME=VALUE "
+                      f"assignments)")
+    if len(envs) > MAX_SWEEP:
+        raise Failure(f"that sweep is {len(envs)} jobs; at most {MAX_SWEEP} at once")
+    return envs
+
+
+def check_sweep_var(name, where, example):
+    if not re.fullmatch(r"DQ_[A-Za-z0-9_]+", name) or name in OWN_VARS + SWEEP_VARS:
+        raise Failure(f"{where}: {name!r} is not a DQ_* variable a job may be given "
+                      f"(not {', '.join(OWN_VARS[:3] + SWEEP_VARS)}); e.g. {example}")
+
+
+def each_lines(path):
+    """--each FILE: one {DQ_NAME: value} per line that is not blank or a #
+    comment."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Failure(f"--each {path}: " + (e.strerror if isinstance(e, OSError) else
+                                            "not UTF-8 text")) from None
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise Failure(f"{where}: {e} in {line.strip()!r}") from None
+        assigns = {}
+        for word in words:
+            name, eq, value = word.partition("=")
+            if not eq:
+                raise Failure(f"{where}: {word!r} is not a DQ_NAME=VALUE assignment; e.g. "
+                              f"DQ_LR=0.1 DQ_DESC='run a'")
+            check_sweep_var(name, where, "DQ_LR=0.1 DQ_DESC='run a'")
+            assigns[name] = value
+        if assigns:
+            out.append(assigns)
+    return out
+
+
+RESTART_FAILED = ("failed", "timeout", "lost", "cancelled")
 
 
 def cmd_restart(cfg, argv):
-    p = parser("restart", "Queue a finished job again: same script, working directory "
-               "and DQ_* variables, new job ID.")
-    p.add_argument("job_id")
+    p = parser("restart", "Queue finished jobs again: same script, working directory "
+               "and DQ_* variables, new job IDs.")
+    id_arguments(p)
+    p.add_argument("--failed", action="store_true",
+                   help="only those that did not end done or killed (failed, timeout, "
+                   "lost, cancelled)")
     args = parse(p, argv)
-    job = resolve_job(cfg, args.job_id)
-    require_owner(job, "restart")
-    state = job.state()
-    if state in ("queued", "running"):
-        raise Failure(f"job {job.id} is {state}; only a finished job can be restarted "
-                      f"(dq-kill it first)")
-    env = dict(job.spec.get("env", {}))
-    return submit_and_place(cfg, job.spec["script"], job.spec["cwd"], env, restart_of=job.id)
+    jobs = resolve_jobs(cfg, args)
+    for job in jobs:
+        require_owner(job, "restart")
+    if args.failed:
+        jobs = [job for job in jobs if job.state() in RESTART_FAILED]
+        if not jobs:
+            print("No failed job among them")
+            return 0
+    for job in jobs:
+        state = job.state()
+        if state in ("queued", "running"):
+            raise Failure(f"job {job.id} is {state}; only a finished job can be restarted "
+                          f"(dq-kill it first)")
+    # Dependencies on jobs restarted here go to their new runs.
+    again = {}
+    for job in sorted(jobs, key=lambda j: j.n):
+        env = dict(job.spec.get("env", {}))
+        for var in ("DQ_AFTER", "DQ_AFTER_ANY"):
+            if env.get(var):
+                env[var] = ",".join(again.get(full_id(cfg, i), i)
+                                    for i in env[var].split(",") if i.strip())
+        again[job.id] = submit_and_place(cfg, job.spec["script"], job.spec["cwd"], [env],
+                                         restart_of=job.id)[0]
+    return 0
+
+
+def full_id(cfg, text):
+    """'42' -> '42-alice' (as resolve_job finds it), or the text as it is."""
+    try:
+        return resolve_job(cfg, text.strip()).id
+    except Failure:
+        return text.strip()
 
 
 def cmd_kill(cfg, argv):
     p = parser("kill", "Remove a queued job from the queue, or kill a running one: every "
                "process it\nstarted, its screen session; its GPUs are freed.")
-    p.add_argument("job_id", nargs="+")
-    args = parse(p, argv)
-    jobs = [resolve_job(cfg, a) for a in args.job_id]
+    id_arguments(p)
+    jobs = resolve_jobs(cfg, parse(p, argv))
     for job in jobs:
         require_owner(job, "kill")
     status = 0
@@ -3528,25 +3915,24 @@ def cmd_kill(cfg, argv):
 def cmd_hold(cfg, argv):
     p = parser("hold", "Keep queued jobs of yours from starting until dq-release lets "
                "them go.")
-    p.add_argument("job_id", nargs="+")
-    return set_held(cfg, parse(p, argv).job_id, True)
+    id_arguments(p)
+    return set_held(cfg, resolve_jobs(cfg, parse(p, argv)), True)
 
 
 def cmd_release(cfg, argv):
     p = parser("release", "Let held jobs of yours start again (see dq-hold); they keep "
                "their place in the queue.")
-    p.add_argument("job_id", nargs="+")
-    status = set_held(cfg, parse(p, argv).job_id, False)
+    id_arguments(p)
+    status = set_held(cfg, resolve_jobs(cfg, parse(p, argv)), False)
     if not scheduler_running(cfg):
         spawn_scheduler(cfg)
     return status
 
 
-def set_held(cfg, args, held):
+def set_held(cfg, jobs, held):
     """dq-hold / dq-release: the job's jobs/active entry (its owner's file)
     says `held`, rewritten under the global lock, so that no pass decides
     on the old entry after it."""
-    jobs = [resolve_job(cfg, a) for a in args]
     verb = "hold" if held else "release"
     for job in jobs:
         require_owner(job, verb)
@@ -3576,8 +3962,8 @@ def cmd_top(cfg, argv):
     p = parser("top", "Move queued jobs of yours to the front of your own jobs, in the "
                "order given\n(other users' jobs keep their turns; DQ_PRIORITY still "
                "comes first).")
-    p.add_argument("job_id", nargs="+")
-    jobs = [resolve_job(cfg, a) for a in parse(p, argv).job_id]
+    id_arguments(p)
+    jobs = resolve_jobs(cfg, parse(p, argv))
     for job in jobs:
         require_owner(job, "move")
     status, moved = 0, []
@@ -3644,6 +4030,53 @@ def cmd_drain(cfg, argv):
     return 0
 
 
+def cmd_wait(cfg, argv):
+    p = parser("wait", "Wait until jobs have ended, printing a line for each as it ends "
+               "(a job run\nagain by DQ_RETRY or DQ_REQUEUE counts when its last run "
+               "ends).\nExit status: 0 all ended done, 1 some did not, 2 the timeout "
+               "passed first.")
+    id_arguments(p)
+    p.add_argument("-t", "--timeout", type=seconds_type, metavar="SECONDS",
+                   help="give up after SECONDS (exit status 2)")
+    args = parse(p, argv)
+    pending = [job.id for job in resolve_jobs(cfg, args)]
+    total, status = len(pending), 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    tty, pause = sys.stderr.isatty(), 0.05
+    while True:
+        for job_id in list(pending):
+            state, last = final_state(cfg, job_id)
+            if state is None:
+                continue
+            pending.remove(job_id)
+            status = status if state == "done" else 1
+            job = load_job(cfg, last, quiet=True)
+            d = job.to_dict() if job else {}
+            runtime = d["ended"] - d["started"] if d.get("started") and d.get("ended") else 0
+            code = d.get("signal") or ("-" if d.get("exit_code") is None else d["exit_code"])
+            if tty:
+                print("\r\033[K", end="", file=sys.stderr, flush=True)
+            print(f"{job_id} {state}" + (f" (as {last})" if last != job_id else "") +
+                  f" exit {code} runtime {fmt_duration(runtime)}", flush=True)
+        if not pending:
+            break
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left <= 0:
+            if tty:
+                print("\r\033[K", end="", file=sys.stderr)
+            print(f"{PROG}: timed out: {len(pending)} of {total} jobs have not ended "
+                  f"({' '.join(pending[:5])}{' ...' if len(pending) > 5 else ''})",
+                  file=sys.stderr)
+            return 2
+        if tty:
+            print(f"\r{total - len(pending)} of {total} jobs ended", end="", file=sys.stderr,
+                  flush=True)
+        # A stat of each end.json now and then: no CPU to speak of.
+        time.sleep(min(pause, left) if left is not None else pause)
+        pause = min(pause * 1.5, 1.0)
+    return status
+
+
 def cmd_schedule(cfg, argv):
     p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
                "waiting.\ndq-submit starts it in the background for you when a job has to "
@@ -3682,6 +4115,7 @@ def active_jobs(cfg, who, places=None, ids=None):
 # the reservations, like Slurm's REASON column; see the README.
 WAIT_REASONS = {
     "held": "held by its owner (dq-hold); dq-release lets it go",
+    "after ID": "waits for job ID to end (DQ_AFTER, DQ_AFTER_ANY)",
     "starting": "placed on GPUs; its owner's dq-schedule starts it now",
     "next pass": "GPUs it may use are free; the next pass places it",
     "GPUs busy": "every GPU it may use is in use",
@@ -3719,6 +4153,9 @@ def wait_reasons(cfg, queued, places):
         mine = [h for h in allowed if h not in drained]
         if entry.get("held"):
             j["reason"] = "held"
+        elif entry.get("waiting"):
+            verdict, what = dependencies_verdict(cfg, entry)
+            j["reason"] = f"after {what}" if verdict == "wait" else "next pass"
         elif j["id"] in places:
             j["reason"] = "starting"
         elif allowed and not mine:
@@ -3827,7 +4264,8 @@ def cmd_jobs(cfg, argv):
         for j in done:
             runtime = (j["ended"] - j["started"]) if j["started"] and j["ended"] else 0
             exit_text = j["signal"] or ("-" if j["exit_code"] is None else j["exit_code"])
-            rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), j["state"],
+            state = j["state"] + (f" -> {j['requeued_as']}" if j["requeued_as"] else "")
+            rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), state,
                          exit_text, fmt_seconds(runtime), j["script"], env_text(j["env"])))
         print_table(["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"],
                     rows)
@@ -4217,6 +4655,7 @@ COMMANDS = {
     "release": cmd_release,
     "top": cmd_top,
     "drain": cmd_drain,
+    "wait": cmd_wait,
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,
