@@ -207,6 +207,7 @@ class Config:
     MAX_SECONDS = 1_000_000
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
             "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
+            "smtp", "mail_domain",
             "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
 
@@ -284,6 +285,16 @@ class Config:
                     if key in sect else None)
         # Fair share between users holding as many GPUs: less recent use
         # first, GPU-seconds halving every fairshare_halflife.
+        # Mail at a job's end (DQ_MAIL): the lab's SMTP server, and the
+        # domain of users' own addresses (DQ_MAIL=1).
+        self.smtp = sect.get("smtp", "localhost:25").strip()
+        if not re.fullmatch(r"[A-Za-z0-9._-]+(:[0-9]{1,5})?", self.smtp):
+            raise Failure(f"{self.path}: 'smtp' must be HOST or HOST:PORT (not {self.smtp!r}), "
+                          f"e.g. 'smtp = mail.example.org:25'")
+        self.mail_domain = sect.get("mail_domain", "").strip() or None
+        if self.mail_domain and not re.fullmatch(r"[A-Za-z0-9.-]+", self.mail_domain):
+            raise Failure(f"{self.path}: 'mail_domain' must be a domain (not "
+                          f"{self.mail_domain!r}), e.g. 'mail_domain = example.org'")
         self.fairshare_halflife = duration(f"{self.path}: fairshare_halflife",
                                            sect.get("fairshare_halflife", "1d"),
                                            "fairshare_halflife")
@@ -1403,7 +1414,14 @@ class Job:
             "after": self.spec.get("after", []), "after_any": self.spec.get("after_any", []),
             "retry_of": self.spec.get("retry_of"), "retries": self.spec.get("retries", 0),
             "requeued_as": self.end.get("requeued_as"),
+            "notify": self.notify_problems() if self.end else {},
         }
+
+    def notify_problems(self):
+        """{mail|hook: what went wrong} at the job's end (notify.json)."""
+        data = read_json(os.path.join(self.dir, "notify.json"), {}, {}, skip_newer=True)
+        return {k: v["error"] for k, v in data.items()
+                if isinstance(v, dict) and isinstance(v.get("error"), str)}
 
 
 def load_job(cfg, job_id, quiet=False):
@@ -1940,6 +1958,8 @@ def prepare_job(cfg, env, deps=True):
     {env, gpus, need, time_limit, priority, after, after_any}."""
     want = wanted_gpus(env)
     retry_limit(env)
+    mail_address(cfg, env, me())
+    mail_on(env)
     after, after_any = job_dependencies(cfg, env) if deps else ([], [])
     return {"env": env, "gpus": want, "need": job_needs(env, want),
             "time_limit": job_time_limit(cfg, env), "priority": job_priority(env),
@@ -2905,7 +2925,8 @@ def tidy_own_jobs(cfg, job_ids, polls):
                 kill_on_host(cfg, job, host)
             again = requeue(cfg, job)
             reason = lost.get("reason", "lost") + (f"; requeued as {again}" if again else "")
-            record_end(cfg, job, "lost", reason, requeued_as=again)
+            if record_end(cfg, job, "lost", reason, requeued_as=again):
+                notify_later(cfg, job)
             if again:
                 print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
                       file=sys.stderr)
@@ -2974,8 +2995,8 @@ def release_dependents(cfg):
                 set_queue_name(cfg, job_id, info)
             else:
                 job = load_job(cfg, job_id, quiet=True)
-                if job is not None:
-                    record_end(cfg, job, "cancelled", what)
+                if job is not None and record_end(cfg, job, "cancelled", what):
+                    notify_later(cfg, job)
                 drop_from_index(cfg, job_id)
                 print(f"{job_id} cancelled: {what}", file=sys.stderr)
         if not changed:
@@ -3239,6 +3260,8 @@ def cmd__run(cfg, argv):
     hand_over(cfg, host, gpus, job.id)
     if ours:
         finish_end(cfg, job)
+    if wants_notice(cfg, job):
+        notify_end(cfg, job)    # after the hand-over: it never delays the next job
     return 0
 
 
@@ -3440,6 +3463,220 @@ def _copy_winsize(src, dst):
         fcntl.ioctl(dst, termios.TIOCSWINSZ, fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * 8))
     except OSError:
         pass
+
+
+# Notifications ###############################################################
+
+# When a job ends, after its end is recorded and its GPUs handed over (the
+# wrapper, or a detached `_notify` for jobs that end without one: lost,
+# cancelled): DQ_MAIL sends a mail (one summary for a sweep, when its last
+# job ends), and the owner's ~/.config/dq/on-end hook gets the job's JSON.
+# Each with a timeout; what went wrong is kept in the job's notify.json and
+# shown by dq-jobs.  Nothing here can delay a job's start or lose its end.
+MAIL_ON = ("always", "fail")
+
+
+def mail_address(cfg, env, user):
+    """DQ_MAIL: an address, or 1 for the user's own (user@mail_domain)."""
+    raw = env.get("DQ_MAIL", "").strip()
+    if not raw:
+        return None
+    if raw == "1":
+        if not cfg.mail_domain:
+            raise Failure(f"DQ_MAIL=1 means {user}@ the lab's mail domain, but {cfg.path} has "
+                          f"no 'mail_domain'; give your address (DQ_MAIL={user}@example.org) "
+                          f"or ask the admin to set it")
+        return f"{user}@{cfg.mail_domain}"
+    if not re.fullmatch(r"[^@\s,<>]+@[^@\s,<>]+", raw):
+        raise Failure(f"DQ_MAIL={raw!r} is not a mail address; e.g. DQ_MAIL={user}@example.org, "
+                      f"or DQ_MAIL=1 for your own")
+    return raw
+
+
+def mail_on(env):
+    raw = env.get("DQ_MAIL_ON", "always").strip().lower() or "always"
+    if raw not in MAIL_ON:
+        raise Failure(f"DQ_MAIL_ON={raw!r}: say 'fail' (mail only for jobs that did not end "
+                      f"done) or 'always'")
+    return raw
+
+
+def hook_path(user):
+    try:
+        home = pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return None
+    path = os.path.join(home, ".config", "dq", "on-end")
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def wants_notice(cfg, job):
+    return bool(job.spec.get("env", {}).get("DQ_MAIL")) or hook_path(job.owner) is not None
+
+
+def notify_later(cfg, job):
+    """For an end recorded by a pass (lost, cancelled): notify from a
+    detached process, so that the pass goes on at once."""
+    if not wants_notice(cfg, job):
+        return
+    import subprocess
+    try:
+        subprocess.Popen(dq_argv(sys.executable, "_notify", job.id), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, env=clean_env(), cwd="/")
+    except OSError as e:
+        warn(f"cannot notify of {job.id}'s end: {e.strerror}")
+
+
+def cmd__notify(cfg, argv):
+    """Internal: the notifications of an ended job (see notify_end)."""
+    internal_args(argv, "_notify JOB_ID", "run by dq when a job ends",
+                  (full_job_id,))
+    job = resolve_job(cfg, argv[0])
+    if job.owner != me():
+        raise Failure(f"refusing to notify of {job.id}: not a job of {me()}")
+    if not job.end:
+        raise Failure(f"job {job.id} has not ended")
+    notify_end(cfg, job)
+    return 0
+
+
+def notify_end(cfg, job):
+    """Mail and hook for an ended job, each within cfg.timeout; failures go
+    to the job's notify.json (and a warning)."""
+    job._end = None
+    record = {}
+    try:
+        record["mail"] = send_end_mail(cfg, job)
+    except Exception as e:      # whatever smtplib or the network says
+        record["mail"] = {"error": f"{type(e).__name__}: {e}".strip()}
+    hook = hook_path(job.owner)
+    if hook:
+        record["hook"] = run_hook(cfg, job, hook)
+    record = {k: v for k, v in record.items() if v}
+    if record:
+        try:
+            write_json(os.path.join(job.dir, "notify.json"), record)
+        except OSError as e:
+            warn(f"cannot write {job.dir}/notify.json: {e.strerror}")
+    for what, r in record.items():
+        if r.get("error"):
+            warn(f"{job.id}: {what} failed: {r['error']}")
+
+
+def send_end_mail(cfg, job):
+    """The job's DQ_MAIL, or its sweep's summary when this is the sweep's
+    last job to end.  None when there is nothing to send."""
+    env = job.spec.get("env", {})
+    try:
+        to = mail_address(cfg, env, job.owner)
+        only_fail = mail_on(env) == "fail"
+    except Failure as e:
+        return {"error": str(e)}
+    if not to:
+        return None
+    if env.get("DQ_SWEEP"):
+        return send_sweep_mail(cfg, job, to, only_fail)
+    d = job.to_dict()
+    if d["requeued_as"] or (only_fail and d["state"] == "done"):
+        return None         # its next run mails; or all went well
+    runtime = fmt_duration(d["ended"] - d["started"]) if d["started"] and d["ended"] else "-"
+    code = d["signal"] or ("-" if d["exit_code"] is None else d["exit_code"])
+    where = f"{d['host']}/{fmt_gpus(d['gpus'])}" if d["host"] else "no host"
+    subject = f"dq: {job.id} {d['state']}, exit {code}, {runtime}, {where}"
+    body = (f"Job {job.id} ended {d['state']}" + (f": {d['reason']}" if d["reason"] else "") +
+            f"\n\nScript:    {d['script']}\nDirectory: {d['cwd']}\n" +
+            "".join(f"{k}={v}\n" for k, v in sorted(env.items())) +
+            "\nLast lines of its log:\n\n" + log_tail(job, 20))
+    return send_mail(cfg, to, subject, body)
+
+
+def send_sweep_mail(cfg, job, to, only_fail):
+    first = job.spec["env"]["DQ_SWEEP"]
+    try:
+        ids = sweep_jobs(cfg, job)
+    except Failure as e:
+        return {"error": str(e)}
+    ends = {i: final_state(cfg, i) for i in ids}
+    if any(state is None for state, _ in ends.values()):
+        return None         # the sweep's last job sends it
+    try:        # the one that claims it sends it (two may end together)
+        fd = os.open(os.path.join(cfg.job_dir(first), "sweep-mailed"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+    except FileExistsError:
+        return None
+    counts = {}
+    for state, _ in ends.values():
+        counts[state] = counts.get(state, 0) + 1
+    bad = [(i, state, last) for i, (state, last) in ends.items() if state != "done"]
+    if only_fail and not bad:
+        return None
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    subject = f"dq: sweep {first} ended: {tally}"
+    lines = [f"Sweep {first}: {len(ids)} jobs of {job.spec['script']} in {job.spec['cwd']}",
+             f"{tally}.", ""]
+    for i, state, last in bad:
+        end = read_json(os.path.join(cfg.job_dir(last), "end.json"), {}, {}) or {}
+        lines.append(f"{i} {state}" + (f" (as {last})" if last != i else "") +
+                     (f": {end.get('reason')}" if end.get("reason") else ""))
+    return send_mail(cfg, to, subject, "\n".join(lines) + "\n")
+
+
+def send_mail(cfg, to, subject, body):
+    import smtplib
+    from email.message import EmailMessage
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = to, to, subject
+    msg.set_content(body)
+    host, _, port = cfg.smtp.rpartition(":") if ":" in cfg.smtp else (cfg.smtp, "", "25")
+    try:
+        with smtplib.SMTP(host, int(port), timeout=cfg.timeout) as smtp:
+            smtp.send_message(msg)
+    except (OSError, smtplib.SMTPException) as e:
+        return {"to": to, "error": f"cannot mail {to} through {cfg.smtp}: "
+                                   f"{getattr(e, 'strerror', None) or e}"}
+    return {"to": to, "sent": time.time()}
+
+
+def log_tail(job, lines):
+    try:
+        with open(job_log(job), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)\n"
+    return "\n".join(text.splitlines()[-lines:]) + "\n"
+
+
+def run_hook(cfg, job, hook):
+    """~/.config/dq/on-end with the job's JSON on stdin, in a process group
+    of its own, with DQ_JOB_ID set: what is left of it after it exits or
+    after cfg.timeout is killed."""
+    import subprocess
+    env = dict(clean_env(), DQ_JOB_ID=job.id)
+    data = json.dumps(job.to_dict(), indent=1).encode()
+    try:
+        p = subprocess.Popen([hook], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True, env=env,
+                             cwd=job.spec.get("cwd") if os.path.isdir(job.spec.get("cwd", ""))
+                             else "/")
+    except OSError as e:
+        return {"error": f"cannot run {hook}: {e.strerror}"}
+    try:
+        _, err = p.communicate(data, timeout=cfg.timeout)
+        why = None if p.returncode == 0 else \
+            f"{hook} exited with status {p.returncode}: " + \
+            (err.decode("utf-8", "replace").strip().splitlines() or [""])[-1][:200]
+    except subprocess.TimeoutExpired:
+        why = f"{hook} did not finish within {fmt_duration(cfg.timeout)}; killed"
+    except OSError as e:
+        why = f"{hook}: {e.strerror}"
+    signal_all(job_processes(job.id, p.pid), signal.SIGTERM)
+    kill_stragglers(job.id, p.pid, time.monotonic() + cfg.kill_grace)
+    p.wait()
+    return {"error": why} if why else {"ran": time.time()}
 
 
 # Killing #####################################################################
@@ -4269,6 +4506,9 @@ def cmd_jobs(cfg, argv):
                          exit_text, fmt_seconds(runtime), j["script"], env_text(j["env"])))
         print_table(["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"],
                     rows)
+        for j in done:
+            for what, error in sorted(j["notify"].items()):
+                print(f"{j['id']}: {what} failed: {error}")
         return 0
     if args.json:
         print(json.dumps(active, indent=1))
@@ -4656,6 +4896,7 @@ COMMANDS = {
     "top": cmd_top,
     "drain": cmd_drain,
     "wait": cmd_wait,
+    "_notify": cmd__notify,
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,
