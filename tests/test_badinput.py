@@ -414,6 +414,10 @@ BAD_ARGS = [
     ("submit", ["ok.sh"], {"DQ_AFTER": "999"}, ["DQ_AFTER", "no job 999"]),
     ("submit", ["ok.sh"], {"DQ_AFTER_ANY": "x"}, ["DQ_AFTER_ANY", "not a job ID"]),
     ("submit", ["ok.sh"], {"DQ_RETRY": "many"}, ["DQ_RETRY"]),
+    ("submit", ["ok.sh"], {"DQ_MAIL": "1"}, ["DQ_MAIL=1", "mail_domain"]),
+    ("submit", ["ok.sh"], {"DQ_MAIL": "me"}, ["DQ_MAIL='me'", "not a mail address"]),
+    ("submit", ["ok.sh"], {"DQ_MAIL": "a@b", "DQ_MAIL_ON": "sometimes"}, ["DQ_MAIL_ON"]),
+    ("_notify", [], {}, ["_notify JOB_ID"]),
     ("release", ["1-"], {}, ["not a job ID"]),
     ("release", [SHORT(J_DONE)], {}, ["only a queued job"]),
     ("restart", [], {}, ["name the jobs"]),
@@ -521,7 +525,7 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "restart",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "restart",
                 "free",
                 "schedule",
                 "tail", "head",
@@ -534,7 +538,7 @@ def test_no_command_prints_the_overview(root):
 def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "restart",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "restart",
                 "free",
                 "schedule",
                 "tail", "head",
@@ -553,7 +557,7 @@ def test_unknown_command_is_one_line(root):
 
 
 @pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "drain",
-                                 "restart",
+                                 "wait", "restart",
                                  "free", "schedule",
                                  "tail", "head", "logs", "grep", "attach", "users", "on-all"])
 def test_every_command_has_help_and_version(root, cmd):
@@ -603,6 +607,9 @@ def test_bad_config_number(root, key, value):
     ("[dq]\nfairshare_halflife = 0\n", ["fairshare_halflife='0'", "above 0"]),
     ("[dq]\nfairshare_halflife = a week\n", ["fairshare_halflife", "not a duration"]),
     ("[dq]\nadmins = alice;rm\n", ["'admins'", "not a user name"]),
+    ("[dq]\nsmtp = mail server\n", ["'smtp'", "HOST:PORT"]),
+    ("[dq]\nsmtp = mail:port\n", ["'smtp'", "HOST:PORT"]),
+    ("[dq]\nmail_domain = a b\n", ["'mail_domain'", "example.org"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
