@@ -19,11 +19,13 @@ SIZES = {
     "full": dict(b1_nodes=4, b1_jobs=200, b2_n=10, b3_n=20, b3_queue=10000, b3_per=25,
                  b4_small=100, b4_big=100000, b4_n=15, b5_nodes=32, b5_n=10,
                  b6_bytes=2 << 30, b6_n=3, b8_queue=10000, b8_n=7,
-                 b9_queue=10000, b9_users=50, b9_passes=7, b9_n=10),
+                 b9_queue=10000, b9_users=50, b9_passes=7, b9_n=10,
+                 b10_jobs=1000, b10_n=5),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
                   b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
-                  b9_queue=1000, b9_users=50, b9_passes=2, b9_n=2),
+                  b9_queue=1000, b9_users=50, b9_passes=2, b9_n=2,
+                  b10_jobs=100, b10_n=1),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -745,9 +747,36 @@ def bench_deep(ctx):
     return rows
 
 
+def bench_sweep(ctx):
+    """dq-submit --grid of b10_jobs jobs with every GPU busy: how long until
+    all of them are queued (one process, one hold of the lock)?"""
+    c = ctx.cluster(4)
+    n, runs = ctx.size["b10_jobs"], ctx.size["b10_n"]
+    held = hold_all(c, c.hosts, GPUS)      # noqa: F841 -- killed by the reset afterwards
+    dq = new_install(c, "b10-sweep")
+    stats = stats_file(dq)
+    write_conf(dq, c.hosts, lock_stats=stats)
+    d, path = write_script(c, ALICE, "grid.sh", "true\n")
+    values = ",".join(str(i) for i in range(n))
+    argv = [dq.path("submit"), "--grid", f"DQ_I={values}", path]
+    res = times(c, "node1", ALICE, argv, runs + 1, cwd=d)
+    walls = [t.wall for t in res[1:]]
+    r = dq.run("node1", ALICE, "jobs", "summary", "--json", timeout=120)
+    queued = json.loads(r.stdout)["queued"]
+    holds = lock_holds(stats)
+    big = median(walls)
+    return [Row(10, f"dq-submit --grid of {n} jobs, all queued (median)", "< 2 s", fmt_s(big),
+                check(big < 2),
+                f"every GPU held by hand, so none starts; {runs} sweeps after a first one "
+                f"(the first: {fmt_s(res[0].wall)}), as {ALICE} on node1, each with the "
+                f"queue of the ones before; {queued} jobs queued after them; CPU per sweep "
+                f"{median([t.cpu for t in res[1:]]):.2f} CPU-s; global lock held "
+                f"{len(holds)} times, longest {fmt_s(max(holds) if holds else 0)}")]
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
          5: ("wide clusters", bench_wide), 8: ("constrained queue", bench_constrained),
-         9: ("deep queue of many users", bench_deep)}
-ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 5]   # 7 reads what 1 measured; 5 needs its own cluster
+         9: ("deep queue of many users", bench_deep), 10: ("sweep submit", bench_sweep)}
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 5]   # 7 reads what 1 measured; 5 needs its own cluster
