@@ -75,6 +75,7 @@ import shlex
 import signal
 import sys
 import time
+import types
 import _thread
 # Other modules are imported where they are used: most commands (a submit
 # into a busy cluster, dq-jobs) start no process, and every millisecond of
@@ -1797,8 +1798,9 @@ def job_priority(env):
 
 
 def job_dependencies(cfg, env):
-    """DQ_AFTER / DQ_AFTER_ANY: job IDs (N or N-user, anyone's), each of an
-    existing job -> (after, after_any) as full IDs."""
+    """DQ_AFTER / DQ_AFTER_ANY: job IDs (N or N-user, anyone's) and ranges
+    of the submitter's own (N-M), each of existing jobs -> (after,
+    after_any) as full IDs."""
     out = []
     for var in ("DQ_AFTER", "DQ_AFTER_ANY"):
         ids = []
@@ -1806,7 +1808,11 @@ def job_dependencies(cfg, env):
             if not item.strip():
                 continue
             try:
-                ids.append(resolve_job(cfg, item.strip()).id)
+                if RANGE_RE.match(item.strip()):
+                    ids += [j.id for j in resolve_jobs(cfg, types.SimpleNamespace(
+                        job_id=[item.strip()], sweep=[]))]
+                else:
+                    ids.append(resolve_job(cfg, item.strip()).id)
             except Failure as e:
                 raise Failure(f"{var}={env[var]!r}: {e}; give IDs of existing jobs, e.g. "
                               f"{var}=42,43-{me()}") from None
@@ -2701,7 +2707,7 @@ def reconcile(cfg, places, polls, now):
 
 # Planning (pure: no I/O) #####################################################
 
-def plan(queue, polls, places, now, cfg, drained=(), usage=None, caller=None):
+def plan(queue, polls, places, now, cfg, drained=(), usage=None):
     """Decide which queued GPU jobs go where.  Pure: no I/O.
 
     queue: {user: that user's queue} (or one queue), each in the user's
@@ -2715,10 +2721,9 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None, caller=None):
     Order (cfg.order): `fairshare` takes next the first job of the user
     who holds the fewest GPUs (placed or running, this pass's placements
     included); between users holding as many, the one with less recent
-    usage (usage(user): decayed GPU-seconds; within 10% counts as as
-    little), then the caller (whose jobs start without ssh or a wake-up),
-    then the earlier job.  `fifo` takes the oldest job of all.  Within one
-    user: their order (user_queue).  A job that would take its owner
+    usage (usage(user): decayed GPU-seconds), then the earlier job.
+    `fifo` takes the oldest job of all.  Within one user: their order
+    (user_queue).  A job that would take its owner
     above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that
     cannot fit yet is passed over by the ones behind it, except that once
     it has waited `starve_after` seconds the host closest to fitting it is
@@ -2748,8 +2753,8 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None, caller=None):
         users = [u for u in heads if held.get(u, 0) == fewest]
         if usage and len(users) > 1:
             least = min(usage(u) for u in users)
-            users = [u for u in users if usage(u) <= least * 1.1 + 1]
-        return caller if caller in users else min(users, key=number)
+            users = [u for u in users if usage(u) == least]
+        return min(users, key=number)
     while any(free[h] for h in free if h not in kept_for):
         for u in [u for u in streams if u not in heads]:
             item = next(streams[u], None)
@@ -2861,7 +2866,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
         if not launch_only:
             reconcile(cfg, places, res.polls, now)
             placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg,
-                          drained, recent_usage(cfg, now), user) + \
+                          drained, recent_usage(cfg, now)) + \
                 plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg,
                          drained)
             for job_id, host, gpus in placed:
@@ -2883,7 +2888,8 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     res.my_waiting = bool(assigned) or \
         next(iter(read_queue(cfg, places, stale, user=user)), None) is not None
     tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
-    sync_own_queue(cfg)     # for the next pass
+    if not launch_only:
+        sync_own_queue(cfg)     # for the next pass
     kill_leftovers(cfg, res.polls, user)
     return res
 

@@ -159,3 +159,29 @@ def test_dead_mail_server_and_hanging_hook_change_nothing(cluster, dq):
         assert len(jobs(dq, view="complete")) == 2
     finally:
         cleanup()
+
+
+def test_the_readmes_experiment(cluster, dq, inbox):
+    # README, "Experiments": a 3x2 grid (retries, mail only on failure), an
+    # evaluation after all of it (DQ_AFTER_ANY over the range), dq-wait,
+    # and one mail: the evaluation's.
+    configure(dq, ["node1", "node2"], smtp=f"127.0.0.1:{inbox.port}", mail_domain="example.org")
+    d, train = script(cluster, ALICE, "train.sh", 'echo "lr=$DQ_LR seed=$DQ_SEED"\n')
+    _, evaluate = script(cluster, ALICE, "eval.sh", "cat ../*/nothing 2>/dev/null; echo eval\n")
+    r = dq.run("node1", ALICE, "submit", "--grid", "DQ_LR=0.1,0.01,0.001", "--grid",
+               "DQ_SEED=1,2", train, cwd=d,
+               env={"DQ_RETRY": "2", "DQ_MAIL": "1", "DQ_MAIL_ON": "fail"})
+    ids = re.findall(r"^Job ID: '(\S+)'$", r.stdout, re.M)
+    assert len(ids) == 6, r.stdout + r.stderr
+    span = f"{ids[0].split('-')[0]}-{ids[-1].split('-')[0]}"
+    e, r = submit(dq, "node1", ALICE, evaluate,
+                  env={"DQ_AFTER_ANY": span, "DQ_MAIL": "1", "DQ_GPUS": "0"})
+    assert job(dq, e)["after_any"] == ids
+    r = dq.run("node2", ALICE, "wait", e.split("-")[0], "-t", "60")
+    assert r.returncode == 0 and r.stdout.startswith(f"{e} done exit 0 runtime "), r.stdout
+    ended = max(job(dq, i)["ended"] for i in ids)
+    assert job(dq, e)["started"] >= ended
+    mail = inbox.wait(1)[0]
+    assert mail["subject"].startswith(f"dq: {e} done, exit 0") and "eval\n" in mail["body"]
+    time.sleep(1)
+    assert len(inbox.mails) == 1        # the sweep all went well: no summary

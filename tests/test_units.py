@@ -477,19 +477,6 @@ def test_plan_fair_share_ties_go_to_less_recent_usage():
     assert dq.decayed(counters, 86400, 86400) == 500.0
 
 
-def test_plan_fair_share_near_equal_usage_goes_to_the_caller():
-    # usage within 10% counts as equal; then the caller's job (it starts
-    # without ssh), then the earlier job
-    polls = {"a": host("a", {0}, 1)}
-    queues = {"x": [("1-x", 1, 0)], "y": [("2-y", 1, 0)]}
-    c = cfg(order="fairshare")
-    near = {"x": 100.0, "y": 105.0}.get
-    assert dq.plan(queues, polls, {}, 10, c, usage=near, caller="y")[0][0] == "2-y"
-    assert dq.plan(queues, polls, {}, 10, c, usage=near)[0][0] == "1-x"
-    far = {"x": 100.0, "y": 200.0}.get
-    assert dq.plan(queues, polls, {}, 10, c, usage=far, caller="y")[0][0] == "1-x"
-
-
 def test_plan_user_limit_leaves_gpus_idle_for_others_only():
     polls = {"a": host("a", {0, 1, 2, 3}, 4)}
     limits = {"x": 2}
