@@ -4125,7 +4125,8 @@ def cmd_restart(cfg, argv):
     # Dependencies on jobs restarted here go to their new runs.
     again = {}
     for job in sorted(jobs, key=lambda j: j.n):
-        env = dict(job.spec.get("env", {}))
+        # (not DQ_SWEEP: the new run is a job of its own, and mails as one)
+        env = {k: v for k, v in job.spec.get("env", {}).items() if k not in SWEEP_VARS}
         for var in ("DQ_AFTER", "DQ_AFTER_ANY"):
             if env.get(var):
                 env[var] = ",".join(again.get(full_id(cfg, i), i)

@@ -13,13 +13,20 @@ def started_order(dq, ids, user=ALICE):
     return [j["id"] for j in sorted(done, key=lambda j: j["started"])]
 
 
-def test_priority_then_top_then_submission(cluster, dq):
+def one_gpu_taken(cluster, dq):
+    """node1 alone, with one GPU, which alice's job holds for 3 s: jobs
+    submitted now queue up behind it.  Returns that job's ID."""
     configure(dq, ["node1"])
     cluster.set_gpus("node1", 1)
     _, blocker = script(cluster, ALICE, "block.sh", "sleep 3\n")
-    _, path = script(cluster, ALICE, "s.sh", "sleep 0.3\n")
     first, r = submit(dq, "node1", ALICE, blocker)
     assert "Executing" in r.stdout, r.stderr
+    return first
+
+
+def test_priority_then_top_then_submission(cluster, dq):
+    first = one_gpu_taken(cluster, dq)
+    _, path = script(cluster, ALICE, "s.sh", "sleep 0.3\n")
     a, _ = submit(dq, "node1", ALICE, path)
     b, _ = submit(dq, "node1", ALICE, path, env={"DQ_PRIORITY": "5"})
     c, _ = submit(dq, "node1", ALICE, path)
@@ -40,13 +47,9 @@ def test_priority_then_top_then_submission(cluster, dq):
 
 
 def test_a_priority_does_not_jump_other_users(cluster, dq):
-    configure(dq, ["node1"])
-    cluster.set_gpus("node1", 1)
-    _, blocker = script(cluster, ALICE, "block.sh", "sleep 3\n")
+    one_gpu_taken(cluster, dq)
     _, path_a = script(cluster, ALICE, "a.sh", "sleep 0.3\n")
     _, path_b = script(cluster, BOB, "b.sh", "sleep 0.3\n")
-    first, r = submit(dq, "node1", ALICE, blocker)
-    assert "Executing" in r.stdout, r.stderr
     b1, _ = submit(dq, "node1", BOB, path_b)
     a1, _ = submit(dq, "node1", ALICE, path_a, env={"DQ_PRIORITY": "1000"})
     order = started_order(dq, [b1, a1])
@@ -56,11 +59,8 @@ def test_a_priority_does_not_jump_other_users(cluster, dq):
 def test_queue_order_survives_a_lost_queue_directory(cluster, dq):
     # jobs/queue/<user> is derived from the jobs/active entries: removed by
     # hand, the owner's next command rebuilds it, priorities and tops kept.
-    configure(dq, ["node1"])
-    cluster.set_gpus("node1", 1)
-    _, blocker = script(cluster, ALICE, "block.sh", "sleep 3\n")
+    one_gpu_taken(cluster, dq)
     _, path = script(cluster, ALICE, "s.sh", "sleep 0.3\n")
-    submit(dq, "node1", ALICE, blocker)
     a, _ = submit(dq, "node1", ALICE, path)
     b, _ = submit(dq, "node1", ALICE, path)
     c, _ = submit(dq, "node1", ALICE, path, env={"DQ_PRIORITY": "2"})
