@@ -175,3 +175,16 @@ def test_retry_until_success_and_stop_after_n(cluster, dq):
     assert r.returncode == 1 and "failed (as " in r.stdout
     assert len([j for j in jobs(dq, view="complete") if j["script"] == never]) == 3
     wait_until(lambda: not [j for j in jobs(dq) if j["script"] == never], timeout=5)
+
+
+def test_wait_shows_progress_only_on_a_terminal(cluster, dq):
+    configure(dq, ["node1"])
+    _, ok = script(cluster, ALICE, "ok.sh", "sleep 1\n")
+    a, _ = submit(dq, "node1", ALICE, ok)
+    b, _ = submit(dq, "node1", ALICE, ok)
+    # script(1) gives dq-wait a pseudo-terminal, as in a user's shell
+    r = cluster.run("node1", ALICE, ["script", "-qec", f"{dq.path('wait')} {a} {b}",
+                                     "/dev/null"], timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"[0-2] of 2 jobs ended", r.stdout), r.stdout
+    assert f"{a} done exit 0" in r.stdout and f"{b} done exit 0" in r.stdout
