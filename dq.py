@@ -22,6 +22,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-release ID...        let held jobs start again
   dq-top ID...            move queued jobs to the front of your own
   dq-wait ID... [-t S]    wait until jobs have ended (exit 0: all done)
+  dq-doctor               check the cluster's set-up, host by host
   dq-drain [HOST...] [-r REASON] [--undo]   (admins) no new jobs on hosts
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
@@ -4894,6 +4895,239 @@ def cmd_free(cfg, argv):
     return 0
 
 
+# Doctor ######################################################################
+
+# dq-doctor: is this cluster set up as dq needs?  One remote script per host,
+# all hosts at once, while this process holds an fcntl lock on the data root
+# (which every host must then fail to take: locks shared across hosts are
+# what keeps two hosts from handing out one GPU).  Each check is a line:
+# level (ok, WARN, FAIL), host, check, what was found, and the fix.
+SLOW_SHELL = 0.3        # seconds a remote command may take before it is slow
+CLOCK_SKEW = 1.0        # seconds two clocks may differ
+LOCK_PROBE = ("import fcntl,sys\n"
+              "try:\n f=open(sys.argv[1],'a')\nexcept OSError as e:\n print('open',e.strerror);"
+              "sys.exit()\n"
+              "try:\n fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n print('taken')\n"
+              "except OSError as e:\n print('refused',e.errno)\n")
+
+
+class Check:
+    def __init__(self, host, name, level, found, fix=""):
+        self.host, self.name, self.level, self.found, self.fix = host, name, level, found, fix
+
+    def to_dict(self):
+        return {"host": self.host, "check": self.name, "level": self.level,
+                "ok": self.level != "FAIL", "found": self.found, "fix": self.fix or None}
+
+
+def doctor_script(cfg, token_path, lock_path):
+    py = q(cfg.python)
+    return (f"echo @@start\n"
+            f"echo \"@@clock $(date +%s.%N)\"\n"
+            f"echo \"@@token $(cat {q(token_path)} 2>/dev/null || echo missing)\"\n"
+            f"echo \"@@screen $(command -v screen || echo missing)\"\n"
+            f"echo \"@@python $({py} -c 'import sys; print(\"%d.%d.%d\" % "
+            f"sys.version_info[:3])' 2>/dev/null || echo missing)\"\n"
+            f"echo \"@@lock $({py} -c {q(LOCK_PROBE)} {q(lock_path)} 2>&1 | head -1)\"\n"
+            f"echo @@smi; timeout {smi_timeout(cfg)} {SMI_GPUS} </dev/null 2>&1; "
+            f"echo \"@@rc $?\"\n")
+
+
+def doctor_host(cfg, host, r, t_sent, token, quick):
+    """The checks of one host from its answer r (and quick: the seconds a
+    command that does nothing took there)."""
+    out = []
+
+    def add(name, level, found, fix=""):
+        out.append(Check(host, name, level, found, fix))
+    if not r.ok and "@@start" not in r.out:
+        add("ssh", "FAIL", r.why(),
+            f"dq needs ssh to {host} without a password or prompt: set up keys "
+            f"(ssh-copy-id {host}) and check '{' '.join(cfg.ssh)} {host} true' asks nothing")
+        return out
+    head, _, body = r.out.partition("@@start\n")
+    if head.strip():
+        add("shell output", "FAIL", f"the shell prints {head.strip().splitlines()[0][:60]!r} "
+            f"before every remote command",
+            "your shell start-up files (~/.bashrc, ~/.profile; ~/.zshenv for zsh) print "
+            "even for commands over ssh: print only in interactive shells, e.g. start "
+            "~/.bashrc with: case $- in *i*) ;; *) return ;; esac")
+    else:
+        add("ssh", "ok", f"a command takes {quick:.2f} s" if quick is not None
+            else "answers")
+    if quick is not None and quick > SLOW_SHELL:
+        add("shell start-up", "WARN", f"every remote command takes {quick:.2f} s (a bare "
+            f"shell takes ~0.02 s), and dq runs one per host at each pass",
+            "your shell start-up on this host is slow (conda init, pyenv, nvm or module "
+            "loads in ~/.bashrc, or ~/.zshenv for zsh): make it return early for "
+            "non-interactive shells, e.g. start ~/.bashrc with: "
+            "case $- in *i*) ;; *) return ;; esac")
+    fields = dict(re.findall(r"^@@(\w+) ?(.*)$", body, re.M))
+    got = fields.get("token", "missing")
+    if got == token:
+        add("data root", "ok", f"{cfg.root} is the same directory")
+    else:
+        add("data root", "FAIL", f"{cfg.root} on {host} is not the directory this host "
+            f"sees there (a file written here is {'missing' if got == 'missing' else 'other'} "
+            f"there)", f"mount the same shared directory at {cfg.root} on every host "
+            f"(e.g. the same NFS export), or install dq where every host sees it")
+    lock = fields.get("lock", "")
+    if got != token:
+        pass        # another directory: its locks say nothing
+    elif lock.startswith("refused"):
+        add("locks", "ok", "a lock held here holds there too")
+    elif lock.startswith("taken"):
+        add("locks", "FAIL", f"{host} took a lock on the data root that this host holds: "
+            f"locks are not shared between hosts, so two could hand out one GPU",
+            "mount the data root with working locks (NFS: not 'nolock' or "
+            "'local_lock=all'; run the NFS lock service, rpc.statd)")
+    else:
+        add("locks", "FAIL", f"cannot test a lock there ({lock or 'no answer'})",
+            f"check that {cfg.python} runs on {host} and can open files in {cfg.root}/state")
+    screen = fields.get("screen", "missing")
+    if screen == "missing" or not screen:
+        add("screen", "FAIL", "GNU screen is not installed (or not on PATH)",
+            f"install it on {host} (apt-get install screen, dnf install screen)")
+    else:
+        add("screen", "ok", screen)
+    python = fields.get("python", "missing")
+    version = tuple(int(x) for x in python.split(".")) if \
+        re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", python) else None
+    if version is None:
+        add("python", "FAIL", f"{cfg.python} does not run there",
+            f"install Python 3.9 or later on {host}, or name it in dq.conf "
+            f"('python = /usr/bin/python3')")
+    elif version < (3, 9):
+        add("python", "FAIL", f"{cfg.python} is {python}", f"dq needs Python 3.9 or later "
+            f"on {host}; name a newer one in dq.conf ('python = python3.11')")
+    else:
+        add("python", "ok", f"{cfg.python} {python}")
+    smi = body.partition("@@smi\n")[2].rpartition("@@rc ")
+    rc = smi[2].strip()
+    try:
+        gpus = parse_smi_gpus(smi[0]) if rc == "0" else None
+    except ValueError:
+        gpus = None
+    if gpus is None:
+        said = smi[0].strip().splitlines()
+        add("nvidia-smi", "FAIL", ("timed out" if rc == "124" else "not found" if rc == "127"
+                                   else said[0][:100] if said else f"exit status {rc}"),
+            f"nvidia-smi must answer '{SMI_GPUS.split(' --format')[0]}' on {host}: "
+            f"check the NVIDIA driver there (nvidia-smi alone says more)")
+    elif not gpus:
+        add("nvidia-smi", "WARN", "no GPUs", "a host without GPUs only runs DQ_GPUS=0 jobs")
+    else:
+        kinds = {}
+        for g in gpus:
+            kinds[(g.name, g.total)] = kinds.get((g.name, g.total), 0) + 1
+        add("nvidia-smi", "ok", ", ".join(f"{n} x {name or '?'} ({fmt_mib(total)})"
+                                          for (name, total), n in kinds.items()))
+    clock = fields.get("clock", "")
+    try:
+        skew = float(clock) - (t_sent + r.seconds / 2)
+    except ValueError:
+        skew = None
+    if skew is None:
+        add("clock", "FAIL", "date gave no time", f"check 'date' on {host}")
+    elif abs(skew) > CLOCK_SKEW + r.seconds / 2:
+        add("clock", "FAIL", f"{abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} this "
+            f"host", "run NTP on every host (chrony or systemd-timesyncd): runtimes, waits "
+            "and time limits come from different hosts' clocks")
+    else:
+        add("clock", "ok", f"within {max(abs(skew), 0.001):.3f} s of this host")
+    return out
+
+
+def fmt_mib(mib):
+    return "?" if mib is None else f"{round(mib / 1024)} GB"
+
+
+def doctor_local(cfg):
+    """The data root, from here: its directories, and who may change dq.conf."""
+    out = []
+    where = os.uname().nodename.split(".")[0]
+    bad = []
+    for sub in LAYOUT:
+        path = cfg.p(sub)
+        if not os.path.isdir(path):
+            bad.append(f"{path} is missing")
+        elif not os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
+            bad.append(f"you cannot {'read' if sub == 'jobs' else 'write'} {path}")
+    if bad:
+        out.append(Check(where, "permissions", "FAIL", bad[0] + (f" (and {len(bad) - 1} more)"
+                                                                 if len(bad) > 1 else ""),
+                         f"ask the admin to run install.sh for {cfg.root} again" +
+                         access_hint(cfg.root)))
+    else:
+        out.append(Check(where, "permissions", "ok", f"you can use every directory of "
+                                                     f"{cfg.root}"))
+    trusted, why = admins(cfg)
+    if why:
+        out.append(Check(where, "admins", "WARN", why.split("; ")[0],
+                         why.split("; ", 1)[1] if "; " in why else ""))
+    else:
+        out.append(Check(where, "admins", "ok", ", ".join(sorted(trusted))))
+    return out
+
+
+def cmd_doctor(cfg, argv):
+    p = parser("doctor", "Check that the cluster is set up as dq needs: ssh, the shared data "
+               "root and its\nlocks, screen, Python, nvidia-smi and clocks on every host, "
+               "in parallel.\nOne line per check and host, with the fix; exit status 0 when "
+               "nothing failed\n(warnings do not fail).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parse(p, argv)
+    ensure_layout(cfg)
+    import secrets
+    token = secrets.token_hex(8)
+    token_path = cfg.p("state", f"doctor-{me()}-{token}")
+    lock_path = cfg.p("state", f"doctor-{me()}.lock")
+    checks = doctor_local(cfg)
+    if not cfg.local:
+        try:
+            with open(token_path, "w") as f:
+                f.write(token + "\n")
+            lock = open(lock_path, "a")
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise Failure(f"cannot write in {cfg.p('state')}: {e.strerror}"
+                          f"{access_hint(cfg.root, e)}")
+        try:
+            t_sent = time.time()
+            answers = run_on_all(cfg, cfg.hosts,
+                                 lambda h: doctor_script(cfg, token_path, lock_path))
+            # Once connections are open: what a command that does nothing costs
+            quick = run_on_all(cfg, [h for h, r in answers.items() if r.ok],
+                               lambda h: "true\n")
+        finally:
+            lock.close()
+            for path in (token_path, lock_path):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        for h in cfg.hosts:
+            q_r = quick.get(h)
+            checks += doctor_host(cfg, h, answers[h], t_sent, token,
+                                  q_r.seconds if q_r is not None and q_r.ok else None)
+    else:
+        checks.append(Check(cfg.hosts[0], "hosts", "WARN", "no hosts in dq.conf: this machine "
+                            "alone, without ssh", f"list the GPU servers in {cfg.path} "
+                            f"('hosts = deep1 deep2') to check them"))
+    failed = any(c.level == "FAIL" for c in checks)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=1))
+    else:
+        width = max(len(c.host) for c in checks)
+        for c in checks:
+            print(f"{c.level:<4}  {c.host:<{width}}  {c.name:<14}  {c.found}" +
+                  (f"; fix: {c.fix}" if c.fix and c.level != "ok" else ""))
+        print(f"{sum(c.level == 'FAIL' for c in checks)} failed, "
+              f"{sum(c.level == 'WARN' for c in checks)} warnings, "
+              f"{sum(c.level == 'ok' for c in checks)} ok")
+    return 1 if failed else 0
+
+
 # Main ########################################################################
 
 COMMANDS = {
@@ -4905,6 +5139,7 @@ COMMANDS = {
     "top": cmd_top,
     "drain": cmd_drain,
     "wait": cmd_wait,
+    "doctor": cmd_doctor,
     "_notify": cmd__notify,
     "restart": cmd_restart,
     "free": cmd_free,

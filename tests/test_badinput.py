@@ -403,6 +403,8 @@ BAD_ARGS = [
     ("kill", ["999-1000"], {}, ["no job numbered 999 to 1000"]),
     ("kill", ["--sweep", SHORT(J_DONE)], {}, ["not part of a sweep"]),
     ("wait", [], {}, ["name the jobs"]),
+    ("doctor", ["extra"], {}, ["unrecognized"]),
+    ("doctor", ["--bogus"], {}, ["--bogus"]),
     ("wait", ["x"], {}, ["not a job ID"]),
     ("wait", [SHORT(J_DONE), "-t", "x"], {}, ["-t"]),
     ("wait", [SHORT(J_DONE), "-t", "0"], {}, ["-t"]),
@@ -525,7 +527,8 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "restart",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
+                "restart",
                 "free",
                 "schedule",
                 "tail", "head",
@@ -538,7 +541,8 @@ def test_no_command_prints_the_overview(root):
 def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "restart",
+    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
+                "restart",
                 "free",
                 "schedule",
                 "tail", "head",
@@ -557,7 +561,7 @@ def test_unknown_command_is_one_line(root):
 
 
 @pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "drain",
-                                 "wait", "restart",
+                                 "wait", "doctor", "restart",
                                  "free", "schedule",
                                  "tail", "head", "logs", "grep", "attach", "users", "on-all"])
 def test_every_command_has_help_and_version(root, cmd):
@@ -967,6 +971,13 @@ def test_drains_only_by_admins_and_bad_drain_files(root):
         r = root.run("drain")
         check_lines(r)
         assert r.returncode == 0 and r.stdout == "No host is drained\n", r.stdout
+
+
+def test_doctor_on_a_machine_alone(root):
+    r = root.run("doctor")
+    check_lines(r)
+    assert r.returncode == 0 and "no hosts in dq.conf" in r.stdout, r.stdout + r.stderr
+    assert "permissions" in r.stdout and "0 failed" in r.stdout
 
 
 def test_drain_by_the_data_roots_owner(root):
