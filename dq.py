@@ -23,6 +23,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-top ID...            move queued jobs to the front of your own
   dq-wait ID... [-t S]    wait until jobs have ended (exit 0: all done)
   dq-doctor               check the cluster's set-up, host by host
+  dq-web [--port N]       a live page of the cluster (read-only, 127.0.0.1)
   dq-drain [HOST...] [-r REASON] [--undo]   (admins) no new jobs on hosts
   dq-free                 free GPUs per host
   dq-schedule             place queued jobs until none is left (started for you)
@@ -4895,6 +4896,302 @@ def cmd_free(cfg, argv):
     return 0
 
 
+# Web view ####################################################################
+
+# dq-web: one page of the whole cluster, updating itself from /api/state
+# (the same data as the --json listings), served by the standard library.
+# Read-only: GET only, no action changes anything.  One poll of the cluster
+# serves every viewer: the state is kept WEB_CACHE seconds, and viewers who
+# ask meanwhile (or while it is being made) get that one.
+WEB_CACHE = 3.0
+SMI_UTIL = "nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits"
+
+
+class WebState:
+    def __init__(self, cfg):
+        import threading
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.data, self.made, self.polls = None, 0.0, 0
+
+    def get(self):
+        with self.lock:     # one poll at a time; those waiting get its answer
+            if self.data is None or time.monotonic() - self.made >= WEB_CACHE:
+                self.data = json.dumps(web_state(self.cfg, self.polls + 1)).encode()
+                self.made, self.polls = time.monotonic(), self.polls + 1
+            return self.data
+
+
+def web_state(cfg, polls=0):
+    """Everything the page shows: hosts and their GPUs (type, memory,
+    utilisation, who and which job uses each), running jobs, the queue with
+    reasons, users, the last completed jobs."""
+    started = time.time()
+    script = users_script(cfg) + (f"echo @@util; timeout {smi_timeout(cfg)} {SMI_UTIL} "
+                                  f"</dev/null 2>&1; echo \"@@rc $?\"\n")
+    results = run_on_all(cfg, cfg.hosts, lambda h: script)
+    places = Placements.read(cfg)
+    holders = {(p["host"], g): job_id for job_id, p in places.items() for g in p["gpus"]}
+    drains = read_drains(cfg, quiet=True)
+    hosts, free, total = [], 0, 0
+    for h in cfg.hosts:
+        st, rows = gpu_users(h, results[h], started)
+        util = dict(re.findall(r"^\s*([0-9]+),\s*([0-9]+)\s*$",
+                               results[h].out.partition("@@util\n")[2], re.M))
+        gpus = []
+        for g in st.gpus:
+            users = [r for r in rows if r["gpu"] == g.index]
+            job = holders.get((h, g.index))
+            is_free = not g.busy() and job is None and not st.error and h not in drains
+            free += is_free
+            total += 1
+            gpus.append({"index": g.index, "name": g.name, "memory_total_mib": g.total,
+                         "memory_used_mib": g.used,
+                         "utilization": int(util[str(g.index)]) if str(g.index) in util
+                         else None, "job": job, "free": is_free,
+                         "processes": [{k: r[k] for k in ("pid", "user", "process", "job",
+                                                          "mem_mb")} for r in users]})
+        hosts.append({"host": h, "reachable": st.reachable, "error": st.error,
+                      "drained": drains.get(h), "gpus": gpus})
+    active = active_jobs(cfg, None, places)
+    running = [j for j in active if j["state"] == "running"]
+    queued = [j for j in active if j["state"] == "queued"]
+    wait_reasons(cfg, queued, places)
+    users = {}
+    for j in active:
+        u = users.setdefault(j["user"], {"user": j["user"], "gpus": 0, "running": 0,
+                                          "queued": 0})
+        if j["state"] == "running":
+            u["running"] += 1
+            u["gpus"] += len(j["gpus"])
+        else:
+            u["queued"] += 1
+    return {"format": FORMAT, "at": started, "polls": polls, "free_gpus": free,
+            "total_gpus": total, "hosts": hosts, "running": running, "queue": queued,
+            "users": sorted(users.values(), key=lambda u: (-u["gpus"], u["user"])),
+            "completed": completed_jobs(cfg, None, last=15)[::-1]}
+
+
+WEB_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>dq</title><link rel="stylesheet" href="style.css"></head>
+<body><header><h1>dq</h1><span id="summary">loading...</span>
+<span id="updated"></span></header>
+<main>
+<section id="hosts-section"><h2>GPUs</h2><div id="hosts"></div></section>
+<section><h2>Users</h2><table id="users"></table></section>
+<section><h2>Running</h2><table id="running"></table></section>
+<section><h2>Queue</h2><table id="queue"></table></section>
+<section><h2>Recently ended</h2><table id="completed"></table></section>
+</main><script src="app.js"></script></body></html>
+"""
+
+# Colours from the Okabe-Ito palette (they read for colour-blind users), and
+# every state is also written as a word.
+WEB_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#fafafa;color:#222}
+header{display:flex;flex-wrap:wrap;gap:1em;align-items:baseline;padding:.5em 1em;
+ background:#0072B2;color:#fff}
+header h1{margin:0;font-size:1.4em}#updated{opacity:.8;font-size:.9em}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,36em),1fr));
+ gap:1em;padding:1em}
+#hosts-section{grid-column:1/-1}
+#hosts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,22em),1fr));gap:.8em}
+h2{font-size:1.1em;margin:.2em 0 .5em}
+.host{background:#fff;border:1px solid #ccc;border-radius:6px;padding:.5em .7em}
+.host h3{margin:0 0 .3em;font-size:1em;display:flex;justify-content:space-between}
+.host.down{border:2px dashed #D55E00}.host.drained{border:2px dotted #E69F00}
+.tag{font-size:.8em;padding:0 .4em;border-radius:3px;color:#fff;background:#D55E00}
+.tag.drained{background:#E69F00;color:#000}
+.gpu{display:grid;grid-template-columns:2em 1fr;gap:.1em .4em;margin:.3em 0;align-items:center}
+.idx{font-weight:bold;text-align:right}
+.bar{height:.9em;background:#e5e5e5;border-radius:3px;overflow:hidden}
+.bar>div{height:100%;background:#0072B2}
+.gpu.free .bar>div{background:#009E73}
+.who{grid-column:2;font-size:.85em;color:#444;overflow-wrap:anywhere}
+.free-word{color:#006e50;font-weight:bold}
+table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
+th,td{text-align:left;padding:.2em .5em;border-bottom:1px solid #eee;vertical-align:top;
+ white-space:nowrap}
+td:last-child{white-space:normal;overflow-wrap:anywhere;width:100%}
+section{overflow-x:auto}
+th{background:#f0f0f0}
+@media (min-width:2000px){body{font-size:18px}}
+"""
+
+WEB_JS = r"""
+"use strict";
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+function dur(s) {
+  s = Math.max(0, Math.floor(s));
+  const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
+        m = Math.floor(s % 3600 / 60);
+  return d ? d + "d" + h + "h" : h ? h + "h" + m + "m" : m ? m + "m" + (s % 60) + "s" : s + "s";
+}
+function gb(mib) { return mib === null ? "?" : (mib / 1024).toFixed(mib < 10240 ? 1 : 0); }
+function table(id, head, rows) {
+  const t = document.getElementById(id);
+  t.replaceChildren();
+  const tr = el("tr");
+  head.forEach(h => tr.appendChild(el("th", null, h)));
+  t.appendChild(tr);
+  if (!rows.length) {
+    const r = el("tr"), c = el("td", null, "none");
+    c.colSpan = head.length; r.appendChild(c); t.appendChild(r);
+  }
+  rows.forEach(row => {
+    const r = el("tr");
+    row.forEach(v => r.appendChild(el("td", null, v)));
+    t.appendChild(r);
+  });
+}
+function desc(j) { return j.desc ? j.script + " (" + j.desc + ")" : j.script; }
+function render(s) {
+  const now = s.at;
+  document.title = "dq: " + s.free_gpus + " of " + s.total_gpus + " GPUs free";
+  document.getElementById("summary").textContent =
+    s.free_gpus + " of " + s.total_gpus + " GPUs free, " + s.running.length + " running, " +
+    s.queue.length + " queued";
+  document.getElementById("updated").textContent =
+    "as of " + new Date(s.at * 1000).toLocaleTimeString();
+  const hosts = document.getElementById("hosts");
+  hosts.replaceChildren();
+  s.hosts.forEach(h => {
+    const box = el("div", "host" + (h.error ? " down" : "") + (h.drained ? " drained" : ""));
+    const title = el("h3");
+    title.appendChild(el("span", null, h.host));
+    if (h.error) title.appendChild(el("span", "tag", h.reachable ? "nvidia-smi failing" : "unreachable"));
+    if (h.drained) title.appendChild(el("span", "tag drained",
+      "drained" + (h.drained.reason ? ": " + h.drained.reason : "")));
+    box.appendChild(title);
+    if (h.error) box.appendChild(el("div", "who", h.error));
+    h.gpus.forEach(g => {
+      const row = el("div", "gpu" + (g.free ? " free" : ""));
+      row.appendChild(el("span", "idx", g.index));
+      const info = el("div");
+      info.appendChild(el("div", null, (g.name || "GPU") + " - " + gb(g.memory_used_mib) +
+        " of " + gb(g.memory_total_mib) + " GB" +
+        (g.utilization !== null ? ", " + g.utilization + "% busy" : "")));
+      const bar = el("div", "bar"), fill = el("div");
+      const used = g.memory_total_mib ? (g.memory_used_mib || 0) / g.memory_total_mib : 0;
+      fill.style.width = Math.round(100 * used) + "%";
+      bar.appendChild(fill); info.appendChild(bar);
+      row.appendChild(info);
+      const who = el("div", "who");
+      if (g.free) who.appendChild(el("span", "free-word", "free"));
+      else if (!g.processes.length && g.job) who.textContent = "reserved for " + g.job;
+      g.processes.forEach((p, i) => {
+        who.appendChild(el("span", null, (i ? "; " : "") + p.user + " " + p.process +
+          (p.job ? " (dq job " + p.job + ")" : " (by hand, pid " + p.pid + ")")));
+      });
+      row.appendChild(who);
+      box.appendChild(row);
+    });
+    hosts.appendChild(box);
+  });
+  table("users", ["User", "GPUs", "Running", "Queued"],
+        s.users.map(u => [u.user, u.gpus, u.running, u.queued]));
+  table("running", ["Job", "User", "Host/GPU", "Runtime", "Left", "Script"],
+        s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(","), dur(now - j.started),
+          j.time_limit ? dur(j.started + j.time_limit - now) : "-", desc(j)]));
+  table("queue", ["Job", "User", "GPUs", "Wait", "Reason", "Script"],
+        s.queue.map(j => [j.id, j.user, j.gpus_wanted, dur(now - j.submitted), j.reason,
+          desc(j)]));
+  table("completed", ["Job", "User", "State", "Exit", "Runtime", "Script"],
+        s.completed.map(j => [j.id, j.user, j.state,
+          j.signal || (j.exit_code === null ? "-" : j.exit_code),
+          j.started && j.ended ? dur(j.ended - j.started) : "-", desc(j)]));
+}
+async function update() {
+  try {
+    const r = await fetch("api/state", {cache: "no-store"});
+    if (!r.ok) throw new Error(r.status);
+    render(await r.json());
+  } catch (e) {
+    document.getElementById("updated").textContent = "no answer from dq-web (" + e + ")";
+  }
+}
+update();
+setInterval(update, 5000);
+"""
+
+
+def make_web_handler(state):
+    from http.server import BaseHTTPRequestHandler
+    pages = {"/": ("text/html; charset=utf-8", WEB_PAGE.encode()),
+             "/style.css": ("text/css; charset=utf-8", WEB_CSS.encode()),
+             "/app.js": ("text/javascript; charset=utf-8", WEB_JS.encode())}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"dq-web/{__version__}"
+
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path == "/api/state":
+                try:
+                    body, kind = state.get(), "application/json"
+                except Exception as e:      # a poll that failed: say so, keep serving
+                    return self.reply(500, "text/plain; charset=utf-8",
+                                      f"dq-web: {type(e).__name__}: {e}\n".encode())
+            elif path in pages:
+                kind, body = pages[path]
+            else:
+                return self.reply(404, "text/plain; charset=utf-8", b"not found\n")
+            self.reply(200, kind, body)
+
+        def do_POST(self):
+            self.reply(405, "text/plain; charset=utf-8", b"dq-web is read-only\n")
+        do_PUT = do_DELETE = do_PATCH = do_POST
+
+        def reply(self, code, kind, body):
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' "
+                             "'unsafe-inline'; frame-ancestors 'none'")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *args):
+            pass        # quiet: a page that polls would fill the terminal
+    return Handler
+
+
+def cmd_web(cfg, argv):
+    p = parser("web", "Serve a live page of the whole cluster: GPUs, jobs, queue, users.\n"
+               "Read-only; it binds 127.0.0.1 unless told otherwise (reach it from your\n"
+               "machine with: ssh -L 8765:localhost:8765 HOST).  The page's data is\n"
+               "/api/state (JSON), polled once per few seconds for every viewer.")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    args = parse(p, argv)
+    if not 0 < args.port < 65536:
+        raise Failure(f"--port {args.port}: a port is 1 to 65535 (e.g. --port 8765)")
+    ensure_layout(cfg)
+    from http.server import ThreadingHTTPServer
+    try:
+        server = ThreadingHTTPServer((args.bind, args.port), make_web_handler(WebState(cfg)))
+    except OSError as e:
+        raise Failure(f"cannot listen on {args.bind}:{args.port}: {e.strerror}; choose "
+                      f"another with --port or --bind") from None
+    server.daemon_threads = True
+    print(f"dq-web: http://{args.bind}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # Doctor ######################################################################
 
 # dq-doctor: is this cluster set up as dq needs?  One remote script per host,
@@ -5140,6 +5437,7 @@ COMMANDS = {
     "drain": cmd_drain,
     "wait": cmd_wait,
     "doctor": cmd_doctor,
+    "web": cmd_web,
     "_notify": cmd__notify,
     "restart": cmd_restart,
     "free": cmd_free,

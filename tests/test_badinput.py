@@ -404,6 +404,11 @@ BAD_ARGS = [
     ("kill", ["--sweep", SHORT(J_DONE)], {}, ["not part of a sweep"]),
     ("wait", [], {}, ["name the jobs"]),
     ("doctor", ["extra"], {}, ["unrecognized"]),
+    ("web", ["--port", "x"], {}, ["--port"]),
+    ("web", ["--port", "0"], {}, ["--port 0"]),
+    ("web", ["--port", "99999"], {}, ["--port 99999"]),
+    ("web", ["--bind", "no.such.address.invalid", "--port", "1"], {}, ["cannot listen"]),
+    ("web", ["extra"], {}, ["unrecognized"]),
     ("doctor", ["--bogus"], {}, ["--bogus"]),
     ("wait", ["x"], {}, ["not a job ID"]),
     ("wait", [SHORT(J_DONE), "-t", "x"], {}, ["-t"]),
@@ -528,7 +533,7 @@ def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
     for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
-                "restart",
+                "web", "restart",
                 "free",
                 "schedule",
                 "tail", "head",
@@ -542,7 +547,7 @@ def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
     for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
-                "restart",
+                "web", "restart",
                 "free",
                 "schedule",
                 "tail", "head",
@@ -561,7 +566,7 @@ def test_unknown_command_is_one_line(root):
 
 
 @pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "drain",
-                                 "wait", "doctor", "restart",
+                                 "wait", "doctor", "web", "restart",
                                  "free", "schedule",
                                  "tail", "head", "logs", "grep", "attach", "users", "on-all"])
 def test_every_command_has_help_and_version(root, cmd):
