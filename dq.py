@@ -5425,6 +5425,33 @@ def cmd_doctor(cfg, argv):
     return 1 if failed else 0
 
 
+# Shell completion ############################################################
+
+COMPLETE_RECENT = 30    # ended jobs of yours that completion offers
+
+
+def cmd__complete(cfg, argv):
+    """Internal, for the shell completion (extras/dq.bash): `ids` prints the
+    numbers of your queued and running jobs and of your last ended ones;
+    `hosts` the hosts of dq.conf.  Never an error: completion stays quiet."""
+    what = argv[0] if argv else ""
+    if what == "hosts":
+        print("\n".join(cfg.hosts))
+    elif what == "ids":
+        user = me()
+        active = [n.split("-")[0] for n in index_names(cfg, user=user)]
+        try:        # one listing of the job directories, no file read
+            names = os.listdir(cfg.p("jobs", "backend"))
+        except OSError:
+            names = []
+        suffix = "-" + user
+        mine = sorted((int(n[:-len(suffix)]) for n in names
+                       if n.endswith(suffix) and n[:-len(suffix)].isdigit()), reverse=True)
+        seen = dict.fromkeys(active + [str(n) for n in mine[:COMPLETE_RECENT]])
+        print("\n".join(seen))
+    return 0
+
+
 # Main ########################################################################
 
 COMMANDS = {
@@ -5438,7 +5465,6 @@ COMMANDS = {
     "wait": cmd_wait,
     "doctor": cmd_doctor,
     "web": cmd_web,
-    "_notify": cmd__notify,
     "restart": cmd_restart,
     "free": cmd_free,
     "schedule": cmd_schedule,
@@ -5450,7 +5476,8 @@ COMMANDS = {
     "users": cmd_users,
     "on-all": cmd_on_all,
 }
-INTERNAL = {"_run": cmd__run, "_kill": cmd__kill}
+INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_notify": cmd__notify,
+            "_complete": cmd__complete}
 
 
 def main(argv=None):

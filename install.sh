@@ -90,6 +90,18 @@ for link in "$here"/links/dq-*; do
     ln -sfn ../dq.py "$dir/bin/$(basename "$link")"
 done
 
+# Shell completion (bash, and zsh through bashcompinit) and example systemd
+# units, with this install's path in them.
+mkdir -p "$dir/share/bash-completion/completions" "$dir/share/zsh" "$dir/share/systemd"
+cp "$here/extras/dq.bash" "$dir/share/bash-completion/completions/dq.bash"
+for link in "$here"/links/dq-*; do
+    ln -sfn dq.bash "$dir/share/bash-completion/completions/$(basename "$link")"
+done
+cp "$here/extras/dq.zsh" "$dir/share/zsh/dq.zsh"
+for unit in "$here"/extras/*.service; do
+    sed "s|@PREFIX@|$dir|g" "$unit" > "$dir/share/systemd/$(basename "$unit")"
+done
+
 # Shared directories: 'state' holds small files every user rewrites; the
 # others hold per-user entries and are sticky, so nobody can remove or
 # replace another user's jobs.

@@ -199,7 +199,7 @@ SOURCE = None       # a snapshot of dq.py, install.sh, links/ (see snapshot_sour
 
 
 def snapshot_source(dest, dq_py=None):
-    """Copy what install.sh needs to `dest`, so that every install of one run
+    """Copy what install.sh needs (dq.py, links/, extras/) to `dest`, so that every install of one run
     has the same dq.py even while somebody edits the working tree.  dq_py:
     another dq.py to measure instead of the repository's."""
     global SOURCE
@@ -207,6 +207,7 @@ def snapshot_source(dest, dq_py=None):
     shutil.copy2(dq_py or os.path.join(REPO, "dq.py"), os.path.join(dest, "dq.py"))
     shutil.copy2(os.path.join(REPO, "install.sh"), os.path.join(dest, "install.sh"))
     shutil.copytree(os.path.join(REPO, "links"), os.path.join(dest, "links"), symlinks=True)
+    shutil.copytree(os.path.join(REPO, "extras"), os.path.join(dest, "extras"))
     SOURCE = dest
     with open(os.path.join(dest, "dq.py"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
