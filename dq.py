@@ -1646,7 +1646,9 @@ def count_done(cfg, job):
                 write_json(cfg.p("jobs", "done", job.owner), {
                     "done": counters["done"] + 1,
                     "usage": decayed(counters, now, cfg.fairshare_halflife) + job_usage(job),
-                    "usage_at": now})
+                    "usage_at": now,
+                    "recent": ([job.id] + [i for i in counters["recent"]
+                                           if i != job.id])[:COMPLETE_RECENT]})
     except (OSError, Failure) as e:
         warn(f"cannot count {job.id} as completed: {e}")
 
@@ -1670,12 +1672,14 @@ COUNTER_FIELDS = {
     "done": (is_int, "a count", True),
     "usage": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
               and math.isfinite(v) and v >= 0, "GPU-seconds, 0 or more", False),
-    "usage_at": (is_time, "a time in seconds", False)}
+    "usage_at": (is_time, "a time in seconds", False),
+    "recent": (lambda v: is_id_list(v), "a list of job IDs", False)}
 
 
 def stored_counters(cfg, user):
-    """{done, usage, usage_at} from jobs/done/<user>, or None (missing, or
-    not to be trusted: then counted again).  A counter from before usage was
+    """{done, usage, usage_at, recent} from jobs/done/<user>, or None
+    (missing, or not to be trusted: then counted again).  recent: the IDs
+    of the user's last ended jobs, newest first (shell completion).  A counter from before usage was
     kept starts its usage at 0."""
     path = cfg.p("jobs", "done", user)
     fix = "remove it, and dq counts the user's ended jobs again"
@@ -1686,7 +1690,7 @@ def stored_counters(cfg, user):
     if why:
         return bad_file(path, why, fix)
     return {"done": data["done"], "usage": data.get("usage", 0.0),
-            "usage_at": data.get("usage_at", time.time())}
+            "usage_at": data.get("usage_at", time.time()), "recent": data.get("recent", [])}
 
 
 def done_count(cfg, user):
@@ -1702,19 +1706,21 @@ def user_counters(cfg, user):
     counters = stored_counters(cfg, user)
     if counters is not None:
         return counters
-    count, usage, now = 0, 0.0, time.time()
+    count, usage, now, last = 0, 0.0, time.time(), []
     recent = True       # newest first: once a job ended 30 half-lives ago, no more reads
     for job_id in reversed(all_job_ids(cfg)):
         if not job_id.endswith("-" + user) or \
                 not os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
             continue
         count += 1
+        if len(last) < COMPLETE_RECENT:
+            last.append(job_id)
         job = load_job(cfg, job_id, quiet=True) if recent else None
         if job is not None:
             ended = job.end.get("ended") if is_time(job.end.get("ended")) else now
             recent = now - ended < 30 * cfg.fairshare_halflife
             usage += job_usage(job) * 0.5 ** (max(0.0, now - ended) / cfg.fairshare_halflife)
-    counters = {"done": count, "usage": usage, "usage_at": now}
+    counters = {"done": count, "usage": usage, "usage_at": now, "recent": last}
     if user == me():
         try:
             write_json(cfg.p("jobs", "done", user), counters)
@@ -5432,7 +5438,8 @@ COMPLETE_RECENT = 30    # ended jobs of yours that completion offers
 
 def cmd__complete(cfg, argv):
     """Internal, for the shell completion (extras/dq.bash): `ids` prints the
-    numbers of your queued and running jobs and of your last ended ones;
+    numbers of your queued and running jobs and of your last ended ones
+    (kept in jobs/done/<user>: the history is never listed);
     `hosts` the hosts of dq.conf.  Never an error: completion stays quiet."""
     what = argv[0] if argv else ""
     if what == "hosts":
@@ -5440,14 +5447,10 @@ def cmd__complete(cfg, argv):
     elif what == "ids":
         user = me()
         active = [n.split("-")[0] for n in index_names(cfg, user=user)]
-        try:        # one listing of the job directories, no file read
-            names = os.listdir(cfg.p("jobs", "backend"))
-        except OSError:
-            names = []
-        suffix = "-" + user
-        mine = sorted((int(n[:-len(suffix)]) for n in names
-                       if n.endswith(suffix) and n[:-len(suffix)].isdigit()), reverse=True)
-        seen = dict.fromkeys(active + [str(n) for n in mine[:COMPLETE_RECENT]])
+        # the last ended ones from the completed-job counter: no listing of
+        # the whole history
+        counters = stored_counters(cfg, user) or user_counters(cfg, user)
+        seen = dict.fromkeys(active + [i.split("-")[0] for i in counters["recent"]])
         print("\n".join(seen))
     return 0
 

@@ -20,12 +20,12 @@ SIZES = {
                  b4_small=100, b4_big=100000, b4_n=15, b5_nodes=32, b5_n=10,
                  b6_bytes=2 << 30, b6_n=3, b8_queue=10000, b8_n=7,
                  b9_queue=10000, b9_users=50, b9_passes=7, b9_n=10,
-                 b10_jobs=1000, b10_n=5),
+                 b10_jobs=1000, b10_n=5, b11_viewers=50, b11_seconds=15),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
                   b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
                   b9_queue=1000, b9_users=50, b9_passes=2, b9_n=2,
-                  b10_jobs=100, b10_n=1),
+                  b10_jobs=100, b10_n=1, b11_viewers=5, b11_seconds=3),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -340,7 +340,9 @@ def bench_submit(ctx):
 # 4: views with a long history ################################################
 
 VIEWS = [("dq-jobs", ["jobs"]), ("dq-jobs summary", ["jobs", "summary"]),
-         ("dq-jobs queue", ["jobs", "queue"])]
+         ("dq-jobs queue", ["jobs", "queue"]),
+         # what bash completion runs for job IDs (extras/dq.bash)
+         ("completion of job IDs", ["_complete", "ids"])]
 
 
 def bench_history(ctx):
@@ -356,7 +358,9 @@ def bench_history(ctx):
     def measure():
         out = {}
         for name, args in VIEWS:
-            res = times(c, "node1", ALICE, [dq.path(args[0])] + args[1:], n + 1)
+            argv = [os.path.join(dq.root, "dq.py")] + args if args[0].startswith("_") \
+                else [dq.path(args[0])] + args[1:]
+            res = times(c, "node1", ALICE, argv, n + 1)
             out[name] = median([t.wall for t in res[1:]])
             if args[1:] == ["summary"] and f"Completed jobs: {mine[0]}\n" not in res[-1].out:
                 raise RuntimeError(f"dq-jobs summary does not count {mine[0]} completed "
@@ -774,9 +778,73 @@ def bench_sweep(ctx):
                 f"{len(holds)} times, longest {fmt_s(max(holds) if holds else 0)}")]
 
 
+def bench_web(ctx):
+    """dq-web with 50 viewers polling /api/state every second against one
+    viewer: how many polls of the cluster, how long an answer takes?"""
+    import threading
+    import urllib.request
+    c = ctx.cluster(4)
+    viewers, seconds = ctx.size["b11_viewers"], ctx.size["b11_seconds"]
+    dq = new_install(c, "b11-web")
+    held = hold_all(c, ["node2"], GPUS)      # noqa: F841 -- killed by the reset afterwards
+    port = 18000 + os.getpid() % 1000
+    proc = dq.popen("node1", ALICE, "web", "--port", port)
+    url = f"http://127.0.0.1:{port}/api/state"
+
+    def fetch():
+        t = time.monotonic()
+        with urllib.request.urlopen(url, timeout=60) as r:
+            polls = json.loads(r.read())["polls"]
+        return polls, time.monotonic() - t
+    try:
+        wait_for(lambda: _web_up(fetch), 20, what="dq-web to answer")
+
+        def run(n):
+            first = fetch()[0]
+            waits, lock = [], threading.Lock()
+            end = time.monotonic() + seconds
+
+            def viewer():
+                while time.monotonic() < end:
+                    _, w = fetch()
+                    with lock:
+                        waits.append(w)
+                    time.sleep(1)
+            threads = [threading.Thread(target=viewer) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return fetch()[0] - first, waits
+        one, one_waits = run(1)
+        many, many_waits = run(viewers)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return [Row(11, f"dq-web, polls of the cluster in {seconds} s: {viewers} viewers / 1",
+                "<= 1.2x", f"{many / max(one, 1):.2f}x ({many} / {one})",
+                check(many <= 1.2 * max(one, 1)),
+                f"each viewer asks /api/state every second (a tab refreshes every 5 s); "
+                f"{len(many_waits)} answers to {viewers} viewers, {len(one_waits)} to one; "
+                f"4 nodes, node2's GPUs held by hand"),
+            Row(11, f"dq-web, /api/state answer with {viewers} viewers (median)", "< 1 s",
+                fmt_s(median(many_waits)), check(median(many_waits) < 1),
+                f"95th percentile {fmt_s(percentile(many_waits, 95))}, the longest "
+                f"{fmt_s(max(many_waits))} (a viewer that came when a poll was due waits "
+                f"for it); one viewer: median {fmt_s(median(one_waits))}")]
+
+
+def _web_up(fetch):
+    try:
+        return fetch() is not None
+    except OSError:
+        return False
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
          5: ("wide clusters", bench_wide), 8: ("constrained queue", bench_constrained),
-         9: ("deep queue of many users", bench_deep), 10: ("sweep submit", bench_sweep)}
-ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 5]   # 7 reads what 1 measured; 5 needs its own cluster
+         9: ("deep queue of many users", bench_deep), 10: ("sweep submit", bench_sweep),
+         11: ("dq-web viewers", bench_web)}
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 5]   # 7 reads what 1 measured; 5 needs its own cluster

@@ -333,8 +333,11 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
             path = os.path.join(root, "jobs", "done", pw.pw_name)
             old = read_json(path)
             if isinstance(old, dict) and isinstance(old.get("done"), int):
-                added = sum(1 for i in ids if i.endswith("-" + pw.pw_name))
-                _write(path, dict(old, done=old["done"] + added), pw.pw_uid, pw.pw_gid)
+                theirs = [i for i in ids if i.endswith("-" + pw.pw_name)]
+                new = dict(old, done=old["done"] + len(theirs))
+                if "recent" in old:     # dq's last ended jobs, newest first (completion)
+                    new["recent"] = (theirs[::-1] + old["recent"])[:30]
+                _write(path, new, pw.pw_uid, pw.pw_gid)
     _write(os.path.join(root, "state", "next_id"), {"format": 1, "next": first + count},
            0, 0)
     os.chmod(os.path.join(root, "state", "next_id"), 0o666)
