@@ -5350,12 +5350,20 @@ def doctor_local(cfg):
     out = []
     where = os.uname().nodename.split(".")[0]
     bad = []
+    try:
+        root_st = os.stat(cfg.root)
+    except OSError as e:
+        raise Failure(f"cannot read {cfg.root}: {e.strerror}") from None
+    group_install = bool(root_st.st_mode & 0o2000)     # install.sh DIR GROUP
     for sub in LAYOUT:
         path = cfg.p(sub)
         if not os.path.isdir(path):
             bad.append(f"{path} is missing")
         elif not os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
             bad.append(f"you cannot {'read' if sub == 'jobs' else 'write'} {path}")
+        elif group_install and os.stat(path).st_gid != root_st.st_gid:
+            bad.append(f"{path} is not in the data root's group (a lab install gives every "
+                       f"directory the lab's group)")
     if bad:
         out.append(Check(where, "permissions", "FAIL", bad[0] + (f" (and {len(bad) - 1} more)"
                                                                  if len(bad) > 1 else ""),

@@ -182,6 +182,10 @@ def test_readme_setup_runs_a_first_job(newbie):
         "dq-jobs complete does not show the first job done" + said
     assert re.fullmatch(r"hello from \S+ on GPU \S*\n", log), said
     assert "Traceback" not in r.stderr, said
+    # make install put the completion where bash-completion looks for it
+    completions = os.path.join(newbie.pw_dir, ".local/share/bash-completion/completions")
+    assert os.path.realpath(os.path.join(completions, "dq-kill")) == \
+        os.path.join(newbie.pw_dir, "dq-local/share/bash-completion/completions/dq.bash")
 
 
 def _installed(path):
