@@ -4910,6 +4910,7 @@ def cmd_free(cfg, argv):
 # serves every viewer: the state is kept WEB_CACHE seconds, and viewers who
 # ask meanwhile (or while it is being made) get that one.
 WEB_CACHE = 3.0
+WEB_QUEUE = 200         # queued jobs the page lists (the rest are counted)
 SMI_UTIL = "nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits"
 
 
@@ -4958,21 +4959,30 @@ def web_state(cfg, polls=0):
                                                           "mem_mb")} for r in users]})
         hosts.append({"host": h, "reachable": st.reachable, "error": st.error,
                       "drained": drains.get(h), "gpus": gpus})
-    active = active_jobs(cfg, None, places)
+    # A deep queue is counted from the index names; only its first
+    # WEB_QUEUE jobs are read and sent (10,000 rows help nobody).
+    ids = active_ids(cfg)
+    waiting = [i for i in ids if i not in places]
+    active = active_jobs(cfg, None, places, [i for i in ids if i in places] +
+                         waiting[:WEB_QUEUE])
     running = [j for j in active if j["state"] == "running"]
     queued = [j for j in active if j["state"] == "queued"]
     wait_reasons(cfg, queued, places)
     users = {}
+    for job_id in ids:
+        user = job_id.split("-", 1)[1]
+        users.setdefault(user, {"user": user, "gpus": 0, "running": 0, "queued": 0})
+    for j in running:
+        users[j["user"]]["running"] += 1
+        users[j["user"]]["gpus"] += len(j["gpus"])
+    for job_id in waiting:
+        users[job_id.split("-", 1)[1]]["queued"] += 1
     for j in active:
-        u = users.setdefault(j["user"], {"user": j["user"], "gpus": 0, "running": 0,
-                                          "queued": 0})
-        if j["state"] == "running":
-            u["running"] += 1
-            u["gpus"] += len(j["gpus"])
-        else:
-            u["queued"] += 1
+        if j["state"] == "queued" and j["id"] in places:    # placed, not started yet
+            users[j["user"]]["queued"] += 1
     return {"format": FORMAT, "at": started, "polls": polls, "free_gpus": free,
             "total_gpus": total, "hosts": hosts, "running": running, "queue": queued,
+            "queued_total": len(waiting) + sum(1 for j in queued if j["id"] in places),
             "users": sorted(users.values(), key=lambda u: (-u["gpus"], u["user"])),
             "completed": completed_jobs(cfg, None, last=15)[::-1]}
 
@@ -5062,7 +5072,7 @@ function render(s) {
   document.title = "dq: " + s.free_gpus + " of " + s.total_gpus + " GPUs free";
   document.getElementById("summary").textContent =
     s.free_gpus + " of " + s.total_gpus + " GPUs free, " + s.running.length + " running, " +
-    s.queue.length + " queued";
+    s.queued_total + " queued";
   document.getElementById("updated").textContent =
     "as of " + new Date(s.at * 1000).toLocaleTimeString();
   const hosts = document.getElementById("hosts");
@@ -5108,6 +5118,11 @@ function render(s) {
   table("queue", ["Job", "User", "GPUs", "Wait", "Reason", "Script"],
         s.queue.map(j => [j.id, j.user, j.gpus_wanted, dur(now - j.submitted), j.reason,
           desc(j)]));
+  if (s.queued_total > s.queue.length) {
+    const t = document.getElementById("queue");
+    t.insertBefore(el("caption", null, "the first " + s.queue.length + " of " +
+      s.queued_total + " queued jobs"), t.firstChild);
+  }
   table("completed", ["Job", "User", "State", "Exit", "Runtime", "Script"],
         s.completed.map(j => [j.id, j.user, j.state,
           j.signal || (j.exit_code === null ? "-" : j.exit_code),
