@@ -2155,8 +2155,9 @@ def _queue_entries(cfg, places, names, stale, index, full=False):
 
 # Each user's queue, in the order the passes take it: jobs/queue/<user>/, a
 # directory of the user's own (no one else can add to it or reorder it),
-# holds one empty file per queued GPU job, whose name says all a pass needs
-# to order and skip it without opening anything:
+# holds one empty file per queued job, whose name says all a pass needs to
+# order and skip it without opening anything (CPU-only jobs, 0 GPUs, are
+# placed from jobs/cpu; their names serve the dependencies):
 #     <number>_<gpus>_<shape>_<priority>_<top>[_h]
 # shape: a hash of the job's constraints ('-': none); _h: held, _w: waiting
 # for its dependencies (_hw: both).  A pass lists
@@ -2338,7 +2339,7 @@ def rebuild_own_queue(cfg):
         os.chmod(tmp, 0o755)
         for job_id in index_names(cfg, user=user):
             info = read_json(cfg.p("jobs", "active", job_id), None, None)
-            if info and not bad_field(info, INDEX_FIELDS) and info["gpus"]:
+            if info and not bad_field(info, INDEX_FIELDS):
                 open(os.path.join(tmp, queue_name(job_id, info)), "w").close()
         try:
             os.rename(tmp, final)
@@ -2365,11 +2366,7 @@ def sync_own_queue(cfg):
         if QUEUE_NAME_RE.match(name):
             have[name.split("_", 1)[0] + "-" + user] = name
     active = set(index_names(cfg, user=user))
-    try:
-        cpu = set(os.listdir(cfg.p("jobs", "cpu")))
-    except OSError:
-        cpu = set()
-    for job_id in sorted(active - set(have) - cpu):
+    for job_id in sorted(active - set(have)):
         if not owns_entry(cfg.p("jobs", "active", job_id), job_id):
             continue
         info = read_json(cfg.p("jobs", "active", job_id), None, None)
@@ -2395,7 +2392,7 @@ def set_queue_name(cfg, job_id, info, new=False):
         old = [] if new else [n for n in os.listdir(path) if n.startswith(prefix)]
     except OSError:
         return
-    new = queue_name(job_id, info) if info and info.get("gpus") else None
+    new = queue_name(job_id, info) if info else None
     try:
         if new and new not in old:
             open(os.path.join(path, new), "w").close()
@@ -2993,7 +2990,6 @@ def release_dependents(cfg):
         names = user_queue_names(cfg, user) or []
         candidates = [n.split("_", 1)[0] + "-" + user for n in names
                       if n.endswith("w") and QUEUE_NAME_RE.match(n)]
-        candidates += [j for j in index_names(cfg, "cpu", user)]
         for job_id in candidates:
             path = cfg.p("jobs", "active", job_id)
             info = read_json(path, None, False, skip_newer=True)

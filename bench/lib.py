@@ -314,7 +314,7 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
             entry = {"format": 1, "gpus": gpus, "submitted": sub}
             _write(os.path.join(active, job_id), dict(entry, need=jneed) if jneed else entry,
                    uid, gid)
-            if gpus and os.path.isdir(queues):
+            if os.path.isdir(queues):
                 _queue_name(queues, user, uid, gid, n, gpus, jneed)
         else:
             host, gpu = f"node{1 + n % 4}", n % 4

@@ -163,12 +163,12 @@ def seed_job(root, b, job_id, gpus=1, run=None, end=None, queued=False, owner=No
               {"format": 1, "gpus": gpus, "submitted": time.time() - 100}, owner)
         if gpus == 0:
             write(os.path.join(root, "jobs", "cpu", job_id), {"format": 1}, owner)
-        else:       # its name in its owner's queue directory, as dq-submit writes it
-            qdir = os.path.join(root, "jobs", "queue", job_id.split("-", 1)[1])
-            write(os.path.join(qdir, f"{job_id.split('-')[0]}_{gpus}_-_0_0"), "", owner)
-            if owner:
-                pw = pwd.getpwnam(owner)
-                os.chown(qdir, pw.pw_uid, pw.pw_gid)
+        # its name in its owner's queue directory, as dq-submit writes it
+        qdir = os.path.join(root, "jobs", "queue", job_id.split("-", 1)[1])
+        write(os.path.join(qdir, f"{job_id.split('-')[0]}_{gpus}_-_0_0"), "", owner)
+        if owner:
+            pw = pwd.getpwnam(owner)
+            os.chown(qdir, pw.pw_uid, pw.pw_gid)
     if owner:
         pw = pwd.getpwnam(owner)
         os.chown(d, pw.pw_uid, pw.pw_gid)
