@@ -67,6 +67,8 @@ def test_between_users_holding_as_many_less_recent_usage_goes_first(cluster, dq)
     wait_until(lambda: [j for j in jobs(dq, view="complete") if j["id"] == used],
                timeout=20, what="alice's first job to end")
     counter = os.path.join(dq.root, "jobs", "done", ALICE)
+    # (counted just after the end is recorded and the GPU handed over)
+    wait_until(lambda: os.path.exists(counter), timeout=10, what="alice's counter")
     usage = json.load(open(counter))["usage"]
     assert 1.9 < usage < 3, usage
     os.unlink(counter)
