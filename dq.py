@@ -41,10 +41,11 @@ resolving symlinks) or $DQ_ROOT:
                           handover-<host>.lock
   jobs/backend/<id>/      job.json, run.json, end.json, log   (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
-  jobs/queue/<user>/      the user's queued GPU jobs, in order, as file names
-  jobs/done/<user>        how many of user's jobs have ended
+  jobs/queue/<user>/      the user's queued jobs, in order, as file names
+  jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
   jobs/lost/<id>          written by whoever finds a job's host lost it
   sched/<user>.lock       held by that user's dq-schedule loop
+  drain/<admin>           the hosts that admin drained (dq-drain)
 
 How a job travels through this file (`grep '^# .*###' dq.py` lists its
 sections): dq-submit (Commands) writes it (Jobs: job.json, then its
@@ -77,7 +78,6 @@ import shlex
 import signal
 import sys
 import time
-import types
 import _thread
 # Other modules are imported where they are used: most commands (a submit
 # into a busy cluster, dq-jobs) start no process, and every millisecond of
@@ -145,6 +145,11 @@ def me():
 
 
 _user_names = {}
+
+
+def is_user_name(name):
+    """A user name as job IDs carry them (N-user)."""
+    return JOB_ID_RE.fullmatch("0-" + name) is not None
 
 
 def user_of_uid(uid):
@@ -241,7 +246,7 @@ class Config:
         self.local = not self.hosts
         self.admin_names = sect.get("admins", "").replace(",", " ").split()
         for u in self.admin_names:
-            if not re.fullmatch(r"[a-z_][a-z0-9_.-]*[$]?", u, re.I):
+            if not is_user_name(u):
                 raise Failure(f"{self.path}: 'admins': {u!r} is not a user name; e.g. "
                               f"'admins = alice bob'")
         if self.local:
@@ -278,7 +283,7 @@ class Config:
         self.limits = {}
         if parser.has_section("limits"):
             for user, _ in parser.items("limits"):
-                if not re.fullmatch(r"[a-z_][a-z0-9_.-]*[$]?", user, re.I):
+                if not is_user_name(user):
                     raise Failure(f"{self.path}: [limits] {user!r} is not a user name")
                 self.limits[user] = self._count(parser["limits"], user, "[limits]")
         # Time limits: a default for jobs without DQ_TIME, and the most one
@@ -286,8 +291,6 @@ class Config:
         for key in ("time_limit", "max_time"):
             setattr(self, key, duration(f"{self.path}: {key}", sect[key], key)
                     if key in sect else None)
-        # Fair share between users holding as many GPUs: less recent use
-        # first, GPU-seconds halving every fairshare_halflife.
         # Mail at a job's end (DQ_MAIL): the lab's SMTP server, and the
         # domain of users' own addresses (DQ_MAIL=1).
         self.smtp = sect.get("smtp", "localhost:25").strip()
@@ -298,6 +301,8 @@ class Config:
         if self.mail_domain and not re.fullmatch(r"[A-Za-z0-9.-]+", self.mail_domain):
             raise Failure(f"{self.path}: 'mail_domain' must be a domain (not "
                           f"{self.mail_domain!r}), e.g. 'mail_domain = example.org'")
+        # Fair share between users holding as many GPUs: less recent use
+        # first, GPU-seconds halving every fairshare_halflife.
         self.fairshare_halflife = duration(f"{self.path}: fairshare_halflife",
                                            sect.get("fairshare_halflife", "1d"),
                                            "fairshare_halflife")
@@ -347,8 +352,8 @@ class Config:
 # per-user entries, so they are sticky like /tmp and nobody removes another
 # user's entries.
 LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
-          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/queue": 0o1777, "drain": 0o1777, "jobs/lost": 0o1777, "jobs/done": 0o1777,
-          "sched": 0o1777}
+          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/queue": 0o1777,
+          "jobs/lost": 0o1777, "jobs/done": 0o1777, "drain": 0o1777, "sched": 0o1777}
 
 
 def ensure_layout(cfg):
@@ -1485,21 +1490,7 @@ def resolve_jobs(cfg, args):
     if not args.job_id and not args.sweep:
         raise Failure("name the jobs: IDs (42, 42-bob), ranges of yours (40-49) or "
                       "--sweep ID")
-    ids = []
-    for arg in args.job_id:
-        m = RANGE_RE.match(arg)
-        if not m:
-            ids.append(resolve_job(cfg, arg).id)
-            continue
-        lo, hi = int(m.group(1)), int(m.group(2))
-        if hi < lo or hi - lo >= MAX_IDS:
-            raise Failure(f"{arg!r} is not a range of job numbers (e.g. 40-49, low to high, "
-                          f"at most {MAX_IDS})")
-        mine = [f"{n}-{me()}" for n in range(lo, hi + 1)
-                if os.path.isdir(cfg.job_dir(f"{n}-{me()}"))]
-        if not mine:
-            raise Failure(f"you have no job numbered {lo} to {hi} (see dq-jobs complete)")
-        ids += mine
+    ids = [i for arg in args.job_id for i in ids_of(cfg, arg)]
     for arg in args.sweep:
         ids += sweep_jobs(cfg, resolve_job(cfg, arg))
     seen, jobs = set(), []
@@ -1511,6 +1502,23 @@ def resolve_jobs(cfg, args):
                 raise Failure(f"no job {job_id} that dq can use")
             jobs.append(job)
     return jobs
+
+
+def ids_of(cfg, arg):
+    """The full IDs an argument names: one job (N, N-user), or a range of
+    the caller's own (N-M: those of them that exist)."""
+    m = RANGE_RE.match(arg)
+    if not m:
+        return [resolve_job(cfg, arg).id]
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if hi < lo or hi - lo >= MAX_IDS:
+        raise Failure(f"{arg!r} is not a range of job numbers (e.g. 40-49, low to high, "
+                      f"at most {MAX_IDS})")
+    mine = [f"{n}-{me()}" for n in range(lo, hi + 1)
+            if os.path.isdir(cfg.job_dir(f"{n}-{me()}"))]
+    if not mine:
+        raise Failure(f"you have no job numbered {lo} to {hi} (see dq-jobs complete)")
+    return mine
 
 
 def sweep_jobs(cfg, job):
@@ -1679,8 +1687,8 @@ COUNTER_FIELDS = {
 def stored_counters(cfg, user):
     """{done, usage, usage_at, recent} from jobs/done/<user>, or None
     (missing, or not to be trusted: then counted again).  recent: the IDs
-    of the user's last ended jobs, newest first (shell completion).  A counter from before usage was
-    kept starts its usage at 0."""
+    of the user's last ended jobs, newest first (shell completion).  A
+    counter from before usage was kept starts its usage at 0."""
     path = cfg.p("jobs", "done", user)
     fix = "remove it, and dq counts the user's ended jobs again"
     data = read_json(path, None, fix=fix, skip_newer=True)
@@ -1707,7 +1715,7 @@ def user_counters(cfg, user):
     if counters is not None:
         return counters
     count, usage, now, last = 0, 0.0, time.time(), []
-    recent = True       # newest first: once a job ended 30 half-lives ago, no more reads
+    reading = True      # newest first: once a job ended 30 half-lives ago, no more reads
     for job_id in reversed(all_job_ids(cfg)):
         if not job_id.endswith("-" + user) or \
                 not os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
@@ -1715,10 +1723,10 @@ def user_counters(cfg, user):
         count += 1
         if len(last) < COMPLETE_RECENT:
             last.append(job_id)
-        job = load_job(cfg, job_id, quiet=True) if recent else None
+        job = load_job(cfg, job_id, quiet=True) if reading else None
         if job is not None:
             ended = job.end.get("ended") if is_time(job.end.get("ended")) else now
-            recent = now - ended < 30 * cfg.fairshare_halflife
+            reading = now - ended < 30 * cfg.fairshare_halflife
             usage += job_usage(job) * 0.5 ** (max(0.0, now - ended) / cfg.fairshare_halflife)
     counters = {"done": count, "usage": usage, "usage_at": now, "recent": last}
     if user == me():
@@ -1816,11 +1824,10 @@ def job_dependencies(cfg, env):
             if not item.strip():
                 continue
             try:
-                if RANGE_RE.match(item.strip()):
-                    ids += [j.id for j in resolve_jobs(cfg, types.SimpleNamespace(
-                        job_id=[item.strip()], sweep=[]))]
-                else:
-                    ids.append(resolve_job(cfg, item.strip()).id)
+                for job_id in ids_of(cfg, item.strip()):
+                    if load_job(cfg, job_id) is None:
+                        raise Failure(f"no job {job_id} that dq can use")
+                    ids.append(job_id)
             except Failure as e:
                 raise Failure(f"{var}={env[var]!r}: {e}; give IDs of existing jobs, e.g. "
                               f"{var}=42,43-{me()}") from None
@@ -1990,12 +1997,12 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=No
     claim each with a mkdir (the directory claims the id), then write the
     jobs (prepare_job).  The counter only grows; an id whose directory
     exists is skipped, so a lost or rolled-back counter never hands out an
-    id twice.  A job is
-    queued once its jobs/active entry exists, which is written last (after
-    its name in the owner's queue directory).  One hold of the lock and two
-    os.sync() for a whole sweep (an fsync per file took 0.5 ms each); `sweep`: its jobs get DQ_SWEEP (the
-    first ID) and DQ_SWEEP_INDEX, and the first job's directory a list of
-    them (sweep.json)."""
+    id twice.  A job is queued once its jobs/active entry exists, which is
+    written last (after its name in the owner's queue directory).  One hold
+    of the lock and two os.sync() for a whole sweep (an fsync per file took
+    0.5 ms each).  `sweep`: its jobs get DQ_SWEEP (the first ID) and
+    DQ_SWEEP_INDEX, and the first job's directory a list of them
+    (sweep.json)."""
     user = me()
     ensure_layout(cfg)
     ids = []
@@ -2158,11 +2165,11 @@ def _queue_entries(cfg, places, names, stale, index, full=False):
 # holds one empty file per queued job, whose name says all a pass needs to
 # order and skip it without opening anything (CPU-only jobs, 0 GPUs, are
 # placed from jobs/cpu; their names serve the dependencies):
-#     <number>_<gpus>_<shape>_<priority>_<top>[_h]
+#     <number>_<gpus>_<shape>_<priority>_<top>[_h][w]
 # shape: a hash of the job's constraints ('-': none); _h: held, _w: waiting
-# for its dependencies (_hw: both).  A pass lists
-# these directories, not the whole queue, and reads a job's jobs/active entry
-# only when it may place it, or to learn the constraints of a shape once.
+# for its dependencies (_hw: both).  A pass lists these directories, not
+# the whole queue, and reads a job's jobs/active entry only when it may
+# place it.
 # The jobs/active entries stay the record (listings read them); the names
 # are derived from them, so the owner rebuilds a lost directory from them.
 QUEUE_NAME_RE = re.compile(r"^([0-9]+)_([0-9]+)_(-|[0-9a-f]{12})_(-?[0-9]+)_([0-9]+)"
@@ -2318,7 +2325,7 @@ def queues_by_user(cfg, places):
         users = []
     out = {}
     for user in users:
-        if JOB_ID_RE.fullmatch("0-" + user):
+        if is_user_name(user):
             out[user] = user_queue(cfg, places, user)
     return out
 
@@ -2379,6 +2386,14 @@ def sync_own_queue(cfg):
                 os.unlink(path)
         except OSError:
             pass
+
+
+def rewrite_entry(cfg, job_id, info):
+    """The owner changes a queued job's jobs/active entry (held, dq-top,
+    released from its dependencies): the entry, then its queue name."""
+    info = {k: v for k, v in info.items() if k != "format"}
+    write_json(cfg.p("jobs", "active", job_id), info)
+    set_queue_name(cfg, job_id, info)
 
 
 def set_queue_name(cfg, job_id, info, new=False):
@@ -2728,13 +2743,13 @@ def plan(queue, polls, places, now, cfg, drained=(), usage=None):
     included); between users holding as many, the one with less recent
     usage (usage(user): decayed GPU-seconds), then the earlier job.
     `fifo` takes the oldest job of all.  Within one user: their order
-    (user_queue).  A job that would take its owner
-    above their GPU limit (cfg.gpu_limit) waits.  Backfill: a job that
-    cannot fit yet is passed over by the ones behind it, except that once
-    it has waited `starve_after` seconds the host closest to fitting it is
-    kept for it.  Among hosts that fit, the one with the fewest free GPUs wins,
-    which keeps whole hosts free for multi-GPU jobs.
-    No job goes to a drained host.  Returns [(job_id, host, gpus)]."""
+    (user_queue).  A job that would take its owner above their GPU limit
+    (cfg.gpu_limit) waits.  Backfill: a job that cannot fit yet is passed
+    over by the ones behind it, except that once it has waited
+    `starve_after` seconds the host closest to fitting it is kept for it.
+    Among hosts that fit, the one with the fewest free GPUs wins, which
+    keeps whole hosts free for multi-GPU jobs.  No job goes to a drained
+    host.  Returns [(job_id, host, gpus)]."""
     reserved = reserved_by_host(places)
     up = {h: s for h, s in polls.items() if not s.error and h not in drained}
     free = {h: s.free(reserved.get(h, ())) for h, s in up.items()}
@@ -3002,9 +3017,7 @@ def release_dependents(cfg):
                 continue
             changed = True
             if verdict == "go":
-                info = {k: v for k, v in info.items() if k not in ("format", "waiting")}
-                write_json(path, info)
-                set_queue_name(cfg, job_id, info)
+                rewrite_entry(cfg, job_id, {k: v for k, v in info.items() if k != "waiting"})
             else:
                 job = load_job(cfg, job_id, quiet=True)
                 if job is not None and record_end(cfg, job, "cancelled", what):
@@ -3961,7 +3974,7 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
     running job) places them.  Every job is checked before any is written."""
     jobs = [prepare_job(cfg, env) for env in envs]
     ensure_layout(cfg)      # who may not use the data root learns it first
-    shapes = {(j["gpus"], json.dumps(j["need"], sort_keys=True)): j for j in jobs}
+    shapes = {(j["gpus"], need_shape(j["need"])): j for j in jobs}
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
     queue_only = seen is not None and not any(
         may_place_now(cfg, seen, j["gpus"]) for j in shapes.values())
@@ -3994,10 +4007,10 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
     say_executing([(job_id, *started[job_id]) for job_id in ids if job_id in started])
     waiting = [job_id for job_id in ids if job_id not in started]
     if len(waiting) == 1:
+        job = jobs[ids.index(waiting[0])]
         print(f"{waiting[0]} is queued; it starts when " +
-              ("its dependencies have ended" if jobs[ids.index(waiting[0])]["after"] or
-               jobs[ids.index(waiting[0])]["after_any"] else "a GPU frees up") +
-              " (see dq-jobs queue)", file=sys.stderr)
+              ("its dependencies have ended" if job["after"] or job["after_any"]
+               else "a GPU frees up") + " (see dq-jobs queue)", file=sys.stderr)
     elif waiting:
         print(f"{len(waiting)} jobs are queued; they start as GPUs free up (see dq-jobs "
               f"queue)", file=sys.stderr)
@@ -4200,10 +4213,8 @@ def set_held(cfg, jobs, held):
             if bool(info.get("held")) == held:
                 print(f"{job.id} is {'already held' if held else 'not held'}")
                 continue
-            info = {k: v for k, v in info.items() if k not in ("format", "held")}
-            info = dict(info, held=True) if held else info
-            write_json(path, info)
-            set_queue_name(cfg, job.id, info)
+            rewrite_entry(cfg, job.id, dict(info, held=True) if held else
+                          {k: v for k, v in info.items() if k != "held"})
         print(f"{'Holding' if held else 'Releasing'} {job.id}")
     return status
 
@@ -4229,9 +4240,7 @@ def cmd_top(cfg, argv):
                       file=sys.stderr)
                 status = 1
                 continue
-            info = dict({k: v for k, v in info.items() if k != "format"}, top=mark + i)
-            write_json(path, info)
-            set_queue_name(cfg, job.id, info)
+            rewrite_entry(cfg, job.id, dict(info, top=mark + i))
             moved.insert(0, job.id)
     for job_id in moved:
         print(f"Moved {job_id} to the front of your jobs")
@@ -4461,7 +4470,7 @@ def cmd_jobs(cfg, argv):
     p.add_argument("-n", "--last", type=count_type("jobs"), default=0,
                    help="complete: only the last N jobs")
     args = parse(p, argv)
-    if args.user is not None and not JOB_ID_RE.fullmatch("0-" + args.user):
+    if args.user is not None and not is_user_name(args.user):
         raise Failure(f"-u {args.user!r} is not a user name (e.g. -u {me()})")
     who = None if args.all else (args.user or me())
     ensure_layout(cfg)
@@ -4934,17 +4943,19 @@ def web_state(cfg, polls=0):
     results = run_on_all(cfg, cfg.hosts, lambda h: script)
     places = Placements.read(cfg)
     holders = {(p["host"], g): job_id for job_id, p in places.items() for g in p["gpus"]}
+    reserved = reserved_by_host(places)
     drains = read_drains(cfg, quiet=True)
     hosts, free, total = [], 0, 0
     for h in cfg.hosts:
         st, rows = gpu_users(h, results[h], started)
+        free_here = set(st.free(reserved.get(h, ()))) if h not in drains else set()
         util = dict(re.findall(r"^\s*([0-9]+),\s*([0-9]+)\s*$",
                                results[h].out.partition("@@util\n")[2], re.M))
         gpus = []
         for g in st.gpus:
             users = [r for r in rows if r["gpu"] == g.index]
             job = holders.get((h, g.index))
-            is_free = not g.busy() and job is None and not st.error and h not in drains
+            is_free = g.index in free_here
             free += is_free
             total += 1
             gpus.append({"index": g.index, "name": g.name, "memory_total_mib": g.total,
@@ -5077,7 +5088,8 @@ function render(s) {
     const box = el("div", "host" + (h.error ? " down" : "") + (h.drained ? " drained" : ""));
     const title = el("h3");
     title.appendChild(el("span", null, h.host));
-    if (h.error) title.appendChild(el("span", "tag", h.reachable ? "nvidia-smi failing" : "unreachable"));
+    if (h.error)
+      title.appendChild(el("span", "tag", h.reachable ? "nvidia-smi failing" : "unreachable"));
     if (h.drained) title.appendChild(el("span", "tag drained",
       "drained" + (h.drained.reason ? ": " + h.drained.reason : "")));
     box.appendChild(title);

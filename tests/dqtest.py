@@ -3,6 +3,7 @@ import json
 import os
 import pwd
 import re
+import socket
 import time
 
 ALICE, BOB, DAN = "dqalice", "dqbob", "dqdan"
@@ -11,6 +12,13 @@ ALICE, BOB, DAN = "dqalice", "dqbob", "dqdan"
 # memory.total as nvidia-smi prints them for these cards).
 MODELS = [("NVIDIA A100-SXM4-80GB", 81920), ("NVIDIA GeForce RTX 3090", 24576),
           ("NVIDIA GeForce GTX 1080 Ti", 11264), ("NVIDIA GeForce GTX 1080 Ti", 11264)]
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (the nodes share this network)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(cond, timeout=30, interval=0.1, what="condition"):

@@ -529,15 +529,16 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
     refused_unchanged(root, "_run", job_id, HOST, "1", needles=[needle])
 
 
+# Every user command: in the overview, with --help and --version
+COMMANDS = ["submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
+            "web", "restart", "free", "schedule", "tail", "head", "logs", "grep", "attach",
+            "users", "on-all"]
+
+
 def test_no_command_prints_the_overview(root):
     r = root.run(None)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
-                "web", "restart",
-                "free",
-                "schedule",
-                "tail", "head",
-                "logs", "grep", "attach", "users", "on-all"):
+    for cmd in COMMANDS:
         assert f"dq-{cmd}" in r.stderr
     assert "0." in r.stderr.splitlines()[0]     # the version
 
@@ -546,12 +547,7 @@ def test_no_command_prints_the_overview(root):
 def test_help_prints_the_overview(root, flag):
     r = root.run(flag)
     assert r.returncode == 0 and not r.stderr
-    for cmd in ("submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
-                "web", "restart",
-                "free",
-                "schedule",
-                "tail", "head",
-                "logs", "grep", "attach", "users", "on-all"):
+    for cmd in COMMANDS:
         assert re.search(rf"^  dq-{cmd}\b|, dq-{cmd}\b", r.stdout, re.M), cmd
 
 
@@ -565,10 +561,7 @@ def test_unknown_command_is_one_line(root):
     refused_unchanged(root, "bogus", needles=["unknown command 'bogus'", "dq-submit"])
 
 
-@pytest.mark.parametrize("cmd", ["submit", "jobs", "kill", "hold", "release", "top", "drain",
-                                 "wait", "doctor", "web", "restart",
-                                 "free", "schedule",
-                                 "tail", "head", "logs", "grep", "attach", "users", "on-all"])
+@pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_has_help_and_version(root, cmd):
     r = root.run(cmd, "--help")
     assert r.returncode == 0 and f"dq-{cmd}" in r.stdout and not r.stderr
@@ -932,7 +925,7 @@ BAD_NAMES = [
     ("lost", "junk", {"format": 1}),
     (f"queue/{ME}", "junk", {}),
     (f"queue/{ME}", f"{SHORT(J_GPU)}_1_-_0_0_x", {}),
-    (f"queue/{ME}", f"99_1_-_0_0", {}),                # no such job
+    (f"queue/{ME}", "99_1_-_0_0", {}),                # no such job
     (f"queue/{ME}", f"{SHORT(J_GPU)}_1_-_0_99999999999999999999", {}),
     ("queue", "nosuchuserxyz", "dir"),
     ("queue", "junk", {}),

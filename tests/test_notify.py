@@ -7,14 +7,13 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import threading
 import time
 
 import pytest
 
-from dqtest import ALICE, configure, job, jobs, log_of, script, submit, wait_state, \
-    wait_until
+from dqtest import ALICE, configure, free_port, job, jobs, log_of, script, submit, \
+    wait_state, wait_until
 
 from aiosmtpd.controller import Controller     # a real SMTP server (.ci/run installs it)
 
@@ -35,12 +34,6 @@ class Inbox:
     def wait(self, n, timeout=30):
         return wait_until(lambda: (lambda m: m if len(m) >= n else None)(list(self.mails)),
                           timeout=timeout, what=f"{n} mail(s)")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ hand-started GPU work, a drained host and a dead one."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,17 +12,11 @@ import urllib.request
 
 import pytest
 
-from dqtest import ALICE, BOB, configure, script, submit, wait_state, wait_until
+from dqtest import ALICE, BOB, configure, free_port, script, submit, wait_state, wait_until
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL = "<b>bold</b><img src=x onerror=alert(1)>"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url, data=None):
