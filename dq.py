@@ -372,6 +372,22 @@ def ensure_layout(cfg):
                           f"run 'make install' for {cfg.root}")
 
 
+# A full data root (a quota, a full export).
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def data_root_error(root, e):
+    """One line for an OSError: a full data root says so, and where."""
+    path = str(e.filename or "")
+    what = f"{path}: {e.strerror or e}" if path else str(e.strerror or e)
+    if e.errno in SPACE_ERRORS:
+        where = f"the data root {root}" if root else "the disk"
+        return one_line(f"{where} is full ({what}); free some space there "
+                        f"(or ask its admin for more), then try again")
+    hint = access_hint(root, e) if root and path.startswith(root) else ""
+    return one_line(what) + hint
+
+
 def access_hint(root, err=None):
     """What to do about a permission error under the data root: '; ...'
     (empty when `err` is not about permissions)."""
@@ -941,6 +957,9 @@ class HostState:
         self.sessions = set()   # job ids with a dq screen session (None: no ps ran)
         self.ps = ""            # the poll's ps section, as the host printed it
         self.table_at = None    # when the GPU table (index, uuid, MiB, name) was read
+        # Polled here without ssh (a hand-over on its own host): it proves
+        # nothing of whether the others reach this host (see track_hosts).
+        self.local = False
 
     def free(self, reserved=()):
         if self.error:
@@ -1056,7 +1075,15 @@ def poll_hosts(cfg, hosts=None, with_ps=True):
     started = time.time()
     script = poll_script(cfg, with_ps)
     results = run_on_all(cfg, hosts, lambda h: script)
-    return {h: parse_poll(h, r, started) for h, r in results.items()}
+    polls = {h: parse_poll(h, r, started) for h, r in results.items()}
+    for h, st in polls.items():
+        st.local = polled_locally(cfg, h)
+    return polls
+
+
+def polled_locally(cfg, host):
+    """Is host polled here without ssh, on a cluster reached over ssh?"""
+    return host == LOCAL_HOST and not cfg.local
 
 
 GPU_TABLE_MAX_AGE = 60      # seconds a host's GPU table (index, uuid, ...) is trusted
@@ -1076,7 +1103,9 @@ def poll_handover(cfg, host):
         return poll_hosts(cfg, [host], with_ps=False)
     script = (f"echo @@apps; timeout {smi_timeout(cfg)} {SMI_APPS} </dev/null 2>&1; "
               f"echo \"@@rc $?\"\n")
-    return {host: parse_poll(host, run_on(cfg, host, script), started, table)}
+    st = parse_poll(host, run_on(cfg, host, script), started, table)
+    st.local = polled_locally(cfg, host)
+    return {host: st}
 
 
 def is_gpu_table(v):
@@ -1127,9 +1156,11 @@ def track_hosts(cfg, polls):
     old = load_hosts(cfg)
     down, seen = old["down"], old["seen"]
     for h, st in polls.items():
-        if st.reachable:
+        # A host whose last ssh poll failed stays down until one answers:
+        # a hand-over's local poll of its own host does not count.
+        if st.reachable and not st.local:
             down.pop(h, None)
-        else:
+        elif not st.reachable:
             down.setdefault(h, st.started)
         table = seen.get(h, {}).get("table")
         if not st.error and st.table_at == st.started:      # a full poll
@@ -1138,8 +1169,8 @@ def track_hosts(cfg, polls):
                      "all_known": all(g.known for g in st.gpus)}
         elif st.gpus and not all(g.known for g in st.gpus):
             table = None        # it named a GPU the table lacks: read it again
-        seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error,
-                   "reachable": st.reachable,
+        seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error and h not in down,
+                   "reachable": st.reachable and h not in down,
                    "busy": [g.index for g in st.gpus if g.busy()], "table": table}
     write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False, compact=True)
     return down
@@ -2083,7 +2114,12 @@ def retry(cfg, job):
     try:
         return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
                           retry_of=job.id, retries=done + 1)
-    except (Failure, OSError) as e:
+    except OSError as e:
+        if e.errno in SPACE_ERRORS:
+            raise       # the wrapper tries again once there is room
+        warn(f"cannot retry {job.id}: {e}")
+        return None
+    except Failure as e:
         warn(f"cannot retry {job.id}: {e}")
         return None
 
@@ -2486,6 +2522,7 @@ class Placements(dict):
         self.cfg = cfg
         self.changed = changed      # save on the way out of `locked`
         self.handed_out = False     # ... and fsync it before any launch
+        self.silent = set()         # hosts whose last poll failed (reconcile)
         self._lock = None
 
     # Loading and saving
@@ -2688,8 +2725,10 @@ def reconcile(cfg, places, polls, now):
     lock: drop those of jobs that ended and assignments nobody claimed,
     confirm launched jobs seen running, and mark lost the jobs whose
     session a poll proves gone without an end (Placements.session_verdict)
-    or whose host has been silent for lost_after seconds."""
+    or whose lease stopped for lost_after seconds while its host is silent.
+    Sets places.silent: the hosts whose last poll failed, where no job goes."""
     down = track_hosts(cfg, polls)
+    places.silent = set(down)
     for job_id, p in list(places.items()):
         # Under the lock at every job change: a stat per placement, and a
         # job's files are read only where this poll can say more of it.
@@ -2707,12 +2746,19 @@ def reconcile(cfg, places, polls, now):
             job = job or load_job(cfg, job_id, quiet=True)
             return job
         if not st.reachable:
+            # A silent host proves nothing of its jobs: a job whose wrapper
+            # still renews its lease runs on (see the class docstring).
             since = down.get(p["host"], now)
-            if now - since >= cfg.lost_after:
-                if load() and (p["state"] == Placements.RUNNING or job.run):
-                    mark_lost(cfg, job, f"host {p['host']} stopped answering "
-                                        f"({st.error}) for {now - since:.0f}s")
-                places.drop(job_id)
+            if p["state"] == Placements.RUNNING or (load() and job.run):
+                age = lease_age(cfg, job_id, now)
+                if age is None:         # a wrapper of an older dq: no lease
+                    age = now - since
+                if age >= lease_times(cfg).lost and load():
+                    mark_lost(cfg, job, f"host {p['host']} stopped answering ({st.error}) "
+                                        f"and the job's lease was last renewed {age:.0f}s ago")
+                    places.drop(job_id)
+            elif now - since >= cfg.lost_after:
+                places.drop(job_id)     # never started there: back to the queue
             continue
         verdict = places.session_verdict(
             job_id, st, lambda: (load() and job.run.get("started")) or None, now)
@@ -2723,6 +2769,52 @@ def reconcile(cfg, places, polls, now):
                 mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
                                     f"recording an exit status")
             places.drop(job_id)
+
+
+# Leases ######################################################################
+
+# A running job's wrapper renews its lease, jobs/backend/<id>/lease (its
+# mtime, set by the file server), every `renew` seconds; a pass judges a
+# job whose host does not answer by its lease, never by ssh alone.  With L
+# = lost_after (at least LEASE_FLOOR):
+#
+#   renew = min(L/8, 5 s)   one utime() and two stats: ~12 a minute by default
+#   term  = L/2             no renewal for this long: the wrapper TERMs its job
+#   kill  = term + min(kill_grace, L/4)     ... and KILLs what is left
+#   lost  = L               a pass may count the job lost (and a copy start)
+#
+# The wrapper measures from the start of its last renewal that succeeded,
+# so the lease's mtime is never older than what it counts from: by the
+# time a pass sees a lease L old, the job had been KILLed for L - kill >=
+# L/4 seconds (11 s by default), which covers clock skew (CLOCK_SLACK) and
+# the wrapper's watchdog period.  A wrapper that sees its job counted lost
+# (jobs/lost/<id>), or killed by a dq-kill that could not reach the host,
+# stops it at once.
+LEASE_FLOOR = 2.0
+WATCHDOG_PERIOD = 0.25
+
+
+class LeaseTimes:
+    def __init__(self, cfg):
+        self.lost = max(cfg.lost_after, LEASE_FLOOR)
+        self.renew = min(self.lost / 8, 5.0)
+        self.term = self.lost / 2
+        self.kill = self.term + min(cfg.kill_grace, self.lost / 4)
+
+
+def lease_times(cfg):
+    return LeaseTimes(cfg)
+
+
+def lease_path(cfg, job_id):
+    return os.path.join(cfg.job_dir(job_id), "lease")
+
+
+def lease_age(cfg, job_id, now):
+    """Seconds since the job's lease was last renewed, read fresh (open()
+    revalidates an NFS client's cached attributes); None without one."""
+    mtime = _mtime(lease_path(cfg, job_id))
+    return None if mtime is None else now - mtime / 1e9
 
 
 # Planning (pure: no I/O) #####################################################
@@ -2885,10 +2977,13 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
             places.drop(retiring)
         if not launch_only:
             reconcile(cfg, places, res.polls, now)
+            # No job goes to a drained host, nor to one whose last poll
+            # (anyone's, over ssh) failed, whatever this pass's poll said.
+            closed = set(drained) | places.silent
             placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg,
-                          drained, recent_usage(cfg, now)) + \
+                          closed, recent_usage(cfg, now)) + \
                 plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg,
-                         drained)
+                         closed)
             for job_id, host, gpus in placed:
                 places.assign(job_id, host, gpus, now)
         mine = places.claim(user, now)
@@ -2948,17 +3043,38 @@ def tidy_own_jobs(cfg, job_ids, polls):
             continue
         lost = job.lost_marker()
         if lost and not job.end:
-            host = job.run.get("host")
-            if host in polls and polls[host].reachable:
-                kill_on_host(cfg, job, host)
+            if not surely_stopped(cfg, job, polls):
+                continue        # a later pass of ours, once it is
             again = requeue(cfg, job)
             reason = lost.get("reason", "lost") + (f"; requeued as {again}" if again else "")
             if record_end(cfg, job, "lost", reason, requeued_as=again):
                 notify_later(cfg, job)
-            if again:
-                print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
-                      file=sys.stderr)
+                if again:
+                    print(f"{job.id} was lost ({lost.get('reason')}); requeued as {again}",
+                          file=sys.stderr)
+            elif again:         # its real end came in meanwhile: no second run
+                copy = load_job(cfg, again, quiet=True)
+                if copy is not None:
+                    record_end(cfg, copy, "cancelled", f"{job.id} ended after all")
+                drop_from_index(cfg, again)
         drop_from_index(cfg, job_id)
+
+
+def surely_stopped(cfg, job, polls):
+    """May a lost job's end be recorded (and a copy of it queued)?  Only
+    once nothing of it can run: a kill on its host went through, or its
+    lease stopped lost_after ago (its wrapper fenced it well before; see
+    Placements), or it never started."""
+    host = job.run.get("host")
+    if not host:
+        return True
+    reachable = host in polls and polls[host].reachable
+    if reachable and kill_on_host(cfg, job, host).ok:
+        return True
+    age = lease_age(cfg, job.id, time.time())
+    if age is None:         # a wrapper of an older dq, without a lease
+        return not reachable
+    return age >= lease_times(cfg).lost
 
 
 def final_state(cfg, job_id):
@@ -3149,6 +3265,10 @@ def schedule_loop(cfg, forever=False, quiet=False):
                 warn(str(e))
                 time.sleep(cfg.poll_interval)
                 continue
+            except OSError as e:        # e.g. a full data root: the same
+                warn(data_root_error(cfg.root, e))
+                time.sleep(cfg.poll_interval)
+                continue
             if not quiet:
                 say_executing(res.launched)
             if not res.my_waiting and not res.my_running and not forever:
@@ -3222,7 +3342,9 @@ def job_env(job, gpus):
 
 def cmd__run(cfg, argv):
     """Internal: the process screen runs for a job.  It runs the script as a
-    child, records how it ended, frees the GPUs and wakes the scheduler."""
+    child, renews the job's lease meanwhile (stopping the job if it cannot),
+    records how it ended (trying again until the data root takes it), frees
+    the GPUs and wakes the scheduler."""
     internal_args(argv, "_run JOB_ID HOST GPUS", "started by dq-schedule in the job's "
                   "screen session", (full_job_id, HOST_RE.fullmatch,
                                      re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch))
@@ -3236,16 +3358,18 @@ def cmd__run(cfg, argv):
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
            "started": time.time()}
     run_json = os.path.join(job.dir, "run.json")
+    lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
     write_json(run_json, run, durable=False)     # durable once the job runs, below
 
     def on_start(pgid):
+        lease.start(pgid)
         write_json(run_json, dict(run, pgid=pgid))
     # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
     # wrapper before it records the end; handlers reset on exec.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(s, lambda *a: None)
     script, cwd = job.spec["script"], job.spec["cwd"]
-    log = os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
     state, code, sig, reason = "failed", None, None, None
     if not os.path.isdir(cwd):
         reason = f"working directory {cwd} does not exist on {host}"
@@ -3268,26 +3392,189 @@ def cmd__run(cfg, argv):
                     f"reached ({reason or 'it exited with status 0'})"
         except OSError as e:
             reason = f"cannot execute {script}: {e.strerror}"
+    if lease.stopped_by_dq():
+        return lease.give_up(log)
     if reason:
         msg = f"dq: {job_id}: {reason}\n".encode()
-        os.write(log, msg)
+        log.write(msg)
         _write_all(2, msg)
-    os.close(log)
-    # (not after a dq-kill: it writes end.json before it kills)
-    again = retry(cfg, job) if state == "failed" and \
-        not os.path.exists(os.path.join(job.dir, "end.json")) else None
-    if again:
-        reason += f"; retried as {again}"
-    # The next job first; the fsync and the count can wait until it runs.
-    ours = record_end(cfg, job, state, reason, code, sig, host, durable=False,
-                      requeued_as=again)
+    ours = record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host)
+    if ours is None:
+        return lease.give_up(log)
+    log.close()
     drop_from_index(cfg, job.id)
     hand_over(cfg, host, gpus, job.id)
+    lease.stop()
     if ours:
         finish_end(cfg, job)
     if wants_notice(cfg, job):
         notify_end(cfg, job)    # after the hand-over: it never delays the next job
     return 0
+
+
+def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
+    """record_end (and DQ_RETRY's new job) as the job ended, trying again,
+    backing off, while the data root is full: the session stays, the lease
+    is renewed (a utime needs no space), so no pass counts it lost.  True
+    if this wrote the end, False if it had one (dq-kill's), None if the
+    lease failed meanwhile (the data root is gone from this host)."""
+    again, retried, delay, said = None, False, 0.5, False
+    while True:
+        try:
+            log.flush_lost()
+            # (not after a dq-kill: it writes end.json before it kills)
+            if not retried and state == "failed" and \
+                    not os.path.exists(os.path.join(job.dir, "end.json")):
+                again = retry(cfg, job)
+            retried = True
+            why = reason + f"; retried as {again}" if again else reason
+            # The next job first; the fsync and the count can wait until it runs.
+            return record_end(cfg, job, state, why, code, sig, host, durable=False,
+                              requeued_as=again)
+        except OSError as e:
+            if lease.stopped_by_dq():
+                return None
+            if not said:
+                said = True
+                _write_all(2, f"dq: cannot record the end of {job.id} ({e.strerror}); "
+                              f"trying again until there is room in {cfg.root}\n".encode())
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+class JobLog:
+    """The job's log file: what cannot be written (a full data root) is
+    counted, and said in one line once there is room again."""
+
+    def __init__(self, fd):
+        self.fd, self.lost, self.why = fd, 0, None
+
+    def write(self, data):
+        if self.lost and not self.flush_lost(raise_=False):
+            self.lost += len(data)
+            return
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as e:
+            if e.errno in SPACE_ERRORS:
+                self.lost += len(data)
+                self.why = "no space on device" if e.errno == errno.ENOSPC \
+                    else "disk quota exceeded"
+            # else: the log is gone (removed by hand): nothing to keep
+
+    def flush_lost(self, raise_=True):
+        """Write the line about lost output, if any; False if it could not."""
+        if not self.lost:
+            return True
+        line = f"\ndq: {self.lost:,} bytes of output lost: {self.why}\n".encode()
+        try:
+            written = os.write(self.fd, line)
+        except OSError:
+            if raise_:
+                raise
+            return False
+        if written < len(line):     # a torn line: say it whole next time
+            if raise_:
+                raise OSError(errno.ENOSPC, "no space left on device")
+            return False
+        self.lost = 0
+        return True
+
+    def close(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class Lease:
+    """The wrapper's side of the job's lease (see Leases): a thread renews
+    it, and a watchdog thread, which touches no shared file (a hung data
+    root must not hang it), stops the job once the lease is `term`
+    seconds old, or at once when dq counts the job lost or killed."""
+
+    def __init__(self, cfg, job):
+        self.cfg, self.job_id, self.times = cfg, job.id, lease_times(cfg)
+        self.path = lease_path(cfg, job.id)
+        self.lost_marker = cfg.p("jobs", "lost", job.id)
+        self.end_path = os.path.join(job.dir, "end.json")
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        os.utime(self.path)
+        self.renewed = time.monotonic()     # start of the last renewal that worked
+        self.error = None
+        self.revoked = None     # why dq wants the job stopped now
+        self.fenced = None      # why the watchdog stopped it
+        self.pgid = None
+        import threading
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, daemon=True).start()
+
+    def start(self, pgid):
+        import threading
+        self.pgid = pgid
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop(self):
+        self._stop.set()
+
+    def stopped_by_dq(self):
+        """Did the watchdog stop the job (lease, or dq counting it lost)?"""
+        return self.fenced is not None and not self.revoked_by_kill
+
+    revoked_by_kill = property(lambda self: self.revoked == "killed by dq-kill")
+
+    def _renew(self):
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                os.utime(self.path)
+                self.renewed, self.error = t0, None
+                if os.path.exists(self.lost_marker):
+                    self.revoked = "dq counts it as lost"
+                elif os.path.exists(self.end_path) and \
+                        (read_json(self.end_path, {}, {}) or {}).get("state") == "killed":
+                    self.revoked = "killed by dq-kill"
+            except OSError as e:
+                self.error = e.strerror
+            self._stop.wait(self.times.renew)
+
+    def _watch(self):
+        kill_at = None
+        while not self._stop.wait(WATCHDOG_PERIOD):
+            now = time.monotonic()
+            silent = now - self.renewed
+            if kill_at is None and (self.revoked or silent >= self.times.term):
+                self.fenced = self.revoked or (
+                    f"its lease in {os.path.dirname(self.path)} could not be renewed for "
+                    f"{silent:.0f}s ({self.error or 'no answer'})")
+                signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
+                kill_at = now + (self.cfg.kill_grace if self.revoked
+                                 else self.times.kill - silent)
+            elif kill_at is not None and now >= kill_at:
+                signal_all(job_processes(self.job_id, self.pgid), signal.SIGKILL)
+
+    def give_up(self, log):
+        """The watchdog stopped the job: it is lost, not ended.  Say so in
+        the log and a lost marker if the data root takes them (then the
+        owner's pass records the end and requeues it), and quit: the
+        session goes, and a pass that sees it gone counts the job lost."""
+        import threading
+        msg = f"dq: {self.job_id}: stopped by dq: {self.fenced}\n".encode()
+        _write_all(2, msg)
+
+        def say():      # in a thread: on a hung data root it hangs, not us
+            if self.revoked is None:
+                log.write(msg)
+                mark_lost(self.cfg, Job(self.cfg, self.job_id, {}, me()),
+                          f"stopped on its host: {self.fenced}")
+            log.close()
+        t = threading.Thread(target=say, daemon=True)
+        t.start()
+        t.join(max(self.times.renew * 2, 2.0))
+        self.stop()
+        return 1
 
 
 def hand_over(cfg, host, gpus, job_id):
@@ -3315,6 +3602,9 @@ def hand_over(cfg, host, gpus, job_id):
                                 decided=turn.release)
     except Failure as e:
         warn(str(e))
+        res = None
+    except OSError as e:        # a full data root: the loops carry on later
+        warn(data_root_error(cfg.root, e))
         res = None
     finally:
         turn.release()
@@ -3426,7 +3716,7 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
                     # All copied: what is left is to wait for the exit
                     # (no fixed drain time between the job and the next).
                     break
-                _write_all(log, data)
+                log.write(data)
                 _write_all(1, data)
             if 0 in ready:
                 try:
@@ -5554,10 +5844,7 @@ def main(argv=None):
     except OSError as e:
         # Not expected (a directory that is not ours to read, a full
         # disk): one line naming the file, not a traceback.
-        path = str(e.filename or "")
-        what = f"{path}: {e.strerror or e}" if path else str(e.strerror or e)
-        hint = access_hint(root, e) if root and path.startswith(root) else ""
-        print(f"{PROG}: error: {one_line(what)}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {data_root_error(root, e)}", file=sys.stderr)
         return 1
 
 
