@@ -4728,6 +4728,19 @@ def wait_reasons(cfg, queued, places):
             j["reason"] = "GPUs busy"
 
 
+def running_notes(cfg, running, now):
+    """Set the `reason` of running jobs whose host's last poll failed: the
+    job runs on as long as its lease is renewed (see Leases)."""
+    down = load_hosts(cfg)["down"] if running else {}
+    for j in running:
+        since = down.get(j["host"])
+        if since is None:
+            continue
+        age = lease_age(cfg, j["id"], now)
+        j["reason"] = f"host not answering for {fmt_seconds(now - since)}" + (
+            f"; its lease was renewed {fmt_seconds(age)} ago" if age is not None else "")
+
+
 def completed_jobs(cfg, who, last=0):
     """Finished jobs, oldest first; with `last`, only the newest `last`
     (read newest first, so the rest of the history is not loaded)."""
@@ -4822,7 +4835,10 @@ def cmd_jobs(cfg, argv):
             for what, error in sorted(j["notify"].items()):
                 print(f"{j['id']}: {what} failed: {error}")
         return 0
+    running_notes(cfg, running, now)
     if args.json:
+        # One job object in every view: queued ones with their reason
+        wait_reasons(cfg, queued, places)
         print(json.dumps(active, indent=1))
         return 0
     print(f"Active jobs: {len(running)}")
@@ -4835,6 +4851,9 @@ def cmd_jobs(cfg, argv):
                            if j["time_limit"] else "-",) + row[4:]
                 for row, j in zip(rows, running)]
     print_table(headers, rows)
+    for j in running:
+        if j.get("reason"):
+            print(f"{j['id']} on {j['host']}: {j['reason']}")
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
     return 0
 

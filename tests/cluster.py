@@ -32,6 +32,7 @@ BASE_PARENT = "/var/tmp"          # must not be /tmp: /tmp is private per node
 BASE_PREFIX = "dq-cluster-"
 GLOBAL_LOCK = "/var/tmp/dq-cluster.lock"
 FIRST_PORT = 2222
+SMALL_FS_KIB = 16384     # the size of Cluster.small
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 SMI_MODES = ("ok", "fail", "hang", "missing", "nodevices", "na")
 DEFAULT_MODEL = ("NVIDIA H100 80GB HBM3", 81559)     # what nvidia-smi says of an H100
@@ -248,6 +249,10 @@ class Cluster:
         self.ssh_command = "ssh -F %s -o BatchMode=yes -o ConnectTimeout=5" % self.ssh_config
         self.root_key = os.path.join(self.keys, "root_ed25519")
         self.root_ssh_command = "%s -i %s" % (self.ssh_command, self.root_key)
+        self.readonly_dirs = {}     # host -> [paths made read-only there]
+        # A small filesystem every node sees (mounted before they start): a
+        # data root there can be filled up (a quota, a full NFS export).
+        self.small = os.path.join(self.base, "small")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -290,6 +295,7 @@ class Cluster:
         finally:  # killing the nodes kills whatever survived anyway
             for host in self._nodes:
                 self.kill_node(host)
+            subprocess.run(["umount", "-l", self.small], capture_output=True)
             shutil.rmtree(self.base, ignore_errors=True)
         try:
             atexit.unregister(self.stop)
@@ -310,6 +316,9 @@ class Cluster:
             os.makedirs(os.path.join(self.base, d), mode=0o755)
         with open(os.path.join(self.base, "owner"), "w") as f:
             f.write("%d\n" % os.getpid())
+        os.makedirs(self.small, mode=0o755)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%dk,mode=755" % SMALL_FS_KIB,
+                        "dq-small", self.small], check=True, capture_output=True)
         for d in ("/run/sshd", "/run/fakegpu", "/run/screen"):
             os.makedirs(d, exist_ok=True)
         os.chmod("/run/sshd", 0o755)
@@ -485,12 +494,55 @@ class Cluster:
             self._wait_listening([node], time.monotonic() + timeout)
         self._check_logins([node])
 
+    def _sshd_pids(self, host):
+        """Host pids of every sshd of the node: its listener (PID 1) and the
+        one per connection, multiplexed masters' included."""
+        ns = os.readlink("/proc/%d/ns/pid" % self.node_pid(host))
+        out = []
+        for pid in _host_pids():
+            comm = (_read("/proc/%d/comm" % pid) or "").strip()
+            st = _proc_status(pid)
+            if comm.startswith("sshd") and st and st[2] == ns:
+                out.append(pid)
+        return out
+
     def stop_sshd(self, host):
-        """SIGSTOP the node's sshd: new ssh connections hang (a hung host)."""
-        os.kill(self.node_pid(host), signal.SIGSTOP)
+        """SIGSTOP every sshd process of the node (a hung host): new ssh
+        connections hang, and so do commands over existing multiplexed
+        ones. The node's other processes (jobs, screen) run on."""
+        stopped = set()
+        for _ in range(3):      # one forked meanwhile is caught next round
+            for pid in set(self._sshd_pids(host)) - stopped:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
 
     def cont_sshd(self, host):
-        os.kill(self.node_pid(host), signal.SIGCONT)
+        for pid in self._sshd_pids(host):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def readonly_dir(self, host, path):
+        """Make `path` read-only inside the node only (its mount namespace):
+        the shared directory as a host whose NFS mount went bad sees it."""
+        pid = str(self.node_pid(host))
+        for args in (["mount", "--bind", path, path],
+                     ["mount", "-o", "remount,bind,ro", path]):
+            subprocess.run(["nsenter", "-t", pid, "-m", "--"] + args, check=True,
+                           capture_output=True, timeout=10)
+        self.readonly_dirs.setdefault(host, []).append(path)
+
+    def writable_dir(self, host, path):
+        """Undo readonly_dir."""
+        if path in self.readonly_dirs.get(host, []):
+            self.readonly_dirs[host].remove(path)
+        subprocess.run(["nsenter", "-t", str(self.node_pid(host)), "-m", "--", "umount", path],
+                       check=False, capture_output=True, timeout=10)
 
     # ------------------------------------------------------------ running commands
 
@@ -681,7 +733,9 @@ class Cluster:
             node.gpus = node.gpus_configured
             node.model = node.model_configured
             if node.alive():
-                os.kill(node.pid, signal.SIGCONT)
+                self.cont_sshd(host)
+                for path in self.readonly_dirs.pop(host, ()):
+                    self.writable_dir(host, path)
             else:
                 self.start_node(host)
         self.kill_user_processes()
@@ -797,6 +851,7 @@ def cleanup_stale_clusters():
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        subprocess.run(["umount", "-l", os.path.join(base, "small")], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
 

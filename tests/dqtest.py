@@ -70,19 +70,19 @@ def jobs(dq, host=None, user=ALICE, view=None):
     return json.loads(r.stdout)
 
 
-def job(dq, job_id, user=ALICE):
+def job(dq, job_id, user=ALICE, host=None):
     """The job's dict from dq-jobs, whichever view it is in."""
     for view in (None, "complete"):
-        for j in jobs(dq, user=user, view=view):
+        for j in jobs(dq, host, user=user, view=view):
             if j["id"] == job_id:
                 return j
     return None
 
 
-def wait_state(dq, job_id, states, timeout=30, user=ALICE):
+def wait_state(dq, job_id, states, timeout=30, user=ALICE, host=None):
     states = (states,) if isinstance(states, str) else states
     return wait_until(lambda: (lambda j: j if j and j["state"] in states else None)(
-        job(dq, job_id, user)), timeout, 0.2, f"{job_id} to be {'/'.join(states)}")
+        job(dq, job_id, user, host)), timeout, 0.2, f"{job_id} to be {'/'.join(states)}")
 
 
 def log_of(dq, job_id):

@@ -1,0 +1,200 @@
+"""Run once, lose nothing (issue 17): hosts whose sshd hangs while their
+jobs run, and a shared directory that goes away under a running job.
+
+Every job here writes a timestamped line (job ID, host, time) to a trace
+file in its working directory every 0.2 s, so a test can tell, as a user
+reading the files would, which copies ran where and whether two ever ran
+at the same time.
+"""
+import os
+import time
+
+import pytest
+
+import dqtest
+from dqtest import ALICE, configure, jobs, script, submit, wait_until
+
+# lost_after 4: a wrapper TERMs its job after 2 s without a lease renewal,
+# KILLs it by 3 s; passes may count the job lost at 4 s.
+LEASE = dict(timeout=2, lost_after=4, watch_interval=1, poll_interval=0.5, kill_grace=1)
+
+TRACE = r'''
+end=$(( $(date +%s) + ${DQ_T:-8} ))
+while [ "$(date +%s)" -lt "$end" ]; do
+    echo "$DQ_JOB_ID $(hostname) $(date +%s.%N)" >> trace
+    sleep 0.2
+done
+'''
+
+
+def read_trace(d):
+    """{job_id: (set of hosts, first time, last time)} from the trace file."""
+    out = {}
+    path = os.path.join(d, "trace")
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) != 3:
+                continue        # a line torn by a kill
+            job_id, host, t = fields[0], fields[1], float(fields[2])
+            hosts, first, last = out.get(job_id, (set(), t, t))
+            hosts.add(host)
+            out[job_id] = (hosts, min(first, t), max(last, t))
+    return out
+
+
+def assert_never_two_at_once(trace):
+    spans = sorted((first, last, job_id) for job_id, (_, first, last) in trace.items())
+    for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+        assert a1 < b0, f"{a} ({a0:.2f}-{a1:.2f}) and {b} ({b0:.2f}-{b1:.2f}) ran at once"
+
+
+def copies_of(dq, job_id):
+    return [j for view in (None, "complete") for j in jobs(dq, "node3", view=view)
+            if j.get("restart_of") == job_id]
+
+
+# dq's commands run on node3 here: node1 or node2 may be the host cut off
+def job(dq, job_id):
+    return dqtest.job(dq, job_id, host="node3")
+
+
+def wait_state(dq, job_id, states, timeout=30):
+    return dqtest.wait_state(dq, job_id, states, timeout, host="node3")
+
+
+@pytest.mark.parametrize("gpus", [1, 0], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("requeue", ["1", ""], ids=["requeue", "no-requeue"])
+def test_hung_sshd_a_beating_job_runs_on_and_its_real_end_is_kept(cluster, dq, gpus, requeue):
+    configure(dq, ["node1", "node2"], **LEASE)
+    d, path = script(cluster, ALICE, "t.sh", TRACE, subdir=f"hung-{gpus}-{requeue or 0}")
+    env = {"DQ_GPUS": str(gpus), "DQ_T": "9"}
+    if requeue:
+        env["DQ_REQUEUE"] = requeue
+    a, _ = submit(dq, "node3", ALICE, path, env=env)
+    host = wait_state(dq, a, "running", timeout=20)["host"]
+    other = "node2" if host == "node1" else "node1"
+    wait_until(lambda: a in read_trace(d), 10, what="the job's first line")
+    cluster.stop_sshd(host)
+    stopped_at = time.time()
+    try:
+        # Past lost_after: still running, shown as such, and no copy
+        seen_note = False
+        while time.time() - stopped_at < 6:
+            j = job(dq, a)
+            assert j["state"] == "running", j
+            seen_note = seen_note or "not answering" in (j.get("reason") or "")
+            time.sleep(0.5)
+        assert seen_note, "dq-jobs never said the host is not answering"
+        assert not copies_of(dq, a)
+        # It ends during the outage: its real end is recorded, not 'lost'
+        j = wait_state(dq, a, ("done", "failed", "lost"), timeout=15)
+        assert (j["state"], j["exit_code"]) == ("done", 0), j
+        assert time.time() - stopped_at < 15
+    finally:
+        cluster.cont_sshd(host)
+    time.sleep(3)       # the passes see the host again: still nothing re-run
+    assert job(dq, a)["state"] == "done"
+    assert not copies_of(dq, a)
+    trace = read_trace(d)
+    assert list(trace) == [a] and trace[a][0] == {host}, trace
+    assert other != host
+
+
+def test_no_job_goes_to_a_host_whose_last_poll_failed(cluster, dq):
+    """A job ending on a silent host hands its GPU over locally; that must
+    not place the next job there, where nobody can start it."""
+    configure(dq, ["node1", "node2"], **LEASE)
+    cluster.set_gpus("node1", 1)
+    cluster.set_gpus("node2", 1)
+    d, path = script(cluster, ALICE, "t.sh", TRACE, subdir="silent-handover")
+    a, r = submit(dq, "node3", ALICE, path, env={"DQ_T": "6"})
+    b, r = submit(dq, "node3", ALICE, path, env={"DQ_T": "30"})
+    ja, jb = wait_state(dq, a, "running"), wait_state(dq, b, "running")
+    assert {ja["host"], jb["host"]} == {"node1", "node2"}
+    silent = ja["host"]
+    c, _ = submit(dq, "node3", ALICE, path, env={"DQ_T": "2"})
+    cluster.stop_sshd(silent)
+    try:
+        wait_state(dq, a, "done", timeout=20)      # ended on the silent host
+        time.sleep(3)
+        jc = job(dq, c)
+        assert jc["state"] == "queued" and not jc["host"], jc
+    finally:
+        cluster.cont_sshd(silent)
+        back = time.time()
+    jc = wait_state(dq, c, ("running", "done"), timeout=20)
+    assert jc["host"] == silent
+    trace = read_trace(d)
+    assert trace[c][1] > back - 0.5, "the job started before its host answered again"
+
+
+@pytest.mark.parametrize("gpus", [1, 0], ids=["gpu", "cpu"])
+def test_a_job_cut_off_from_the_data_root_is_stopped_before_its_copy_starts(cluster, dq,
+                                                                            gpus):
+    """node1 loses the shared directory (read-only in its mount namespace
+    only) and, for good measure, its sshd hangs: the wrapper cannot renew
+    the lease and stops its job; the requeued copy starts elsewhere, after
+    the first run has stopped, never on the silent host."""
+    configure(dq, ["node1", "node2"], **LEASE)
+    d, path = script(cluster, ALICE, "t.sh", TRACE, subdir=f"fenced-{gpus}")
+    a, _ = submit(dq, "node3", ALICE, path,
+                  env={"DQ_GPUS": str(gpus), "DQ_T": "60", "DQ_REQUEUE": "1",
+                       "DQ_HOSTS": "node1"})
+    wait_state(dq, a, "running", timeout=20)
+    wait_until(lambda: a in read_trace(d), 10, what="the job's first line")
+    # The copy keeps DQ_HOSTS=node1: it must wait until node1 answers again.
+    cut = time.time()
+    cluster.readonly_dir("node1", dq.root)
+    cluster.stop_sshd("node1")
+    try:
+        lost = wait_state(dq, a, "lost", timeout=30)
+        assert "requeued as" in lost["reason"], lost
+        copy = lost["reason"].split("requeued as ")[1].split()[0].rstrip(";)")
+        # Stopped by its wrapper within the fencing time (KILL by 3 s)
+        last_line = read_trace(d)[a][2]
+        assert last_line - cut < 3 + 1, f"the first run went on {last_line - cut:.1f}s"
+        assert time.time() - cut >= 4
+        jc = job(dq, copy)
+        assert jc["state"] == "queued", jc      # DQ_HOSTS=node1: it waits for node1
+        time.sleep(2)
+        assert job(dq, copy)["state"] == "queued"
+    finally:
+        cluster.cont_sshd("node1")
+        cluster.writable_dir("node1", dq.root)
+    jc = wait_state(dq, copy, "running", timeout=30)
+    wait_until(lambda: copy in read_trace(d), 10, what="the copy's first line")
+    dq.run("node3", ALICE, "kill", copy)
+    trace = read_trace(d)
+    assert set(trace) == {a, copy}
+    assert_never_two_at_once(trace)
+
+
+@pytest.mark.parametrize("gpus", [1, 0], ids=["gpu", "cpu"])
+def test_a_fenced_jobs_copy_goes_to_a_host_that_answers(cluster, dq, gpus):
+    configure(dq, ["node1", "node2"], **LEASE)
+    cluster.set_gpus("node2", 1)
+    d, path = script(cluster, ALICE, "t.sh", TRACE, subdir=f"elsewhere-{gpus}")
+    a, _ = submit(dq, "node3", ALICE, path,
+                  env={"DQ_GPUS": str(gpus), "DQ_T": "60", "DQ_REQUEUE": "1"})
+    host = wait_state(dq, a, "running", timeout=20)["host"]
+    other = "node2" if host == "node1" else "node1"
+    wait_until(lambda: a in read_trace(d), 10, what="the job's first line")
+    cluster.readonly_dir(host, dq.root)
+    cluster.stop_sshd(host)
+    try:
+        lost = wait_state(dq, a, "lost", timeout=30)
+        copy = lost["reason"].split("requeued as ")[1].split()[0].rstrip(";)")
+        jc = wait_state(dq, copy, "running", timeout=30)
+        assert jc["host"] == other, jc
+        wait_until(lambda: copy in read_trace(d), 10, what="the copy's first line")
+    finally:
+        cluster.cont_sshd(host)
+        cluster.writable_dir(host, dq.root)
+    time.sleep(2)
+    dq.run("node3", ALICE, "kill", copy)
+    trace = read_trace(d)
+    assert trace[a][0] == {host} and trace[copy][0] == {other}, trace
+    assert_never_two_at_once(trace)
