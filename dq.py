@@ -1646,14 +1646,14 @@ def all_job_ids(cfg):
 
 
 def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None,
-               durable=True, requeued_as=None):
+               durable=True, requeued_as=None, ended=None):
     """Write end.json once and count the job as completed; False if the job
     already had an end.  durable=False (the wrapper, in a hurry to hand the
     GPUs over): the caller fsyncs end.json and counts the job later, with
     finish_end.  requeued_as: the job that runs it again (DQ_REQUEUE,
     DQ_RETRY), which dependencies and dq-wait follow."""
     data = {"state": state, "reason": reason, "exit_code": exit_code,
-            "signal": sig, "ended": time.time(), "host": host or job.run.get("host")}
+            "signal": sig, "ended": ended or time.time(), "host": host or job.run.get("host")}
     if requeued_as:
         data["requeued_as"] = requeued_as
     try:
@@ -2051,6 +2051,27 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=No
                 ids.append(f"{number}-{user}")
             except FileExistsError:
                 pass        # (after a rollback) taken: more numbers, next round
+    try:
+        return _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of,
+                           retries, sweep)
+    except OSError:
+        # A full data root: no half-written job stays behind (its number
+        # stays taken: the counter moved past it).
+        import shutil
+        for job_id in ids:
+            for index in ("active", "cpu"):
+                try:
+                    os.unlink(cfg.p("jobs", index, job_id))
+                except OSError:
+                    pass
+            set_queue_name(cfg, job_id, None)
+            shutil.rmtree(cfg.job_dir(job_id), ignore_errors=True)
+        raise
+
+
+def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of, retries,
+                sweep):
+    """create_jobs' writes, once the IDs are claimed."""
     now = time.time()
     host = os.uname().nodename
     entries = []
@@ -3419,6 +3440,7 @@ def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
     if this wrote the end, False if it had one (dq-kill's), None if the
     lease failed meanwhile (the data root is gone from this host)."""
     again, retried, delay, said = None, False, 0.5, False
+    ended = time.time()     # recorded as it happened, however late
     while True:
         try:
             log.flush_lost()
@@ -3430,7 +3452,7 @@ def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
             why = reason + f"; retried as {again}" if again else reason
             # The next job first; the fsync and the count can wait until it runs.
             return record_end(cfg, job, state, why, code, sig, host, durable=False,
-                              requeued_as=again)
+                              requeued_as=again, ended=ended)
         except OSError as e:
             if lease.stopped_by_dq():
                 return None

@@ -1,0 +1,171 @@
+"""A data root that fills up (issue 17): a quota or a full NFS export, met
+while jobs run.  The data root here is on a small tmpfs that every node
+sees (Cluster.small, mounted before the nodes start)."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from cluster import DQInstall, install_dq
+from dqtest import ALICE, configure, job, jobs, log_of, script, submit, wait_state, wait_until
+
+FAST = dict(timeout=2, lost_after=4, watch_interval=1, poll_interval=0.5, kill_grace=1)
+
+
+@pytest.fixture
+def small_dq(cluster, request):
+    """A dq install whose data root is on the small filesystem."""
+    root = os.path.join(cluster.small, request.node.name[:40].replace("[", "-").strip("]"))
+    install_dq(cluster, root)
+    try:
+        yield DQInstall(cluster, root)
+    finally:
+        free(cluster)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fill(cluster):
+    """Fill the small filesystem to the last byte (as root, like a big
+    checkpoint written beside dq's files)."""
+    path = os.path.join(cluster.small, "filler")
+    with open(path, "ab", buffering=0) as f:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    st = os.statvfs(cluster.small)
+    assert st.f_bavail == 0
+
+
+def free(cluster):
+    try:
+        os.unlink(os.path.join(cluster.small, "filler"))
+    except FileNotFoundError:
+        pass
+
+
+def json_files_valid(root):
+    bad = []
+    for path in glob.glob(os.path.join(root, "**"), recursive=True):
+        if not os.path.isfile(path) or os.path.basename(path) == "log":
+            continue
+        if path.endswith(".json") or "/state/" in path or "/jobs/active/" in path or \
+                "/jobs/done/" in path or "/jobs/lost/" in path:
+            if os.path.basename(path).endswith(".lock") or "wake-" in path or \
+                    os.path.getsize(path) == 0 and "/jobs/active/" not in path:
+                continue
+            try:
+                with open(path) as f:
+                    json.load(f)
+            except ValueError as e:
+                bad.append((path, str(e)))
+    return bad
+
+
+def test_full_data_root_loses_no_end_no_id_and_carries_on(cluster, small_dq):
+    dq = small_dq
+    configure(dq, ["node1", "node2"], **FAST)
+    d, cpu = script(cluster, ALICE, "cpu.sh",
+                    "echo before\nsleep 3\nhead -c 100000 /dev/zero | tr '\\0' x\necho\n"
+                    "echo after\nsleep 1\n", subdir="full")
+    _, gpu = script(cluster, ALICE, "gpu.sh", "sleep 4\necho gpu done\n", subdir="full")
+    _, long = script(cluster, ALICE, "long.sh", "sleep 300\n", subdir="full")
+    a, _ = submit(dq, "node3", ALICE, cpu, env={"DQ_GPUS": "0"})
+    b, _ = submit(dq, "node3", ALICE, gpu)
+    c, _ = submit(dq, "node3", ALICE, long)
+    for i in (a, b, c):
+        wait_state(dq, i, "running", timeout=20)
+    wait_until(lambda: "before" in log_of(dq, a), 10, what="the CPU job's first line")
+    ids_before = sorted(os.listdir(os.path.join(dq.root, "jobs", "backend")))
+    fill(cluster)
+    full_at = time.time()
+    try:
+        # submit: one line naming the full data root, nothing queued
+        r = dq.run("node3", ALICE, "submit", gpu, cwd=d)
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "full" in lines[0] and dq.root in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+        assert sorted(os.listdir(os.path.join(dq.root, "jobs", "backend"))) == ids_before
+        # the listings keep working
+        r = dq.run("node3", ALICE, "jobs")
+        assert r.returncode == 0, r.stderr
+        # a kill that cannot record its end says so, in one line
+        r = dq.run("node3", ALICE, "kill", c)
+        if r.returncode != 0:
+            assert "full" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        # both jobs end while the disk is full: no pass calls them lost
+        while time.time() - full_at < 8:
+            for i in (a, b):
+                assert job(dq, i)["state"] in ("running", "done"), job(dq, i)
+            time.sleep(0.5)
+        assert job(dq, a)["state"] == "running"     # still trying to record its end
+    finally:
+        free(cluster)
+    ja = wait_state(dq, a, ("done", "failed", "lost"), timeout=30)
+    jb = wait_state(dq, b, ("done", "failed", "lost"), timeout=30)
+    assert (ja["state"], ja["exit_code"]) == ("done", 0), ja
+    assert (jb["state"], jb["exit_code"]) == ("done", 0), jb
+    # The end as it happened: before the disk had room again
+    assert ja["ended"] < time.time() and ja["ended"] - ja["started"] < 8
+    log = log_of(dq, a)
+    assert "before" in log
+    assert "bytes of output lost: no space on device" in log, log[-300:]
+    # the GPUs were handed over, the queue carries on by itself
+    e, r = submit(dq, "node3", ALICE, gpu)
+    wait_state(dq, e, "done", timeout=30)
+    dq.run("node3", ALICE, "kill", c)
+    wait_state(dq, c, "killed", timeout=20)
+    assert json_files_valid(dq.root) == []
+    ids_after = sorted(os.listdir(os.path.join(dq.root, "jobs", "backend")))
+    assert len(set(ids_after)) == len(ids_after) and set(ids_before) <= set(ids_after)
+    numbers = [int(i.split("-")[0]) for i in ids_after]
+    assert len(numbers) == len(set(numbers))
+
+
+@pytest.mark.parametrize("point", ["submit", "pass", "handover", "kill"])
+def test_every_write_with_the_disk_full_leaves_valid_files(cluster, small_dq, point):
+    """Each kind of write tried with the disk full: it fails in one line (or
+    waits), every state file stays valid, and once there is room the
+    queue carries on by itself."""
+    dq = small_dq
+    configure(dq, ["node1"], **FAST)
+    cluster.set_gpus("node1", 1)
+    d, short = script(cluster, ALICE, "s.sh", "sleep 2\n", subdir=f"full-{point}")
+    _, long = script(cluster, ALICE, "l.sh", "sleep 300\n", subdir=f"full-{point}")
+    first, _ = submit(dq, "node3", ALICE, short if point == "handover" else long)
+    wait_state(dq, first, "running", timeout=20)
+    queued, _ = submit(dq, "node3", ALICE, short)
+    fill(cluster)
+    try:
+        if point == "submit":
+            r = dq.run("node3", ALICE, "submit", short, cwd=d)
+            assert r.returncode != 0 and "full" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        elif point == "pass":
+            time.sleep(3)       # the owner's loop passes meanwhile, and fails to write
+            assert job(dq, queued)["state"] == "queued"
+        elif point == "kill":
+            r = dq.run("node3", ALICE, "kill", first)
+            if r.returncode != 0:
+                assert "full" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+                    r.stderr
+        else:
+            time.sleep(4)       # the first job ended: its end and hand-over wait for room
+            assert job(dq, first)["state"] == "running"
+        assert "Traceback" not in (r.stderr if point in ("submit", "kill") else "")
+        assert json_files_valid(dq.root) == []
+    finally:
+        free(cluster)
+    if point != "handover":
+        dq.run("node3", ALICE, "kill", first)
+    assert wait_state(dq, first, ("done", "killed"), timeout=30)["state"] == \
+        ("done" if point == "handover" else "killed")
+    assert wait_state(dq, queued, ("done", "failed", "lost"), timeout=40)["state"] == "done"
+    assert json_files_valid(dq.root) == []
