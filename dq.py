@@ -351,13 +351,19 @@ class Config:
 # sticky: os.replace over another user's file needs that); the others hold
 # per-user entries, so they are sticky like /tmp and nobody removes another
 # user's entries.
-LAYOUT = {"state": 0o777, "jobs": 0o755, "jobs/backend": 0o1777,
-          "jobs/active": 0o1777, "jobs/cpu": 0o1777, "jobs/queue": 0o1777,
-          "jobs/lost": 0o1777, "jobs/done": 0o1777, "drain": 0o1777, "sched": 0o1777}
+# The one list of the data root's directories and their kinds, which
+# install.sh reads too (`python3 dq.py _layout`): a new directory is one
+# entry here.  Modes are a personal install's; install.sh gives a group
+# install's its own.
+LAYOUT = {"state": "shared", "jobs": "traversed", "jobs/backend": "sticky",
+          "jobs/active": "sticky", "jobs/cpu": "sticky", "jobs/queue": "sticky",
+          "jobs/lost": "sticky", "jobs/done": "sticky", "drain": "sticky", "sched": "sticky"}
+LAYOUT_MODES = {"shared": 0o777, "traversed": 0o755, "sticky": 0o1777}
 
 
 def ensure_layout(cfg):
-    for sub, mode in LAYOUT.items():
+    for sub, kind in LAYOUT.items():
+        mode = LAYOUT_MODES[kind]
         path = cfg.p(sub)
         # Every user lists and writes them all ('jobs' is only traversed).
         if os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
@@ -4718,7 +4724,7 @@ def wait_reasons(cfg, queued, places):
     for j in queued:
         want = j["gpus_wanted"]
         # The job's queue entry, as the passes read it: its constraints, held
-        entry = read_json(cfg.p("jobs", "active", j["id"]), {}, {}) or {}
+        entry = read_json(cfg.p("jobs", "active", j["id"]), {}, {}, skip_newer=True) or {}
         need = entry.get("need") if is_need(entry.get("need")) else {}
         allowed = [h for h in up if host_allowed(need, h)]
         mine = [h for h in allowed if h not in drained]
@@ -5819,6 +5825,14 @@ def cmd__complete(cfg, argv):
 
 # Main ########################################################################
 
+def cmd__layout(cfg, argv):
+    """Internal: the data root's directories, `KIND PATH` a line (install.sh)."""
+    internal_args(argv, "_layout", "read by install.sh", ())
+    for sub, kind in LAYOUT.items():
+        print(kind, sub)
+    return 0
+
+
 COMMANDS = {
     "submit": cmd_submit,
     "jobs": cmd_jobs,
@@ -5842,7 +5856,7 @@ COMMANDS = {
     "on-all": cmd_on_all,
 }
 INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_notify": cmd__notify,
-            "_complete": cmd__complete}
+            "_complete": cmd__complete, "_layout": cmd__layout}
 
 
 def main(argv=None):

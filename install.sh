@@ -60,11 +60,15 @@ else
         die "cannot create $dir: $parent is not writable by you ($user); choose another DIR (e.g. PREFIX=\$HOME/dq-local), or install as root"
 fi
 
+# The data root's directories, as dq.py lists them (its LAYOUT): KIND PATH
+# lines, KIND one of shared, traversed, sticky.
+layout=$(python3 -S "$here/dq.py" _layout) ||
+    die "cannot run $here/dq.py with python3 (see the message above): install Python 3 first"
+
 # Directories of an earlier install get their modes (and group) set again,
 # which only their owner (or root) may do.
 if [ "$uid" != 0 ]; then
-    for d in "$dir" "$dir/state" "$dir/jobs" "$dir/jobs/backend" "$dir/jobs/active" \
-             "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/sched"; do
+    for d in "$dir" $(echo "$layout" | while read -r kind sub; do echo "$dir/$sub"; done); do
         [ "$d" = "$dir" ] && [ -z "$group" ] && continue
         if [ -d "$d" ] && [ ! -O "$d" ]; then
             owner=$(ls -ld "$d" | awk '{print $3}')
@@ -110,16 +114,18 @@ if [ -n "$group" ]; then
     # Not group-writable: nobody but the installer may replace dq.conf,
     # whose owner and 'admins' are dq's admins (dq-drain).
     chmod 2755 "$dir"
-    shared=2770 sticky=3770 jobs=2775
+    shared=2770 sticky=3770 traversed=2775
 else
-    shared=777 sticky=1777 jobs=755
+    shared=777 sticky=1777 traversed=755
 fi
-mkdir -p "$dir/state" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/drain" \
-    "$dir/sched"
-chmod "$shared" "$dir/state"
-chmod "$jobs" "$dir/jobs"
-chmod "$sticky" "$dir/jobs/backend" "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/drain" \
-    "$dir/sched"
-[ -z "$group" ] || chgrp "$group" "$dir/state" "$dir/jobs" "$dir/jobs/backend" \
-    "$dir/jobs/active" "$dir/jobs/cpu" "$dir/jobs/done" "$dir/jobs/lost" "$dir/jobs/queue" "$dir/drain" "$dir/sched"
+echo "$layout" | while read -r kind sub; do
+    mkdir -p "$dir/$sub"
+    case $kind in
+        shared) chmod "$shared" "$dir/$sub" ;;
+        sticky) chmod "$sticky" "$dir/$sub" ;;
+        traversed) chmod "$traversed" "$dir/$sub" ;;
+        *) die "dq.py lists $sub as a directory of kind '$kind', which this install.sh does not know: use the install.sh that came with that dq.py" ;;
+    esac
+    [ -z "$group" ] || chgrp "$group" "$dir/$sub"
+done
 echo "dq installed in $dir; put $dir/bin on PATH, and list the hosts in $dir/dq.conf"
