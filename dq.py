@@ -2530,8 +2530,20 @@ class Placements(dict):
     timeout + LAUNCH_GRACE after the claim; never for `assigned`.  A poll that began
     earlier may predate the session and proves nothing, whatever the
     placement says by the time that pass holds the lock.  A session proven
-    gone without an end is `lost` (jobs/lost/<id>); so is a running job on
-    a host silent for lost_after seconds.
+    gone without an end is `lost` (jobs/lost/<id>).
+
+    A running job whose host does not answer is judged by its lease (see
+    Leases), never by ssh: it stays `running` while the lease is renewed,
+    and is `lost` once the lease is lost_after (L) old.  The timing that
+    keeps a job from running twice: the wrapper counts from the start of
+    its last renewal that worked, which is no later than the lease's
+    mtime; it TERMs the job L/2 after it and KILLs it by 3L/4; so when a
+    pass sees the lease L old, the job has been dead for at least L/4,
+    more than the clock slack between hosts.  A copy (DQ_REQUEUE) is
+    queued by the owner's pass only after that, or after a kill on the
+    job's host went through (surely_stopped); the copy never goes to a
+    host whose last poll failed (reconcile sets `silent`).  A job that
+    ended meanwhile has its end.json, which no lost verdict overwrites.
 
     A crash leaves: assigned -- dropped after assign_timeout, job queued;
     launching -- no session: dropped after timeout + LAUNCH_GRACE and
@@ -4316,7 +4328,13 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
     for job_id in ids:
         print(f"Job ID: '{job_id}'", flush=True)
     crash_point("submit-created")
-    res = schedule_pass(cfg, polls) if polls is not None else None
+    try:
+        res = schedule_pass(cfg, polls) if polls is not None else None
+    except OSError as e:        # the jobs are queued: the loop places them later
+        if e.errno not in SPACE_ERRORS:
+            raise
+        warn(data_root_error(cfg.root, e))
+        res = None
     started = {j: (h, g) for j, h, g in res.launched if j in ids} if res else {}
     places = Placements.read(cfg)   # another pass (our loop's) may have placed some
     for job_id in ids:

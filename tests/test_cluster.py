@@ -349,7 +349,11 @@ def test_kill_node_and_start_node(cluster):
 
 
 def test_stop_sshd_hangs_new_connections(cluster):
-    long = cluster.popen("node1", "dqalice", ssh(cluster, "node3", "sleep 1; echo still here"))
+    """Every sshd of the node stops (a hung host): new connections hang,
+    and so does what open sessions send back, while the commands they
+    started run on in the node."""
+    long = cluster.popen("node1", "dqalice",
+                         ssh(cluster, "node3", "sleep 1; touch /tmp/ran; echo still here"))
     time.sleep(0.5)
     cluster.stop_sshd("node3")
     try:
@@ -357,10 +361,16 @@ def test_stop_sshd_hangs_new_connections(cluster):
         argv = ["ssh", "-o", "ConnectTimeout=1"] + shlex.split(cluster.ssh_command)[1:]
         r = cluster.run("node1", "dqalice", argv + ["node3", "true"], timeout=20)
         assert r.returncode == 255 and 0.9 < time.monotonic() - t0 < 10
-        out, _ = long.communicate(timeout=20)            # running sessions go on
-        assert out == "still here\n"
+        wait_for = time.monotonic() + 10
+        while not os.path.exists(cluster._node("node3").path("/tmp/ran")):
+            assert time.monotonic() < wait_for, "the session's command did not run on"
+            time.sleep(0.1)
+        time.sleep(1)
+        assert long.poll() is None          # its output is held by the stopped sshd
     finally:
         cluster.cont_sshd("node3")
+    out, _ = long.communicate(timeout=20)
+    assert out == "still here\n"
     assert cluster.run("node1", "dqalice", ssh(cluster, "node3", "hostname")).stdout == "node3\n"
 
 

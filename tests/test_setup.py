@@ -242,3 +242,23 @@ def test_install_twice_upgrades_in_place(newbie):
         assert r.returncode == 0, r.stderr
     assert os.path.isdir(os.path.join(target, "jobs", "backend"))
     assert os.stat(os.path.join(target, "state")).st_mode & 0o7777 == 0o2770
+
+
+@pytest.mark.parametrize("sub", ["jobs/queue", "drain", "sched"])
+def test_upgrade_checks_every_directory_of_the_layout_first(newbie, sub):
+    """An earlier install whose directory belongs to someone else: the
+    upgrade refuses in one line before changing anything (it knows every
+    directory dq.py lists, jobs/queue and drain/ included)."""
+    src = clone_for(newbie)
+    target = os.path.join(newbie.pw_dir, "dq-upgrade")
+    r = run_as(newbie, f"./install.sh {target}", src)
+    assert r.returncode == 0, r.stderr
+    os.chown(os.path.join(target, sub), 0, 0)      # made by someone else (root)
+    with open(os.path.join(target, "dq.py"), "a") as f:
+        f.write("# the old one\n")
+    r = run_as(newbie, f"./install.sh {target}", src)
+    err = [ln for ln in r.stderr.splitlines() if not ln.startswith("+ ")]
+    assert r.returncode == 1 and len(err) == 1, r.stderr
+    assert os.path.join(target, sub) in err[0] and "belongs to root" in err[0], err
+    with open(os.path.join(target, "dq.py")) as f:
+        assert f.read().endswith("# the old one\n")     # not half-upgraded

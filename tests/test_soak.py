@@ -16,9 +16,17 @@ import re
 import threading
 import time
 
+import shutil
+
 import pytest
 
-from dqtest import ALICE, BOB, DAN, configure, jobs, script, wait_until
+from cluster import DQInstall, install_dq
+from dqtest import ALICE, BOB, DAN, configure, job, jobs, script, wait_until
+
+
+def job_state(dq, job_id):
+    j = job(dq, job_id)
+    return j and j["state"]
 
 RUNS = int(os.environ.get("DQ_SOAK_RUNS", "1"))
 JOBS = int(os.environ.get("DQ_SOAK_JOBS", "240"))
@@ -48,10 +56,13 @@ def job_mix(rng, n):
     return out
 
 
-def submit_loop(dq, host, user, path, mix, trace, runs):
-    """One user's shell: a loop of dq-submit, as typed into a terminal."""
+def submit_loop(dq, host, user, path, mix, trace, runs, faults=False):
+    """One user's shell: a loop of dq-submit, as typed into a terminal.
+    faults: a submit refused (the data root full) is tried again."""
     # A short pause now and then: submits (each a pass) go on while jobs run
-    lines = [f"DQ_GPUS={g} DQ_T={t} {dq.path('submit')} {path}" + (" && sleep 0.3" if i % 4 == 3 else "")
+    again = "until {}; do sleep 0.5; done" if faults else "{}"
+    lines = [again.format(f"DQ_GPUS={g} DQ_T={t} {dq.path('submit')} {path}")
+             + (" && sleep 0.3" if i % 4 == 3 else "")
              for i, (g, t) in enumerate(mix)]
     r = dq.cluster.run(host, user, "\n".join(lines), cwd=os.path.dirname(path),
                        env={"DQ_TRACE": trace, "DQ_RUNS": runs}, timeout=600)
@@ -83,11 +94,55 @@ def read_trace(path, killed):
     return out
 
 
+@pytest.fixture
+def small_dq(cluster, request):
+    """A dq install on the small filesystem every node sees (to fill it)."""
+    root = os.path.join(cluster.small, "soak-" + request.node.name[-12:].strip("[]"))
+    install_dq(cluster, root)
+    try:
+        yield DQInstall(cluster, root)
+    finally:
+        free_small(cluster)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def fill_small(cluster):
+    with open(os.path.join(cluster.small, "filler"), "ab", buffering=0) as f:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def free_small(cluster):
+    try:
+        os.unlink(os.path.join(cluster.small, "filler"))
+    except FileNotFoundError:
+        pass
+
+
 @pytest.mark.parametrize("run", range(RUNS))
 def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
+    soak(cluster, dq, run)
+
+
+# The fault soak (issue 17): node2's sshd frozen past lost_after, and the
+# data root full for a few seconds, while the lab is busy.
+FAULT_CONF = dict(poll_interval=0.5, timeout=3, lost_after=8, kill_grace=1)
+
+
+@pytest.mark.parametrize("run", range(RUNS))
+def test_busy_cluster_with_a_hung_host_and_a_full_disk_runs_each_job_once(cluster, small_dq,
+                                                                          run):
+    soak(cluster, small_dq, run, faults=True)
+
+
+def soak(cluster, dq, run, faults=False):
     rng = random.Random(run)
     # Loops that poll often: more passes deciding beside each other
-    configure(dq, cluster.hosts, poll_interval=0.5)
+    configure(dq, cluster.hosts, **(FAULT_CONF if faults else dict(poll_interval=0.5)))
     per_user = JOBS // len(USERS)
     files = {}
     for user in USERS:
@@ -117,7 +172,8 @@ def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
 
     def shell(user, host):
         path, trace, runs = files[user]
-        submitted[user] = submit_loop(dq, host, user, path, job_mix(rng, per_user), trace, runs)
+        submitted[user] = submit_loop(dq, host, user, path, job_mix(rng, per_user), trace, runs,
+                                      faults)
 
     def killer():
         """A few dq-kills, of running and of queued jobs."""
@@ -132,10 +188,36 @@ def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
                 r = dq.run(cluster.hosts[0], user, "kill", j["id"])
                 if r.returncode == 0:
                     killed.add(j["id"])
+                elif faults and "is full" in r.stderr:
+                    # refused before anything changed -- unless the kill
+                    # was recorded and only its tidying failed: then killed
+                    if job_state(dq, j["id"]) == "killed":
+                        killed.add(j["id"])
                 else:
                     assert "is not active" in r.stderr, r.stderr
 
+    fault_log = []
+
+    def faulty():
+        """node2's sshd hangs past lost_after; later the data root fills up."""
+        if stop.wait(8):
+            return
+        cluster.stop_sshd("node2")
+        fault_log.append(("sshd stopped", time.time()))
+        stop.wait(FAULT_CONF["lost_after"] * 1.5)
+        cluster.cont_sshd("node2")
+        fault_log.append(("sshd back", time.time()))
+        if stop.wait(6):
+            return
+        fill_small(cluster)
+        fault_log.append(("full", time.time()))
+        stop.wait(4)
+        free_small(cluster)
+        fault_log.append(("room", time.time()))
+
     threads = [threading.Thread(target=hand_started), threading.Thread(target=killer)]
+    if faults:
+        threads.append(threading.Thread(target=faulty))
     shells = [threading.Thread(target=shell, args=(u, cluster.hosts[i % len(cluster.hosts)]))
               for i, u in enumerate(USERS)]
     for t in threads + shells:
@@ -151,7 +233,13 @@ def test_busy_cluster_loses_kills_and_doubles_nothing(cluster, dq, run):
         stop.set()
         for t in threads:
             t.join()
+        if faults:
+            cluster.cont_sshd("node2")
+            free_small(cluster)
     assert not errors, errors
+    if faults:
+        assert [what for what, _ in fault_log] == ["sshd stopped", "sshd back", "full",
+                                                   "room"], fault_log
 
     ended = {j["id"]: j for j in jobs(dq, view="complete")}
     assert sorted(ended) == sorted(all_ids)
