@@ -4155,7 +4155,9 @@ def kill_job(cfg, job):
     print(f"Killing {job.id} on {host} ...")
     r = kill_on_host(cfg, job, host)
     if not r.ok:
-        warn(f"could not reach {host} to kill {job.id}: {r.why()}")
+        warn(f"could not reach {host} to kill {job.id} ({r.why()}); it is recorded killed, "
+             f"and its wrapper stops it within {fmt_seconds(lease_times(cfg).renew + 1)} "
+             f"if it can still read {cfg.root}")
     retire(cfg, job)
     return 0 if r.ok else 1
 
