@@ -527,6 +527,23 @@ class Cluster:
             except ProcessLookupError:
                 pass
 
+    def fill_small(self):
+        """Fill the small filesystem to the last byte (as root: like a big
+        checkpoint written beside dq's files, or a quota reached)."""
+        with open(os.path.join(self.small, "filler"), "ab", buffering=0) as f:
+            for size in (1 << 20, 65536, 4096, 512, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError:
+                    pass
+
+    def free_small(self):
+        try:
+            os.unlink(os.path.join(self.small, "filler"))
+        except FileNotFoundError:
+            pass
+
     def readonly_dir(self, host, path):
         """Make `path` read-only inside the node only (its mount namespace):
         the shared directory as a host whose NFS mount went bad sees it."""

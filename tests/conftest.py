@@ -4,6 +4,7 @@
   A100 80GB node, an RTX 3090 node, two GTX 1080 Ti nodes), users dqalice,
   dqbob and dqdan.
 - `dq` (function): a fresh dq install on that cluster (see DQInstall).
+- `small_dq` (function): the same on the cluster's small filesystem, to fill.
 After every test that used the cluster, it is reset (test-user processes
 killed, dead nodes rebooted, fake GPUs restored) so tests are independent.
 
@@ -12,6 +13,7 @@ CI=true, where they fail: CI must run them all.
 """
 import os
 import re
+import shutil
 
 import pytest
 
@@ -69,3 +71,17 @@ def dq(cluster, request):
     name = "%03d-%s" % (_session["installs"], re.sub(r"[^\w.-]+", "_", request.node.name)[:80])
     root = install_dq(cluster, os.path.join(cluster.base, "dq", name))
     return DQInstall(cluster, root)
+
+
+@pytest.fixture
+def small_dq(cluster, request):
+    """A fresh dq install whose data root is on the cluster's small
+    filesystem (Cluster.small), so that a test can fill it up."""
+    _session["installs"] += 1
+    name = "%03d-%s" % (_session["installs"], re.sub(r"[^\w.-]+", "_", request.node.name)[:40])
+    root = install_dq(cluster, os.path.join(cluster.small, name))
+    try:
+        yield DQInstall(cluster, root)
+    finally:
+        cluster.free_small()
+        shutil.rmtree(root, ignore_errors=True)

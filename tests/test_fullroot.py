@@ -4,50 +4,13 @@ sees (Cluster.small, mounted before the nodes start)."""
 import glob
 import json
 import os
-import shutil
-import subprocess
 import time
 
 import pytest
 
-from cluster import DQInstall, install_dq
-from dqtest import ALICE, configure, job, jobs, log_of, script, submit, wait_state, wait_until
+from dqtest import ALICE, configure, job, log_of, script, submit, wait_state, wait_until
 
 FAST = dict(timeout=2, lost_after=4, watch_interval=1, poll_interval=0.5, kill_grace=1)
-
-
-@pytest.fixture
-def small_dq(cluster, request):
-    """A dq install whose data root is on the small filesystem."""
-    root = os.path.join(cluster.small, request.node.name[:40].replace("[", "-").strip("]"))
-    install_dq(cluster, root)
-    try:
-        yield DQInstall(cluster, root)
-    finally:
-        free(cluster)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def fill(cluster):
-    """Fill the small filesystem to the last byte (as root, like a big
-    checkpoint written beside dq's files)."""
-    path = os.path.join(cluster.small, "filler")
-    with open(path, "ab", buffering=0) as f:
-        for size in (1 << 20, 65536, 4096, 512, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError:
-                pass
-    st = os.statvfs(cluster.small)
-    assert st.f_bavail == 0
-
-
-def free(cluster):
-    try:
-        os.unlink(os.path.join(cluster.small, "filler"))
-    except FileNotFoundError:
-        pass
 
 
 def json_files_valid(root):
@@ -83,7 +46,7 @@ def test_full_data_root_loses_no_end_no_id_and_carries_on(cluster, small_dq):
         wait_state(dq, i, "running", timeout=20)
     wait_until(lambda: "before" in log_of(dq, a), 10, what="the CPU job's first line")
     ids_before = sorted(os.listdir(os.path.join(dq.root, "jobs", "backend")))
-    fill(cluster)
+    cluster.fill_small()
     full_at = time.time()
     try:
         # submit: one line naming the full data root, nothing queued
@@ -107,7 +70,7 @@ def test_full_data_root_loses_no_end_no_id_and_carries_on(cluster, small_dq):
             time.sleep(0.5)
         assert job(dq, a)["state"] == "running"     # still trying to record its end
     finally:
-        free(cluster)
+        cluster.free_small()
     ja = wait_state(dq, a, ("done", "failed", "lost"), timeout=30)
     jb = wait_state(dq, b, ("done", "failed", "lost"), timeout=30)
     assert (ja["state"], ja["exit_code"]) == ("done", 0), ja
@@ -142,7 +105,7 @@ def test_every_write_with_the_disk_full_leaves_valid_files(cluster, small_dq, po
     first, _ = submit(dq, "node3", ALICE, short if point == "handover" else long)
     wait_state(dq, first, "running", timeout=20)
     queued, _ = submit(dq, "node3", ALICE, short)
-    fill(cluster)
+    cluster.fill_small()
     try:
         if point == "submit":
             r = dq.run("node3", ALICE, "submit", short, cwd=d)
@@ -162,7 +125,7 @@ def test_every_write_with_the_disk_full_leaves_valid_files(cluster, small_dq, po
         assert "Traceback" not in (r.stderr if point in ("submit", "kill") else "")
         assert json_files_valid(dq.root) == []
     finally:
-        free(cluster)
+        cluster.free_small()
     if point != "handover":
         dq.run("node3", ALICE, "kill", first)
     assert wait_state(dq, first, ("done", "killed"), timeout=30)["state"] == \

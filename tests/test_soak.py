@@ -16,11 +16,8 @@ import re
 import threading
 import time
 
-import shutil
-
 import pytest
 
-from cluster import DQInstall, install_dq
 from dqtest import ALICE, BOB, DAN, configure, job, jobs, script, wait_until
 
 
@@ -92,35 +89,6 @@ def read_trace(path, killed):
     for job_id in torn:
         out.pop(job_id, None)
     return out
-
-
-@pytest.fixture
-def small_dq(cluster, request):
-    """A dq install on the small filesystem every node sees (to fill it)."""
-    root = os.path.join(cluster.small, "soak-" + request.node.name[-12:].strip("[]"))
-    install_dq(cluster, root)
-    try:
-        yield DQInstall(cluster, root)
-    finally:
-        free_small(cluster)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def fill_small(cluster):
-    with open(os.path.join(cluster.small, "filler"), "ab", buffering=0) as f:
-        for size in (1 << 20, 65536, 4096, 512, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError:
-                pass
-
-
-def free_small(cluster):
-    try:
-        os.unlink(os.path.join(cluster.small, "filler"))
-    except FileNotFoundError:
-        pass
 
 
 @pytest.mark.parametrize("run", range(RUNS))
@@ -210,10 +178,10 @@ def soak(cluster, dq, run, faults=False):
         fault_log.append(("sshd back", time.time()))
         if stop.wait(6):
             return
-        fill_small(cluster)
+        cluster.fill_small()
         fault_log.append(("full", time.time()))
         stop.wait(4)
-        free_small(cluster)
+        cluster.free_small()
         fault_log.append(("room", time.time()))
 
     threads = [threading.Thread(target=hand_started), threading.Thread(target=killer)]
@@ -236,7 +204,7 @@ def soak(cluster, dq, run, faults=False):
             t.join()
         if faults:
             cluster.cont_sshd("node2")
-            free_small(cluster)
+            cluster.free_small()
     assert not errors, errors
     if faults:
         assert [what for what, _ in fault_log] == ["sshd stopped", "sshd back", "full",
