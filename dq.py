@@ -3219,7 +3219,12 @@ def launch_all(cfg, jobs, res):
     # session ('running'): no second hold of the lock per launch.
     if res.failed:
         with Placements.locked(cfg) as places:
-            for job_id, _, _ in res.failed:
+            for job_id, host, why_not in list(res.failed):
+                if os.path.exists(os.path.join(cfg.job_dir(job_id), "run.json")):
+                    # it started after all (its ssh answered late): a pass
+                    # confirms it, or judges it by its lease
+                    res.failed.remove((job_id, host, why_not))
+                    continue
                 places.drop(job_id)     # back to the queue
     for job_id, host, reason in res.failed:
         warn(f"could not start {job_id} on {host}: {reason}"
@@ -3397,8 +3402,19 @@ def cmd__run(cfg, argv):
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
            "started": time.time()}
     run_json = os.path.join(job.dir, "run.json")
-    lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
-    write_json(run_json, run, durable=False)     # durable once the job runs, below
+    # Under the lock, the placement must still be this one: a launch whose
+    # ssh hung may come through long after it timed out and the job went
+    # back to the queue (and maybe elsewhere); a placement is dropped only
+    # while run.json is missing, under the same lock.
+    with Placements.locked(cfg) as places:
+        p = places.get(job_id)
+        if not p or (p["host"], p["gpus"], p["state"]) not in (
+                (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
+            _write_all(2, f"dq: not starting {job_id} on {host}: it is no longer placed "
+                          f"here (its launch timed out)\n".encode())
+            return 0
+        lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
+        write_json(run_json, run, durable=False)     # durable once the job runs, below
 
     def on_start(pgid):
         lease.start(pgid)

@@ -198,3 +198,24 @@ def test_a_fenced_jobs_copy_goes_to_a_host_that_answers(cluster, dq, gpus):
     trace = read_trace(d)
     assert trace[a][0] == {host} and trace[copy][0] == {other}, trace
     assert_never_two_at_once(trace)
+
+
+def test_a_launch_that_comes_through_late_does_not_start_the_job(cluster, dq):
+    """The ssh of a launch to a hung host may deliver its command long after
+    dq gave up on it and queued the job again: the wrapper it starts finds
+    the job no longer placed there and does not run it."""
+    configure(dq, ["node1"], **LEASE)
+    cluster.set_gpus("node1", 1)
+    d, path = script(cluster, ALICE, "t.sh", TRACE, subdir="late-launch")
+    a, _ = submit(dq, "node3", ALICE, path, env={"DQ_T": "30"})
+    wait_state(dq, a, "running")
+    b, _ = submit(dq, "node3", ALICE, path, env={"DQ_T": "2"})     # queued: no GPU free
+    # what a late launch of b on node1 GPU 0 would run in its screen session
+    r = cluster.run("node1", ALICE, ["python3", os.path.join(dq.root, "dq.py"), "_run", b,
+                                     "node1", "0"], timeout=30)
+    assert r.returncode == 0 and "no longer placed here" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(dq.root, "jobs", "backend", b, "run.json"))
+    assert job(dq, b)["state"] == "queued"
+    assert b not in read_trace(d)
+    dq.run("node3", ALICE, "kill", a)
+    assert wait_state(dq, b, "done", timeout=30)["host"] == "node1"
