@@ -3563,17 +3563,24 @@ class Lease:
         self.revoked = None     # why dq wants the job stopped now
         self.fenced = None      # why the watchdog stopped it
         self.pgid = None
-        import threading
-        self._stop = threading.Event()
-        threading.Thread(target=self._renew, daemon=True).start()
+        self.stopped = False
+        # _thread, not threading: importing threading would cost every job
+        # ~3 ms before it starts
+        _thread.start_new_thread(self._renew, ())
 
     def start(self, pgid):
-        import threading
         self.pgid = pgid
-        threading.Thread(target=self._watch, daemon=True).start()
+        _thread.start_new_thread(self._watch, ())
 
     def stop(self):
-        self._stop.set()
+        self.stopped = True
+
+    def _sleep(self, seconds):
+        """Sleep, waking early once stopped; False then."""
+        end = time.monotonic() + seconds
+        while not self.stopped and time.monotonic() < end:
+            time.sleep(min(WATCHDOG_PERIOD, max(0.0, end - time.monotonic())))
+        return not self.stopped
 
     def stopped_by_dq(self):
         """Did the watchdog stop the job (lease, or dq counting it lost)?"""
@@ -3582,7 +3589,7 @@ class Lease:
     revoked_by_kill = property(lambda self: self.revoked == "killed by dq-kill")
 
     def _renew(self):
-        while not self._stop.is_set():
+        while not self.stopped:
             t0 = time.monotonic()
             try:
                 os.utime(self.path)
@@ -3594,11 +3601,11 @@ class Lease:
                     self.revoked = "killed by dq-kill"
             except OSError as e:
                 self.error = e.strerror
-            self._stop.wait(self.times.renew)
+            self._sleep(self.times.renew)
 
     def _watch(self):
         kill_at = None
-        while not self._stop.wait(WATCHDOG_PERIOD):
+        while self._sleep(WATCHDOG_PERIOD):
             now = time.monotonic()
             silent = now - self.renewed
             if kill_at is None and (self.revoked or silent >= self.times.term):
@@ -3616,9 +3623,9 @@ class Lease:
         the log and a lost marker if the data root takes them (then the
         owner's pass records the end and requeues it), and quit: the
         session goes, and a pass that sees it gone counts the job lost."""
-        import threading
         msg = f"dq: {self.job_id}: stopped by dq: {self.fenced}\n".encode()
         _write_all(2, msg)
+        said = []
 
         def say():      # in a thread: on a hung data root it hangs, not us
             if self.revoked is None:
@@ -3626,9 +3633,11 @@ class Lease:
                 mark_lost(self.cfg, Job(self.cfg, self.job_id, {}, me()),
                           f"stopped on its host: {self.fenced}")
             log.close()
-        t = threading.Thread(target=say, daemon=True)
-        t.start()
-        t.join(max(self.times.renew * 2, 2.0))
+            said.append(True)
+        _thread.start_new_thread(say, ())
+        end = time.monotonic() + max(self.times.renew * 2, 2.0)
+        while not said and time.monotonic() < end:
+            time.sleep(0.05)
         self.stop()
         return 1
 
@@ -5348,6 +5357,7 @@ def web_state(cfg, polls=0):
     running = [j for j in active if j["state"] == "running"]
     queued = [j for j in active if j["state"] == "queued"]
     wait_reasons(cfg, queued, places)
+    running_notes(cfg, running, time.time())
     users = {}
     for job_id in ids:
         user = job_id.split("-", 1)[1]
@@ -5494,7 +5504,8 @@ function render(s) {
   table("users", ["User", "GPUs", "Running", "Queued"],
         s.users.map(u => [u.user, u.gpus, u.running, u.queued]));
   table("running", ["Job", "User", "Host/GPU", "Runtime", "Left", "Script"],
-        s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(","), dur(now - j.started),
+        s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(",") +
+          (j.reason ? " (" + j.reason + ")" : ""), dur(now - j.started),
           j.time_limit ? dur(j.started + j.time_limit - now) : "-", desc(j)]));
   table("queue", ["Job", "User", "GPUs", "Wait", "Reason", "Script"],
         s.queue.map(j => [j.id, j.user, j.gpus_wanted, dur(now - j.submitted), j.reason,

@@ -509,6 +509,7 @@ INTERNAL = [
     ("_kill", [J_RUN, "-5"]),
     ("_kill", ["x", "0"]),
     ("_kill", [J_RUN, "0", "extra"]),
+    ("_layout", ["extra"]),
 ]
 
 
