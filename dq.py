@@ -2562,6 +2562,7 @@ class Placements(dict):
         self.changed = changed      # save on the way out of `locked`
         self.handed_out = False     # ... and fsync it before any launch
         self.silent = set()         # hosts whose last poll failed (reconcile)
+        self._dropped_launching = []    # see _restore_started
         self._lock = None
 
     # Loading and saving
@@ -2640,6 +2641,7 @@ class Placements(dict):
             if exc_type is None and self.changed:
                 write_json(self.path(self.cfg), {"jobs": dict(self)}, mode=0o666,
                            compact=True, durable=False)
+                self._restore_started()
         finally:
             self._lock.release()
         if exc_type is None and self.handed_out:
@@ -2677,10 +2679,29 @@ class Placements(dict):
     def drop(self, job_id):
         """any -> gone: the job ended, was lost or killed, or goes back to
         the queue.  False if it had no placement."""
-        if self.pop(job_id, None) is None:
+        p = self.pop(job_id, None)
+        if p is None:
             return False
+        if p["state"] == self.LAUNCHING:
+            self._dropped_launching.append((job_id, p))
         self.changed = True
         return True
+
+    def _restore_started(self):
+        """A launching job dropped (no run.json when its pass looked) whose
+        wrapper wrote run.json meanwhile gets its placement back, still
+        under the lock.  The wrapper writes run.json, then reads the
+        placements: it reads either this save, and does not run the job,
+        or the older one -- then its run.json is there now, and the
+        placement comes back before anyone can give its GPUs away."""
+        back = [(j, p) for j, p in self._dropped_launching
+                if j not in self and os.path.exists(os.path.join(self.cfg.job_dir(j), "run.json"))
+                and not os.path.exists(os.path.join(self.cfg.job_dir(j), "end.json"))]
+        self._dropped_launching = []
+        if back:
+            self.update(back)
+            write_json(self.path(self.cfg), {"jobs": dict(self)}, mode=0o666,
+                       compact=True, durable=False)
 
     # Questions
 
@@ -3402,19 +3423,24 @@ def cmd__run(cfg, argv):
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
            "started": time.time()}
     run_json = os.path.join(job.dir, "run.json")
-    # Under the lock, the placement must still be this one: a launch whose
-    # ssh hung may come through long after it timed out and the job went
-    # back to the queue (and maybe elsewhere); a placement is dropped only
-    # while run.json is missing, under the same lock.
-    with Placements.locked(cfg) as places:
-        p = places.get(job_id)
-        if not p or (p["host"], p["gpus"], p["state"]) not in (
-                (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
-            _write_all(2, f"dq: not starting {job_id} on {host}: it is no longer placed "
-                          f"here (its launch timed out)\n".encode())
-            return 0
-        lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
-        write_json(run_json, run, durable=False)     # durable once the job runs, below
+    lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
+    write_json(run_json, run, durable=False)     # durable once the job runs, below
+    # Then the placement must still be this one: a launch whose ssh hung
+    # may come through long after it timed out and the job went back to
+    # the queue (and maybe elsewhere).  run.json first, then this read:
+    # see Placements._restore_started.
+    p = Placements.read(cfg).get(job_id)
+    if not p or (p["host"], p["gpus"], p["state"]) not in (
+            (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
+        for path in (run_json, lease.path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        lease.stop()
+        _write_all(2, f"dq: not starting {job_id} on {host}: it is no longer placed "
+                      f"here (its launch timed out)\n".encode())
+        return 0
 
     def on_start(pgid):
         lease.start(pgid)
