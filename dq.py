@@ -2676,13 +2676,15 @@ class Placements(dict):
         p["state"], p["seen"] = self.RUNNING, now
         self.changed = True
 
-    def drop(self, job_id):
+    def drop(self, job_id, unstarted=False):
         """any -> gone: the job ended, was lost or killed, or goes back to
-        the queue.  False if it had no placement."""
+        the queue (unstarted: a launching job that has no run.json, which
+        goes back to the queue; see _restore_started).  False if it had no
+        placement."""
         p = self.pop(job_id, None)
         if p is None:
             return False
-        if p["state"] == self.LAUNCHING:
+        if unstarted and p["state"] == self.LAUNCHING:
             self._dropped_launching.append((job_id, p))
         self.changed = True
         return True
@@ -2818,7 +2820,7 @@ def reconcile(cfg, places, polls, now):
                                         f"and the job's lease was last renewed {age:.0f}s ago")
                     places.drop(job_id)
             elif now - since >= cfg.lost_after:
-                places.drop(job_id)     # never started there: back to the queue
+                places.drop(job_id, unstarted=True)     # never started: back to the queue
             continue
         verdict = places.session_verdict(
             job_id, st, lambda: (load() and job.run.get("started")) or None, now)
@@ -2828,7 +2830,9 @@ def reconcile(cfg, places, polls, now):
             if load() and (p["state"] == Placements.RUNNING or job.run):
                 mark_lost(cfg, job, f"its screen session on {p['host']} ended without "
                                     f"recording an exit status")
-            places.drop(job_id)
+                places.drop(job_id)
+            else:
+                places.drop(job_id, unstarted=True)
 
 
 # Leases ######################################################################
@@ -3246,7 +3250,7 @@ def launch_all(cfg, jobs, res):
                     # confirms it, or judges it by its lease
                     res.failed.remove((job_id, host, why_not))
                     continue
-                places.drop(job_id)     # back to the queue
+                places.drop(job_id, unstarted=True)     # back to the queue
     for job_id, host, reason in res.failed:
         warn(f"could not start {job_id} on {host}: {reason}"
              + ("" if reason.endswith("queue") else "; it stays queued"))
@@ -3438,8 +3442,8 @@ def cmd__run(cfg, argv):
             except OSError:
                 pass
         lease.stop()
-        _write_all(2, f"dq: not starting {job_id} on {host}: it is no longer placed "
-                      f"here (its launch timed out)\n".encode())
+        warn(f"not starting {job_id} on {host}: it is no longer placed here (its launch "
+             f"came through after dq gave up on it)")
         return 0
 
     def on_start(pgid):

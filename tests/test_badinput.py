@@ -904,6 +904,12 @@ def test_job_wrapper_goes_on_past_a_corrupt_hosts_json(root, name):
     the GPU table in hosts.json (poll_handover)."""
     g = GARBAGE.get(name) or FIELD_GARBAGE["hosts.json"][name]
     write(root.p("state", "hosts.json"), garbage_text({}, g), mode=0o666)
+    # placed and being launched, as a pass leaves it for its wrapper
+    path = root.p("state", "placements.json")
+    places = json.load(open(path)) if os.path.exists(path) else {"format": 1, "jobs": {}}
+    places["jobs"][J_GPU] = {"user": ME, "host": HOST, "gpus": [1], "state": "launching",
+                             "since": time.time()}
+    write(path, json.dumps(places), mode=0o666)
     r = root.run("_run", J_GPU, HOST, "1")      # runs ok.sh, which says ok
     carried_on(r, "hosts.json")
     assert root.jobs("complete")[J_GPU]["state"] == "done"

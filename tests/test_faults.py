@@ -28,7 +28,13 @@ def test_dead_host_jobs_are_lost_requeued_once_and_never_run_twice(cluster, dq):
     wait_until(lambda: os.path.exists(os.path.join(d, "runs")), 10)
     killed_at = time.time()
     cluster.kill_node("node2")
-    jb = wait_state(dq, b, "lost", timeout=60)
+    # lost, then (its lease expired) its end recorded and its copy queued
+    try:
+        jb = wait_until(lambda: (lambda j: j if j["state"] == "lost" and "requeued as" in
+                                 (j["reason"] or "") else None)(job(dq, b)), 60, 0.2,
+                        f"{b} to be lost and requeued")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; it is {job(dq, b)}") from None
     assert time.time() - killed_at < 60
     assert "node2" in jb["reason"] and "requeued as" in jb["reason"]
     requeued = jb["reason"].split("requeued as ")[1].split()[0]
