@@ -6,8 +6,10 @@ file in its working directory every 0.2 s, so a test can tell, as a user
 reading the files would, which copies ran where and whether two ever ran
 at the same time.
 """
+import json
 import os
 import time
+import urllib.request
 
 import pytest
 
@@ -51,6 +53,15 @@ def assert_never_two_at_once(trace):
         assert a1 < b0, f"{a} ({a0:.2f}-{a1:.2f}) and {b} ({b0:.2f}-{b1:.2f}) ran at once"
 
 
+def web_state(port):
+    """dq-web's /api/state, or {} while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=10) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
 def copies_of(dq, job_id):
     return [j for view in (None, "complete") for j in jobs(dq, "node3", view=view)
             if j.get("restart_of") == job_id]
@@ -77,17 +88,23 @@ def test_hung_sshd_a_beating_job_runs_on_and_its_real_end_is_kept(cluster, dq, g
     host = wait_state(dq, a, "running", timeout=20)["host"]
     other = "node2" if host == "node1" else "node1"
     wait_until(lambda: a in read_trace(d), 10, what="the job's first line")
+    port = dqtest.free_port()
+    web = dq.popen("node3", ALICE, "web", "--port", port)
     cluster.stop_sshd(host)
     stopped_at = time.time()
     try:
         # Past lost_after: still running, shown as such, and no copy
-        seen_note = False
+        seen_note = seen_on_web = False
         while time.time() - stopped_at < 6:
             j = job(dq, a)
             assert j["state"] == "running", j
             seen_note = seen_note or "not answering" in (j.get("reason") or "")
+            seen_on_web = seen_on_web or any(
+                r["id"] == a and "not answering" in (r.get("reason") or "")
+                for r in web_state(port).get("running", []))
             time.sleep(0.5)
         assert seen_note, "dq-jobs never said the host is not answering"
+        assert seen_on_web, "dq-web never said the host is not answering"
         assert not copies_of(dq, a)
         # It ends during the outage: its real end is recorded, not 'lost'
         j = wait_state(dq, a, ("done", "failed", "lost"), timeout=15)
@@ -95,6 +112,8 @@ def test_hung_sshd_a_beating_job_runs_on_and_its_real_end_is_kept(cluster, dq, g
         assert time.time() - stopped_at < 15
     finally:
         cluster.cont_sshd(host)
+        web.terminate()
+        web.wait(10)
     time.sleep(3)       # the passes see the host again: still nothing re-run
     assert job(dq, a)["state"] == "done"
     assert not copies_of(dq, a)
