@@ -3448,7 +3448,10 @@ def cmd__run(cfg, argv):
 
     def on_start(pgid):
         lease.start(pgid)
-        write_json(run_json, dict(run, pgid=pgid))
+        try:
+            write_json(run_json, dict(run, pgid=pgid))
+        except OSError:         # a full data root: the job runs all the same,
+            lease.pending = (run_json, dict(run, pgid=pgid))    # written once there is room
     # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
     # wrapper before it records the end; handlers reset on exec.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -3593,6 +3596,7 @@ class Lease:
         self.revoked = None     # why dq wants the job stopped now
         self.fenced = None      # why the watchdog stopped it
         self.pgid = None
+        self.pending = None     # (path, data): run.json with the job's pgid, not yet written
         self.stopped = False
         # _thread, not threading: importing threading would cost every job
         # ~3 ms before it starts
@@ -3624,6 +3628,12 @@ class Lease:
             try:
                 os.utime(self.path)
                 self.renewed, self.error = t0, None
+                if self.pending:
+                    try:
+                        write_json(*self.pending)
+                        self.pending = None
+                    except OSError:
+                        pass
                 if os.path.exists(self.lost_marker):
                     self.revoked = "dq counts it as lost"
                 elif os.path.exists(self.end_path) and \
