@@ -2065,12 +2065,7 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=No
         # stays taken: the counter moved past it).
         import shutil
         for job_id in ids:
-            for index in ("active", "cpu"):
-                try:
-                    os.unlink(cfg.p("jobs", index, job_id))
-                except OSError:
-                    pass
-            set_queue_name(cfg, job_id, None)
+            drop_from_index(cfg, job_id)
             shutil.rmtree(cfg.job_dir(job_id), ignore_errors=True)
         raise
 
@@ -2639,8 +2634,7 @@ class Placements(dict):
             # reservations costs nothing if a crash loses it (the next
             # pass redoes it).
             if exc_type is None and self.changed:
-                write_json(self.path(self.cfg), {"jobs": dict(self)}, mode=0o666,
-                           compact=True, durable=False)
+                self._save()
                 self._restore_started()
         finally:
             self._lock.release()
@@ -2702,8 +2696,11 @@ class Placements(dict):
         self._dropped_launching = []
         if back:
             self.update(back)
-            write_json(self.path(self.cfg), {"jobs": dict(self)}, mode=0o666,
-                       compact=True, durable=False)
+            self._save()
+
+    def _save(self):
+        write_json(self.path(self.cfg), {"jobs": dict(self)}, mode=0o666, compact=True,
+                   durable=False)
 
     # Questions
 
@@ -3594,6 +3591,7 @@ class Lease:
         self.renewed = time.monotonic()     # start of the last renewal that worked
         self.error = None
         self.revoked = None     # why dq wants the job stopped now
+        self.killed = False     # ... because a dq-kill recorded it killed
         self.fenced = None      # why the watchdog stopped it
         self.pgid = None
         self.pending = None     # (path, data): run.json with the job's pgid, not yet written
@@ -3607,20 +3605,12 @@ class Lease:
         _thread.start_new_thread(self._watch, ())
 
     def stop(self):
+        """No more renewals or watching (the threads end at their next wake-up)."""
         self.stopped = True
-
-    def _sleep(self, seconds):
-        """Sleep, waking early once stopped; False then."""
-        end = time.monotonic() + seconds
-        while not self.stopped and time.monotonic() < end:
-            time.sleep(min(WATCHDOG_PERIOD, max(0.0, end - time.monotonic())))
-        return not self.stopped
 
     def stopped_by_dq(self):
         """Did the watchdog stop the job (lease, or dq counting it lost)?"""
-        return self.fenced is not None and not self.revoked_by_kill
-
-    revoked_by_kill = property(lambda self: self.revoked == "killed by dq-kill")
+        return self.fenced is not None and not self.killed
 
     def _renew(self):
         while not self.stopped:
@@ -3638,14 +3628,15 @@ class Lease:
                     self.revoked = "dq counts it as lost"
                 elif os.path.exists(self.end_path) and \
                         (read_json(self.end_path, {}, {}) or {}).get("state") == "killed":
-                    self.revoked = "killed by dq-kill"
+                    self.revoked, self.killed = "killed by dq-kill", True
             except OSError as e:
                 self.error = e.strerror
-            self._sleep(self.times.renew)
+            time.sleep(self.times.renew)
 
     def _watch(self):
         kill_at = None
-        while self._sleep(WATCHDOG_PERIOD):
+        while not self.stopped:
+            time.sleep(WATCHDOG_PERIOD)
             now = time.monotonic()
             silent = now - self.renewed
             if kill_at is None and (self.revoked or silent >= self.times.term):
@@ -3665,7 +3656,8 @@ class Lease:
         session goes, and a pass that sees it gone counts the job lost."""
         msg = f"dq: {self.job_id}: stopped by dq: {self.fenced}\n".encode()
         _write_all(2, msg)
-        said = []
+        said = _thread.allocate_lock()
+        said.acquire()
 
         def say():      # in a thread: on a hung data root it hangs, not us
             if self.revoked is None:
@@ -3673,11 +3665,9 @@ class Lease:
                 mark_lost(self.cfg, Job(self.cfg, self.job_id, {}, me()),
                           f"stopped on its host: {self.fenced}")
             log.close()
-            said.append(True)
+            said.release()
         _thread.start_new_thread(say, ())
-        end = time.monotonic() + max(self.times.renew * 2, 2.0)
-        while not said and time.monotonic() < end:
-            time.sleep(0.05)
+        said.acquire(timeout=max(self.times.renew * 2, 2.0))
         self.stop()
         return 1
 
