@@ -1292,9 +1292,498 @@ def set_drained(cfg, hosts, drained, reason):
         write_json(path, {"hosts": entries})
 
 
+# Wait reasons ################################################################
+
+# Why a queued job waits (dq-jobs queue's Reason, dq-web, /api/state), like
+# Slurm's REASON column.  The planner (plan) gives each job it passes over
+# the first of its rules that stopped it; each reason is registered here,
+# once, and the README's table lists them all.  A reason with {job} names
+# the job it is about.
+WAIT_REASONS = {}
+
+
+def wait_reason(words, meaning):
+    """Register a reason: its words in listings, and what it means."""
+    WAIT_REASONS.setdefault(words, meaning)
+    return words
+
+
+HELD = wait_reason("held", "held by its owner (dq-hold); dq-release lets it go")
+AFTER = wait_reason("after {job}", "waits for job {job} to end (DQ_AFTER, DQ_AFTER_ANY)")
+STARTING = wait_reason("starting", "placed on GPUs; its owner's dq-schedule starts it now")
+NEXT_PASS = wait_reason("next pass", "what it needs is free; the next pass places it")
+USER_LIMIT = wait_reason("user limit", "its owner holds as many GPUs as max_gpus_per_user / "
+                                       "[limits] allow")
+HOSTS_DOWN = wait_reason("hosts down", "the hosts it may use do not answer, or their "
+                                       "nvidia-smi fails")
+DRAINED = wait_reason("drained", "the hosts it may use are drained by an admin (dq-drain "
+                                 "lists them)")
+GPUS_BUSY = wait_reason("GPUs busy", "every GPU it may use is in use")
+KEPT = wait_reason("kept for {job}", "GPUs it may use are free, but kept for job {job}, "
+                                     "which has waited starve_after and needs more of them")
+CPU_SLOTS = wait_reason("CPU slots", "every host it may use runs cpu_slots CPU-only jobs")
+
+
+# Constraints #################################################################
+
+# Where a job may run: each DQ_* variable that narrows the hosts or GPUs a
+# job may take is one Constraint in CONSTRAINTS, and everything that deals
+# with constraints iterates that table: dq-submit (job_needs parses them
+# into the job's `need`, check_fits refuses a job no host can ever run),
+# the state files (is_need checks a stored `need`), the queue
+# (need_shape), the planner (a host or GPU is the job's only if every
+# constraint it set allows it, and the first one that leaves it no room is
+# its wait reason) and the listings (describe_need).  Adding one is one
+# entry (the README's "Patching dq" shows one worked through).
+
+HOST_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]+$")
+MAX_RANGE = 10000       # hosts one [a-b] range may name
+
+
+def host_patterns(var, text):
+    """'deep[1-4],deep1*' -> ['deep1', ..., 'deep4', 'deep1*']: names and
+    shell globs, ranges expanded."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out = []
+    for item in items + [cur]:
+        for pat in _expand_range(var, item.strip()):
+            if not HOST_PATTERN_RE.match(pat):
+                raise Failure(f"{var}: {item.strip()!r} is not a host name, range or glob; "
+                              f"e.g. {var}=deep1,deep[3-5],gpu*")
+            out.append(pat)
+    return out
+
+
+def _expand_range(var, item):
+    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
+    if not m:
+        return [item]
+    head, body, tail = m.groups()
+    names = []
+    for part in body.split(","):
+        r = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        lo, hi = (int(r.group(1)), int(r.group(2) or r.group(1))) if r else (1, 0)
+        if not r or hi < lo or hi - lo > MAX_RANGE:
+            raise Failure(f"{var}: bad range [{body}] in {item!r}; e.g. deep[1-4] or "
+                          f"deep[1,3,7-9]")
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        names += [f"{head}{n:0{width}d}" for n in range(lo, hi + 1)]
+    return [x for name in names for x in _expand_range(var, name + tail)]
+
+
+def is_host_patterns(v):
+    return isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p) for p in v)
+
+
+def size_mib(var, text):
+    """'24G', '24000M', '24 GiB', '24000' (MiB) -> MiB."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([MGT]?)(?:I?B)?", text.strip(), re.I)
+    if not m:
+        raise Failure(f"{var}={text!r} is not a size; e.g. {var}=24G, {var}=24000M, or a "
+                      f"plain number of MiB")
+    unit = 1024 ** "MGT".index(m.group(2).upper() or "M")
+    return math.ceil(float(m.group(1)) * unit)
+
+
+def matches_host(patterns, host):
+    import fnmatch
+    return any(fnmatch.fnmatchcase(host, p) for p in patterns)
+
+
+# What dq-submit says when no host of the cluster can ever run a job for a
+# constraint: {words} are the job's constraints in the user's words
+# ({host_words}: its host constraints only), {hosts} the cluster's hosts, {want} the GPUs asked for, {inventory} the
+# cluster's GPUs (gpu_inventory).
+NO_HOST = ("{host_words} leaves no host of the cluster (its hosts: {hosts}); change DQ_HOSTS or "
+           "DQ_EXCLUDE")
+NO_GPU = "no host has {want} GPU(s) for {words}; the cluster has {inventory}"
+
+
+class Constraint:
+    """One entry of CONSTRAINTS:
+
+    var      the DQ_* variable a user sets at submit
+    key      its key in the job's `need` (its jobs/active entry)
+    parse    stripped, non-empty text -> the value kept in `need`; raises
+             Failure naming the fix
+    valid    stored value -> bool, and `what` a good one is (is_need)
+    host     (value, host) -> may the job use that host (None: all hosts)
+    gpu      (value, nvidia-smi's name, memory.total MiB; None where
+             unknown) -> may it use that GPU (None: a host constraint);
+             a GPU constraint is refused with DQ_GPUS=0
+    show     value -> the words for it in listings and refusals
+    reason   the wait reason (WAIT_REASONS) of a job it alone keeps waiting
+    refusal  dq-submit's words when it leaves the job no place (NO_HOST,
+             NO_GPU or a text of its own with their fields)
+
+    The queue's shape (need_shape) hashes the whole `need`, so a new key
+    is part of it with nothing to add."""
+
+    def __init__(self, var, key, parse, valid, what, show, reason, host=None, gpu=None,
+                 refusal=None):
+        self.var, self.key, self.parse, self.valid, self.what = var, key, parse, valid, what
+        self.show, self.host, self.gpu = show, host, gpu
+        self.reason = wait_reason(*reason)
+        self.refusal = refusal or (NO_GPU if gpu else NO_HOST)
+
+
+HOSTS_REASON = ("hosts", "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out")
+KIND_REASON = ("GPU kind", "GPUs are free, but none of the type or size it asks for")
+
+CONSTRAINTS = [
+    # hosts first: a job's hosts are settled before its GPUs
+    Constraint("DQ_HOSTS", "hosts", lambda t: host_patterns("DQ_HOSTS", t), is_host_patterns,
+               "host patterns", lambda v: "DQ_HOSTS=" + ",".join(v), HOSTS_REASON,
+               host=matches_host),
+    Constraint("DQ_EXCLUDE", "exclude", lambda t: host_patterns("DQ_EXCLUDE", t),
+               is_host_patterns, "host patterns", lambda v: "DQ_EXCLUDE=" + ",".join(v),
+               HOSTS_REASON, host=lambda v, h: not matches_host(v, h)),
+    Constraint("DQ_GPU_TYPE", "gpu_type", lambda t: t, is_str, "a text",
+               lambda v: f"DQ_GPU_TYPE={v}", KIND_REASON,
+               gpu=lambda v, name, total: name is not None and v.lower() in name.lower()),
+    Constraint("DQ_GPU_MEM", "gpu_mem", lambda t: size_mib("DQ_GPU_MEM", t),
+               lambda v: is_int(v, 1), "a size in MiB", lambda v: f"DQ_GPU_MEM={v}M",
+               KIND_REASON, gpu=lambda v, name, total: total is not None and total >= v),
+]
+
+def is_need(v):
+    """Is v a good stored `need`: keys and values of CONSTRAINTS' entries?"""
+    fields = {c.key: (c.valid, c.what, False) for c in CONSTRAINTS}
+    return isinstance(v, dict) and set(v) <= set(fields) and bad_field(v, fields) is None
+
+
+def job_needs(env, want):
+    """The job's constraints from its DQ_* variables, checked: its `need`
+    ({key: value} of those it set)."""
+    need = {}
+    for c in CONSTRAINTS:
+        raw = env.get(c.var, "").strip()
+        if raw:
+            need[c.key] = c.parse(raw)
+    gpu_vars = [c.var for c in CONSTRAINTS if c.gpu and c.key in need]
+    if want == 0 and gpu_vars:
+        raise Failure(f"{' and '.join(gpu_vars)} choose{'s' * (len(gpu_vars) == 1)} GPUs, "
+                      f"but DQ_GPUS=0 asks for none; drop {'it' if len(gpu_vars) == 1 else 'them'},"
+                      f" or ask for GPUs with DQ_GPUS")
+    return need
+
+
+def set_constraints(need):
+    """The entries of CONSTRAINTS this need sets, in the table's order."""
+    return [c for c in CONSTRAINTS if need and c.key in need]
+
+
+def host_allowed(need, host):
+    return all(c.host(need[c.key], host) for c in set_constraints(need) if c.host)
+
+
+def gpu_allowed(need, name, total):
+    """Does a GPU (nvidia-smi's name and memory.total, None if unknown) fit?"""
+    return all(c.gpu(need[c.key], name, total) for c in set_constraints(need) if c.gpu)
+
+
+def describe_need(need, hosts=False):
+    """The constraints in the user's words (hosts: only the host ones)."""
+    return " ".join(c.show(need[c.key]) for c in set_constraints(need)
+                    if not (hosts and c.gpu))
+
+
+def need_shape(need):
+    """A short name for a set of constraints: jobs of one shape (and as
+    many GPUs) fit or not alike, so a pass can skip the rest at once."""
+    if not need:
+        return "-"
+    import hashlib
+    return hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Planning (pure: data in, decisions out) #####################################
+
+def order_key(number, priority, top):
+    """Within one user: DQ_PRIORITY (higher first), then dq-top (the latest
+    first), then submission."""
+    return (-priority, -top, number)
+
+
+class Queued:
+    """A queued job as the planner sees it, all of it data: its ID, GPUs
+    wanted (0: CPU only), constraints (`need`, see CONSTRAINTS) and their
+    shape (need_shape), when it was submitted (None: unknown), its order
+    key among its owner's jobs, and whether it is held (dq-hold) or
+    waiting for its dependencies (DQ_AFTER; waits_on: which one, where
+    the caller looked it up)."""
+    __slots__ = ("job_id", "gpus", "need", "shape", "submitted", "key", "held", "waiting",
+                 "waits_on")
+
+    def __init__(self, job_id, gpus, need=None, submitted=None, key=None, shape=None,
+                 held=False, waiting=False, waits_on=None):
+        self.job_id, self.gpus, self.need, self.submitted = job_id, gpus, need or None, submitted
+        self.shape = need_shape(need) if shape is None else shape
+        self.key, self.held, self.waiting, self.waits_on = key, held, waiting, waits_on
+
+    @property
+    def user(self):
+        return self.job_id.split("-", 1)[1]
+
+
+class UserQueue:
+    """One user's queue for a pass: a sub-queue per shape (GPUs wanted and
+    constraints), each a list of (order key, payload), merged in the
+    user's order; make(payload, (gpus, shape)) turns an entry into a
+    Queued when it comes up.  Once a job of a shape found no room, drop()
+    discards the rest of that shape at once: a pass walks the shapes, not
+    the jobs."""
+
+    def __init__(self, groups, make):
+        import heapq
+        self._heapq, self._make, self._groups = heapq, make, groups
+        for entries in groups.values():
+            entries.sort(key=lambda e: e[0])
+        self._pos = dict.fromkeys(groups, 0)
+        self._heap = [(entries[0][0], group) for group, entries in groups.items()]
+        heapq.heapify(self._heap)
+        self._dropped = set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self._heap:
+            _, group = self._heapq.heappop(self._heap)
+            if group in self._dropped:
+                continue
+            entries, i = self._groups[group], self._pos[group]
+            self._pos[group] = i + 1
+            if i + 1 < len(entries):
+                self._heapq.heappush(self._heap, (entries[i + 1][0], group))
+            return self._make(entries[i][1], group)
+        raise StopIteration
+
+    def drop(self, gpus, shape):
+        self._dropped.add((gpus, shape))
+
+
+def reserved_by_host(places):
+    out = {}
+    for p in places.values():
+        out.setdefault(p["host"], set()).update(p.get("gpus", []))
+    return out
+
+
+def gpus_held(places):
+    """{user: how many GPUs their placed and running jobs hold}."""
+    out = {}
+    for p in places.values():
+        out[p["user"]] = out.get(p["user"], 0) + len(p["gpus"])
+    return out
+
+
+def cpu_jobs_by_host(places):
+    """{host: how many CPU-only jobs are placed or running there}."""
+    out = {}
+    for p in places.values():
+        if not p.get("gpus"):
+            out[p["host"]] = out.get(p["host"], 0) + 1
+    return out
+
+
+class Plan:
+    """The planner's answer: `placed`, [(job_id, host, gpus)] in the order
+    decided, and `reasons`, {job_id: why it was passed over} (the words of
+    WAIT_REASONS, {job} filled in)."""
+
+    def __init__(self):
+        self.placed, self.reasons = [], {}
+
+
+def host_rules(need, hosts, up, closed):
+    """The rules on where a job may run, in order: (the first that leaves
+    it no host, None) or (None, the hosts it may use now).  hosts: every
+    host of the cluster, in dq.conf's order; up: those that answered;
+    closed: drained ones."""
+    left = list(hosts)
+    for c in set_constraints(need):
+        if c.host:
+            left = [h for h in left if c.host(need[c.key], h)]
+            if not left:
+                return c.reason, []
+    left = [h for h in left if h in up]
+    if not left:
+        return HOSTS_DOWN, []
+    left = [h for h in left if h not in closed]
+    return (DRAINED, []) if not left else (None, left)
+
+
+def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), usage=None,
+         explain=False):
+    """Decide which queued jobs go where, and why the others wait.  Pure:
+    data in, a Plan out, no I/O, so every rule is a unit test away.
+
+    queues: {user: that user's GPU jobs in their order} (iterables of
+    Queued; a UserQueue drops the rest of a shape once one of its jobs
+    found no room, so a pass costs about the same with ten or ten thousand
+    jobs waiting).  cpu_queue: the CPU-only jobs (DQ_GPUS=0), oldest first.
+    polls: {host: HostState} of every host, in dq.conf's order.  places:
+    the placements ({job_id: {user, host, gpus, ...}}).  rules: order,
+    starve_after, cpu_slots and gpu_limit(user) (the Config).  drained,
+    silent: hosts no job goes to (drained by an admin; whose last poll
+    failed).  usage: {user: decayed GPU-seconds}.  explain: give every job
+    a reason (the listings) instead of stopping once no GPU is left.
+
+    The rules, in the order a job meets them (the first that stops it is
+    its reason): held, waiting for its dependencies (after ID), already
+    placed (starting), its owner's GPU limit (user limit), the host rules
+    (host_rules: its host constraints, hosts down, drained), then room:
+    GPUs busy if no open host has enough free GPUs, else the first of its
+    constraints (CONSTRAINTS' order) that leaves no host enough, else the
+    host it fits is kept for a starving job (kept for ID).  A job that
+    passes them all is placed (next pass, in a listing).
+
+    Order (rules.order): `fairshare` takes next the first job of the user
+    who holds the fewest GPUs (placed or running, this pass's placements
+    included); between users holding as many, the one with less recent
+    usage, then the earlier job.  `fifo` takes the oldest job of all.
+    Within one user: their order (order_key).  Backfill: a job that cannot
+    fit yet is passed over by the ones behind it, except that once it has
+    waited starve_after seconds the host closest to fitting it is kept for
+    it.  Among hosts that fit, the one with the fewest free GPUs wins,
+    which keeps whole hosts free for multi-GPU jobs.  CPU-only jobs go to
+    the host running the fewest, at most cpu_slots each; they take no GPU,
+    so they never wait for or block a GPU job."""
+    out = Plan()
+    usage = usage or {}
+    reserved = reserved_by_host(places)
+    up = [h for h, s in polls.items() if not s.error and h not in silent]
+    free = {h: polls[h].free(reserved.get(h, ())) for h in up if h not in drained}
+    kept_for = {}           # host -> the job that starves for it
+    held = gpus_held(places)    # this plan's placements are added as it goes
+    no_room = {}            # (GPUs, shape) -> reason: jobs of one shape fail alike
+    streams = {u: iter(q) for u, q in queues.items()}
+    heads = {}
+
+    def queue_rule(item):
+        if item.held:
+            return HELD
+        if item.waiting:
+            return AFTER.format(job=item.waits_on) if item.waits_on else NEXT_PASS
+        if item.job_id in places:
+            return STARTING
+        return None
+
+    def number(u):
+        return int(heads[u].job_id.split("-", 1)[0])   # the head's age
+
+    def turn():
+        """Whose head goes next."""
+        if rules.order != "fairshare" or len(heads) == 1:
+            return min(heads, key=number)
+        fewest = min(held.get(u, 0) for u in heads)
+        users = [u for u in heads if held.get(u, 0) == fewest]
+        if len(users) > 1:
+            least = min(usage.get(u, 0.0) for u in users)
+            users = [u for u in users if usage.get(u, 0.0) == least]
+        return min(users, key=number)
+
+    def usable(h, gpus, need):
+        """Of these GPUs of h (indices), those the job's constraints allow."""
+        if not need:
+            return gpus
+        info = {g.index: g for g in polls[h].gpus}
+        return [i for i in gpus if gpu_allowed(need, info[i].name, info[i].total)]
+
+    def no_room_reason(item):
+        """Why a job that passed the host rules does not fit."""
+        want, need = item.gpus, item.need or {}
+        pool = dict(free)
+        if not any(len(v) >= want for v in pool.values()):
+            return GPUS_BUSY
+        for c in set_constraints(need):
+            if c.host:
+                pool = {h: v for h, v in pool.items() if c.host(need[c.key], h)}
+            else:
+                info = {h: {g.index: g for g in polls[h].gpus} for h in pool}
+                pool = {h: [i for i in v if c.gpu(need[c.key], info[h][i].name,
+                                                  info[h][i].total)]
+                        for h, v in pool.items()}
+            if not any(len(v) >= want for v in pool.values()):
+                return c.reason
+        return KEPT.format(job=next(kept_for[h] for h, v in pool.items()
+                                    if len(v) >= want and h in kept_for))
+
+    while explain or any(free[h] for h in free if h not in kept_for):
+        for u in [u for u in streams if u not in heads]:
+            item = next(streams[u], None)
+            if item is None:
+                del streams[u]
+            else:
+                heads[u] = item
+        if not heads:
+            break
+        user = turn()
+        item = heads.pop(user)
+        job_id, want = item.job_id, item.gpus
+        why = queue_rule(item)
+        limit = rules.gpu_limit(user)
+        if why is None and limit is not None and held.get(user, 0) + want > limit:
+            why = USER_LIMIT
+            if held.get(user, 0) >= limit and not explain:
+                streams.pop(user, None)     # none of theirs fits: read no more
+        if why is None and (want, item.shape) in no_room:
+            why = no_room[(want, item.shape)]
+        if why is not None:
+            out.reasons[job_id] = why
+            continue
+        why, hosts = host_rules(item.need, polls, up, drained)
+        mine = {h: usable(h, free[h], item.need) for h in hosts if h not in kept_for}
+        fits = [h for h in mine if len(mine[h]) >= want]
+        if fits:
+            h = min(fits, key=lambda h: len(free[h]))
+            gpus = sorted(mine[h])[:want]
+            free[h] = [g for g in free[h] if g not in gpus]
+            out.placed.append((job_id, h, gpus))
+            held[user] = held.get(user, 0) + want
+            continue
+        why = why or no_room_reason(item)
+        out.reasons[job_id] = no_room[(want, item.shape)] = why
+        if not explain:
+            for q in queues.values():
+                if isinstance(q, UserQueue):
+                    q.drop(want, item.shape)    # the rest of that shape, unread
+        if item.submitted is not None and now - item.submitted >= rules.starve_after:
+            big = [h for h in mine if len(usable(h, [g.index for g in polls[h].gpus],
+                                                 item.need)) >= want]
+            if big:
+                kept_for[max(big, key=lambda h: len(mine[h]))] = job_id
+
+    cpu_used = cpu_jobs_by_host(places)
+    reachable = [h for h, s in polls.items() if s.reachable and h not in silent]
+    for item in cpu_queue:
+        why = queue_rule(item)
+        if why is None:
+            why, hosts = host_rules(item.need, polls, reachable, drained)
+            if why is None:
+                hosts = [h for h in hosts if cpu_used.get(h, 0) < rules.cpu_slots]
+                why = None if hosts else CPU_SLOTS
+        if why is not None:
+            out.reasons[item.job_id] = why
+            continue
+        h = min(hosts, key=lambda h: cpu_used.get(h, 0))
+        cpu_used[h] = cpu_used.get(h, 0) + 1
+        out.placed.append((item.job_id, h, []))
+    return out
+
+
 # Jobs ########################################################################
 
 MAX_GPUS = 64       # per job: more is a typo
+MAX_PRIORITY = 1_000_000    # DQ_PRIORITY, either way
 
 
 # What each of a job's files holds (see bad_field): a file that does not
@@ -1812,32 +2301,6 @@ def wanted_gpus(env):
     return int(raw)
 
 
-# What a job may run on: DQ_HOSTS, DQ_EXCLUDE, DQ_GPU_TYPE, DQ_GPU_MEM at
-# submit become the job's `need` ({hosts, exclude, gpu_type, gpu_mem}, only
-# the keys asked for), kept in its jobs/active entry for the passes.
-HOST_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]+$")
-MAX_RANGE = 10000       # hosts one [a-b] range may name
-
-
-def job_needs(env, want):
-    """The job's constraints from its DQ_* variables, checked."""
-    need = {}
-    for var, key in (("DQ_HOSTS", "hosts"), ("DQ_EXCLUDE", "exclude")):
-        raw = env.get(var, "").strip()
-        if raw:
-            need[key] = host_patterns(var, raw)
-    gpu_type = env.get("DQ_GPU_TYPE", "").strip()
-    if gpu_type:
-        need["gpu_type"] = gpu_type
-    mem = env.get("DQ_GPU_MEM", "").strip()
-    if mem:
-        need["gpu_mem"] = size_mib("DQ_GPU_MEM", mem)
-    if want == 0 and ("gpu_type" in need or "gpu_mem" in need):
-        raise Failure("DQ_GPU_TYPE and DQ_GPU_MEM choose GPUs, but DQ_GPUS=0 asks for "
-                      "none; drop them, or ask for GPUs with DQ_GPUS")
-    return need
-
-
 def job_priority(env):
     """DQ_PRIORITY: a whole number, higher first, among the owner's own jobs."""
     raw = env.get("DQ_PRIORITY", "").strip()
@@ -1870,54 +2333,6 @@ def job_dependencies(cfg, env):
                               f"{var}=42,43-{me()}") from None
         out.append(sorted(set(ids), key=lambda i: int(i.split("-")[0])))
     return tuple(out)
-
-
-def host_patterns(var, text):
-    """'deep[1-4],deep1*' -> ['deep1', ..., 'deep4', 'deep1*']: names and
-    shell globs, ranges expanded."""
-    items, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out = []
-    for item in items + [cur]:
-        for pat in _expand_range(var, item.strip()):
-            if not HOST_PATTERN_RE.match(pat):
-                raise Failure(f"{var}: {item.strip()!r} is not a host name, range or glob; "
-                              f"e.g. {var}=deep1,deep[3-5],gpu*")
-            out.append(pat)
-    return out
-
-
-def _expand_range(var, item):
-    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
-    if not m:
-        return [item]
-    head, body, tail = m.groups()
-    names = []
-    for part in body.split(","):
-        r = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
-        lo, hi = (int(r.group(1)), int(r.group(2) or r.group(1))) if r else (1, 0)
-        if not r or hi < lo or hi - lo > MAX_RANGE:
-            raise Failure(f"{var}: bad range [{body}] in {item!r}; e.g. deep[1-4] or "
-                          f"deep[1,3,7-9]")
-        width = len(r.group(1)) if r.group(1).startswith("0") else 0
-        names += [f"{head}{n:0{width}d}" for n in range(lo, hi + 1)]
-    return [x for name in names for x in _expand_range(var, name + tail)]
-
-
-def size_mib(var, text):
-    """'24G', '24000M', '24 GiB', '24000' (MiB) -> MiB."""
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([MGT]?)(?:I?B)?", text.strip(), re.I)
-    if not m:
-        raise Failure(f"{var}={text!r} is not a size; e.g. {var}=24G, {var}=24000M, or a "
-                      f"plain number of MiB")
-    unit = 1024 ** "MGT".index(m.group(2).upper() or "M")
-    return math.ceil(float(m.group(1)) * unit)
 
 
 DURATION_RE = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s?)?", re.I)
@@ -1959,42 +2374,6 @@ def job_time_limit(cfg, env):
         raise Failure(f"DQ_TIME={raw} is above this cluster's max_time of "
                       f"{fmt_duration(cfg.max_time)}; ask for less")
     return limit
-
-
-def _glob(pattern, name):
-    if "*" not in pattern and "?" not in pattern:
-        return pattern == name
-    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", "."),
-                        name) is not None
-
-
-def host_allowed(need, host):
-    if need.get("hosts") and not any(_glob(p, host) for p in need["hosts"]):
-        return False
-    return not any(_glob(p, host) for p in need.get("exclude", ()))
-
-
-def gpu_allowed(need, name, total):
-    """Does a GPU (nvidia-smi's name and memory.total, None if unknown) fit?"""
-    kind = need.get("gpu_type")
-    if kind and (name is None or kind.lower() not in name.lower()):
-        return False
-    return total is not None and total >= need["gpu_mem"] if "gpu_mem" in need else True
-
-
-def is_need(v):
-    return isinstance(v, dict) and bad_field(v, NEED_FIELDS) is None and set(v) <= set(NEED_FIELDS)
-
-
-def is_host_patterns(v):
-    return isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p) for p in v)
-
-
-NEED_FIELDS = {
-    "hosts": (is_host_patterns, "host patterns", False),
-    "exclude": (is_host_patterns, "host patterns", False),
-    "gpu_type": (is_str, "a text", False),
-    "gpu_mem": (lambda v: is_int(v, 1), "a size in MiB", False)}
 
 
 def next_number(cfg):
@@ -2174,113 +2553,76 @@ def mark_lost(cfg, job, reason):
         warn(f"cannot mark {job.id} lost: {e.strerror}")
 
 
-def read_queue(cfg, places, stale=None, index="active", user=None):
-    """Yield (job_id, gpus_wanted, submitted, need) of jobs waiting for a
-    placement, oldest first, reading each entry only when asked for it.
-    Entries of jobs that ended or were lost go to `stale`."""
-    return _queue_entries(cfg, places, index_names(cfg, index, user), stale, index)
-
-
-def _queue_entries(cfg, places, names, stale, index, full=False):
-    """(job_id, gpus, submitted, need) of each of these jobs that is
-    queued; full: priority and dq-top's mark too."""
-    for job_id in names:
-        if job_id in places:
-            continue
-        path = cfg.p("jobs", "active", job_id)
-        if not owns_entry(path, job_id):
-            continue
-        # A bad entry keeps its job out of the queue (with a warning at
-        # each pass), never the others.
-        fix = f"its owner can dq-kill {job_id} and dq-restart it"
-        info = read_json(path, None, False, fix, skip_newer=True)
-        if info is None:
-            continue
-        if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) or \
-                os.path.exists(cfg.p("jobs", "lost", job_id)):
-            if stale is not None:
-                stale.append(job_id)
-            continue
-        if info is False:
-            continue        # read_json said why
-        why = bad_field(info, INDEX_FIELDS)
-        if why:
-            bad_file(path, why, fix)
-            continue
-        if index == "cpu" and info["gpus"] != 0:
-            continue        # a GPU job's stray cpu/ entry: plan() places it
-        if info.get("held") or info.get("waiting"):
-            continue        # dq-hold, or dependencies (release_dependents)
-        if full:
-            yield (job_id, info["gpus"], info.get("submitted"), info.get("need"),
-                   info.get("priority", 0), info.get("top", 0))
-        else:
-            yield job_id, info["gpus"], info.get("submitted"), info.get("need")
-
-
 # Each user's queue, in the order the passes take it: jobs/queue/<user>/, a
 # directory of the user's own (no one else can add to it or reorder it),
 # holds one empty file per queued job, whose name says all a pass needs to
-# order and skip it without opening anything (CPU-only jobs, 0 GPUs, are
-# placed from jobs/cpu; their names serve the dependencies):
-#     <number>_<gpus>_<shape>_<priority>_<top>[_h][w]
-# shape: a hash of the job's constraints ('-': none); _h: held, _w: waiting
-# for its dependencies (_hw: both).  A pass lists these directories, not
-# the whole queue, and reads a job's jobs/active entry only when it may
-# place it.
+# order and skip it without opening anything:
+#     <number>_<gpus>_<shape>_<priority>_<top>_<submitted>[_h][w]
+# shape: a hash of the job's constraints ('-': none; need_shape);
+# submitted: whole seconds, rounded up (names of an older dq lack it: the
+# owner's next pass renames them); _h: held, _w: waiting for its
+# dependencies (_hw: both).  A pass lists these directories, not the whole
+# queue, and reads one jobs/active entry per shape (its constraints), then
+# the entries of the jobs it placed, to check they are still queued.
 # The jobs/active entries stay the record (listings read them); the names
 # are derived from them, so the owner rebuilds a lost directory from them.
 QUEUE_NAME_RE = re.compile(r"^([0-9]+)_([0-9]+)_(-|[0-9a-f]{12})_(-?[0-9]+)_([0-9]+)"
-                           r"(_h?w?)?$")
-MAX_PRIORITY = 1_000_000
-
-
-def need_shape(need):
-    """A short name for a set of constraints: jobs of one shape (and as
-    many GPUs) fit or not alike, so a pass can skip the rest at once."""
-    if not need:
-        return "-"
-    import hashlib
-    return hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12]
+                           r"(?:_([0-9]+))?(_h?w?)?$")
 
 
 def queue_name(job_id, info):
     """The queue file name of a job from its jobs/active entry."""
+    submitted = info.get("submitted")
     return (f"{job_id.split('-', 1)[0]}_{info['gpus']}_{need_shape(info.get('need'))}_"
             f"{info.get('priority', 0)}_{info.get('top', 0)}" +
+            (f"_{math.ceil(submitted)}" if submitted is not None else "") +
             ("_" + "h" * bool(info.get("held")) + "w" * bool(info.get("waiting"))
              if info.get("held") or info.get("waiting") else ""))
 
 
-def order_key(number, priority, top):
-    """Within one user: DQ_PRIORITY (higher first), then dq-top (the latest
-    first), then submission."""
-    return (-priority, -top, number)
+def read_entry(cfg, job_id, stale=None):
+    """A job's jobs/active entry, if it is still queued or running and the
+    entry can be trusted; else None.  Entries of jobs that ended or were
+    lost go to `stale`.  A bad entry keeps its job out of the queue (with
+    a warning at each pass), never the others."""
+    path = cfg.p("jobs", "active", job_id)
+    if not owns_entry(path, job_id):
+        return None
+    fix = f"its owner can dq-kill {job_id} and dq-restart it"
+    info = read_json(path, None, False, fix, skip_newer=True)
+    if info is None:
+        return None
+    if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) or \
+            os.path.exists(cfg.p("jobs", "lost", job_id)):
+        if stale is not None:
+            stale.append(job_id)
+        return None
+    if info is False:
+        return None         # read_json said why
+    why = bad_field(info, INDEX_FIELDS)
+    if why:
+        bad_file(path, why, fix)
+        return None
+    return info
 
 
-class Queued:
-    """A queued GPU job as a pass sees it: what its queue name says, and
-    (read on demand) its entry's submit time and constraints."""
-    __slots__ = ("job_id", "gpus", "shape", "key", "_load", "_info")
+def queued_entry(cfg, places, job_id):
+    """The entry of a job a pass may place (queued, not placed, neither
+    held nor waiting), or None."""
+    if job_id in places:
+        return None
+    info = read_entry(cfg, job_id)
+    return None if info is None or info.get("held") or info.get("waiting") else info
 
-    def __init__(self, job_id, gpus, shape, key, load=None, info=None):
-        self.job_id, self.gpus, self.shape, self.key = job_id, gpus, shape, key
-        self._load, self._info = load, info
 
-    @classmethod
-    def of(cls, item):
-        """From a (job_id, gpus, submitted[, need]) tuple (tests, plan_cpu)."""
-        if isinstance(item, cls):
-            return item
-        job_id, gpus, submitted = item[:3]
-        need = item[3] if len(item) > 3 else None
-        return cls(job_id, gpus, need_shape(need), None, info=(submitted, need or None))
-
-    def details(self):
-        """(submitted, need), or None if the job is no longer queued."""
-        if self._load is not None:
-            self._info, self._load = self._load(), None
-        return self._info
+def read_queue(cfg, places, stale=None, user=None):
+    """Yield the IDs of jobs (of `user`) a pass may place, oldest first,
+    reading each entry only when asked for it."""
+    for job_id in index_names(cfg, "active", user):
+        if queued_entry(cfg, places, job_id) is not None:
+            yield job_id
+        elif job_id not in places and stale is not None:
+            read_entry(cfg, job_id, stale)
 
 
 def user_queue_names(cfg, user):
@@ -2301,91 +2643,81 @@ def user_queue_names(cfg, user):
         os.close(fd)
 
 
-def user_queue(cfg, places, user, names=None):
-    """The user's queued GPU jobs, in their order (a UserQueue of Queued
-    items, each read only when a pass asks)."""
-    names = user_queue_names(cfg, user) if names is None else names
-    if names is None:       # no usable directory: read and sort the entries
-        items = [Queued(j, g, need_shape(need), order_key(int(j.split("-")[0]), p, t),
-                        info=(s, need)) for j, g, s, need, p, t
-                 in _queue_entries(cfg, places, index_names(cfg, user=user), None, "active",
-                                   full=True)
-                 if g]
-        groups = {}
-        for item in items:
-            groups.setdefault((item.gpus, item.shape), []).append((item.key, item))
-        return UserQueue(groups, lambda item, group: item)
-    groups = {}
+def user_queue(cfg, skip, user, everything=False, waits_on=None):
+    """The user's queued jobs as the planner takes them: (a UserQueue of
+    their GPU jobs in their order, [their CPU-only jobs]), each a Queued.
+    From the names in their queue directory, reading one entry per shape
+    (its constraints); without a usable directory, from their entries.
+    skip: jobs to leave out (the placed ones); everything: held, waiting
+    and placed jobs too, for the listings' reasons (waits_on: {job_id: the
+    job it waits for})."""
+    waits_on = waits_on or {}
+    skip = () if everything else skip
+    names = user_queue_names(cfg, user)
+    groups, cpu = {}, []
+    if names is None:       # no usable directory: read the entries
+        for job_id in index_names(cfg, user=user):
+            info = None if job_id in skip else read_entry(cfg, job_id)
+            if info is None or not everything and (info.get("held") or info.get("waiting")):
+                continue
+            key = order_key(int(job_id.split("-")[0]), info.get("priority", 0),
+                            info.get("top", 0))
+            item = Queued(job_id, info["gpus"], info.get("need"), info.get("submitted"), key,
+                          held=bool(info.get("held")), waiting=bool(info.get("waiting")),
+                          waits_on=waits_on.get(job_id))
+            if item.gpus:
+                groups.setdefault((item.gpus, item.shape), []).append((key, item))
+            else:
+                cpu.append(item)
+        return UserQueue(groups, lambda item, group: item), cpu
     suffix = "-" + user
     for name in names:
         m = QUEUE_NAME_RE.match(name)
-        if not m or m.group(6):
+        if not m or m.group(7) and not everything:
             continue        # held or waiting, or not one of dq's names
-        number, gpus, shape, priority, top = m.groups()[:5]
-        if gpus == "0" or number + suffix in places:
+        number, gpus, shape, priority, top, submitted, flags = m.groups()
+        if number + suffix in skip:
             continue
         groups.setdefault((int(gpus), shape), []).append(
-            (order_key(int(number), int(priority), int(top)), number + suffix))
+            (order_key(int(number), int(priority), int(top)),
+             (number + suffix, int(submitted) if submitted else None, flags or "")))
+    needs = {}
+    for group, entries in groups.items():
+        entries.sort(key=lambda e: e[0])
+        if group[1] == "-":
+            needs[group] = None
+            continue
+        for _, (job_id, _, _) in entries:
+            info = read_entry(cfg, job_id)
+            if info is not None and need_shape(info.get("need")) == group[1]:
+                needs[group] = info.get("need")
+                break
+        # (a shape none of whose entries can be read places nothing)
 
-    def make(job_id, group):
-        return Queued(job_id, group[0], group[1], None,
-                      load=lambda: _queued_details(cfg, places, job_id))
-    return UserQueue(groups, make)
-
-
-class UserQueue:
-    """One user's queue for a pass: a sub-queue per shape (GPUs wanted and
-    constraints), merged in the user's order.  Once a job of a shape found
-    no room, drop() discards the rest of that shape at once: a pass walks
-    the shapes, not the jobs."""
-
-    def __init__(self, groups, make):
-        import heapq
-        self._heapq, self._make, self._groups = heapq, make, groups
-        for entries in groups.values():
-            entries.sort(key=lambda e: e[0])
-        self._pos = dict.fromkeys(groups, 0)
-        self._heap = [(entries[0][0], group) for group, entries in groups.items()]
-        heapq.heapify(self._heap)
-        self._dropped = set()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        while self._heap:
-            _, group = self._heapq.heappop(self._heap)
-            if group in self._dropped:
-                continue
-            entries, i = self._groups[group], self._pos[group]
-            self._pos[group] = i + 1
-            if i + 1 < len(entries):
-                self._heapq.heappush(self._heap, (entries[i + 1][0], group))
-            return self._make(entries[i][1], group)
-        raise StopIteration
-
-    def drop(self, gpus, shape):
-        self._dropped.add((gpus, shape))
+    def make(payload, group):
+        job_id, submitted, flags = payload
+        return Queued(job_id, group[0], needs[group], submitted, None, group[1],
+                      held="h" in flags, waiting="w" in flags, waits_on=waits_on.get(job_id))
+    cpu = [make(payload, group) for group, entries in groups.items()
+           if group[0] == 0 and group in needs for _, payload in entries]
+    return UserQueue({g: e for g, e in groups.items() if g[0] and g in needs}, make), cpu
 
 
-def _queued_details(cfg, places, job_id):
-    for _, _, submitted, need in _queue_entries(cfg, places, [job_id], None, "active"):
-        return submitted, need
-    return None
-
-
-def queues_by_user(cfg, places):
-    """{user: that user's queued GPU jobs in order}: one directory listed
-    per user; entries are read only when a pass asks for them."""
+def read_queues(cfg, skip, everything=False, waits_on=None):
+    """Every user's queue for the planner: ({user: UserQueue of their GPU
+    jobs}, [CPU-only jobs of all, oldest first]).  One directory listed
+    per user; see user_queue."""
     try:
         users = os.listdir(cfg.p("jobs", "queue"))
     except FileNotFoundError:
         users = []
-    out = {}
+    gpu, cpu = {}, []
     for user in users:
         if is_user_name(user):
-            out[user] = user_queue(cfg, places, user)
-    return out
+            gpu[user], theirs = user_queue(cfg, skip, user, everything, waits_on)
+            cpu += theirs
+    cpu.sort(key=lambda item: int(item.job_id.split("-", 1)[0]))
+    return gpu, cpu
 
 
 def rebuild_own_queue(cfg):
@@ -2420,18 +2752,22 @@ def sync_own_queue(cfg):
     """Put the caller's queue directory in line with their jobs/active
     entries (each pass of theirs): a name missing (a crash between the two
     writes, a full disk) is added, one whose job left the queue a while ago
-    removed.  Reads only the entries that disagree."""
+    removed, one of an older dq renamed.  Reads only the entries that
+    disagree."""
     rebuild_own_queue(cfg)
     user = me()
     names = user_queue_names(cfg, user)
     if names is None:
         return
-    have = {}
+    have, renamed = {}, []
     for name in names:
-        if QUEUE_NAME_RE.match(name):
-            have[name.split("_", 1)[0] + "-" + user] = name
+        m = QUEUE_NAME_RE.match(name)
+        if m:
+            have[m.group(1) + "-" + user] = name
+            if m.group(6) is None:      # an older dq's name, without the submit time
+                renamed.append(m.group(1) + "-" + user)
     active = set(index_names(cfg, user=user))
-    for job_id in sorted(active - set(have)):
+    for job_id in sorted(active - set(have)) + [j for j in renamed if j in active]:
         if not owns_entry(cfg.p("jobs", "active", job_id), job_id):
             continue
         info = read_json(cfg.p("jobs", "active", job_id), None, None)
@@ -2755,30 +3091,6 @@ LAUNCH_GRACE = 5
 CLOCK_SLACK = 1
 
 
-def reserved_by_host(places):
-    out = {}
-    for p in places.values():
-        out.setdefault(p["host"], set()).update(p.get("gpus", []))
-    return out
-
-
-def gpus_held(places):
-    """{user: how many GPUs their placed and running jobs hold}."""
-    out = {}
-    for p in places.values():
-        out[p["user"]] = out.get(p["user"], 0) + len(p["gpus"])
-    return out
-
-
-def cpu_jobs_by_host(places):
-    """{host: how many CPU-only jobs are placed or running there}."""
-    out = {}
-    for p in places.values():
-        if not p.get("gpus"):
-            out[p["host"]] = out.get(p["host"], 0) + 1
-    return out
-
-
 def reconcile(cfg, places, polls, now):
     """Bring the placements in line with what the polls saw, under the
     lock: drop those of jobs that ended and assignments nobody claimed,
@@ -2878,132 +3190,6 @@ def lease_age(cfg, job_id, now):
     return None if mtime is None else now - mtime / 1e9
 
 
-# Planning (pure: no I/O) #####################################################
-
-def plan(queue, polls, places, now, cfg, drained=(), usage=None):
-    """Decide which queued GPU jobs go where.  Pure: no I/O.
-
-    queue: {user: that user's queue} (or one queue), each in the user's
-    order (user_queue) of Queued items or (job_id, gpus_wanted, submitted[,
-    need]) tuples, read lazily: it stops as soon as no GPU is left, and
-    once a job found no room, the rest of its shape (as many GPUs, the same
-    constraints) are passed over unread, so a pass costs about the same
-    with ten or ten thousand jobs waiting.  need: the job's constraints
-    (job_needs): only the GPUs and hosts they allow are its to take.
-
-    Order (cfg.order): `fairshare` takes next the first job of the user
-    who holds the fewest GPUs (placed or running, this pass's placements
-    included); between users holding as many, the one with less recent
-    usage (usage(user): decayed GPU-seconds), then the earlier job.
-    `fifo` takes the oldest job of all.  Within one user: their order
-    (user_queue).  A job that would take its owner above their GPU limit
-    (cfg.gpu_limit) waits.  Backfill: a job that cannot fit yet is passed
-    over by the ones behind it, except that once it has waited
-    `starve_after` seconds the host closest to fitting it is kept for it.
-    Among hosts that fit, the one with the fewest free GPUs wins, which
-    keeps whole hosts free for multi-GPU jobs.  No job goes to a drained
-    host.  Returns [(job_id, host, gpus)]."""
-    reserved = reserved_by_host(places)
-    up = {h: s for h, s in polls.items() if not s.error and h not in drained}
-    free = {h: s.free(reserved.get(h, ())) for h, s in up.items()}
-    kept_for = {}           # host -> job id that starves for it
-    out = []
-    streams = {u: iter(q) for u, q in (queue.items() if isinstance(queue, dict)
-                                       else [(None, queue)])}
-    heads = {}
-    held = gpus_held(places)    # this pass's placements are added as it goes
-    fair = getattr(cfg, "order", "fifo") == "fairshare"
-    no_room = set()     # (GPUs, shape) of jobs that found no room: the same fail alike
-
-    def number(u):
-        return int(heads[u].job_id.split("-", 1)[0])   # the head's age
-
-    def turn():
-        """Whose head goes next."""
-        if not fair or len(heads) == 1:
-            return min(heads, key=number)
-        fewest = min(held.get(u, 0) for u in heads)
-        users = [u for u in heads if held.get(u, 0) == fewest]
-        if usage and len(users) > 1:
-            least = min(usage(u) for u in users)
-            users = [u for u in users if usage(u) == least]
-        return min(users, key=number)
-    while any(free[h] for h in free if h not in kept_for):
-        for u in [u for u in streams if u not in heads]:
-            item = next(streams[u], None)
-            if item is None:
-                del streams[u]
-            else:
-                heads[u] = Queued.of(item)
-        if not heads:
-            break
-        user = turn()
-        item = heads.pop(user)
-        job_id, want = item.job_id, item.gpus
-        if want == 0:
-            continue        # see plan_cpu
-        limit = cfg.gpu_limit(user) if user and hasattr(cfg, "gpu_limit") else None
-        if limit is not None and held.get(user, 0) + want > limit:
-            if held.get(user, 0) >= limit:
-                streams.pop(user, None)     # none of theirs fits: read no more
-            continue        # at its owner's limit: waits, whatever is free
-        if (want, item.shape) in no_room:
-            continue
-        details = item.details()
-        if details is None:
-            continue        # no longer queued
-        submitted, need = details
-
-        def usable(h, gpus):
-            """Of these GPUs of h (indices), those the job may take."""
-            if not need:
-                return gpus
-            if not host_allowed(need, h):
-                return []
-            info = {g.index: g for g in up[h].gpus}
-            return [i for i in gpus if gpu_allowed(need, info[i].name, info[i].total)]
-        mine = {h: usable(h, free[h]) for h in free if h not in kept_for}
-        fits = [h for h in mine if len(mine[h]) >= want]
-        if fits:
-            h = min(fits, key=lambda h: len(free[h]))
-            gpus = sorted(mine[h])[:want]
-            free[h] = [g for g in free[h] if g not in gpus]
-            out.append((job_id, h, gpus))
-            held[user] = held.get(user, 0) + want
-        else:
-            no_room.add((want, item.shape))
-            for q in queue.values() if isinstance(queue, dict) else [queue]:
-                if hasattr(q, "drop"):
-                    q.drop(want, item.shape)    # the rest of that shape, unread
-            if submitted is not None and now - submitted >= cfg.starve_after:
-                big = [h for h in mine
-                       if len(usable(h, [g.index for g in up[h].gpus])) >= want]
-                if big:
-                    kept_for[max(big, key=lambda h: len(mine[h]))] = job_id
-    return out
-
-
-def plan_cpu(queue, polls, places, cfg, drained=()):
-    """Place CPU-only jobs (DQ_GPUS=0): at most cpu_slots per host, on the
-    host running the fewest.  They take no GPU, so they never wait for or
-    block a GPU job."""
-    cpu_used = cpu_jobs_by_host(places)
-    up = [h for h, s in polls.items() if s.reachable and h not in drained]
-    out = []
-    for job_id, _, _, *need in queue:
-        hosts = [h for h in up if cpu_used.get(h, 0) < cfg.cpu_slots]
-        if not hosts:
-            break
-        if need and need[0]:
-            hosts = [h for h in hosts if host_allowed(need[0], h)]
-            if not hosts:
-                continue
-        h = min(hosts, key=lambda h: cpu_used.get(h, 0))
-        cpu_used[h] = cpu_used.get(h, 0) + 1
-        out.append((job_id, h, []))
-    return out
-
-
 # Scheduling ##################################################################
 
 class PassResult:
@@ -3040,12 +3226,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
             reconcile(cfg, places, res.polls, now)
             # No job goes to a drained host, nor to one whose last poll
             # (anyone's, over ssh) failed, whatever this pass's poll said.
-            closed = set(drained) | places.silent
-            placed = plan(queues_by_user(cfg, places), res.polls, places, now, cfg,
-                          closed, recent_usage(cfg, now)) + \
-                plan_cpu(read_queue(cfg, places, index="cpu"), res.polls, places, cfg,
-                         closed)
-            for job_id, host, gpus in placed:
+            for job_id, host, gpus in plan_pass(cfg, places, res.polls, now, drained):
                 places.assign(job_id, host, gpus, now)
         mine = places.claim(user, now)
         others = places.unclaimed_users()
@@ -3062,7 +3243,7 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     assigned, res.my_running = places.counts(user)
     # Whether any of ours still waits; the first one found answers it.
     res.my_waiting = bool(assigned) or \
-        next(iter(read_queue(cfg, places, stale, user=user)), None) is not None
+        next(read_queue(cfg, places, stale, user=user), None) is not None
     tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
     if not launch_only:
         sync_own_queue(cfg)     # for the next pass
@@ -3070,17 +3251,32 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
     return res
 
 
-def recent_usage(cfg, now):
-    """usage(user) for plan: the user's decayed GPU-seconds, from their
-    counter file, read once per pass and only if a tie asks."""
-    seen = {}
+def recent_usage(cfg, now, users):
+    """{user: decayed GPU-seconds} for fair share's tie-break, from each
+    user's counter file (read only where fair share may need it)."""
+    if cfg.order != "fairshare" or len(users) < 2:
+        return {}
+    out = {}
+    for user in users:
+        counters = stored_counters(cfg, user)
+        out[user] = decayed(counters, now, cfg.fairshare_halflife) if counters else 0.0
+    return out
 
-    def usage(user):
-        if user not in seen:
-            counters = stored_counters(cfg, user)
-            seen[user] = decayed(counters, now, cfg.fairshare_halflife) if counters else 0.0
-        return seen[user]
-    return usage
+
+def plan_pass(cfg, places, polls, now, drained):
+    """A pass's decision, under the lock: plan() on the queue as its names
+    say, then each placed job's entry read to check that it is still
+    queued; one that is not is left out, and the plan made again."""
+    left_out = set()
+    while True:
+        queues, cpu = read_queues(cfg, set(places) | left_out)
+        decided = plan(queues, cpu, polls, places, now, cfg, drained, places.silent,
+                       recent_usage(cfg, now, list(queues))).placed
+        gone = {job_id for job_id, _, _ in decided
+                if queued_entry(cfg, places, job_id) is None}
+        if not gone:
+            return decided
+        left_out |= gone
 
 
 def busy_outside_dq(polls, places):
@@ -4272,12 +4468,21 @@ def parse(p, argv):
 
 def check_fits(cfg, hosts, want, need):
     """A job that no host can ever run (too many GPUs, or constraints that
-    match no host or GPU of the cluster) is refused, not left waiting.
-    hosts: {host: ([(GPU name, MiB)], reachable)}; need: job_needs()."""
-    allowed = {h: v for h, v in hosts.items() if host_allowed(need, h)}
-    if not allowed:
-        raise Failure(f"{describe_need(need, hosts=True)} leaves no host of the cluster "
-                      f"(its hosts: {' '.join(sorted(hosts))}); change DQ_HOSTS or DQ_EXCLUDE")
+    match no host or GPU of the cluster) is refused, not left waiting: the
+    first constraint (in CONSTRAINTS' order) that leaves it nothing says
+    so in its own words.  hosts: {host: ([(GPU name, MiB)], reachable)};
+    need: job_needs()."""
+    def refuse(text):
+        raise Failure(text.format(words=describe_need(need),
+                                  host_words=describe_need(need, hosts=True),
+                                  hosts=" ".join(sorted(hosts)), want=want,
+                                  inventory=gpu_inventory(hosts)))
+    allowed = dict(hosts)
+    for c in set_constraints(need):
+        if c.host:
+            allowed = {h: v for h, v in allowed.items() if c.host(need[c.key], h)}
+            if not allowed:
+                refuse(c.refusal)
     if want == 0:
         return
     ok = {h: sum(1 for name, total in gpus if gpu_allowed(need, name, total))
@@ -4295,24 +4500,15 @@ def check_fits(cfg, hosts, want, need):
         raise Failure(f"nvidia-smi finds no GPU on {where}; to run a CPU-only job "
                       f"submit it with DQ_GPUS=0")
     if need:
-        raise Failure(f"no host has {want} GPU(s) for {describe_need(need)}; the cluster "
-                      f"has {gpu_inventory(hosts)}")
+        pool = [g for gpus, _ in allowed.values() for g in gpus]
+        for c in set_constraints(need):
+            if c.gpu:
+                pool = [(name, total) for name, total in pool if c.gpu(need[c.key], name, total)]
+                if not pool:
+                    refuse(c.refusal)
+        refuse(NO_GPU)
     raise Failure(f"no host has {want} GPUs (the most on one host is {best}); "
                   f"ask for fewer with DQ_GPUS")
-
-
-def describe_need(need, hosts=False):
-    """The constraints in the user's words (hosts: only the host ones)."""
-    words = []
-    if need.get("hosts"):
-        words.append("DQ_HOSTS=" + ",".join(need["hosts"]))
-    if need.get("exclude"):
-        words.append("DQ_EXCLUDE=" + ",".join(need["exclude"]))
-    if not hosts and "gpu_type" in need:
-        words.append(f"DQ_GPU_TYPE={need['gpu_type']}")
-    if not hosts and "gpu_mem" in need:
-        words.append(f"DQ_GPU_MEM={need['gpu_mem']}M")
-    return " ".join(words)
 
 
 def gpu_inventory(hosts):
@@ -4763,72 +4959,44 @@ def active_jobs(cfg, who, places=None, ids=None):
     return out
 
 
-# Why a queued job waits (dq-jobs queue's Reason), from the last polls and
-# the reservations, like Slurm's REASON column; see the README.
-WAIT_REASONS = {
-    "held": "held by its owner (dq-hold); dq-release lets it go",
-    "after ID": "waits for job ID to end (DQ_AFTER, DQ_AFTER_ANY)",
-    "starting": "placed on GPUs; its owner's dq-schedule starts it now",
-    "next pass": "GPUs it may use are free; the next pass places it",
-    "GPUs busy": "every GPU it may use is in use",
-    "user limit": "its owner holds as many GPUs as max_gpus_per_user / [limits] allow",
-    "GPU kind": "GPUs are free, but none of the type or size it asks for",
-    "hosts": "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out",
-    "hosts down": "the hosts it may use do not answer, or their nvidia-smi fails",
-    "drained": "the hosts it may use are drained by an admin (dq-drain lists them)",
-    "CPU slots": "every host it may use runs cpu_slots CPU-only jobs",
-}
-
-
-def wait_reasons(cfg, queued, places):
-    """Set each queued job's `reason` (a key of WAIT_REASONS).  No host is
-    polled: hosts.json says what the last polls saw."""
-    seen = load_hosts(cfg)["seen"]
-    drained = read_drains(cfg, quiet=True)
-    reserved = reserved_by_host(places)
-    held, cpu_used = gpus_held(places), cpu_jobs_by_host(places)
-    free, up = {}, set()
+def seen_polls(cfg):
+    """The hosts as the last polls saw them (hosts.json), as {host:
+    HostState} for the planner, and the hosts whose last poll failed: what
+    the listings explain the queue with, polling no host."""
+    hosts = load_hosts(cfg)
+    polls = {}
     for h in cfg.hosts:
-        st = seen.get(h)
-        if st and st["ok"]:
-            up.add(h)
-            busy = set(st["busy"]) | reserved.get(h, set())
-            models = seen_models(st)
-            free[h] = [models[i] for i in range(min(st["gpus"], len(models)))
-                       if i not in busy]
-    for j in queued:
-        want = j["gpus_wanted"]
-        # The job's queue entry, as the passes read it: its constraints, held
-        entry = read_json(cfg.p("jobs", "active", j["id"]), {}, {}, skip_newer=True) or {}
-        need = entry.get("need") if is_need(entry.get("need")) else {}
-        allowed = [h for h in up if host_allowed(need, h)]
-        mine = [h for h in allowed if h not in drained]
-        if entry.get("held"):
-            j["reason"] = "held"
-        elif entry.get("waiting"):
-            verdict, what = dependencies_verdict(cfg, entry)
-            j["reason"] = f"after {what}" if verdict == "wait" else "next pass"
-        elif j["id"] in places:
-            j["reason"] = "starting"
-        elif allowed and not mine:
-            j["reason"] = "drained"
-        elif not mine:
-            j["reason"] = "hosts down" if any(host_allowed(need, h) for h in cfg.hosts) \
-                else "hosts"
-        elif want and cfg.gpu_limit(j["user"]) is not None and \
-                held.get(j["user"], 0) + want > cfg.gpu_limit(j["user"]):
-            j["reason"] = "user limit"
-        elif want == 0:
-            j["reason"] = "next pass" if any(cpu_used.get(h, 0) < cfg.cpu_slots
-                                             for h in mine) else "CPU slots"
-        elif any(sum(1 for m in free[h] if gpu_allowed(need, *m)) >= want for h in mine):
-            j["reason"] = "next pass"
-        elif any(len(free[h]) >= want for h in mine):
-            j["reason"] = "GPU kind"
-        elif any(len(free[h]) >= want for h in up if h not in drained):
-            j["reason"] = "hosts"
+        st, seen = HostState(h, 0), hosts["seen"].get(h)
+        if not seen or not seen["ok"]:
+            st.error = "not answering" if seen else "not polled yet"
+            st.reachable = bool(seen and seen["reachable"])
         else:
-            j["reason"] = "GPUs busy"
+            for i, (name, total) in enumerate(seen_models(seen)):
+                g = Gpu(i, "", 0, total, name)
+                if i in seen["busy"]:
+                    g.apps.append((0, 0))
+                st.gpus.append(g)
+        polls[h] = st
+    return polls, set(hosts["down"])
+
+
+def queue_reasons(cfg, queued, places):
+    """Set each queued job's `reason`: the planner's own (plan, in explain
+    mode, on the whole queue) from what the last polls saw."""
+    now = time.time()
+    waits_on = {}
+    for j in queued:
+        entry = read_entry(cfg, j["id"])
+        if entry and entry.get("waiting"):
+            verdict, what = dependencies_verdict(cfg, entry)
+            waits_on[j["id"]] = what if verdict == "wait" else None
+    polls, silent = seen_polls(cfg)
+    queues, cpu = read_queues(cfg, places, everything=True, waits_on=waits_on)
+    decided = plan(queues, cpu, polls, places, now, cfg, read_drains(cfg, quiet=True), silent,
+                   recent_usage(cfg, now, list(queues)), explain=True)
+    placed = {job_id for job_id, _, _ in decided.placed}
+    for j in queued:
+        j["reason"] = NEXT_PASS if j["id"] in placed else decided.reasons.get(j["id"])
 
 
 def running_notes(cfg, running, now):
@@ -4910,12 +5078,12 @@ def cmd_jobs(cfg, argv):
                   f"Completed jobs: {counts['completed']}")
         return 0
     if args.view == "queue":
-        wait_reasons(cfg, queued, places)
+        queue_reasons(cfg, queued, places)
         if args.json:
             print(json.dumps(queued, indent=1))
             return 0
         print(f"Jobs in queue: {len(queued)}")
-        rows = [(j["id"], fmt_seconds(now - j["submitted"]), j["reason"], j["script"],
+        rows = [(j["id"], fmt_seconds(now - j["submitted"]), j["reason"] or "-", j["script"],
                  env_text(j["env"])) for j in queued]
         print_table(["JobID", "Wait", "Reason", "Script", "Env"], rows)
         return 0
@@ -4941,7 +5109,7 @@ def cmd_jobs(cfg, argv):
     running_notes(cfg, running, now)
     if args.json:
         # One job object in every view: queued ones with their reason
-        wait_reasons(cfg, queued, places)
+        queue_reasons(cfg, queued, places)
         print(json.dumps(active, indent=1))
         return 0
     print(f"Active jobs: {len(running)}")
@@ -5386,7 +5554,7 @@ def web_state(cfg, polls=0):
                          waiting[:WEB_QUEUE])
     running = [j for j in active if j["state"] == "running"]
     queued = [j for j in active if j["state"] == "queued"]
-    wait_reasons(cfg, queued, places)
+    queue_reasons(cfg, queued, places)
     running_notes(cfg, running, time.time())
     users = {}
     for job_id in ids:

@@ -95,9 +95,32 @@ def test_sessions_found_in_ps():
 
 
 def cfg(**kw):
-    c = types.SimpleNamespace(starve_after=600, cpu_slots=4)
+    c = types.SimpleNamespace(starve_after=600, cpu_slots=4, order="fifo",
+                              gpu_limit=lambda user: None)
     c.__dict__.update(kw)
     return c
+
+
+def queued(item):
+    """A (job_id, gpus, submitted[, need]) tuple as the planner's Queued."""
+    job_id, gpus, submitted = item[:3]
+    return dq.Queued(job_id, gpus, item[3] if len(item) > 3 else None, submitted)
+
+
+def plan(queue, polls, places, now, c, usage=None, cpu=(), **kw):
+    """dq.plan's placements for a queue given as tuples: one list (each
+    job's user from its ID, the list's order kept per user), or {user:
+    list}; a generator is read only as far as the planner asks."""
+    if isinstance(queue, dict):
+        queues = {u: (queued(i) for i in q) for u, q in queue.items()}
+    elif isinstance(queue, list):
+        queues = {}
+        for item in queue:
+            queues.setdefault(item[0].split("-", 1)[1], []).append(queued(item))
+    else:
+        queues = {"x": (queued(i) for i in queue)}
+    return dq.plan(queues, [queued(i) for i in cpu], polls, places, now, c, usage=usage,
+                   **kw).placed
 
 
 def host(name, free_idx, total):
@@ -112,13 +135,13 @@ def host(name, free_idx, total):
 
 def test_plan_first_come_first_served():
     polls = {"a": host("a", [0], 2)}
-    out = dq.plan([("1-x", 1, 0), ("2-y", 1, 0)], polls, {}, 10, cfg())
+    out = plan([("1-x", 1, 0), ("2-y", 1, 0)], polls, {}, 10, cfg())
     assert out == [("1-x", "a", [0])]
 
 
 def test_plan_backfills_past_a_job_that_does_not_fit():
     polls = {"a": host("a", [0, 1], 4), "b": host("b", [3], 4)}
-    out = dq.plan([("1-x", 4, 5), ("2-y", 1, 6), ("3-y", 2, 7)], polls, {}, 10, cfg())
+    out = plan([("1-x", 4, 5), ("2-y", 1, 6), ("3-y", 2, 7)], polls, {}, 10, cfg())
     # the 1-GPU job goes to the host with the fewest free GPUs (best fit)
     assert out == [("2-y", "b", [3]), ("3-y", "a", [0, 1])]
 
@@ -126,8 +149,8 @@ def test_plan_backfills_past_a_job_that_does_not_fit():
 def test_plan_keeps_a_host_for_a_starving_job():
     polls = {"a": host("a", [0, 1], 4)}
     queue = [("1-x", 4, 0), ("2-y", 1, 1)]
-    assert dq.plan(queue, polls, {}, 10, cfg()) == [("2-y", "a", [0])]
-    assert dq.plan(queue, polls, {}, 10_000, cfg()) == []
+    assert plan(queue, polls, {}, 10, cfg()) == [("2-y", "a", [0])]
+    assert plan(queue, polls, {}, 10_000, cfg()) == []
 
 
 def test_plan_backfill_and_starvation_guard_under_fair_share():
@@ -138,14 +161,14 @@ def test_plan_backfill_and_starvation_guard_under_fair_share():
     def queues():
         return {"x": [("1-x", 4, 0)], "y": [("2-y", 1, 1)]}
     c = cfg(order="fairshare")
-    assert dq.plan(queues(), polls, {}, 10, c) == [("2-y", "a", [0])]
-    assert dq.plan(queues(), polls, {}, 10_000, c) == []
+    assert plan(queues(), polls, {}, 10, c) == [("2-y", "a", [0])]
+    assert plan(queues(), polls, {}, 10_000, c) == []
 
 
 def test_plan_never_gives_a_reserved_gpu():
     polls = {"a": host("a", [0, 1], 2)}
     places = {"9-z": {"host": "a", "gpus": [0], "state": "running", "user": "z", "since": 0}}
-    out = dq.plan([("1-x", 1, 0), ("2-x", 1, 0)], polls, places, 10, cfg())
+    out = plan([("1-x", 1, 0), ("2-x", 1, 0)], polls, places, 10, cfg())
     assert out == [("1-x", "a", [1])]
 
 
@@ -157,24 +180,26 @@ def test_plan_reads_the_queue_only_while_gpus_are_free():
         for i in range(1, 10001):
             read.append(i)
             yield (f"{i}-x", 1, 0)
-    out = dq.plan(queue(), polls, {}, 10, cfg())
+    out = plan(queue(), polls, {}, 10, cfg())
     assert [j for j, _, _ in out] == ["1-x", "2-x"] and len(read) == 2
 
 
 def test_plan_passes_over_a_shape_that_found_no_room_unread():
     # 10,000 jobs that may only use host b (busy), one that fits a: the
-    # pass reads one entry of the unfit shape, then the one that fits.
+    # planner takes one job of the unfit shape, then the one that fits.
     polls = {"a": host("a", [0], 2), "b": host("b", [], 2)}
-    read = []
+    made = []
+    need = {"hosts": ["b"]}
 
-    def item(i, need):
-        def load():
-            read.append(i)
-            return (0, need)
-        return dq.Queued(f"{i}-x", 1, dq.need_shape(need), None, load=load)
-    queue = [item(i, {"hosts": ["b"]}) for i in range(1, 10001)] + [item(10001, None)]
-    out = dq.plan(queue, polls, {}, 10, cfg())
-    assert out == [("10001-x", "a", [0])] and read == [1, 10001]
+    def make(n, group):
+        made.append(n)
+        return dq.Queued(f"{n}-x", group[0], need if group[1] != "-" else None, 0, None,
+                         group[1])
+    groups = {(1, dq.need_shape(need)): [(dq.order_key(n, 0, 0), n) for n in range(1, 10001)],
+              (1, "-"): [(dq.order_key(10001, 0, 0), 10001)]}
+    out = dq.plan({"x": dq.UserQueue(groups, make)}, [], polls, {}, 10, cfg())
+    assert out.placed == [("10001-x", "a", [0])] and made == [1, 10001]
+    assert out.reasons == {"1-x": "hosts"}     # a's GPU is free, but it may use b only
 
 
 def test_user_queue_merges_shapes_in_order_and_drops_a_shape():
@@ -182,7 +207,7 @@ def test_user_queue_merges_shapes_in_order_and_drops_a_shape():
 
     def make(job_id, group):
         made.append(job_id)
-        return dq.Queued(job_id, group[0], group[1], None, info=(0, None))
+        return dq.Queued(job_id, group[0], None, 0, None, group[1])
     groups = {(1, "-"): [(dq.order_key(n, 0, 0), f"{n}-x") for n in (5, 1, 3)],
               (2, "abc"): [(dq.order_key(n, 0, 0), f"{n}-x") for n in (2, 4)],
               (1, "def"): [(dq.order_key(6, 9, 0), "6-x")]}
@@ -198,21 +223,24 @@ def test_user_order_priority_then_top_then_submission():
             "4": dq.order_key(4, 0, 7), "5": dq.order_key(5, -1, 9)}
     assert sorted(keys, key=keys.get) == ["2", "4", "3", "1", "5"]
     name = dq.queue_name("12-x", {"gpus": 2, "need": {"hosts": ["b"]}, "priority": -3,
-                                  "top": 4, "held": True})
+                                  "top": 4, "held": True, "submitted": 1700000000.2})
     m = dq.QUEUE_NAME_RE.match(name)
-    assert m and m.group(1, 2, 4, 5, 6) == ("12", "2", "-3", "4", "_h")
+    assert m and m.group(1, 2, 4, 5, 6, 7) == ("12", "2", "-3", "4", "1700000001", "_h")
+    # a name of an older dq, without the submit time, still reads
+    m = dq.QUEUE_NAME_RE.match("12_2_-_0_0_w")
+    assert m and m.group(6, 7) == (None, "_w")
 
 
 def test_plan_multi_gpu_job_stays_on_one_host():
     polls = {"a": host("a", [0], 2), "b": host("b", [1], 2)}
-    assert dq.plan([("1-x", 2, 0)], polls, {}, 10, cfg()) == []
+    assert plan([("1-x", 2, 0)], polls, {}, 10, cfg()) == []
 
 
 def test_plan_cpu_jobs_spread_and_respect_slots():
     polls = {"a": host("a", [], 2), "b": host("b", [], 2)}
     queue = [(f"{i}-x", 0, 0) for i in range(1, 6)]
-    assert dq.plan(queue, polls, {}, 10, cfg(cpu_slots=2)) == []
-    out = dq.plan_cpu(queue, polls, {}, cfg(cpu_slots=2))
+    assert plan(queue, polls, {}, 10, cfg(cpu_slots=2)) == []
+    out = plan([], polls, {}, 10, cfg(cpu_slots=2), cpu=queue)
     assert len(out) == 4
     assert sorted(h for _, h, _ in out) == ["a", "a", "b", "b"]
 
@@ -455,12 +483,12 @@ def test_plan_fair_share_goes_to_who_holds_fewest_gpus():
 
     def queues():
         return {"x": [("2-x", 1, 0), ("3-x", 1, 0)], "y": [("4-y", 1, 5), ("5-y", 1, 5)]}
-    fair = [j for j, _, _ in dq.plan(queues(), polls, places, 10, cfg(order="fairshare"))]
+    fair = [j for j, _, _ in plan(queues(), polls, places, 10, cfg(order="fairshare"))]
     assert fair == ["4-y", "5-y"]
-    fifo = [j for j, _, _ in dq.plan(queues(), polls, places, 10, cfg(order="fifo"))]
+    fifo = [j for j, _, _ in plan(queues(), polls, places, 10, cfg(order="fifo"))]
     assert fifo == ["2-x", "3-x"]
     # holding as many: the earlier job first, then turns
-    even = [j for j, _, _ in dq.plan(queues(), {"a": host("a", {0, 1, 2, 3}, 4)}, {}, 10,
+    even = [j for j, _, _ in plan(queues(), {"a": host("a", {0, 1, 2, 3}, 4)}, {}, 10,
                                        cfg(order="fairshare"))]
     assert even == ["2-x", "4-y", "3-x", "5-y"]
 
@@ -469,8 +497,8 @@ def test_plan_fair_share_ties_go_to_less_recent_usage():
     polls = {"a": host("a", {0, 1, 2}, 3)}
     queues = {"x": [("1-x", 1, 0), ("2-x", 1, 0)], "y": [("3-y", 1, 0), ("4-y", 1, 0)]}
     used = {"x": 5000.0, "y": 10.0}
-    out = [j for j, _, _ in dq.plan(queues, polls, {}, 10, cfg(order="fairshare"),
-                                    usage=used.get)]
+    out = [j for j, _, _ in plan(queues, polls, {}, 10, cfg(order="fairshare"),
+                                    usage=used)]
     # held GPUs first (y after its first job holds as many as x), usage next
     assert out == ["3-y", "1-x", "4-y"]
     counters = {"usage": 1000.0, "usage_at": 0.0}
@@ -483,7 +511,90 @@ def test_plan_user_limit_leaves_gpus_idle_for_others_only():
     c = cfg(order="fairshare", gpu_limit=limits.get)
     queues = {"x": [("1-x", 1, 0), ("2-x", 2, 0), ("3-x", 1, 0), ("4-x", 1, 0)],
               "y": [("5-y", 1, 0)]}
-    out = [j for j, _, _ in dq.plan(queues, polls, {}, 10, c)]
+    out = [j for j, _, _ in plan(queues, polls, {}, 10, c)]
     # x gets two 1-GPU jobs (its 2-GPU job would take it to 3), y its one;
     # the fourth GPU stays idle: the limit holds even with nobody waiting
     assert out == ["1-x", "5-y", "3-x"]
+
+
+def gpu_host(name, model, total_mib, free_idx, count=2, error=None):
+    st = host(name, free_idx, count)
+    for g in st.gpus:
+        g.name, g.total = model, total_mib
+    st.error = error
+    if error:
+        st.reachable = False
+    return st
+
+
+def test_every_wait_reason_comes_from_the_planner():
+    # One cluster, one queue per scenario; the planner's reasons, gathered,
+    # cover every reason dq has (WAIT_REASONS): none is left unreachable.
+    polls = {"a": gpu_host("a", "NVIDIA GeForce GTX 1080 Ti", 11264, [0]),
+             "b": gpu_host("b", "NVIDIA A100-SXM4-80GB", 81920, [1]),
+             "c": gpu_host("c", "NVIDIA A100-SXM4-80GB", 81920, [], error="no answer"),
+             "d": gpu_host("d", "NVIDIA A100-SXM4-80GB", 81920, [0, 1])}
+    placed = {"9-z": {"user": "z", "host": "a", "gpus": [], "state": "running", "since": 0},
+              "8-y": {"user": "y", "host": "b", "gpus": [0], "state": "assigned", "since": 0}}
+    Q = dq.Queued
+    got = {}
+
+    def reasons(queues, cpu=(), c=None, now=10):
+        out = dq.plan(queues, list(cpu), polls, placed, now, c or cfg(), drained={"d"},
+                      explain=True)
+        got.update(out.reasons)
+        return out.reasons
+    assert reasons({"x": [Q("1-x", 1, held=True), Q("2-x", 1, waiting=True, waits_on="7-z"),
+                          Q("3-x", 1, waiting=True)],
+                    "y": [Q("8-y", 1)]}) == \
+        {"1-x": "held", "2-x": "after 7-z", "3-x": "next pass", "8-y": "starting"}
+    assert reasons({"y": [Q("10-y", 1), Q("11-y", 1)]},
+                   c=cfg(gpu_limit={"y": 2}.get)) == {"11-y": "user limit"}
+    assert reasons({"x": [Q("12-x", 1, {"hosts": ["c"]}), Q("13-x", 1, {"hosts": ["d"]}),
+                          Q("14-x", 1, {"hosts": ["nowhere*"]}), Q("15-x", 3),
+                          Q("16-x", 1, {"gpu_type": "H100"}), Q("17-x", 1, {"hosts": ["a"]}),
+                          Q("18-x", 1, {"gpu_mem": 40000})]}) == \
+        {"12-x": "hosts down", "13-x": "drained", "14-x": "hosts", "15-x": "GPUs busy",
+         "16-x": "GPU kind"}      # 17-x takes a's GPU, then 18-x b's
+    # a job that has waited starve_after keeps a (the first of the hosts
+    # closest to fitting it) for itself; a 1-GPU job that may use only a
+    # then waits for it
+    assert reasons({"x": [Q("20-x", 2, submitted=0)], "y": [Q("21-y", 1, {"hosts": ["a"]})]},
+                   now=10_000) == {"20-x": "GPUs busy", "21-y": "kept for 20-x"}
+    assert reasons({}, cpu=[Q("22-x", 0), Q("23-x", 0), Q("24-x", 0)],
+                   c=cfg(cpu_slots=1)) == {"23-x": "CPU slots", "24-x": "CPU slots"}
+    # (a runs a CPU-only job already, c is down, d drained: 22-x takes b)
+    reached = {next(w for w in dq.WAIT_REASONS if re.fullmatch(
+        re.escape(w).replace(re.escape("{job}"), "[0-9]+-[a-z]+"), r)) for r in got.values()}
+    assert reached == set(dq.WAIT_REASONS)
+
+
+def test_a_new_constraint_is_one_table_entry(monkeypatch):
+    # What the README's "Patching dq" adds: DQ_GPU_MAX_MEM, keep small jobs
+    # off big GPUs.  One entry, and it is parsed, stored, planned,
+    # explained, described and refused at submit.
+    monkeypatch.setattr(dq, "WAIT_REASONS", dict(dq.WAIT_REASONS))
+    entry = dq.Constraint(
+        "DQ_GPU_MAX_MEM", "gpu_max_mem", lambda t: dq.size_mib("DQ_GPU_MAX_MEM", t),
+        lambda v: dq.is_int(v, 1), "a size in MiB", lambda v: f"DQ_GPU_MAX_MEM={v}M",
+        ("GPU too big", "GPUs are free, but all bigger than DQ_GPU_MAX_MEM"),
+        gpu=lambda v, name, total: total is not None and total <= v)
+    monkeypatch.setattr(dq, "CONSTRAINTS", dq.CONSTRAINTS + [entry])
+    need = dq.job_needs({"DQ_GPU_MAX_MEM": "12G", "DQ_HOSTS": "a,b"}, 1)
+    assert need == {"hosts": ["a", "b"], "gpu_max_mem": 12288}
+    assert dq.is_need(need) and not dq.is_need({"gpu_max_mem": "big"})
+    assert dq.describe_need(need) == "DQ_HOSTS=a,b DQ_GPU_MAX_MEM=12288M"
+    assert dq.need_shape(need) != dq.need_shape({"hosts": ["a", "b"]})
+    with pytest.raises(dq.Failure, match="DQ_GPU_MAX_MEM='lots' is not a size"):
+        dq.job_needs({"DQ_GPU_MAX_MEM": "lots"}, 1)
+    with pytest.raises(dq.Failure, match="DQ_GPU_MAX_MEM chooses GPUs, but DQ_GPUS=0"):
+        dq.job_needs({"DQ_GPU_MAX_MEM": "12G"}, 0)
+    polls = {"a": gpu_host("a", "NVIDIA GeForce GTX 1080 Ti", 11264, [0]),
+             "b": gpu_host("b", "NVIDIA A100-SXM4-80GB", 81920, [0, 1])}
+    out = dq.plan({"x": [dq.Queued("1-x", 1, need), dq.Queued("2-x", 1, need)]}, [], polls, {},
+                  10, cfg(), explain=True)
+    assert out.placed == [("1-x", "a", [0])] and out.reasons == {"2-x": "GPU too big"}
+    hosts = {"b": ([("NVIDIA A100-SXM4-80GB", 81920)] * 2, True)}
+    with pytest.raises(dq.Failure, match=r"no host has 1 GPU\(s\) for DQ_GPU_MAX_MEM=12288M; "
+                                         r"the cluster has 2 x NVIDIA A100"):
+        dq.check_fits(types.SimpleNamespace(local=False), hosts, 1, {"gpu_max_mem": 12288})
