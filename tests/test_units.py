@@ -1,5 +1,6 @@
 """Unit tests of the pure parts of dq: nvidia-smi parsing and placement."""
 import os
+import re
 import sys
 import time
 import types
