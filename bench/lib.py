@@ -6,6 +6,7 @@ tests/cluster.py (Linux namespaces with real sshd, screen and Unix users).
 """
 import hashlib
 import json
+import math
 import os
 import pwd
 import shutil
@@ -258,10 +259,11 @@ def _write(path, data, uid, gid, text=None):
         os.close(fd)
 
 
-def _queue_name(queues, user, uid, gid, n, gpus, need):
+def _queue_name(queues, user, uid, gid, n, gpus, need, submitted):
     """A queued GPU job's name in its owner's queue directory
-    (jobs/queue/<user>/<number>_<gpus>_<shape>_<priority>_<top>, as dq's
-    queue_name() makes it; the directory the user's own, as dq makes it)."""
+    (jobs/queue/<user>/<number>_<gpus>_<shape>_<priority>_<top>_<submitted>,
+    as dq's queue_name() makes it; the directory the user's own, as dq
+    makes it)."""
     d = os.path.join(queues, user)
     if not os.path.isdir(d):
         os.mkdir(d, 0o755)
@@ -269,7 +271,8 @@ def _queue_name(queues, user, uid, gid, n, gpus, need):
         os.chmod(d, 0o755)
     shape = hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12] \
         if need else "-"
-    _write(os.path.join(d, f"{n}_{gpus}_{shape}_0_0"), None, uid, gid, text="")
+    _write(os.path.join(d, f"{n}_{gpus}_{shape}_0_0_{math.ceil(submitted)}"), None, uid, gid,
+           text="")
 
 
 def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=None,
@@ -315,7 +318,7 @@ def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=N
             _write(os.path.join(active, job_id), dict(entry, need=jneed) if jneed else entry,
                    uid, gid)
             if os.path.isdir(queues):
-                _queue_name(queues, user, uid, gid, n, gpus, jneed)
+                _queue_name(queues, user, uid, gid, n, gpus, jneed, sub)
         else:
             host, gpu = f"node{1 + n % 4}", n % 4
             _write(os.path.join(d, "run.json"), {

@@ -599,3 +599,9 @@ def test_a_new_constraint_is_one_table_entry(monkeypatch):
     with pytest.raises(dq.Failure, match=r"no host has 1 GPU\(s\) for DQ_GPU_MAX_MEM=12288M; "
                                          r"the cluster has 2 x NVIDIA A100"):
         dq.check_fits(types.SimpleNamespace(local=False), hosts, 1, {"gpu_max_mem": 12288})
+
+
+def test_the_manual_says_every_wait_reason():
+    manual = open(os.path.join(os.path.dirname(__file__), "..", "docs", "manual.md")).read()
+    for words in dq.WAIT_REASONS:
+        assert "- `" + words.replace("{job}", "ID") + "`: " in manual, words
