@@ -2735,7 +2735,7 @@ def rebuild_own_queue(cfg):
         tmp = tempfile.mkdtemp(prefix=f".{user}-", dir=cfg.p("jobs", "queue"))
         os.chmod(tmp, 0o755)
         for job_id in index_names(cfg, user=user):
-            info = read_json(cfg.p("jobs", "active", job_id), None, None)
+            info = read_json(cfg.p("jobs", "active", job_id), None, None, skip_newer=True)
             if info and not bad_field(info, INDEX_FIELDS):
                 open(os.path.join(tmp, queue_name(job_id, info)), "w").close()
         try:
@@ -2770,7 +2770,7 @@ def sync_own_queue(cfg):
     for job_id in sorted(active - set(have)) + [j for j in renamed if j in active]:
         if not owns_entry(cfg.p("jobs", "active", job_id), job_id):
             continue
-        info = read_json(cfg.p("jobs", "active", job_id), None, None)
+        info = read_json(cfg.p("jobs", "active", job_id), None, None, skip_newer=True)
         if info and not bad_field(info, INDEX_FIELDS):
             set_queue_name(cfg, job_id, info)
     for job_id in set(have) - active:
