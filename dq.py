@@ -128,6 +128,16 @@ def one_line(text):
     return " ".join(str(text).splitlines())
 
 
+def whole_number(text, low=None, high=None, signed=False):
+    """text as a whole number (ASCII digits, a sign only if `signed`), or
+    None if it is not one or lies outside low..high.  Callers say what is
+    wrong in their own words."""
+    if not re.fullmatch(r"[-+]?[0-9]+" if signed else r"[0-9]+", text):
+        return None
+    n = int(text)
+    return None if (low is not None and n < low) or (high is not None and n > high) else n
+
+
 def debug(msg):
     if DEBUG:
         print(f"+ {msg}", file=sys.stderr)
@@ -163,7 +173,9 @@ def user_of_uid(uid):
 
 
 def fmt_seconds(s):
-    return f"{max(0, int(s))}s"
+    """A duration in a listing (never below 0): fmt_duration's form, which
+    DQ_TIME reads back."""
+    return fmt_duration(max(0, s))
 
 
 def print_table(headers, rows):
@@ -258,10 +270,11 @@ class Config:
         if not self.ssh:
             raise Failure(f"{self.path}: 'ssh' is empty; give the ssh command, e.g. "
                           f"'ssh = ssh -o BatchMode=yes', or leave the key out")
-        multiplex = sect.get("multiplex", "yes").strip().lower()
-        if multiplex not in ("yes", "true", "1", "on", "no", "false", "0", "off"):
-            raise Failure(f"{self.path}: 'multiplex' must be yes or no, not {multiplex!r}")
-        self.multiplex = multiplex in ("yes", "true", "1", "on")
+        try:
+            self.multiplex = parser.getboolean("dq", "multiplex", fallback=True)
+        except ValueError:
+            raise Failure(f"{self.path}: 'multiplex' must be yes or no, not "
+                          f"{sect['multiplex'].strip().lower()!r}") from None
         self.python = sect.get("python", "python3").strip()
         if not self.python:
             raise Failure(f"{self.path}: 'python' is empty; name the hosts' Python, e.g. "
@@ -269,10 +282,10 @@ class Config:
         for key, (default, zero_ok) in self.NUMBERS.items():
             setattr(self, key, self._number(sect, key, default, zero_ok))
         slots = sect.get("cpu_slots", "4").strip()
-        if not re.fullmatch(r"[0-9]+", slots) or not 1 <= int(slots) <= self.MAX_SECONDS:
+        self.cpu_slots = whole_number(slots, 1, self.MAX_SECONDS)
+        if self.cpu_slots is None:
             raise Failure(f"{self.path}: 'cpu_slots' must be a whole number of jobs, 1 or "
                           f"more (not {slots!r}), e.g. 'cpu_slots = 4'")
-        self.cpu_slots = int(slots)
         self.order = sect.get("order", "fairshare").strip().lower()
         if self.order not in self.ORDERS:
             raise Failure(f"{self.path}: 'order' must be fairshare or fifo, not "
@@ -314,10 +327,11 @@ class Config:
         if key not in sect:
             return None
         raw = sect[key].strip()
-        if not re.fullmatch(r"[0-9]+", raw) or int(raw) > self.MAX_SECONDS:
+        count = whole_number(raw, high=self.MAX_SECONDS)
+        if count is None:
             raise Failure(f"{self.path}: {where} {key!r} must be a whole number of GPUs, "
                           f"0 or more (not {raw!r}), e.g. '{key} = 8'")
-        return int(raw)
+        return count
 
     def gpu_limit(self, user):
         """The most GPUs user's jobs may hold at once, or None."""
@@ -925,6 +939,19 @@ def dq_argv(python, *args):
     return [python, "-S", "-c", BOOT, DQ_PY] + list(args)
 
 
+def spawn_detached(what, *args):
+    """Start dq command `args` here in the background, detached (its own
+    session, no terminal, in /), and go on; if it cannot start, warn that
+    we cannot `what`."""
+    import subprocess
+    try:
+        subprocess.Popen(dq_argv(sys.executable, *args), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, env=clean_env(), cwd="/")
+    except OSError as e:
+        warn(f"cannot {what}: {e.strerror}")
+
+
 # Hosts and GPUs ##############################################################
 
 # name last: a GPU's name is the one field that might hold a comma
@@ -974,8 +1001,7 @@ class HostState:
 
 
 def _int_field(s):
-    s = s.strip()
-    return int(s) if re.fullmatch(r"[0-9]+", s) else None
+    return whole_number(s.strip())
 
 
 def parse_smi_gpus(text):
@@ -2295,10 +2321,11 @@ def submit_cwd():
 
 def wanted_gpus(env):
     raw = env.get("DQ_GPUS", "1").strip()
-    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > MAX_GPUS:
+    want = whole_number(raw, 0, MAX_GPUS)
+    if want is None:
         raise Failure(f"DQ_GPUS={raw!r} is not a number of GPUs from 0 to {MAX_GPUS} "
                       f"(0 for a CPU-only job), e.g. DQ_GPUS=2")
-    return int(raw)
+    return want
 
 
 def job_priority(env):
@@ -2306,11 +2333,12 @@ def job_priority(env):
     raw = env.get("DQ_PRIORITY", "").strip()
     if not raw:
         return 0
-    if not re.fullmatch(r"[-+]?[0-9]+", raw) or abs(int(raw)) > MAX_PRIORITY:
+    priority = whole_number(raw, -MAX_PRIORITY, MAX_PRIORITY, signed=True)
+    if priority is None:
         raise Failure(f"DQ_PRIORITY={raw!r} is not a whole number from -{MAX_PRIORITY} to "
                       f"{MAX_PRIORITY}; e.g. DQ_PRIORITY=10 (higher goes first among your "
                       f"own jobs)")
-    return int(raw)
+    return priority
 
 
 def job_dependencies(cfg, env):
@@ -2395,6 +2423,7 @@ def prepare_job(cfg, env, deps=True):
     {env, gpus, need, time_limit, priority, after, after_any}."""
     want = wanted_gpus(env)
     retry_limit(env)
+    requeue_limit(env)
     mail_address(cfg, env, me())
     mail_on(env)
     after, after_any = job_dependencies(cfg, env) if deps else ([], [])
@@ -2492,17 +2521,30 @@ def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_o
 
 
 def requeue(cfg, job):
-    """DQ_REQUEUE=N: a lost job is queued again, up to N times (1 for any
-    other non-empty value).  Returns the new id or None."""
-    raw = job.spec.get("env", {}).get("DQ_REQUEUE", "").strip()
-    if not raw or raw == "0":
+    """DQ_REQUEUE=N: a lost job is queued again, up to N times.  Returns the
+    new id or None."""
+    try:
+        limit = requeue_limit(job.spec.get("env", {}))
+    except Failure as e:        # submitted before dq-submit checked DQ_REQUEUE
+        warn(f"cannot requeue {job.id}: {e}")
         return None
-    limit = int(raw) if re.fullmatch(r"[0-9]+", raw) else 1
     done = job.spec.get("requeues", 0)
     if done >= limit:
         return None
     return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
                       restart_of=job.id, requeues=done + 1)
+
+
+def requeue_limit(env):
+    """DQ_REQUEUE: how many times a lost job is queued again (0 if unset)."""
+    raw = env.get("DQ_REQUEUE", "").strip()
+    if not raw:
+        return 0
+    limit = whole_number(raw, 0, 1000)
+    if limit is None:
+        raise Failure(f"DQ_REQUEUE={raw!r} is not a number of requeues from 0 to 1000; e.g. "
+                      f"DQ_REQUEUE=1 (a lost job is queued again up to once)")
+    return limit
 
 
 def retry(cfg, job):
@@ -2529,10 +2571,11 @@ def retry_limit(env):
     raw = env.get("DQ_RETRY", "").strip()
     if not raw:
         return 0
-    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > 1000:
+    limit = whole_number(raw, 0, 1000)
+    if limit is None:
         raise Failure(f"DQ_RETRY={raw!r} is not a number of retries from 0 to 1000; e.g. "
                       f"DQ_RETRY=3 (a failed job runs up to 3 more times)")
-    return int(raw)
+    return limit
 
 
 def again_job(cfg, job):
@@ -3488,14 +3531,7 @@ def scheduler_running(cfg):
 
 def spawn_scheduler(cfg):
     """Make sure this user's dq-schedule loop runs (in the background)."""
-    try:
-        import subprocess
-        subprocess.Popen(dq_argv(sys.executable, "schedule", "--quiet"),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True,
-                         env=clean_env(), cwd="/")
-    except OSError as e:
-        warn(f"cannot start dq-schedule: {e.strerror}")
+    spawn_detached("start dq-schedule", "schedule", "--quiet")
 
 
 def schedule_loop(cfg, forever=False, quiet=False):
@@ -4125,13 +4161,7 @@ def notify_later(cfg, job):
     detached process, so that the pass goes on at once."""
     if not wants_notice(cfg, job):
         return
-    import subprocess
-    try:
-        subprocess.Popen(dq_argv(sys.executable, "_notify", job.id), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, env=clean_env(), cwd="/")
-    except OSError as e:
-        warn(f"cannot notify of {job.id}'s end: {e.strerror}")
+    spawn_detached(f"notify of {job.id}'s end", "_notify", job.id)
 
 
 def cmd__notify(cfg, argv):
@@ -4190,10 +4220,16 @@ def send_end_mail(cfg, job):
     code = d["signal"] or ("-" if d["exit_code"] is None else d["exit_code"])
     where = f"{d['host']}/{fmt_gpus(d['gpus'])}" if d["host"] else "no host"
     subject = f"dq: {job.id} {d['state']}, exit {code}, {runtime}, {where}"
+    try:        # its last 20 lines, from its last 64 KiB at most
+        with open(job_log(job), "rb") as f:
+            f.seek(last_lines_offset(f, 20, most=64 * 1024))
+            tail = "\n".join(f.read().decode("utf-8", "replace").splitlines()[-20:]) + "\n"
+    except OSError:
+        tail = "(no log)\n"
     body = (f"Job {job.id} ended {d['state']}" + (f": {d['reason']}" if d["reason"] else "") +
             f"\n\nScript:    {d['script']}\nDirectory: {d['cwd']}\n" +
             "".join(f"{k}={v}\n" for k, v in sorted(env.items())) +
-            "\nLast lines of its log:\n\n" + log_tail(job, 20))
+            "\nLast lines of its log:\n\n" + tail)
     return send_mail(cfg, to, subject, body)
 
 
@@ -4235,25 +4271,13 @@ def send_mail(cfg, to, subject, body):
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = to, to, subject
     msg.set_content(body)
-    host, _, port = cfg.smtp.rpartition(":") if ":" in cfg.smtp else (cfg.smtp, "", "25")
-    try:
-        with smtplib.SMTP(host, int(port), timeout=cfg.timeout) as smtp:
+    try:        # smtplib takes HOST:PORT as it is (port 25 without one)
+        with smtplib.SMTP(cfg.smtp, timeout=cfg.timeout) as smtp:
             smtp.send_message(msg)
     except (OSError, smtplib.SMTPException) as e:
         return {"to": to, "error": f"cannot mail {to} through {cfg.smtp}: "
                                    f"{getattr(e, 'strerror', None) or e}"}
     return {"to": to, "sent": time.time()}
-
-
-def log_tail(job, lines):
-    try:
-        with open(job_log(job), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)\n"
-    return "\n".join(text.splitlines()[-lines:]) + "\n"
 
 
 def run_hook(cfg, job, hook):
@@ -4294,7 +4318,7 @@ def job_processes(job_id, pgid):
     marker = f"DQ_JOB_ID={job_id}".encode()
     found = set()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if whole_number(pid) in (None, os.getpid()):
             continue
         try:
             if os.stat(f"/proc/{pid}").st_uid != os.getuid():
@@ -4439,10 +4463,11 @@ def parser(cmd, description):
 def count_type(what):
     """An argparse type: a whole number of `what`, 0 or more."""
     def check(v):
-        if not re.fullmatch(r"[0-9]+", v):
+        n = whole_number(v)
+        if n is None:
             import argparse
             raise argparse.ArgumentTypeError(f"{v!r} is not a number of {what} (e.g. 10)")
-        return int(v)
+        return n
     return check
 
 
@@ -5164,15 +5189,17 @@ def open_log(cfg, job_arg):
     return job, path
 
 
-def last_lines_offset(f, n):
-    """Offset in a binary file where its last n lines start."""
+def last_lines_offset(f, n, most=None):
+    """Offset in a binary file where its last n lines start (or, with
+    `most`, `most` bytes before its end, if they start before that)."""
     f.seek(0, os.SEEK_END)
     end = pos = f.tell()
     if n <= 0:
         return end
+    floor = max(0, end - most) if most is not None else 0
     count, block = 1, 65536         # the last line, with or without its newline
-    while pos > 0:
-        step = min(block, pos)
+    while pos > floor:
+        step = min(block, pos - floor)
         pos -= step
         f.seek(pos)
         chunk = f.read(step)
@@ -5186,7 +5213,7 @@ def last_lines_offset(f, n):
             count += 1
             if count > n:
                 return pos + i + 1
-    return 0
+    return floor
 
 
 def copy_out(f):
@@ -5220,13 +5247,13 @@ def count_arg(argv, default=10):
     rest, num = [], default
     it = iter(argv)
     for a in it:
-        if re.fullmatch(r"-[0-9]+", a):
-            num = int(a[1:])
+        if a.startswith("-") and whole_number(a[1:]) is not None:
+            num = whole_number(a[1:])
         elif a in ("-n", "--lines"):
             v = next(it, "")
-            if not re.fullmatch(r"[0-9]+", v):
+            num = whole_number(v)
+            if num is None:
                 raise Failure(f"{a} needs a number of lines, e.g. {a} 20 (not {v!r})")
-            num = int(v)
         else:
             rest.append(a)
     return num, rest
@@ -5362,10 +5389,11 @@ def gpu_users(host, res, started):
     procs = {}
     for line in st.ps.splitlines():
         f = line.split(None, 5)
-        if len(f) >= 5 and f[0].isdigit():
-            procs[int(f[0])] = {"ppid": int(f[1]) if f[1].isdigit() else 0,
-                                "user": f[2], "stat": f[3], "comm": f[4],
-                                "args": f[5] if len(f) > 5 else ""}
+        pid = whole_number(f[0]) if len(f) >= 5 else None
+        if pid is not None:
+            procs[pid] = {"ppid": whole_number(f[1]) or 0,
+                          "user": f[2], "stat": f[3], "comm": f[4],
+                          "args": f[5] if len(f) > 5 else ""}
 
     def job_of(pid):
         seen = set()

@@ -287,6 +287,33 @@ def test_last_lines_offset(tmp_path, text, n, want):
         assert f.read() == want
 
 
+def test_last_lines_offset_looks_back_at_most_so_far(tmp_path):
+    p = tmp_path / "log"
+    p.write_bytes(b"a\n" + b"x" * 100000 + b"\nb\n")
+    with open(p, "rb") as f:
+        assert dq.last_lines_offset(f, 1, most=10) == p.stat().st_size - 2     # "b\n"
+        assert dq.last_lines_offset(f, 2, most=10) == p.stat().st_size - 10
+        assert dq.last_lines_offset(f, 2, most=10 ** 6) == 2
+
+
+@pytest.mark.parametrize("text,kw,want", [
+    ("0", {}, 0), ("007", {}, 7), ("12", {"high": 12}, 12), ("13", {"high": 12}, None),
+    ("0", {"low": 1}, None), ("", {}, None), (" 1", {}, None), ("1 ", {}, None),
+    ("1.5", {}, None), ("1e3", {}, None), ("\u00b2", {}, None), ("\u0661", {}, None),
+    ("-1", {}, None), ("+1", {}, None), ("-5", {"signed": True}, -5),
+    ("+5", {"signed": True}, 5), ("-5", {"signed": True, "low": -4}, None),
+    ("-", {"signed": True}, None),
+])
+def test_whole_number(text, kw, want):
+    assert dq.whole_number(text, **kw) == want
+
+
+def test_listings_durations_read_back_as_durations():
+    for s, text in [(0, "0s"), (-3, "0s"), (45.9, "45s"), (5400, "1h30m"), (90061, "1d1h1m1s")]:
+        assert dq.fmt_seconds(s) == text
+        assert s <= 0 or dq.duration("DQ_TIME", text, "DQ_TIME") == int(s)
+
+
 def test_readme_example_config_parses(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(dq.DQ_PY), "README.md")).read()
     block = readme.split("    [dq]\n", 1)[1].split("\n\n", 1)[0]
