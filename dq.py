@@ -172,12 +172,6 @@ def user_of_uid(uid):
     return _user_names[uid]
 
 
-def fmt_seconds(s):
-    """A duration in a listing (never below 0): fmt_duration's form, which
-    DQ_TIME reads back."""
-    return fmt_duration(max(0, s))
-
-
 def print_table(headers, rows):
     """Print rows in the manual's style: columns, then a dashes line."""
     widths = [len(h) for h in headers]
@@ -2383,8 +2377,9 @@ def duration(what, text, example):
 
 
 def fmt_duration(seconds):
-    """3600 -> '1h', 5400 -> '1h30m', 90 -> '1m30s'."""
-    seconds = int(seconds)
+    """Every duration dq prints: 3600 -> '1h', 5400 -> '1h30m', 90 ->
+    '1m30s' (never below 0s), the form DQ_TIME reads back."""
+    seconds = max(0, int(seconds))
     out = ""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size or (unit == "s" and not out):
@@ -4431,7 +4426,7 @@ def kill_job(cfg, job):
     r = kill_on_host(cfg, job, host)
     if not r.ok:
         warn(f"could not reach {host} to kill {job.id} ({r.why()}); it is recorded killed, "
-             f"and its wrapper stops it within {fmt_seconds(lease_times(cfg).renew + 1)} "
+             f"and its wrapper stops it within {fmt_duration(lease_times(cfg).renew + 1)} "
              f"if it can still read {cfg.root}")
     retire(cfg, job)
     return 0 if r.ok else 1
@@ -5033,8 +5028,8 @@ def running_notes(cfg, running, now):
         if since is None:
             continue
         age = lease_age(cfg, j["id"], now)
-        j["reason"] = f"host not answering for {fmt_seconds(now - since)}" + (
-            f"; its lease was renewed {fmt_seconds(age)} ago" if age is not None else "")
+        j["reason"] = f"host not answering for {fmt_duration(now - since)}" + (
+            f"; its lease was renewed {fmt_duration(age)} ago" if age is not None else "")
 
 
 def completed_jobs(cfg, who, last=0):
@@ -5108,7 +5103,7 @@ def cmd_jobs(cfg, argv):
             print(json.dumps(queued, indent=1))
             return 0
         print(f"Jobs in queue: {len(queued)}")
-        rows = [(j["id"], fmt_seconds(now - j["submitted"]), j["reason"] or "-", j["script"],
+        rows = [(j["id"], fmt_duration(now - j["submitted"]), j["reason"] or "-", j["script"],
                  env_text(j["env"])) for j in queued]
         print_table(["JobID", "Wait", "Reason", "Script", "Env"], rows)
         return 0
@@ -5124,7 +5119,7 @@ def cmd_jobs(cfg, argv):
             exit_text = j["signal"] or ("-" if j["exit_code"] is None else j["exit_code"])
             state = j["state"] + (f" -> {j['requeued_as']}" if j["requeued_as"] else "")
             rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), state,
-                         exit_text, fmt_seconds(runtime), j["script"], env_text(j["env"])))
+                         exit_text, fmt_duration(runtime), j["script"], env_text(j["env"])))
         print_table(["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"],
                     rows)
         for j in done:
@@ -5138,7 +5133,7 @@ def cmd_jobs(cfg, argv):
         print(json.dumps(active, indent=1))
         return 0
     print(f"Active jobs: {len(running)}")
-    rows = [(j["id"], j["host"], fmt_gpus(j["gpus"]), fmt_seconds(now - j["started"]),
+    rows = [(j["id"], j["host"], fmt_gpus(j["gpus"]), fmt_duration(now - j["started"]),
              j["script"], env_text(j["env"])) for j in running]
     headers = ["JobID", "Host", "GPU", "Runtime", "Script", "Env"]
     if any(j["time_limit"] for j in running):     # time left, for jobs with a limit

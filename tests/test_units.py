@@ -310,7 +310,7 @@ def test_whole_number(text, kw, want):
 
 def test_listings_durations_read_back_as_durations():
     for s, text in [(0, "0s"), (-3, "0s"), (45.9, "45s"), (5400, "1h30m"), (90061, "1d1h1m1s")]:
-        assert dq.fmt_seconds(s) == text
+        assert dq.fmt_duration(s) == text
         assert s <= 0 or dq.duration("DQ_TIME", text, "DQ_TIME") == int(s)
 
 
