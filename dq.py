@@ -110,6 +110,8 @@ class Failure(Exception):
 
 
 _warned = set()
+
+
 _held = None        # a list while warnings are held back (see resolve_job)
 
 
@@ -126,16 +128,6 @@ def warn(msg):
 def one_line(text):
     """An error names user input and file names: one line whatever they hold."""
     return " ".join(str(text).splitlines())
-
-
-def whole_number(text, low=None, high=None, signed=False):
-    """text as a whole number (ASCII digits, a sign only if `signed`), or
-    None if it is not one or lies outside low..high.  Callers say what is
-    wrong in their own words."""
-    if not re.fullmatch(r"[-+]?[0-9]+" if signed else r"[0-9]+", text):
-        return None
-    n = int(text)
-    return None if (low is not None and n < low) or (high is not None and n > high) else n
 
 
 def debug(msg):
@@ -205,155 +197,147 @@ def say_executing(launched):
         print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...", flush=True)
 
 
-# Configuration ###############################################################
+# Values: numbers, durations ##################################################
 
-class Config:
-    """The data root and dq.conf.  No dq.conf (or no hosts in it) means the
-    cluster is this machine alone, reached without ssh."""
+def whole_number(text, low=None, high=None, signed=False):
+    """text as a whole number (ASCII digits, a sign only if `signed`), or
+    None if it is not one or lies outside low..high.  Callers say what is
+    wrong in their own words."""
+    if not re.fullmatch(r"[-+]?[0-9]+" if signed else r"[0-9]+", text):
+        return None
+    n = int(text)
+    return None if (low is not None and n < low) or (high is not None and n > high) else n
 
-    # The number keys: default, and whether 0 makes sense (0 for kill_grace:
-    # KILL at once; a timeout or interval of 0 would spin or never wait).
-    NUMBERS = {"timeout": (15, False), "poll_interval": (2, False),
-               "starve_after": (600, True), "assign_timeout": (30, False),
-               "kill_grace": (5, True), "lost_after": (45, True),
-               "watch_interval": (10, False), "lock_timeout": (30, False)}
-    # More than 11 days is a typo, and poll() takes at most ~24 days.
-    MAX_SECONDS = 1_000_000
-    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
-            "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
-            "smtp", "mail_domain",
-            "lock_stats"} | set(NUMBERS)
-    ORDERS = ("fairshare", "fifo")
 
-    def __init__(self):
-        self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
-        self.path = os.path.join(self.root, "dq.conf")
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                parser.read_file(f)
-        except FileNotFoundError:
-            pass        # no dq.conf: this machine alone
-        except OSError as e:
-            # Not read: running on this machine alone would be a silent surprise
-            raise Failure(f"cannot read {self.path}: {e.strerror}{access_hint(self.root, e)}")
-        except (configparser.Error, UnicodeDecodeError) as e:
-            raise Failure(f"cannot parse {self.path}: {e}; it must be UTF-8 text in INI form, "
-                          f"'[dq]' then 'key = value' lines".replace("\n", " "))
-        sect = parser["dq"] if parser.has_section("dq") else {}
-        for key in sect:
-            if key not in self.KEYS:
-                warn(f"{self.path}: unknown key {key!r} ignored (known: "
-                     f"{' '.join(sorted(self.KEYS - {'lock_stats'}))})")
-        self.hosts = sect.get("hosts", "").split()
-        for h in self.hosts:
-            if not HOST_RE.match(h):
-                raise Failure(f"{self.path}: bad host name {h!r} in 'hosts'")
-        self.local = not self.hosts
-        self.admin_names = sect.get("admins", "").replace(",", " ").split()
-        for u in self.admin_names:
-            if not is_user_name(u):
-                raise Failure(f"{self.path}: 'admins': {u!r} is not a user name; e.g. "
-                              f"'admins = alice bob'")
-        if self.local:
-            self.hosts = [os.uname().nodename.split(".")[0]]
-        try:
-            self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
-        except ValueError as e:
-            raise Failure(f"{self.path}: 'ssh': {e}")
-        if not self.ssh:
-            raise Failure(f"{self.path}: 'ssh' is empty; give the ssh command, e.g. "
-                          f"'ssh = ssh -o BatchMode=yes', or leave the key out")
-        try:
-            self.multiplex = parser.getboolean("dq", "multiplex", fallback=True)
-        except ValueError:
-            raise Failure(f"{self.path}: 'multiplex' must be yes or no, not "
-                          f"{sect['multiplex'].strip().lower()!r}") from None
-        self.python = sect.get("python", "python3").strip()
-        if not self.python:
-            raise Failure(f"{self.path}: 'python' is empty; name the hosts' Python, e.g. "
-                          f"'python = python3', or leave the key out")
-        for key, (default, zero_ok) in self.NUMBERS.items():
-            setattr(self, key, self._number(sect, key, default, zero_ok))
-        slots = sect.get("cpu_slots", "4").strip()
-        self.cpu_slots = whole_number(slots, 1, self.MAX_SECONDS)
-        if self.cpu_slots is None:
-            raise Failure(f"{self.path}: 'cpu_slots' must be a whole number of jobs, 1 or "
-                          f"more (not {slots!r}), e.g. 'cpu_slots = 4'")
-        self.order = sect.get("order", "fairshare").strip().lower()
-        if self.order not in self.ORDERS:
-            raise Failure(f"{self.path}: 'order' must be fairshare or fifo, not "
-                          f"{self.order!r}, e.g. 'order = fairshare'")
-        # Per-user GPU limits: max_gpus_per_user for all, [limits] user = N
-        # for some (a promise to the lab: GPUs stay idle above it).
-        self.max_gpus_per_user = self._count(sect, "max_gpus_per_user", "[dq]")
-        self.limits = {}
-        if parser.has_section("limits"):
-            for user, _ in parser.items("limits"):
-                if not is_user_name(user):
-                    raise Failure(f"{self.path}: [limits] {user!r} is not a user name")
-                self.limits[user] = self._count(parser["limits"], user, "[limits]")
-        # Time limits: a default for jobs without DQ_TIME, and the most one
-        # may ask for (durations, e.g. 4h or 2d).
-        for key in ("time_limit", "max_time"):
-            setattr(self, key, duration(f"{self.path}: {key}", sect[key], key)
-                    if key in sect else None)
-        # Mail at a job's end (DQ_MAIL): the lab's SMTP server, and the
-        # domain of users' own addresses (DQ_MAIL=1).
-        self.smtp = sect.get("smtp", "localhost:25").strip()
-        if not re.fullmatch(r"[A-Za-z0-9._-]+(:[0-9]{1,5})?", self.smtp):
-            raise Failure(f"{self.path}: 'smtp' must be HOST or HOST:PORT (not {self.smtp!r}), "
-                          f"e.g. 'smtp = mail.example.org:25'")
-        self.mail_domain = sect.get("mail_domain", "").strip() or None
-        if self.mail_domain and not re.fullmatch(r"[A-Za-z0-9.-]+", self.mail_domain):
-            raise Failure(f"{self.path}: 'mail_domain' must be a domain (not "
-                          f"{self.mail_domain!r}), e.g. 'mail_domain = example.org'")
-        # Fair share between users holding as many GPUs: less recent use
-        # first, GPU-seconds halving every fairshare_halflife.
-        self.fairshare_halflife = duration(f"{self.path}: fairshare_halflife",
-                                           sect.get("fairshare_halflife", "1d"),
-                                           "fairshare_halflife")
-        global LOCK_STATS
-        LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
+# The most seconds a setting or option may say: more than 11 days is a
+# typo, and poll() takes at most ~24 days.
+MAX_SECONDS = 1_000_000
 
-    def _count(self, sect, key, where):
-        """A whole number of GPUs, 0 or more, or None where not set."""
-        if key not in sect:
-            return None
-        raw = sect[key].strip()
-        count = whole_number(raw, high=self.MAX_SECONDS)
-        if count is None:
-            raise Failure(f"{self.path}: {where} {key!r} must be a whole number of GPUs, "
-                          f"0 or more (not {raw!r}), e.g. '{key} = 8'")
-        return count
 
-    def gpu_limit(self, user):
-        """The most GPUs user's jobs may hold at once, or None."""
-        return self.limits.get(user, self.max_gpus_per_user)
+DURATION_RE = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s?)?", re.I)
 
-    def _number(self, sect, key, default, zero_ok):
-        """A number of seconds: finite (float() takes 'nan' and 'inf'), not
-        negative, and above 0 unless `zero_ok`."""
-        raw = sect.get(key, str(default)).strip()
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and (value > 0 or zero_ok and value == 0) \
-                and value <= self.MAX_SECONDS:
-            return value
-        allowed = "0 or more" if zero_ok else "above 0"
-        raise Failure(f"{self.path}: '{key}' must be a number of seconds, {allowed} and at "
-                      f"most {self.MAX_SECONDS} (not {raw!r}), e.g. '{key} = {default}'")
 
-    def p(self, *parts):
-        return os.path.join(self.root, *parts)
+def duration(what, text, example):
+    """'3600', '90m', '4h', '2d', '1h30m' -> seconds (above 0)."""
+    m = DURATION_RE.fullmatch(text.strip())
+    if not text.strip() or not m:
+        raise Failure(f"{what}={text.strip()!r} is not a duration; e.g. {example}=3600, 90m, "
+                      f"4h, 2d or 1h30m")
+    if any(m.groups()[:3]) and text.strip()[-1].isdigit():
+        raise Failure(f"{what}={text.strip()!r}: say the unit of its last number, e.g. "
+                      f"1h30m")
+    d, h, mi, sec = (int(x or 0) for x in m.groups())
+    seconds = ((d * 24 + h) * 60 + mi) * 60 + sec
+    if not 0 < seconds <= 10 ** 9:
+        raise Failure(f"{what}={text.strip()!r} must be above 0 and under 30 years")
+    return seconds
 
-    def job_dir(self, job_id):
-        return self.p("jobs", "backend", job_id)
+
+def fmt_duration(seconds):
+    """Every duration dq prints: 3600 -> '1h', 5400 -> '1h30m', 90 ->
+    '1m30s' (never below 0s), the form DQ_TIME reads back."""
+    seconds = max(0, int(seconds))
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not out):
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out
+
+
+# Command line ################################################################
+
+def parser(cmd, description):
+    import argparse     # here: a job's wrapper, started between two jobs, needs none
+
+    class ArgParser(argparse.ArgumentParser):
+        def error(self, message):
+            raise Failure(f"{message} (see {self.prog} --help)")
+
+    p = ArgParser(prog=f"dq-{cmd}", description=description,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="echo every ssh command")
+    p.add_argument("--version", action="version", version=f"dq {__version__}")
+    return p
+
+
+def count_type(what):
+    """An argparse type: a whole number of `what`, 0 or more."""
+    def check(v):
+        n = whole_number(v)
+        if n is None:
+            import argparse
+            raise argparse.ArgumentTypeError(f"{v!r} is not a number of {what} (e.g. 10)")
+        return n
+    return check
+
+
+def seconds_type(v):
+    """An argparse type: a number of seconds above 0 (as Config's)."""
+    try:
+        s = float(v)
+    except ValueError:
+        s = math.nan
+    if not (math.isfinite(s) and 0 < s <= MAX_SECONDS):
+        import argparse
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number of seconds above 0 and at "
+                                         f"most {MAX_SECONDS} (e.g. 30)")
+    return s
+
+
+def parse(p, argv):
+    args = p.parse_args(argv)
+    global DEBUG
+    DEBUG = DEBUG or args.debug
+    return args
+
+
+def count_arg(argv, default=10):
+    """Pull the manual's `-NUM` (and -n NUM) out of argv."""
+    rest, num = [], default
+    it = iter(argv)
+    for a in it:
+        if a.startswith("-") and whole_number(a[1:]) is not None:
+            num = whole_number(a[1:])
+        elif a in ("-n", "--lines"):
+            v = next(it, "")
+            num = whole_number(v)
+            if num is None:
+                raise Failure(f"{a} needs a number of lines, e.g. {a} 20 (not {v!r})")
+        else:
+            rest.append(a)
+    return num, rest
+
+
+def full_job_id(arg):
+    """Is arg a job ID with its user (N-user), as dq passes them around?"""
+    m = JOB_ID_RE.fullmatch(arg)
+    return bool(m and m.group(2))
+
+
+def internal_args(argv, usage, what, checks):
+    """Check the arguments of an internal command, one check per argument,
+    so that a wrong call changes nothing."""
+    if len(argv) != len(checks) or not all(c(a) for c, a in zip(checks, argv)):
+        given = " ".join(map(repr, argv)) or "(none)"
+        raise Failure(f"bad arguments {given}; usage: dq.py {usage} (internal: {what}; "
+                      f"users never need to run it)")
 
 
 # Files and locks #############################################################
+
+def _mtime(path):
+    """path's mtime, fresh: open() makes an NFS client ask the server
+    (close-to-open), where stat() may answer from a cache seconds old."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+
 
 # Shared directories: 'state' holds files any user rewrites (so it is not
 # sticky: os.replace over another user's file needs that); the others hold
@@ -366,40 +350,21 @@ class Config:
 LAYOUT = {"state": "shared", "jobs": "traversed", "jobs/backend": "sticky",
           "jobs/active": "sticky", "jobs/cpu": "sticky", "jobs/queue": "sticky",
           "jobs/lost": "sticky", "jobs/done": "sticky", "drain": "sticky", "sched": "sticky"}
-LAYOUT_MODES = {"shared": 0o777, "traversed": 0o755, "sticky": 0o1777}
 
 
-def ensure_layout(cfg):
+def cmd__layout(cfg, argv):
+    """Internal: the data root's directories, `KIND PATH` a line (install.sh)."""
+    internal_args(argv, "_layout", "read by install.sh", ())
     for sub, kind in LAYOUT.items():
-        mode = LAYOUT_MODES[kind]
-        path = cfg.p(sub)
-        # Every user lists and writes them all ('jobs' is only traversed).
-        if os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
-            continue
-        if os.path.isdir(path):
-            raise Failure(f"you cannot read and write {path}{access_hint(cfg.root)}")
-        try:
-            os.makedirs(path, exist_ok=True)
-            os.chmod(path, mode)
-        except OSError as e:
-            raise Failure(f"cannot create {path}: {e.strerror}; ask the admin to "
-                          f"run 'make install' for {cfg.root}")
+        print(kind, sub)
+    return 0
+
+
+LAYOUT_MODES = {"shared": 0o777, "traversed": 0o755, "sticky": 0o1777}
 
 
 # A full data root (a quota, a full export).
 SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def data_root_error(root, e):
-    """One line for an OSError: a full data root says so, and where."""
-    path = str(e.filename or "")
-    what = f"{path}: {e.strerror or e}" if path else str(e.strerror or e)
-    if e.errno in SPACE_ERRORS:
-        where = f"the data root {root}" if root else "the disk"
-        return one_line(f"{where} is full ({what}); free some space there "
-                        f"(or ask its admin for more), then try again")
-    hint = access_hint(root, e) if root and path.startswith(root) else ""
-    return one_line(what) + hint
 
 
 def access_hint(root, err=None):
@@ -419,7 +384,42 @@ def access_hint(root, err=None):
     return f"; ask the admin of {root} (owned by {user_of_uid(st.st_uid)}) for access"
 
 
+def ensure_layout(cfg):
+    for sub, kind in LAYOUT.items():
+        mode = LAYOUT_MODES[kind]
+        path = cfg.p(sub)
+        # Every user lists and writes them all ('jobs' is only traversed).
+        if os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
+            continue
+        if os.path.isdir(path):
+            raise Failure(f"you cannot read and write {path}{access_hint(cfg.root)}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, mode)
+        except OSError as e:
+            raise Failure(f"cannot create {path}: {e.strerror}; ask the admin to "
+                          f"run 'make install' for {cfg.root}")
+
+
+def data_root_error(root, e):
+    """One line for an OSError: a full data root says so, and where."""
+    path = str(e.filename or "")
+    what = f"{path}: {e.strerror or e}" if path else str(e.strerror or e)
+    if e.errno in SPACE_ERRORS:
+        where = f"the data root {root}" if root else "the disk"
+        return one_line(f"{where} is full ({what}); free some space there "
+                        f"(or ask its admin for more), then try again")
+    hint = access_hint(root, e) if root and path.startswith(root) else ""
+    return one_line(what) + hint
+
+
 _DEFAULT = object()
+
+
+def bad_file(path, why, fix, value=None):
+    """Say that a file is corrupt and what to do: one line.  Returns value."""
+    warn(f"ignoring corrupt file {path} ({why}); {fix}")
+    return value
 
 
 def read_json(path, default=None, corrupt=_DEFAULT, fix="remove it or put it right",
@@ -453,12 +453,6 @@ def read_json(path, default=None, corrupt=_DEFAULT, fix="remove it or put it rig
         warn(f"ignoring {path}, {newer}")
         return corrupt
     return data
-
-
-def bad_file(path, why, fix, value=None):
-    """Say that a file is corrupt and what to do: one line.  Returns value."""
-    warn(f"ignoring corrupt file {path} ({why}); {fix}")
-    return value
 
 
 def bad_field(data, fields):
@@ -675,6 +669,152 @@ def touch_wake(cfg, user):
         pass
 
 
+# Configuration ###############################################################
+
+class Config:
+    """The data root and dq.conf.  No dq.conf (or no hosts in it) means the
+    cluster is this machine alone, reached without ssh."""
+
+    # The number keys: default, and whether 0 makes sense (0 for kill_grace:
+    # KILL at once; a timeout or interval of 0 would spin or never wait).
+    NUMBERS = {"timeout": (15, False), "poll_interval": (2, False),
+               "starve_after": (600, True), "assign_timeout": (30, False),
+               "kill_grace": (5, True), "lost_after": (45, True),
+               "watch_interval": (10, False), "lock_timeout": (30, False)}
+    KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
+            "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
+            "smtp", "mail_domain",
+            "lock_stats"} | set(NUMBERS)
+    ORDERS = ("fairshare", "fifo")
+
+    def __init__(self):
+        self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
+        self.path = os.path.join(self.root, "dq.conf")
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except FileNotFoundError:
+            pass        # no dq.conf: this machine alone
+        except OSError as e:
+            # Not read: running on this machine alone would be a silent surprise
+            raise Failure(f"cannot read {self.path}: {e.strerror}{access_hint(self.root, e)}")
+        except (configparser.Error, UnicodeDecodeError) as e:
+            raise Failure(f"cannot parse {self.path}: {e}; it must be UTF-8 text in INI form, "
+                          f"'[dq]' then 'key = value' lines".replace("\n", " "))
+        sect = parser["dq"] if parser.has_section("dq") else {}
+        for key in sect:
+            if key not in self.KEYS:
+                warn(f"{self.path}: unknown key {key!r} ignored (known: "
+                     f"{' '.join(sorted(self.KEYS - {'lock_stats'}))})")
+        self.hosts = sect.get("hosts", "").split()
+        for h in self.hosts:
+            if not HOST_RE.match(h):
+                raise Failure(f"{self.path}: bad host name {h!r} in 'hosts'")
+        self.local = not self.hosts
+        self.admin_names = sect.get("admins", "").replace(",", " ").split()
+        for u in self.admin_names:
+            if not is_user_name(u):
+                raise Failure(f"{self.path}: 'admins': {u!r} is not a user name; e.g. "
+                              f"'admins = alice bob'")
+        if self.local:
+            self.hosts = [os.uname().nodename.split(".")[0]]
+        try:
+            self.ssh = shlex.split(sect.get("ssh", "ssh -o BatchMode=yes -o ConnectTimeout=5"))
+        except ValueError as e:
+            raise Failure(f"{self.path}: 'ssh': {e}")
+        if not self.ssh:
+            raise Failure(f"{self.path}: 'ssh' is empty; give the ssh command, e.g. "
+                          f"'ssh = ssh -o BatchMode=yes', or leave the key out")
+        try:
+            self.multiplex = parser.getboolean("dq", "multiplex", fallback=True)
+        except ValueError:
+            raise Failure(f"{self.path}: 'multiplex' must be yes or no, not "
+                          f"{sect['multiplex'].strip().lower()!r}") from None
+        self.python = sect.get("python", "python3").strip()
+        if not self.python:
+            raise Failure(f"{self.path}: 'python' is empty; name the hosts' Python, e.g. "
+                          f"'python = python3', or leave the key out")
+        for key, (default, zero_ok) in self.NUMBERS.items():
+            setattr(self, key, self._number(sect, key, default, zero_ok))
+        slots = sect.get("cpu_slots", "4").strip()
+        self.cpu_slots = whole_number(slots, 1, MAX_SECONDS)
+        if self.cpu_slots is None:
+            raise Failure(f"{self.path}: 'cpu_slots' must be a whole number of jobs, 1 or "
+                          f"more (not {slots!r}), e.g. 'cpu_slots = 4'")
+        self.order = sect.get("order", "fairshare").strip().lower()
+        if self.order not in self.ORDERS:
+            raise Failure(f"{self.path}: 'order' must be fairshare or fifo, not "
+                          f"{self.order!r}, e.g. 'order = fairshare'")
+        # Per-user GPU limits: max_gpus_per_user for all, [limits] user = N
+        # for some (a promise to the lab: GPUs stay idle above it).
+        self.max_gpus_per_user = self._count(sect, "max_gpus_per_user", "[dq]")
+        self.limits = {}
+        if parser.has_section("limits"):
+            for user, _ in parser.items("limits"):
+                if not is_user_name(user):
+                    raise Failure(f"{self.path}: [limits] {user!r} is not a user name")
+                self.limits[user] = self._count(parser["limits"], user, "[limits]")
+        # Time limits: a default for jobs without DQ_TIME, and the most one
+        # may ask for (durations, e.g. 4h or 2d).
+        for key in ("time_limit", "max_time"):
+            setattr(self, key, duration(f"{self.path}: {key}", sect[key], key)
+                    if key in sect else None)
+        # Mail at a job's end (DQ_MAIL): the lab's SMTP server, and the
+        # domain of users' own addresses (DQ_MAIL=1).
+        self.smtp = sect.get("smtp", "localhost:25").strip()
+        if not re.fullmatch(r"[A-Za-z0-9._-]+(:[0-9]{1,5})?", self.smtp):
+            raise Failure(f"{self.path}: 'smtp' must be HOST or HOST:PORT (not {self.smtp!r}), "
+                          f"e.g. 'smtp = mail.example.org:25'")
+        self.mail_domain = sect.get("mail_domain", "").strip() or None
+        if self.mail_domain and not re.fullmatch(r"[A-Za-z0-9.-]+", self.mail_domain):
+            raise Failure(f"{self.path}: 'mail_domain' must be a domain (not "
+                          f"{self.mail_domain!r}), e.g. 'mail_domain = example.org'")
+        # Fair share between users holding as many GPUs: less recent use
+        # first, GPU-seconds halving every fairshare_halflife.
+        self.fairshare_halflife = duration(f"{self.path}: fairshare_halflife",
+                                           sect.get("fairshare_halflife", "1d"),
+                                           "fairshare_halflife")
+        global LOCK_STATS
+        LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
+
+    def _count(self, sect, key, where):
+        """A whole number of GPUs, 0 or more, or None where not set."""
+        if key not in sect:
+            return None
+        raw = sect[key].strip()
+        count = whole_number(raw, high=MAX_SECONDS)
+        if count is None:
+            raise Failure(f"{self.path}: {where} {key!r} must be a whole number of GPUs, "
+                          f"0 or more (not {raw!r}), e.g. '{key} = 8'")
+        return count
+
+    def gpu_limit(self, user):
+        """The most GPUs user's jobs may hold at once, or None."""
+        return self.limits.get(user, self.max_gpus_per_user)
+
+    def _number(self, sect, key, default, zero_ok):
+        """A number of seconds: finite (float() takes 'nan' and 'inf'), not
+        negative, and above 0 unless `zero_ok`."""
+        raw = sect.get(key, str(default)).strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and (value > 0 or zero_ok and value == 0) \
+                and value <= MAX_SECONDS:
+            return value
+        allowed = "0 or more" if zero_ok else "above 0"
+        raise Failure(f"{self.path}: '{key}' must be a number of seconds, {allowed} and at "
+                      f"most {MAX_SECONDS} (not {raw!r}), e.g. '{key} = {default}'")
+
+    def p(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def job_dir(self, job_id):
+        return self.p("jobs", "backend", job_id)
+
+
 # Remote execution ############################################################
 
 class Result:
@@ -720,71 +860,6 @@ def shell_argv(cfg, host):
     if cfg.local or host == LOCAL_HOST:
         return ["/bin/sh", "-s"]
     return ssh_argv(cfg, host) + ["/bin/sh -s"]
-
-
-def run_on(cfg, host, script, timeout=None):
-    """Run a /bin/sh script on a host as the calling user and capture it.
-
-    The script travels on stdin and the remote login shell only sees
-    `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
-    command of dq goes through run_scripts below (with a timeout and the
-    --debug echo)."""
-    return run_scripts(cfg, [(host, script)], timeout)[0]
-
-
-def run_on_all(cfg, hosts, script_for, timeout=None, on_line=None, on_done=None):
-    """Run a script on each host in parallel; {host: Result}."""
-    results = run_scripts(cfg, [(h, script_for(h)) for h in hosts], timeout, on_line, on_done)
-    return dict(zip(hosts, results))
-
-
-def run_scripts(cfg, tasks, timeout=None, on_line=None, on_done=None):
-    """Run [(host, script)] all at once: [Result], in order.
-
-    One process each (ssh, or /bin/sh here) and no threads: one poll()
-    watches every pipe.  on_line(host, line): stdout is handed over line by
-    line as it comes (Result.out stays empty); on_done(host): one finished."""
-    import select
-    timeout = cfg.timeout if timeout is None else timeout
-    env = clean_env()
-    t0 = time.monotonic()
-    results, running, poller = [None] * len(tasks), {}, select.poll()
-    for i, (host, script) in enumerate(tasks):
-        argv = shell_argv(cfg, host)
-        debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
-        try:
-            proc = _Spawned(host, argv, env, wrap_script(script).encode())
-        except OSError as e:
-            results[i] = Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0.0)
-            continue
-        proc.index = i
-        for fd, events in proc.watch():
-            running[fd] = proc
-            poller.register(fd, events)
-    deadline = t0 + timeout
-    while running:
-        wait = deadline - time.monotonic()
-        events = poller.poll(wait * 1000) if wait > 0 else []
-        if not events and time.monotonic() >= deadline:
-            for proc in set(running.values()):      # the stragglers
-                proc.kill()
-            events = [(fd, 0) for fd in running]
-        for fd, ev in events:
-            proc = running.get(fd)
-            if proc is None:
-                continue
-            if not proc.handle(fd, on_line):
-                poller.unregister(fd)
-                del running[fd]
-            if proc.done():
-                for other in [f for f, p in running.items() if p is proc]:
-                    poller.unregister(other)
-                    del running[other]
-                results[proc.index] = res = proc.result(time.monotonic() - t0, timeout)
-                debug(f"{proc.host}: exit {res.rc} in {res.seconds:.3f}s")
-                if on_done:
-                    on_done(proc.host)
-    return results
 
 
 class _Spawned:
@@ -919,18 +994,83 @@ def clean_env():
     return env
 
 
+def run_scripts(cfg, tasks, timeout=None, on_line=None, on_done=None):
+    """Run [(host, script)] all at once: [Result], in order.
+
+    One process each (ssh, or /bin/sh here) and no threads: one poll()
+    watches every pipe.  on_line(host, line): stdout is handed over line by
+    line as it comes (Result.out stays empty); on_done(host): one finished."""
+    import select
+    timeout = cfg.timeout if timeout is None else timeout
+    env = clean_env()
+    t0 = time.monotonic()
+    results, running, poller = [None] * len(tasks), {}, select.poll()
+    for i, (host, script) in enumerate(tasks):
+        argv = shell_argv(cfg, host)
+        debug(f"{host}: {shlex.join(argv)} <<'EOF'\n{script.rstrip()}\nEOF")
+        try:
+            proc = _Spawned(host, argv, env, wrap_script(script).encode())
+        except OSError as e:
+            results[i] = Result(host, 127, "", f"cannot run {argv[0]}: {e.strerror}", 0.0)
+            continue
+        proc.index = i
+        for fd, events in proc.watch():
+            running[fd] = proc
+            poller.register(fd, events)
+    deadline = t0 + timeout
+    while running:
+        wait = deadline - time.monotonic()
+        events = poller.poll(wait * 1000) if wait > 0 else []
+        if not events and time.monotonic() >= deadline:
+            for proc in set(running.values()):      # the stragglers
+                proc.kill()
+            events = [(fd, 0) for fd in running]
+        for fd, ev in events:
+            proc = running.get(fd)
+            if proc is None:
+                continue
+            if not proc.handle(fd, on_line):
+                poller.unregister(fd)
+                del running[fd]
+            if proc.done():
+                for other in [f for f, p in running.items() if p is proc]:
+                    poller.unregister(other)
+                    del running[other]
+                results[proc.index] = res = proc.result(time.monotonic() - t0, timeout)
+                debug(f"{proc.host}: exit {res.rc} in {res.seconds:.3f}s")
+                if on_done:
+                    on_done(proc.host)
+    return results
+
+
+def run_on(cfg, host, script, timeout=None):
+    """Run a /bin/sh script on a host as the calling user and capture it.
+
+    The script travels on stdin and the remote login shell only sees
+    `/bin/sh -s`, so tcsh or zsh users parse nothing of ours.  Every ssh
+    command of dq goes through run_scripts below (with a timeout and the
+    --debug echo)."""
+    return run_scripts(cfg, [(host, script)], timeout)[0]
+
+
+def run_on_all(cfg, hosts, script_for, timeout=None, on_line=None, on_done=None):
+    """Run a script on each host in parallel; {host: Result}."""
+    results = run_scripts(cfg, [(h, script_for(h)) for h in hosts], timeout, on_line, on_done)
+    return dict(zip(hosts, results))
+
+
 def q(s):
     return shlex.quote(str(s))
-
-
-def dq_command(cfg, *args):
-    """A /bin/sh command line running this dq.py on a host."""
-    return " ".join(q(a) for a in dq_argv(cfg.python, *args))
 
 
 def dq_argv(python, *args):
     """The argv that runs dq command `args[0]` with `python`."""
     return [python, "-S", "-c", BOOT, DQ_PY] + list(args)
+
+
+def dq_command(cfg, *args):
+    """A /bin/sh command line running this dq.py on a host."""
+    return " ".join(q(a) for a in dq_argv(cfg.python, *args))
 
 
 def spawn_detached(what, *args):
@@ -951,7 +1091,11 @@ def spawn_detached(what, *args):
 # name last: a GPU's name is the one field that might hold a comma
 SMI_GPUS = ("nvidia-smi --query-gpu=index,uuid,memory.used,memory.total,name "
             "--format=csv,noheader,nounits")
+
+
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
+
+
 SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
 
 
@@ -1095,6 +1239,11 @@ def parse_poll(host, res, started, table=None):
     return st
 
 
+def polled_locally(cfg, host):
+    """Is host polled here without ssh, on a cluster reached over ssh?"""
+    return host == LOCAL_HOST and not cfg.local
+
+
 def poll_hosts(cfg, hosts=None, with_ps=True):
     """Poll hosts in parallel: {host: HostState}."""
     hosts = cfg.hosts if hosts is None else hosts
@@ -1107,31 +1256,7 @@ def poll_hosts(cfg, hosts=None, with_ps=True):
     return polls
 
 
-def polled_locally(cfg, host):
-    """Is host polled here without ssh, on a cluster reached over ssh?"""
-    return host == LOCAL_HOST and not cfg.local
-
-
 GPU_TABLE_MAX_AGE = 60      # seconds a host's GPU table (index, uuid, ...) is trusted
-
-
-def poll_handover(cfg, host):
-    """The hand-over's poll of its own host: {host: HostState}.  Which GPUs
-    a host has hardly ever changes, so when a full poll of the last minute
-    (hosts.json) gave the table and saw every GPU's memory, only the
-    compute-apps query runs: one nvidia-smi instead of two at every job's
-    end.  No ps: which sessions live is the loops' business."""
-    seen = load_hosts(cfg)["seen"].get(host, {})
-    table = seen.get("table")
-    started = time.time()
-    if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE \
-            or any(len(row) != 4 for row in table["gpus"]):      # from an older dq
-        return poll_hosts(cfg, [host], with_ps=False)
-    script = (f"echo @@apps; timeout {smi_timeout(cfg)} {SMI_APPS} </dev/null 2>&1; "
-              f"echo \"@@rc $?\"\n")
-    st = parse_poll(host, run_on(cfg, host, script), started, table)
-    st.local = polled_locally(cfg, host)
-    return {host: st}
 
 
 def is_gpu_table(v):
@@ -1170,6 +1295,25 @@ def load_hosts(cfg):
         bad = sorted((set(down) - set(good_down)) | (set(seen) - set(good_seen)))
         bad_file(path, f"bad entries for {' '.join(bad)[:60]}", fix)
     return {"down": good_down, "seen": good_seen}
+
+
+def poll_handover(cfg, host):
+    """The hand-over's poll of its own host: {host: HostState}.  Which GPUs
+    a host has hardly ever changes, so when a full poll of the last minute
+    (hosts.json) gave the table and saw every GPU's memory, only the
+    compute-apps query runs: one nvidia-smi instead of two at every job's
+    end.  No ps: which sessions live is the loops' business."""
+    seen = load_hosts(cfg)["seen"].get(host, {})
+    table = seen.get("table")
+    started = time.time()
+    if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE \
+            or any(len(row) != 4 for row in table["gpus"]):      # from an older dq
+        return poll_hosts(cfg, [host], with_ps=False)
+    script = (f"echo @@apps; timeout {smi_timeout(cfg)} {SMI_APPS} </dev/null 2>&1; "
+              f"echo \"@@rc $?\"\n")
+    st = parse_poll(host, run_on(cfg, host, script), started, table)
+    st.local = polled_locally(cfg, host)
+    return {host: st}
 
 
 def track_hosts(cfg, polls):
@@ -1312,6 +1456,42 @@ def set_drained(cfg, hosts, drained, reason):
         write_json(path, {"hosts": entries})
 
 
+def cmd_drain(cfg, argv):
+    p = parser("drain", "Place no new job on these hosts (running jobs finish), or with "
+               "--undo, end that;\nalone, list drained hosts.  Only admins may drain: the "
+               "owner of dq.conf and\nthe users its 'admins' line names.")
+    p.add_argument("host", nargs="*")
+    p.add_argument("-r", "--reason", default="", help="why (shown to users)")
+    p.add_argument("--undo", action="store_true", help="let dq use the hosts again")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    args = parse(p, argv)
+    if not args.host:
+        if args.undo or args.reason:
+            raise Failure("name the hosts, e.g. dq-drain node3 -r 'new disk'")
+        drains = read_drains(cfg)
+        if args.json:
+            print(json.dumps([dict(host=h, **d) for h, d in sorted(drains.items())], indent=1))
+            return 0
+        if not drains:
+            print("No host is drained")
+            return 0
+        print_table(["Host", "Since", "By", "Reason"],
+                    [(h, time.strftime("%Y-%m-%d %H:%M", time.localtime(d["since"])), d["by"],
+                      d["reason"] or "-") for h, d in sorted(drains.items())])
+        return 0
+    if args.undo and args.reason:
+        raise Failure("--undo takes no reason")
+    set_drained(cfg, args.host, not args.undo, args.reason.strip())
+    for h in args.host:
+        print(f"{'Undrained' if args.undo else 'Drained'} {h}" +
+              (f" ({args.reason.strip()})" if args.reason.strip() and not args.undo else ""))
+    if args.undo:
+        for user in os.listdir(cfg.p("jobs", "queue")) if os.path.isdir(
+                cfg.p("jobs", "queue")) else []:
+            touch_wake(cfg, user)   # their jobs may fit there now
+    return 0
+
+
 # Wait reasons ################################################################
 
 # Why a queued job waits (dq-jobs queue's Reason, dq-web, /api/state), like
@@ -1329,18 +1509,36 @@ def wait_reason(words, meaning):
 
 
 HELD = wait_reason("held", "held by its owner (dq-hold); dq-release lets it go")
+
+
 AFTER = wait_reason("after {job}", "waits for job {job} to end (DQ_AFTER, DQ_AFTER_ANY)")
+
+
 STARTING = wait_reason("starting", "placed on GPUs; its owner's dq-schedule starts it now")
+
+
 NEXT_PASS = wait_reason("next pass", "what it needs is free; the next pass places it")
+
+
 USER_LIMIT = wait_reason("user limit", "its owner holds as many GPUs as max_gpus_per_user / "
                                        "[limits] allow")
+
+
 HOSTS_DOWN = wait_reason("hosts down", "the hosts it may use do not answer, or their "
                                        "nvidia-smi fails")
+
+
 DRAINED = wait_reason("drained", "the hosts it may use are drained by an admin (dq-drain "
                                  "lists them)")
+
+
 GPUS_BUSY = wait_reason("GPUs busy", "every GPU it may use is in use")
+
+
 KEPT = wait_reason("kept for {job}", "GPUs it may use are free, but kept for job {job}, "
                                      "which has waited starve_after and needs more of them")
+
+
 CPU_SLOTS = wait_reason("CPU slots", "every host it may use runs cpu_slots CPU-only jobs")
 
 
@@ -1357,7 +1555,26 @@ CPU_SLOTS = wait_reason("CPU slots", "every host it may use runs cpu_slots CPU-o
 # entry (the README's "Patching dq" shows one worked through).
 
 HOST_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]+$")
+
+
 MAX_RANGE = 10000       # hosts one [a-b] range may name
+
+
+def _expand_range(var, item):
+    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
+    if not m:
+        return [item]
+    head, body, tail = m.groups()
+    names = []
+    for part in body.split(","):
+        r = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        lo, hi = (int(r.group(1)), int(r.group(2) or r.group(1))) if r else (1, 0)
+        if not r or hi < lo or hi - lo > MAX_RANGE:
+            raise Failure(f"{var}: bad range [{body}] in {item!r}; e.g. deep[1-4] or "
+                          f"deep[1,3,7-9]")
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        names += [f"{head}{n:0{width}d}" for n in range(lo, hi + 1)]
+    return [x for name in names for x in _expand_range(var, name + tail)]
 
 
 def host_patterns(var, text):
@@ -1379,23 +1596,6 @@ def host_patterns(var, text):
                               f"e.g. {var}=deep1,deep[3-5],gpu*")
             out.append(pat)
     return out
-
-
-def _expand_range(var, item):
-    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
-    if not m:
-        return [item]
-    head, body, tail = m.groups()
-    names = []
-    for part in body.split(","):
-        r = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
-        lo, hi = (int(r.group(1)), int(r.group(2) or r.group(1))) if r else (1, 0)
-        if not r or hi < lo or hi - lo > MAX_RANGE:
-            raise Failure(f"{var}: bad range [{body}] in {item!r}; e.g. deep[1-4] or "
-                          f"deep[1,3,7-9]")
-        width = len(r.group(1)) if r.group(1).startswith("0") else 0
-        names += [f"{head}{n:0{width}d}" for n in range(lo, hi + 1)]
-    return [x for name in names for x in _expand_range(var, name + tail)]
 
 
 def is_host_patterns(v):
@@ -1423,6 +1623,8 @@ def matches_host(patterns, host):
 # cluster's GPUs (gpu_inventory).
 NO_HOST = ("{host_words} leaves no host of the cluster (its hosts: {hosts}); change DQ_HOSTS or "
            "DQ_EXCLUDE")
+
+
 NO_GPU = "no host has {want} GPU(s) for {words}; the cluster has {inventory}"
 
 
@@ -1455,7 +1657,10 @@ class Constraint:
 
 
 HOSTS_REASON = ("hosts", "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out")
+
+
 KIND_REASON = ("GPU kind", "GPUs are free, but none of the type or size it asks for")
+
 
 CONSTRAINTS = [
     # hosts first: a job's hosts are settled before its GPUs
@@ -1472,6 +1677,7 @@ CONSTRAINTS = [
                lambda v: is_int(v, 1), "a size in MiB", lambda v: f"DQ_GPU_MEM={v}M",
                KIND_REASON, gpu=lambda v, name, total: total is not None and total >= v),
 ]
+
 
 def is_need(v):
     """Is v a good stored `need`: keys and values of CONSTRAINTS' entries?"""
@@ -1800,10 +2006,41 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
     return out
 
 
-# Jobs ########################################################################
+# Job files ###################################################################
 
 MAX_GPUS = 64       # per job: more is a typo
+
+
 MAX_PRIORITY = 1_000_000    # DQ_PRIORITY, either way
+
+
+RUN_FIELDS = {
+    "host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
+    "gpus": (is_gpu_list, "a list of GPUs", False),
+    "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
+    "started": (is_time, "a time in seconds", True)}
+
+
+END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
+
+
+END_FIELDS = {
+    "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
+    "reason": (optional(is_str), "a text", False),
+    "exit_code": (optional(lambda v: is_int(v, -1 << 31)), "an exit status", False),
+    "signal": (optional(is_str), "a signal name", False),
+    "ended": (optional(is_time), "a time in seconds", False),
+    "host": (optional(is_str), "a host name", False),
+    "requeued_as": (optional(is_str), "a job ID", False)}
+
+
+LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
+               "ended": (optional(is_time), "a time in seconds", False)}
+
+
+def is_id_list(v):
+    return isinstance(v, list) and all(isinstance(i, str) and JOB_ID_RE.match(i) and "-" in i
+                                       for i in v)
 
 
 # What each of a job's files holds (see bad_field): a file that does not
@@ -1825,22 +2062,6 @@ JOB_FIELDS = {
     "retries": (is_int, "a count", False)}
 
 
-RUN_FIELDS = {
-    "host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
-    "gpus": (is_gpu_list, "a list of GPUs", False),
-    "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
-    "started": (is_time, "a time in seconds", True)}
-END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
-END_FIELDS = {
-    "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
-    "reason": (optional(is_str), "a text", False),
-    "exit_code": (optional(lambda v: is_int(v, -1 << 31)), "an exit status", False),
-    "signal": (optional(is_str), "a signal name", False),
-    "ended": (optional(is_time), "a time in seconds", False),
-    "host": (optional(is_str), "a host name", False),
-    "requeued_as": (optional(is_str), "a job ID", False)}
-LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
-               "ended": (optional(is_time), "a time in seconds", False)}
 INDEX_FIELDS = {
     "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
     "submitted": (optional(is_time), "a time in seconds", False),
@@ -1852,11 +2073,6 @@ INDEX_FIELDS = {
     "after": (lambda v: is_id_list(v), "a list of job IDs (DQ_AFTER)", False),
     "after_any": (lambda v: is_id_list(v), "a list of job IDs (DQ_AFTER_ANY)", False),
     "waiting": (lambda v: v is True, "true (its dependencies have not ended)", False)}
-
-
-def is_id_list(v):
-    return isinstance(v, list) and all(isinstance(i, str) and JOB_ID_RE.match(i) and "-" in i
-                                       for i in v)
 
 
 def read_job_file(path, fields, corrupt, fix):
@@ -1999,27 +2215,48 @@ def load_job(cfg, job_id, quiet=False):
     return Job(cfg, job_id, spec, owner)
 
 
-def resolve_job(cfg, arg):
-    """'42' or '42-alice' -> Job, or Failure naming the problem: when the
-    job's files are what is wrong, the warning about them is the error."""
-    global _held
-    m = JOB_ID_RE.match(arg or "")
-    if not m:
-        raise Failure(f"{arg!r} is not a job ID (expected N or N-user, e.g. 42 or 42-{me()})")
-    _held = []
-    try:
-        job = _find_job(cfg, arg, m)
-    finally:
-        said, _held = _held, None
-    if job is None:
-        raise Failure(f"no job {arg}" + (f" that dq can use: {said[0]}" if said
-                                         else " (see dq-jobs complete)"))
-    for msg in said:
-        warn(msg)
-    return job
+def job_log(job):
+    return os.path.join(job.dir, "log")
 
+
+def last_lines_offset(f, n, most=None):
+    """Offset in a binary file where its last n lines start (or, with
+    `most`, `most` bytes before its end, if they start before that)."""
+    f.seek(0, os.SEEK_END)
+    end = pos = f.tell()
+    if n <= 0:
+        return end
+    floor = max(0, end - most) if most is not None else 0
+    count, block = 1, 65536         # the last line, with or without its newline
+    while pos > floor:
+        step = min(block, pos - floor)
+        pos -= step
+        f.seek(pos)
+        chunk = f.read(step)
+        if pos + step == end:
+            chunk = chunk[:-1] if chunk.endswith(b"\n") else chunk
+        i = len(chunk)
+        while True:
+            i = chunk.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            count += 1
+            if count > n:
+                return pos + i + 1
+    return floor
+
+
+def session_name(job_id):
+    # Screen matches -S by prefix; ids are unique numbers followed by '-',
+    # so no session name is a prefix of another.
+    return f"dq-{job_id}"
+
+
+# Job IDs #####################################################################
 
 RANGE_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
+
+
 MAX_IDS = 100_000
 
 
@@ -2029,42 +2266,6 @@ def id_arguments(p):
     p.add_argument("job_id", nargs="*", help="N or N-user, or N-M: your jobs N to M")
     p.add_argument("--sweep", metavar="ID", action="append", default=[],
                    help="every job of the sweep whose first job is ID (its DQ_SWEEP)")
-
-
-def resolve_jobs(cfg, args):
-    """The jobs named by id_arguments, each once, in order."""
-    if not args.job_id and not args.sweep:
-        raise Failure("name the jobs: IDs (42, 42-bob), ranges of yours (40-49) or "
-                      "--sweep ID")
-    ids = [i for arg in args.job_id for i in ids_of(cfg, arg)]
-    for arg in args.sweep:
-        ids += sweep_jobs(cfg, resolve_job(cfg, arg))
-    seen, jobs = set(), []
-    for job_id in ids:
-        if job_id not in seen:
-            seen.add(job_id)
-            job = load_job(cfg, job_id)
-            if job is None:
-                raise Failure(f"no job {job_id} that dq can use")
-            jobs.append(job)
-    return jobs
-
-
-def ids_of(cfg, arg):
-    """The full IDs an argument names: one job (N, N-user), or a range of
-    the caller's own (N-M: those of them that exist)."""
-    m = RANGE_RE.match(arg)
-    if not m:
-        return [resolve_job(cfg, arg).id]
-    lo, hi = int(m.group(1)), int(m.group(2))
-    if hi < lo or hi - lo >= MAX_IDS:
-        raise Failure(f"{arg!r} is not a range of job numbers (e.g. 40-49, low to high, "
-                      f"at most {MAX_IDS})")
-    mine = [f"{n}-{me()}" for n in range(lo, hi + 1)
-            if os.path.isdir(cfg.job_dir(f"{n}-{me()}"))]
-    if not mine:
-        raise Failure(f"you have no job numbered {lo} to {hi} (see dq-jobs complete)")
-    return mine
 
 
 def sweep_jobs(cfg, job):
@@ -2099,10 +2300,76 @@ def _find_job(cfg, arg, m):
     return job
 
 
+def resolve_job(cfg, arg):
+    """'42' or '42-alice' -> Job, or Failure naming the problem: when the
+    job's files are what is wrong, the warning about them is the error."""
+    global _held
+    m = JOB_ID_RE.match(arg or "")
+    if not m:
+        raise Failure(f"{arg!r} is not a job ID (expected N or N-user, e.g. 42 or 42-{me()})")
+    _held = []
+    try:
+        job = _find_job(cfg, arg, m)
+    finally:
+        said, _held = _held, None
+    if job is None:
+        raise Failure(f"no job {arg}" + (f" that dq can use: {said[0]}" if said
+                                         else " (see dq-jobs complete)"))
+    for msg in said:
+        warn(msg)
+    return job
+
+
+def ids_of(cfg, arg):
+    """The full IDs an argument names: one job (N, N-user), or a range of
+    the caller's own (N-M: those of them that exist)."""
+    m = RANGE_RE.match(arg)
+    if not m:
+        return [resolve_job(cfg, arg).id]
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if hi < lo or hi - lo >= MAX_IDS:
+        raise Failure(f"{arg!r} is not a range of job numbers (e.g. 40-49, low to high, "
+                      f"at most {MAX_IDS})")
+    mine = [f"{n}-{me()}" for n in range(lo, hi + 1)
+            if os.path.isdir(cfg.job_dir(f"{n}-{me()}"))]
+    if not mine:
+        raise Failure(f"you have no job numbered {lo} to {hi} (see dq-jobs complete)")
+    return mine
+
+
+def resolve_jobs(cfg, args):
+    """The jobs named by id_arguments, each once, in order."""
+    if not args.job_id and not args.sweep:
+        raise Failure("name the jobs: IDs (42, 42-bob), ranges of yours (40-49) or "
+                      "--sweep ID")
+    ids = [i for arg in args.job_id for i in ids_of(cfg, arg)]
+    for arg in args.sweep:
+        ids += sweep_jobs(cfg, resolve_job(cfg, arg))
+    seen, jobs = set(), []
+    for job_id in ids:
+        if job_id not in seen:
+            seen.add(job_id)
+            job = load_job(cfg, job_id)
+            if job is None:
+                raise Failure(f"no job {job_id} that dq can use")
+            jobs.append(job)
+    return jobs
+
+
 def require_owner(job, verb):
     if job.owner != me():
         raise Failure(f"job {job.id} belongs to {job.owner}; you cannot {verb} it")
 
+
+def full_id(cfg, text):
+    """'42' -> '42-alice' (as resolve_job finds it), or the text as it is."""
+    try:
+        return resolve_job(cfg, text.strip()).id
+    except Failure:
+        return text.strip()
+
+
+# Job index ###################################################################
 
 def index_names(cfg, index="active", user=None):
     """Names in jobs/<index> (active: queued and running jobs; cpu: those
@@ -2137,16 +2404,6 @@ def active_ids(cfg, who=None):
     return [i for i in index_names(cfg, user=who) if owns_entry(os.path.join(active, i), i)]
 
 
-def drop_from_index(cfg, job_id):
-    if job_id.endswith("-" + me()):
-        set_queue_name(cfg, job_id, None)
-    for index in ("active", "cpu"):
-        try:
-            os.unlink(cfg.p("jobs", index, job_id))
-        except FileNotFoundError:
-            pass
-
-
 def all_job_ids(cfg):
     try:
         names = os.listdir(cfg.p("jobs", "backend"))
@@ -2160,51 +2417,26 @@ def all_job_ids(cfg):
     return [i for _, i in sorted(out)]
 
 
-def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None,
-               durable=True, requeued_as=None, ended=None):
-    """Write end.json once and count the job as completed; False if the job
-    already had an end.  durable=False (the wrapper, in a hurry to hand the
-    GPUs over): the caller fsyncs end.json and counts the job later, with
-    finish_end.  requeued_as: the job that runs it again (DQ_REQUEUE,
-    DQ_RETRY), which dependencies and dq-wait follow."""
-    data = {"state": state, "reason": reason, "exit_code": exit_code,
-            "signal": sig, "ended": ended or time.time(), "host": host or job.run.get("host")}
-    if requeued_as:
-        data["requeued_as"] = requeued_as
-    try:
-        write_json(os.path.join(job.dir, "end.json"), data, exclusive=True, durable=durable)
-    except FileExistsError:
-        return False
-    job._end = None
-    if durable:
-        count_done(cfg, job)
-    return True
+# Ended jobs and usage counters ###############################################
+
+def final_state(cfg, job_id):
+    """How a job ended, following its requeues and retries to the last
+    run: (state or None while it has not ended, the job ID of that run)."""
+    for _ in range(1000):
+        end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), None, {}, skip_newer=True)
+        if end is None:
+            if not os.path.isdir(cfg.job_dir(job_id)):
+                return "gone", job_id       # removed by hand: it will never end done
+            return None, job_id
+        state = end.get("state") if end.get("state") in END_STATES else "failed"
+        after = end.get("requeued_as")
+        if not (isinstance(after, str) and JOB_ID_RE.match(after)):
+            return state, job_id
+        job_id = after
+    return "failed", job_id
 
 
-def finish_end(cfg, job):
-    """What record_end(durable=False) left for later."""
-    sync_file(os.path.join(job.dir, "end.json"))
-    count_done(cfg, job)
-
-
-def count_done(cfg, job):
-    """Count an ended job in its owner's counters (jobs/done/<user>): how
-    many ended, and their GPU-seconds for fair share."""
-    try:
-        with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
-            counters = stored_counters(cfg, job.owner)
-            if counters is None:
-                user_counters(cfg, job.owner)   # counts this job too, and saves
-            else:
-                now = time.time()
-                write_json(cfg.p("jobs", "done", job.owner), {
-                    "done": counters["done"] + 1,
-                    "usage": decayed(counters, now, cfg.fairshare_halflife) + job_usage(job),
-                    "usage_at": now,
-                    "recent": ([job.id] + [i for i in counters["recent"]
-                                           if i != job.id])[:COMPLETE_RECENT]})
-    except (OSError, Failure) as e:
-        warn(f"cannot count {job.id} as completed: {e}")
+COMPLETE_RECENT = 30    # ended jobs of yours that completion offers
 
 
 def job_usage(job):
@@ -2247,10 +2479,6 @@ def stored_counters(cfg, user):
             "usage_at": data.get("usage_at", time.time()), "recent": data.get("recent", [])}
 
 
-def done_count(cfg, user):
-    return user_counters(cfg, user)["done"]
-
-
 def user_counters(cfg, user):
     """How many of user's jobs have ended, and their decayed GPU-seconds:
     counters kept in jobs/done/<user> as they end, so neither `dq-jobs
@@ -2282,6 +2510,59 @@ def user_counters(cfg, user):
             pass
     return counters
 
+
+def count_done(cfg, job):
+    """Count an ended job in its owner's counters (jobs/done/<user>): how
+    many ended, and their GPU-seconds for fair share."""
+    try:
+        with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
+            counters = stored_counters(cfg, job.owner)
+            if counters is None:
+                user_counters(cfg, job.owner)   # counts this job too, and saves
+            else:
+                now = time.time()
+                write_json(cfg.p("jobs", "done", job.owner), {
+                    "done": counters["done"] + 1,
+                    "usage": decayed(counters, now, cfg.fairshare_halflife) + job_usage(job),
+                    "usage_at": now,
+                    "recent": ([job.id] + [i for i in counters["recent"]
+                                           if i != job.id])[:COMPLETE_RECENT]})
+    except (OSError, Failure) as e:
+        warn(f"cannot count {job.id} as completed: {e}")
+
+
+def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None,
+               durable=True, requeued_as=None, ended=None):
+    """Write end.json once and count the job as completed; False if the job
+    already had an end.  durable=False (the wrapper, in a hurry to hand the
+    GPUs over): the caller fsyncs end.json and counts the job later, with
+    finish_end.  requeued_as: the job that runs it again (DQ_REQUEUE,
+    DQ_RETRY), which dependencies and dq-wait follow."""
+    data = {"state": state, "reason": reason, "exit_code": exit_code,
+            "signal": sig, "ended": ended or time.time(), "host": host or job.run.get("host")}
+    if requeued_as:
+        data["requeued_as"] = requeued_as
+    try:
+        write_json(os.path.join(job.dir, "end.json"), data, exclusive=True, durable=durable)
+    except FileExistsError:
+        return False
+    job._end = None
+    if durable:
+        count_done(cfg, job)
+    return True
+
+
+def finish_end(cfg, job):
+    """What record_end(durable=False) left for later."""
+    sync_file(os.path.join(job.dir, "end.json"))
+    count_done(cfg, job)
+
+
+def done_count(cfg, user):
+    return user_counters(cfg, user)["done"]
+
+
+# Submit-time variables #######################################################
 
 def check_script(path):
     if not os.path.exists(path):
@@ -2357,37 +2638,6 @@ def job_dependencies(cfg, env):
     return tuple(out)
 
 
-DURATION_RE = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s?)?", re.I)
-
-
-def duration(what, text, example):
-    """'3600', '90m', '4h', '2d', '1h30m' -> seconds (above 0)."""
-    m = DURATION_RE.fullmatch(text.strip())
-    if not text.strip() or not m:
-        raise Failure(f"{what}={text.strip()!r} is not a duration; e.g. {example}=3600, 90m, "
-                      f"4h, 2d or 1h30m")
-    if any(m.groups()[:3]) and text.strip()[-1].isdigit():
-        raise Failure(f"{what}={text.strip()!r}: say the unit of its last number, e.g. "
-                      f"1h30m")
-    d, h, mi, sec = (int(x or 0) for x in m.groups())
-    seconds = ((d * 24 + h) * 60 + mi) * 60 + sec
-    if not 0 < seconds <= 10 ** 9:
-        raise Failure(f"{what}={text.strip()!r} must be above 0 and under 30 years")
-    return seconds
-
-
-def fmt_duration(seconds):
-    """Every duration dq prints: 3600 -> '1h', 5400 -> '1h30m', 90 ->
-    '1m30s' (never below 0s), the form DQ_TIME reads back."""
-    seconds = max(0, int(seconds))
-    out = ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not out):
-            out += f"{seconds // size}{unit}"
-            seconds %= size
-    return out
-
-
 def job_time_limit(cfg, env):
     """Seconds the job may run (DQ_TIME, else time_limit), or None;
     refused above max_time."""
@@ -2399,135 +2649,49 @@ def job_time_limit(cfg, env):
     return limit
 
 
-def next_number(cfg):
-    """The counter, or (missing or corrupt) one past the highest job."""
-    path, fix = cfg.p("state", "next_id"), "dq counts on from the highest job ID and rewrites it"
-    counter = read_json(path, None, fix=fix)
-    if counter is not None:
-        why = bad_field(counter, {"next": (lambda v: is_int(v, 1, 10 ** 12), "a job number",
-                                           True)})
-        if not why:
-            return counter["next"]
-        bad_file(path, why, fix)
-    ids = all_job_ids(cfg)
-    return int(ids[-1].split("-")[0]) + 1 if ids else 1
+# When a job ends, after its end is recorded and its GPUs handed over (the
+# wrapper, or a detached `_notify` for jobs that end without one: lost,
+# cancelled): DQ_MAIL sends a mail (one summary for a sweep, when its last
+# job ends), and the owner's ~/.config/dq/on-end hook gets the job's JSON.
+# Each with a timeout; what went wrong is kept in the job's notify.json and
+# shown by dq-jobs.  Nothing here can delay a job's start or lose its end.
+MAIL_ON = ("always", "fail")
 
 
-def prepare_job(cfg, env, deps=True):
-    """What a job's DQ_* variables ask, checked before anything is written:
-    {env, gpus, need, time_limit, priority, after, after_any}."""
-    want = wanted_gpus(env)
-    retry_limit(env)
-    requeue_limit(env)
-    mail_address(cfg, env, me())
-    mail_on(env)
-    after, after_any = job_dependencies(cfg, env) if deps else ([], [])
-    return {"env": env, "gpus": want, "need": job_needs(env, want),
-            "time_limit": job_time_limit(cfg, env), "priority": job_priority(env),
-            "after": after, "after_any": after_any}
-
-
-def create_job(cfg, script, cwd, job, restart_of=None, requeues=0, retry_of=None, retries=0):
-    return create_jobs(cfg, script, cwd, [job], restart_of, requeues, retry_of, retries)[0]
-
-
-def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=None, retries=0,
-                sweep=False):
-    """Take the next numbers from the counter under the global lock, then
-    claim each with a mkdir (the directory claims the id), then write the
-    jobs (prepare_job).  The counter only grows; an id whose directory
-    exists is skipped, so a lost or rolled-back counter never hands out an
-    id twice.  A job is queued once its jobs/active entry exists, which is
-    written last (after its name in the owner's queue directory).  One hold
-    of the lock and two os.sync() for a whole sweep (an fsync per file took
-    0.5 ms each).  `sweep`: its jobs get DQ_SWEEP (the first ID) and
-    DQ_SWEEP_INDEX, and the first job's directory a list of them
-    (sweep.json)."""
-    user = me()
-    ensure_layout(cfg)
-    ids = []
-    while len(ids) < len(jobs):
-        need = len(jobs) - len(ids)
-        with global_lock(cfg):      # a block of numbers: the counter moves past it
-            n = next_number(cfg)
-            # Not fsynced: a counter that rolls back in a crash only makes
-            # the mkdirs below skip ids whose directories exist.
-            write_json(cfg.p("state", "next_id"), {"next": n + need}, mode=0o666,
-                       durable=False)
-        for number in range(n, n + need):
-            try:
-                os.mkdir(cfg.job_dir(f"{number}-{user}"), 0o755)
-                ids.append(f"{number}-{user}")
-            except FileExistsError:
-                pass        # (after a rollback) taken: more numbers, next round
-    try:
-        return _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of,
-                           retries, sweep)
-    except OSError:
-        # A full data root: no half-written job stays behind (its number
-        # stays taken: the counter moved past it).
-        import shutil
-        for job_id in ids:
-            drop_from_index(cfg, job_id)
-            shutil.rmtree(cfg.job_dir(job_id), ignore_errors=True)
-        raise
-
-
-def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of, retries,
-                sweep):
-    """create_jobs' writes, once the IDs are claimed."""
-    now = time.time()
-    host = os.uname().nodename
-    entries = []
-    for i, (job_id, job) in enumerate(zip(ids, jobs)):
-        env = dict(job["env"], DQ_SWEEP=ids[0], DQ_SWEEP_INDEX=str(i)) if sweep else job["env"]
-        spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
-                "gpus": job["gpus"], "submitted": now, "submit_host": host,
-                "restart_of": restart_of, "requeues": requeues,
-                "time_limit": job["time_limit"]}
-        for key in ("after", "after_any"):
-            if job[key]:
-                spec[key] = job[key]
-        if retry_of:
-            spec["retry_of"], spec["retries"] = retry_of, retries
-        write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec,
-                   durable=len(jobs) == 1)
-        entry = {"gpus": job["gpus"], "submitted": now}
-        for key in ("need", "priority", "after", "after_any"):
-            if job[key]:
-                entry[key] = job[key]
-        if job["after"] or job["after_any"]:
-            entry["waiting"] = True     # until its dependencies allow (release_dependents)
-        entries.append((job_id, entry))
-    if sweep:
-        write_json(os.path.join(cfg.job_dir(ids[0]), "sweep.json"), {"jobs": ids},
-                   durable=False)
-    if len(jobs) > 1:
-        os.sync()       # one flush for the whole sweep, not an fsync per file
-    rebuild_own_queue(cfg)
-    for job_id, entry in entries:
-        if entry["gpus"] == 0:
-            write_json(cfg.p("jobs", "cpu", job_id), {}, durable=len(jobs) == 1)
-        set_queue_name(cfg, job_id, entry, new=True)
-        write_json(cfg.p("jobs", "active", job_id), entry, durable=len(jobs) == 1)
-    if len(jobs) > 1:
-        os.sync()
-    return ids
-
-
-def requeue(cfg, job):
-    """DQ_REQUEUE=N: a lost job is queued again, up to N times.  Returns the
-    new id or None."""
-    try:
-        limit = requeue_limit(job.spec.get("env", {}))
-    except Failure as e:        # submitted before dq-submit checked DQ_REQUEUE
-        warn(f"cannot requeue {job.id}: {e}")
+def mail_address(cfg, env, user):
+    """DQ_MAIL: an address, or 1 for the user's own (user@mail_domain)."""
+    raw = env.get("DQ_MAIL", "").strip()
+    if not raw:
         return None
-    done = job.spec.get("requeues", 0)
-    if done >= limit:
-        return None
-    return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
-                      restart_of=job.id, requeues=done + 1)
+    if raw == "1":
+        if not cfg.mail_domain:
+            raise Failure(f"DQ_MAIL=1 means {user}@ the lab's mail domain, but {cfg.path} has "
+                          f"no 'mail_domain'; give your address (DQ_MAIL={user}@example.org) "
+                          f"or ask the admin to set it")
+        return f"{user}@{cfg.mail_domain}"
+    if not re.fullmatch(r"[^@\s,<>]+@[^@\s,<>]+", raw):
+        raise Failure(f"DQ_MAIL={raw!r} is not a mail address; e.g. DQ_MAIL={user}@example.org, "
+                      f"or DQ_MAIL=1 for your own")
+    return raw
+
+
+def mail_on(env):
+    raw = env.get("DQ_MAIL_ON", "always").strip().lower() or "always"
+    if raw not in MAIL_ON:
+        raise Failure(f"DQ_MAIL_ON={raw!r}: say 'fail' (mail only for jobs that did not end "
+                      f"done) or 'always'")
+    return raw
+
+
+def retry_limit(env):
+    raw = env.get("DQ_RETRY", "").strip()
+    if not raw:
+        return 0
+    limit = whole_number(raw, 0, 1000)
+    if limit is None:
+        raise Failure(f"DQ_RETRY={raw!r} is not a number of retries from 0 to 1000; e.g. "
+                      f"DQ_RETRY=3 (a failed job runs up to 3 more times)")
+    return limit
 
 
 def requeue_limit(env):
@@ -2542,54 +2706,7 @@ def requeue_limit(env):
     return limit
 
 
-def retry(cfg, job):
-    """DQ_RETRY=N: a failed job (not killed, not timed out) is queued again,
-    up to N times in all.  Returns the new ID or None."""
-    limit = retry_limit(job.spec.get("env", {}))
-    done = job.spec.get("retries", 0)
-    if done >= limit:
-        return None
-    try:
-        return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
-                          retry_of=job.id, retries=done + 1)
-    except OSError as e:
-        if e.errno in SPACE_ERRORS:
-            raise       # the wrapper tries again once there is room
-        warn(f"cannot retry {job.id}: {e}")
-        return None
-    except Failure as e:
-        warn(f"cannot retry {job.id}: {e}")
-        return None
-
-
-def retry_limit(env):
-    raw = env.get("DQ_RETRY", "").strip()
-    if not raw:
-        return 0
-    limit = whole_number(raw, 0, 1000)
-    if limit is None:
-        raise Failure(f"DQ_RETRY={raw!r} is not a number of retries from 0 to 1000; e.g. "
-                      f"DQ_RETRY=3 (a failed job runs up to 3 more times)")
-    return limit
-
-
-def again_job(cfg, job):
-    """prepare_job for a job's new run (requeue, retry): its variables and
-    time limit as submitted; its dependencies were met."""
-    again = prepare_job(cfg, job.spec.get("env", {}), deps=False)
-    again["time_limit"] = job.spec.get("time_limit")
-    return again
-
-
-def mark_lost(cfg, job, reason):
-    path = cfg.p("jobs", "lost", job.id)
-    try:
-        write_json(path, {"reason": reason, "ended": time.time()}, exclusive=True)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        warn(f"cannot mark {job.id} lost: {e.strerror}")
-
+# Queue (jobs/queue/<user>/) ##################################################
 
 # Each user's queue, in the order the passes take it: jobs/queue/<user>/, a
 # directory of the user's own (no one else can add to it or reorder it),
@@ -2786,6 +2903,29 @@ def rebuild_own_queue(cfg):
              f"order meanwhile")
 
 
+def set_queue_name(cfg, job_id, info, new=False):
+    """Put the job's queue file in line with its entry (info; None: the job
+    left the queue; new: a job just created, with no file yet).  The
+    owner's only; a failure costs order, not jobs."""
+    user = job_id.split("-", 1)[1]
+    path = cfg.p("jobs", "queue", user)
+    prefix = job_id.split("-", 1)[0] + "_"
+    try:
+        old = [] if new else [n for n in os.listdir(path) if n.startswith(prefix)]
+    except OSError:
+        return
+    new = queue_name(job_id, info) if info else None
+    try:
+        if new and new not in old:
+            open(os.path.join(path, new), "w").close()
+        for name in old:
+            if name != new:
+                os.unlink(os.path.join(path, name))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            warn(f"cannot update {path}: {e.strerror}")
+
+
 def sync_own_queue(cfg):
     """Put the caller's queue directory in line with their jobs/active
     entries (each pass of theirs): a name missing (a crash between the two
@@ -2828,30 +2968,246 @@ def rewrite_entry(cfg, job_id, info):
     set_queue_name(cfg, job_id, info)
 
 
-def set_queue_name(cfg, job_id, info, new=False):
-    """Put the job's queue file in line with its entry (info; None: the job
-    left the queue; new: a job just created, with no file yet).  The
-    owner's only; a failure costs order, not jobs."""
-    user = job_id.split("-", 1)[1]
-    path = cfg.p("jobs", "queue", user)
-    prefix = job_id.split("-", 1)[0] + "_"
+def drop_from_index(cfg, job_id):
+    if job_id.endswith("-" + me()):
+        set_queue_name(cfg, job_id, None)
+    for index in ("active", "cpu"):
+        try:
+            os.unlink(cfg.p("jobs", index, job_id))
+        except FileNotFoundError:
+            pass
+
+
+# Creating jobs ###############################################################
+
+def next_number(cfg):
+    """The counter, or (missing or corrupt) one past the highest job."""
+    path, fix = cfg.p("state", "next_id"), "dq counts on from the highest job ID and rewrites it"
+    counter = read_json(path, None, fix=fix)
+    if counter is not None:
+        why = bad_field(counter, {"next": (lambda v: is_int(v, 1, 10 ** 12), "a job number",
+                                           True)})
+        if not why:
+            return counter["next"]
+        bad_file(path, why, fix)
+    ids = all_job_ids(cfg)
+    return int(ids[-1].split("-")[0]) + 1 if ids else 1
+
+
+def prepare_job(cfg, env, deps=True):
+    """What a job's DQ_* variables ask, checked before anything is written:
+    {env, gpus, need, time_limit, priority, after, after_any}."""
+    want = wanted_gpus(env)
+    retry_limit(env)
+    requeue_limit(env)
+    mail_address(cfg, env, me())
+    mail_on(env)
+    after, after_any = job_dependencies(cfg, env) if deps else ([], [])
+    return {"env": env, "gpus": want, "need": job_needs(env, want),
+            "time_limit": job_time_limit(cfg, env), "priority": job_priority(env),
+            "after": after, "after_any": after_any}
+
+
+def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of, retries,
+                sweep):
+    """create_jobs' writes, once the IDs are claimed."""
+    now = time.time()
+    host = os.uname().nodename
+    entries = []
+    for i, (job_id, job) in enumerate(zip(ids, jobs)):
+        env = dict(job["env"], DQ_SWEEP=ids[0], DQ_SWEEP_INDEX=str(i)) if sweep else job["env"]
+        spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
+                "gpus": job["gpus"], "submitted": now, "submit_host": host,
+                "restart_of": restart_of, "requeues": requeues,
+                "time_limit": job["time_limit"]}
+        for key in ("after", "after_any"):
+            if job[key]:
+                spec[key] = job[key]
+        if retry_of:
+            spec["retry_of"], spec["retries"] = retry_of, retries
+        write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec,
+                   durable=len(jobs) == 1)
+        entry = {"gpus": job["gpus"], "submitted": now}
+        for key in ("need", "priority", "after", "after_any"):
+            if job[key]:
+                entry[key] = job[key]
+        if job["after"] or job["after_any"]:
+            entry["waiting"] = True     # until its dependencies allow (release_dependents)
+        entries.append((job_id, entry))
+    if sweep:
+        write_json(os.path.join(cfg.job_dir(ids[0]), "sweep.json"), {"jobs": ids},
+                   durable=False)
+    if len(jobs) > 1:
+        os.sync()       # one flush for the whole sweep, not an fsync per file
+    rebuild_own_queue(cfg)
+    for job_id, entry in entries:
+        if entry["gpus"] == 0:
+            write_json(cfg.p("jobs", "cpu", job_id), {}, durable=len(jobs) == 1)
+        set_queue_name(cfg, job_id, entry, new=True)
+        write_json(cfg.p("jobs", "active", job_id), entry, durable=len(jobs) == 1)
+    if len(jobs) > 1:
+        os.sync()
+    return ids
+
+
+def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=None, retries=0,
+                sweep=False):
+    """Take the next numbers from the counter under the global lock, then
+    claim each with a mkdir (the directory claims the id), then write the
+    jobs (prepare_job).  The counter only grows; an id whose directory
+    exists is skipped, so a lost or rolled-back counter never hands out an
+    id twice.  A job is queued once its jobs/active entry exists, which is
+    written last (after its name in the owner's queue directory).  One hold
+    of the lock and two os.sync() for a whole sweep (an fsync per file took
+    0.5 ms each).  `sweep`: its jobs get DQ_SWEEP (the first ID) and
+    DQ_SWEEP_INDEX, and the first job's directory a list of them
+    (sweep.json)."""
+    user = me()
+    ensure_layout(cfg)
+    ids = []
+    while len(ids) < len(jobs):
+        need = len(jobs) - len(ids)
+        with global_lock(cfg):      # a block of numbers: the counter moves past it
+            n = next_number(cfg)
+            # Not fsynced: a counter that rolls back in a crash only makes
+            # the mkdirs below skip ids whose directories exist.
+            write_json(cfg.p("state", "next_id"), {"next": n + need}, mode=0o666,
+                       durable=False)
+        for number in range(n, n + need):
+            try:
+                os.mkdir(cfg.job_dir(f"{number}-{user}"), 0o755)
+                ids.append(f"{number}-{user}")
+            except FileExistsError:
+                pass        # (after a rollback) taken: more numbers, next round
     try:
-        old = [] if new else [n for n in os.listdir(path) if n.startswith(prefix)]
+        return _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of,
+                           retries, sweep)
     except OSError:
-        return
-    new = queue_name(job_id, info) if info else None
+        # A full data root: no half-written job stays behind (its number
+        # stays taken: the counter moved past it).
+        import shutil
+        for job_id in ids:
+            drop_from_index(cfg, job_id)
+            shutil.rmtree(cfg.job_dir(job_id), ignore_errors=True)
+        raise
+
+
+def create_job(cfg, script, cwd, job, restart_of=None, requeues=0, retry_of=None, retries=0):
+    return create_jobs(cfg, script, cwd, [job], restart_of, requeues, retry_of, retries)[0]
+
+
+def again_job(cfg, job):
+    """prepare_job for a job's new run (requeue, retry): its variables and
+    time limit as submitted; its dependencies were met."""
+    again = prepare_job(cfg, job.spec.get("env", {}), deps=False)
+    again["time_limit"] = job.spec.get("time_limit")
+    return again
+
+
+def requeue(cfg, job):
+    """DQ_REQUEUE=N: a lost job is queued again, up to N times.  Returns the
+    new id or None."""
     try:
-        if new and new not in old:
-            open(os.path.join(path, new), "w").close()
-        for name in old:
-            if name != new:
-                os.unlink(os.path.join(path, name))
+        limit = requeue_limit(job.spec.get("env", {}))
+    except Failure as e:        # submitted before dq-submit checked DQ_REQUEUE
+        warn(f"cannot requeue {job.id}: {e}")
+        return None
+    done = job.spec.get("requeues", 0)
+    if done >= limit:
+        return None
+    return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
+                      restart_of=job.id, requeues=done + 1)
+
+
+def retry(cfg, job):
+    """DQ_RETRY=N: a failed job (not killed, not timed out) is queued again,
+    up to N times in all.  Returns the new ID or None."""
+    limit = retry_limit(job.spec.get("env", {}))
+    done = job.spec.get("retries", 0)
+    if done >= limit:
+        return None
+    try:
+        return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
+                          retry_of=job.id, retries=done + 1)
     except OSError as e:
-        if e.errno != errno.ENOENT:
-            warn(f"cannot update {path}: {e.strerror}")
+        if e.errno in SPACE_ERRORS:
+            raise       # the wrapper tries again once there is room
+        warn(f"cannot retry {job.id}: {e}")
+        return None
+    except Failure as e:
+        warn(f"cannot retry {job.id}: {e}")
+        return None
+
+
+def mark_lost(cfg, job, reason):
+    path = cfg.p("jobs", "lost", job.id)
+    try:
+        write_json(path, {"reason": reason, "ended": time.time()}, exclusive=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        warn(f"cannot mark {job.id} lost: {e.strerror}")
+
+
+# Leases ######################################################################
+
+# A running job's wrapper renews its lease, jobs/backend/<id>/lease (its
+# mtime, set by the file server), every `renew` seconds; a pass judges a
+# job whose host does not answer by its lease, never by ssh alone.  With L
+# = lost_after (at least LEASE_FLOOR):
+#
+#   renew = min(L/8, 5 s)   one utime() and two stats: ~12 a minute by default
+#   term  = L/2             no renewal for this long: the wrapper TERMs its job
+#   kill  = term + min(kill_grace, L/4)     ... and KILLs what is left
+#   lost  = L               a pass may count the job lost (and a copy start)
+#
+# The wrapper measures from the start of its last renewal that succeeded,
+# so the lease's mtime is never older than what it counts from: by the
+# time a pass sees a lease L old, the job had been KILLed for L - kill >=
+# L/4 seconds (11 s by default), which covers clock skew (CLOCK_SLACK) and
+# the wrapper's watchdog period.  A wrapper that sees its job counted lost
+# (jobs/lost/<id>), or killed by a dq-kill that could not reach the host,
+# stops it at once.
+LEASE_FLOOR = 2.0
+
+
+WATCHDOG_PERIOD = 0.25
+
+
+class LeaseTimes:
+    def __init__(self, cfg):
+        self.lost = max(cfg.lost_after, LEASE_FLOOR)
+        self.renew = min(self.lost / 8, 5.0)
+        self.term = self.lost / 2
+        self.kill = self.term + min(cfg.kill_grace, self.lost / 4)
+
+
+def lease_times(cfg):
+    return LeaseTimes(cfg)
+
+
+def lease_path(cfg, job_id):
+    return os.path.join(cfg.job_dir(job_id), "lease")
+
+
+def lease_age(cfg, job_id, now):
+    """Seconds since the job's lease was last renewed, read fresh (open()
+    revalidates an NFS client's cached attributes); None without one."""
+    mtime = _mtime(lease_path(cfg, job_id))
+    return None if mtime is None else now - mtime / 1e9
 
 
 # Placement ###################################################################
+
+# A launch's ssh may take `timeout`; its screen session is there within
+# this many seconds more, or it never started.
+LAUNCH_GRACE = 5
+
+
+# How far the hosts' clocks may disagree: a run.json written on the job's
+# host and a poll started elsewhere are compared with this margin.
+CLOCK_SLACK = 1
+
 
 class Placements(dict):
     """The GPUs dq has handed out: state/placements.json, {job_id: placement}
@@ -3119,16 +3475,6 @@ class Placements(dict):
         return "gone" if now - p["since"] >= LAUNCH_GRACE + self.cfg.timeout else None
 
 
-# A launch's ssh may take `timeout`; its screen session is there within
-# this many seconds more, or it never started.
-LAUNCH_GRACE = 5
-
-
-# How far the hosts' clocks may disagree: a run.json written on the job's
-# host and a poll started elsewhere are compared with this margin.
-CLOCK_SLACK = 1
-
-
 def reconcile(cfg, places, polls, now):
     """Bring the placements in line with what the polls saw, under the
     lock: drop those of jobs that ended and assignments nobody claimed,
@@ -3182,50 +3528,260 @@ def reconcile(cfg, places, polls, now):
                 places.drop(job_id, unstarted=True)
 
 
-# Leases ######################################################################
+# Job processes ###############################################################
 
-# A running job's wrapper renews its lease, jobs/backend/<id>/lease (its
-# mtime, set by the file server), every `renew` seconds; a pass judges a
-# job whose host does not answer by its lease, never by ssh alone.  With L
-# = lost_after (at least LEASE_FLOOR):
-#
-#   renew = min(L/8, 5 s)   one utime() and two stats: ~12 a minute by default
-#   term  = L/2             no renewal for this long: the wrapper TERMs its job
-#   kill  = term + min(kill_grace, L/4)     ... and KILLs what is left
-#   lost  = L               a pass may count the job lost (and a copy start)
-#
-# The wrapper measures from the start of its last renewal that succeeded,
-# so the lease's mtime is never older than what it counts from: by the
-# time a pass sees a lease L old, the job had been KILLed for L - kill >=
-# L/4 seconds (11 s by default), which covers clock skew (CLOCK_SLACK) and
-# the wrapper's watchdog period.  A wrapper that sees its job counted lost
-# (jobs/lost/<id>), or killed by a dq-kill that could not reach the host,
-# stops it at once.
-LEASE_FLOOR = 2.0
-WATCHDOG_PERIOD = 0.25
-
-
-class LeaseTimes:
-    def __init__(self, cfg):
-        self.lost = max(cfg.lost_after, LEASE_FLOOR)
-        self.renew = min(self.lost / 8, 5.0)
-        self.term = self.lost / 2
-        self.kill = self.term + min(cfg.kill_grace, self.lost / 4)
+def job_processes(job_id, pgid):
+    """PIDs of ours on this host that belong to the job: its process group,
+    and whatever still carries DQ_JOB_ID=<id> (it may have left the group
+    with setsid)."""
+    marker = f"DQ_JOB_ID={job_id}".encode()
+    found = set()
+    for pid in os.listdir("/proc"):
+        if whole_number(pid) in (None, os.getpid()):
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            if pgid > 1 and os.getpgid(int(pid)) == pgid:
+                found.add(int(pid))
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.add(int(pid))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
 
 
-def lease_times(cfg):
-    return LeaseTimes(cfg)
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
 
 
-def lease_path(cfg, job_id):
-    return os.path.join(cfg.job_dir(job_id), "lease")
+def kill_stragglers(job_id, pgid, kill_at):
+    """After a TERM: wait until the job's processes are gone or the time
+    kill_at (monotonic) comes, then KILL what is left; those PIDs."""
+    pids = job_processes(job_id, pgid)
+    while pids and time.monotonic() < kill_at:
+        time.sleep(0.1)
+        pids = job_processes(job_id, pgid)
+    signal_all(pids, signal.SIGKILL)
+    return pids
 
 
-def lease_age(cfg, job_id, now):
-    """Seconds since the job's lease was last renewed, read fresh (open()
-    revalidates an NFS client's cached attributes); None without one."""
-    mtime = _mtime(lease_path(cfg, job_id))
-    return None if mtime is None else now - mtime / 1e9
+def cmd__kill(cfg, argv):
+    """Internal, on the job's host as its owner: kill the job's process
+    group, then every process still carrying DQ_JOB_ID=<id> (it may have
+    left the group with setsid), TERM then KILL after a grace period, then
+    quit the screen session."""
+    internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
+                  (full_job_id, re.compile(r"[0-9]+").fullmatch))
+    job_id, pgid = argv[0], int(argv[1])
+    signal_all(job_processes(job_id, pgid), signal.SIGTERM)
+    pids = kill_stragglers(job_id, pgid, time.monotonic() + cfg.kill_grace)
+    import subprocess
+    try:
+        subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        # Its processes are gone, which is what counts; the session ends
+        # with them.
+        warn(f"could not quit the screen session of {job_id}: {e}")
+    print(f"killed {len(pids)} straggler(s)" if pids else "ok")
+    return 0
+
+
+def kill_on_host(cfg, job, host):
+    """Kill every process of a job on its host (see cmd__kill); a Result."""
+    return run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
+                                                  str(job.run.get("pgid", 0))),
+                  timeout=cfg.timeout + cfg.kill_grace)
+
+
+def kill_leftovers(cfg, polls, user):
+    """A screen session of ours whose job dq already counts as killed or
+    lost (its host came back, or a dq-kill died half-way) is killed, so that
+    nothing runs twice and no GPU stays held by a job dq has written off."""
+    for host, st in polls.items():
+        for job_id in st.sessions or ():
+            if not job_id.endswith("-" + user):
+                continue
+            job = load_job(cfg, job_id, quiet=True)
+            if job and (job.lost_marker() or job.end.get("state") in ("killed", "lost")):
+                warn(f"killing what is left of {job_id} on {host} "
+                     f"({job.end.get('state') or 'lost'})")
+                kill_on_host(cfg, job, host)
+
+
+# Notifications ###############################################################
+
+def hook_path(user):
+    try:
+        home = pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return None
+    path = os.path.join(home, ".config", "dq", "on-end")
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def wants_notice(cfg, job):
+    return bool(job.spec.get("env", {}).get("DQ_MAIL")) or hook_path(job.owner) is not None
+
+
+def notify_later(cfg, job):
+    """For an end recorded by a pass (lost, cancelled): notify from a
+    detached process, so that the pass goes on at once."""
+    if not wants_notice(cfg, job):
+        return
+    spawn_detached(f"notify of {job.id}'s end", "_notify", job.id)
+
+
+def send_mail(cfg, to, subject, body):
+    import smtplib
+    from email.message import EmailMessage
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = to, to, subject
+    msg.set_content(body)
+    try:        # smtplib takes HOST:PORT as it is (port 25 without one)
+        with smtplib.SMTP(cfg.smtp, timeout=cfg.timeout) as smtp:
+            smtp.send_message(msg)
+    except (OSError, smtplib.SMTPException) as e:
+        return {"to": to, "error": f"cannot mail {to} through {cfg.smtp}: "
+                                   f"{getattr(e, 'strerror', None) or e}"}
+    return {"to": to, "sent": time.time()}
+
+
+def send_sweep_mail(cfg, job, to, only_fail):
+    first = job.spec["env"]["DQ_SWEEP"]
+    try:
+        ids = sweep_jobs(cfg, job)
+    except Failure as e:
+        return {"error": str(e)}
+    ends = {i: final_state(cfg, i) for i in ids}
+    if any(state is None for state, _ in ends.values()):
+        return None         # the sweep's last job sends it
+    try:        # the one that claims it sends it (two may end together)
+        fd = os.open(os.path.join(cfg.job_dir(first), "sweep-mailed"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+    except FileExistsError:
+        return None
+    counts = {}
+    for state, _ in ends.values():
+        counts[state] = counts.get(state, 0) + 1
+    bad = [(i, state, last) for i, (state, last) in ends.items() if state != "done"]
+    if only_fail and not bad:
+        return None
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    subject = f"dq: sweep {first} ended: {tally}"
+    lines = [f"Sweep {first}: {len(ids)} jobs of {job.spec['script']} in {job.spec['cwd']}",
+             f"{tally}.", ""]
+    for i, state, last in bad:
+        end = read_json(os.path.join(cfg.job_dir(last), "end.json"), {}, {}) or {}
+        lines.append(f"{i} {state}" + (f" (as {last})" if last != i else "") +
+                     (f": {end.get('reason')}" if end.get("reason") else ""))
+    return send_mail(cfg, to, subject, "\n".join(lines) + "\n")
+
+
+def send_end_mail(cfg, job):
+    """The job's DQ_MAIL, or its sweep's summary when this is the sweep's
+    last job to end.  None when there is nothing to send."""
+    env = job.spec.get("env", {})
+    try:
+        to = mail_address(cfg, env, job.owner)
+        only_fail = mail_on(env) == "fail"
+    except Failure as e:
+        return {"error": str(e)}
+    if not to:
+        return None
+    if env.get("DQ_SWEEP"):
+        return send_sweep_mail(cfg, job, to, only_fail)
+    d = job.to_dict()
+    if d["requeued_as"] or (only_fail and d["state"] == "done"):
+        return None         # its next run mails; or all went well
+    runtime = fmt_duration(d["ended"] - d["started"]) if d["started"] and d["ended"] else "-"
+    code = d["signal"] or ("-" if d["exit_code"] is None else d["exit_code"])
+    where = f"{d['host']}/{fmt_gpus(d['gpus'])}" if d["host"] else "no host"
+    subject = f"dq: {job.id} {d['state']}, exit {code}, {runtime}, {where}"
+    try:        # its last 20 lines, from its last 64 KiB at most
+        with open(job_log(job), "rb") as f:
+            f.seek(last_lines_offset(f, 20, most=64 * 1024))
+            tail = "\n".join(f.read().decode("utf-8", "replace").splitlines()[-20:]) + "\n"
+    except OSError:
+        tail = "(no log)\n"
+    body = (f"Job {job.id} ended {d['state']}" + (f": {d['reason']}" if d["reason"] else "") +
+            f"\n\nScript:    {d['script']}\nDirectory: {d['cwd']}\n" +
+            "".join(f"{k}={v}\n" for k, v in sorted(env.items())) +
+            "\nLast lines of its log:\n\n" + tail)
+    return send_mail(cfg, to, subject, body)
+
+
+def run_hook(cfg, job, hook):
+    """~/.config/dq/on-end with the job's JSON on stdin, in a process group
+    of its own, with DQ_JOB_ID set: what is left of it after it exits or
+    after cfg.timeout is killed."""
+    import subprocess
+    env = dict(clean_env(), DQ_JOB_ID=job.id)
+    data = json.dumps(job.to_dict(), indent=1).encode()
+    try:
+        p = subprocess.Popen([hook], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True, env=env,
+                             cwd=job.spec.get("cwd") if os.path.isdir(job.spec.get("cwd", ""))
+                             else "/")
+    except OSError as e:
+        return {"error": f"cannot run {hook}: {e.strerror}"}
+    try:
+        _, err = p.communicate(data, timeout=cfg.timeout)
+        why = None if p.returncode == 0 else \
+            f"{hook} exited with status {p.returncode}: " + \
+            (err.decode("utf-8", "replace").strip().splitlines() or [""])[-1][:200]
+    except subprocess.TimeoutExpired:
+        why = f"{hook} did not finish within {fmt_duration(cfg.timeout)}; killed"
+    except OSError as e:
+        why = f"{hook}: {e.strerror}"
+    signal_all(job_processes(job.id, p.pid), signal.SIGTERM)
+    kill_stragglers(job.id, p.pid, time.monotonic() + cfg.kill_grace)
+    p.wait()
+    return {"error": why} if why else {"ran": time.time()}
+
+
+def notify_end(cfg, job):
+    """Mail and hook for an ended job, each within cfg.timeout; failures go
+    to the job's notify.json (and a warning)."""
+    job._end = None
+    record = {}
+    try:
+        record["mail"] = send_end_mail(cfg, job)
+    except Exception as e:      # whatever smtplib or the network says
+        record["mail"] = {"error": f"{type(e).__name__}: {e}".strip()}
+    hook = hook_path(job.owner)
+    if hook:
+        record["hook"] = run_hook(cfg, job, hook)
+    record = {k: v for k, v in record.items() if v}
+    if record:
+        try:
+            write_json(os.path.join(job.dir, "notify.json"), record)
+        except OSError as e:
+            warn(f"cannot write {job.dir}/notify.json: {e.strerror}")
+    for what, r in record.items():
+        if r.get("error"):
+            warn(f"{job.id}: {what} failed: {r['error']}")
+
+
+def cmd__notify(cfg, argv):
+    """Internal: the notifications of an ended job (see notify_end)."""
+    internal_args(argv, "_notify JOB_ID", "run by dq when a job ends",
+                  (full_job_id,))
+    job = resolve_job(cfg, argv[0])
+    if job.owner != me():
+        raise Failure(f"refusing to notify of {job.id}: not a job of {me()}")
+    if not job.end:
+        raise Failure(f"job {job.id} has not ended")
+    notify_end(cfg, job)
+    return 0
 
 
 # Scheduling ##################################################################
@@ -3239,54 +3795,6 @@ class PassResult:
         self.my_running = 0
         self.outside_busy = True    # GPUs busy that only a poll can see freed
         self.deps_waiting = 0       # jobs of the caller waiting on others' ends
-
-
-def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=None):
-    """One scheduling pass: poll all hosts (no lock held), decide under the
-    lock (in memory, a few small files), then start the caller's own jobs
-    that got GPUs.  Other users' placed jobs are started by their own
-    dq-schedule loop, woken through state/wake-<user>.  `launch_only`: no
-    poll, no decision, just start what others placed for us.  retiring: an
-    ended job whose GPUs to free first (in the same hold of the lock);
-    decided(): called once the decision is saved, before the launches."""
-    ensure_layout(cfg)
-    user = me()
-    res = PassResult()
-    if not launch_only:
-        res.deps_waiting = release_dependents(cfg)
-    res.polls = {} if launch_only else polls if polls is not None else poll_hosts(cfg)
-    drained = () if launch_only else read_drains(cfg, quiet=polls is not None)
-    now = time.time()
-    with Placements.locked(cfg) as places:
-        if retiring:
-            places.drop(retiring)
-        if not launch_only:
-            reconcile(cfg, places, res.polls, now)
-            # No job goes to a drained host, nor to one whose last poll
-            # (anyone's, over ssh) failed, whatever this pass's poll said.
-            for job_id, host, gpus in plan_pass(cfg, places, res.polls, now, drained):
-                places.assign(job_id, host, gpus, now)
-        mine = places.claim(user, now)
-        others = places.unclaimed_users()
-    if decided:
-        decided()
-    if not launch_only:
-        res.outside_busy = busy_outside_dq(res.polls, places)
-    for other in others:
-        touch_wake(cfg, other)
-    if mine:
-        launch_all(cfg, mine, res)
-    places = Placements.read(cfg)
-    stale = []
-    assigned, res.my_running = places.counts(user)
-    # Whether any of ours still waits; the first one found answers it.
-    res.my_waiting = bool(assigned) or \
-        next(read_queue(cfg, places, stale, user=user), None) is not None
-    tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
-    if not launch_only:
-        sync_own_queue(cfg)     # for the next pass
-    kill_leftovers(cfg, res.polls, user)
-    return res
 
 
 def recent_usage(cfg, now, users):
@@ -3328,6 +3836,23 @@ def busy_outside_dq(polls, places):
     return False
 
 
+def surely_stopped(cfg, job, polls):
+    """May a lost job's end be recorded (and a copy of it queued)?  Only
+    once nothing of it can run: a kill on its host went through, or its
+    lease stopped lost_after ago (its wrapper fenced it well before; see
+    Placements), or it never started."""
+    host = job.run.get("host")
+    if not host:
+        return True
+    reachable = host in polls and polls[host].reachable
+    if reachable and kill_on_host(cfg, job, host).ok:
+        return True
+    age = lease_age(cfg, job.id, time.time())
+    if age is None:         # a wrapper of an older dq, without a lease
+        return not reachable
+    return age >= lease_times(cfg).lost
+
+
 def tidy_own_jobs(cfg, job_ids, polls):
     """The owner's part of a job's end that others could not do: record a
     lost job's end (and requeue it if DQ_REQUEUE asks), kill what is left of
@@ -3353,40 +3878,6 @@ def tidy_own_jobs(cfg, job_ids, polls):
                     record_end(cfg, copy, "cancelled", f"{job.id} ended after all")
                 drop_from_index(cfg, again)
         drop_from_index(cfg, job_id)
-
-
-def surely_stopped(cfg, job, polls):
-    """May a lost job's end be recorded (and a copy of it queued)?  Only
-    once nothing of it can run: a kill on its host went through, or its
-    lease stopped lost_after ago (its wrapper fenced it well before; see
-    Placements), or it never started."""
-    host = job.run.get("host")
-    if not host:
-        return True
-    reachable = host in polls and polls[host].reachable
-    if reachable and kill_on_host(cfg, job, host).ok:
-        return True
-    age = lease_age(cfg, job.id, time.time())
-    if age is None:         # a wrapper of an older dq, without a lease
-        return not reachable
-    return age >= lease_times(cfg).lost
-
-
-def final_state(cfg, job_id):
-    """How a job ended, following its requeues and retries to the last
-    run: (state or None while it has not ended, the job ID of that run)."""
-    for _ in range(1000):
-        end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), None, {}, skip_newer=True)
-        if end is None:
-            if not os.path.isdir(cfg.job_dir(job_id)):
-                return "gone", job_id       # removed by hand: it will never end done
-            return None, job_id
-        state = end.get("state") if end.get("state") in END_STATES else "failed"
-        after = end.get("requeued_as")
-        if not (isinstance(after, str) and JOB_ID_RE.match(after)):
-            return state, job_id
-        job_id = after
-    return "failed", job_id
 
 
 def dependencies_verdict(cfg, entry):
@@ -3440,6 +3931,22 @@ def release_dependents(cfg):
     return waiting
 
 
+def launch_line(cfg, job_id, host, gpus):
+    """The shell command that starts a job in a detached screen session on
+    its host, or '# why not' for a job that cannot run."""
+    job = load_job(cfg, job_id)
+    if job is None or job.end:
+        # Never runnable (a forged or broken job.json) or over: out of the
+        # queue for good, or every pass would place it again.
+        drop_from_index(cfg, job_id)
+        return "# " + ("its job.json is missing or not yours" if job is None
+                       else "it already ended")
+    # The wrapper writes the log itself (see run_in_pty), so screen needs
+    # no log settings and its version does not matter.
+    return (f"screen -dmS {q(session_name(job_id))} "
+            f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}")
+
+
 def launch_all(cfg, jobs, res):
     """Start [(job_id, host, gpus)] claimed for us, one remote command per
     host, and record what started; the others go back to the queue."""
@@ -3489,26 +3996,52 @@ def launch_all(cfg, jobs, res):
         touch_wake(cfg, me())
 
 
-def session_name(job_id):
-    # Screen matches -S by prefix; ids are unique numbers followed by '-',
-    # so no session name is a prefix of another.
-    return f"dq-{job_id}"
-
-
-def launch_line(cfg, job_id, host, gpus):
-    """The shell command that starts a job in a detached screen session on
-    its host, or '# why not' for a job that cannot run."""
-    job = load_job(cfg, job_id)
-    if job is None or job.end:
-        # Never runnable (a forged or broken job.json) or over: out of the
-        # queue for good, or every pass would place it again.
-        drop_from_index(cfg, job_id)
-        return "# " + ("its job.json is missing or not yours" if job is None
-                       else "it already ended")
-    # The wrapper writes the log itself (see run_in_pty), so screen needs
-    # no log settings and its version does not matter.
-    return (f"screen -dmS {q(session_name(job_id))} "
-            f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}")
+def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=None):
+    """One scheduling pass: poll all hosts (no lock held), decide under the
+    lock (in memory, a few small files), then start the caller's own jobs
+    that got GPUs.  Other users' placed jobs are started by their own
+    dq-schedule loop, woken through state/wake-<user>.  `launch_only`: no
+    poll, no decision, just start what others placed for us.  retiring: an
+    ended job whose GPUs to free first (in the same hold of the lock);
+    decided(): called once the decision is saved, before the launches."""
+    ensure_layout(cfg)
+    user = me()
+    res = PassResult()
+    if not launch_only:
+        res.deps_waiting = release_dependents(cfg)
+    res.polls = {} if launch_only else polls if polls is not None else poll_hosts(cfg)
+    drained = () if launch_only else read_drains(cfg, quiet=polls is not None)
+    now = time.time()
+    with Placements.locked(cfg) as places:
+        if retiring:
+            places.drop(retiring)
+        if not launch_only:
+            reconcile(cfg, places, res.polls, now)
+            # No job goes to a drained host, nor to one whose last poll
+            # (anyone's, over ssh) failed, whatever this pass's poll said.
+            for job_id, host, gpus in plan_pass(cfg, places, res.polls, now, drained):
+                places.assign(job_id, host, gpus, now)
+        mine = places.claim(user, now)
+        others = places.unclaimed_users()
+    if decided:
+        decided()
+    if not launch_only:
+        res.outside_busy = busy_outside_dq(res.polls, places)
+    for other in others:
+        touch_wake(cfg, other)
+    if mine:
+        launch_all(cfg, mine, res)
+    places = Placements.read(cfg)
+    stale = []
+    assigned, res.my_running = places.counts(user)
+    # Whether any of ours still waits; the first one found answers it.
+    res.my_waiting = bool(assigned) or \
+        next(read_queue(cfg, places, stale, user=user), None) is not None
+    tidy_own_jobs(cfg, [j for j in stale if j.endswith("-" + user)], res.polls)
+    if not launch_only:
+        sync_own_queue(cfg)     # for the next pass
+    kill_leftovers(cfg, res.polls, user)
+    return res
 
 
 def loop_lock(cfg):
@@ -3591,35 +4124,24 @@ def schedule_loop(cfg, forever=False, quiet=False):
     return 0
 
 
-def _mtime(path):
-    """path's mtime, fresh: open() makes an NFS client ask the server
-    (close-to-open), where stat() may answer from a cache seconds old."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.fstat(fd).st_mtime_ns
-    finally:
-        os.close(fd)
+def cmd_schedule(cfg, argv):
+    p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
+               "waiting.\ndq-submit starts it in the background for you when a job has to "
+               "wait;\nonly one runs per user.  Admins may run it as a service with "
+               "--forever.")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--forever", action="store_true", help="never exit (service mode)")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    args = parse(p, argv)
+    if args.once:
+        res = schedule_pass(cfg)
+        if not args.quiet:
+            say_executing(res.launched)
+        return 0
+    return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
 
-# Job wrapper (runs inside the screen session) ###############################
-
-def full_job_id(arg):
-    """Is arg a job ID with its user (N-user), as dq passes them around?"""
-    m = JOB_ID_RE.fullmatch(arg)
-    return bool(m and m.group(2))
-
-
-def internal_args(argv, usage, what, checks):
-    """Check the arguments of an internal command, one check per argument,
-    so that a wrong call changes nothing."""
-    if len(argv) != len(checks) or not all(c(a) for c, a in zip(checks, argv)):
-        given = " ".join(map(repr, argv)) or "(none)"
-        raise Failure(f"bad arguments {given}; usage: dq.py {usage} (internal: {what}; "
-                      f"users never need to run it)")
-
+# Job wrapper (runs inside the screen session) ################################
 
 def job_env(job, gpus):
     env = clean_env()
@@ -3631,128 +4153,6 @@ def job_env(job, gpus):
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env["DQ_JOB_ID"] = job.id
     return env
-
-
-def cmd__run(cfg, argv):
-    """Internal: the process screen runs for a job.  It runs the script as a
-    child, renews the job's lease meanwhile (stopping the job if it cannot),
-    records how it ended (trying again until the data root takes it), frees
-    the GPUs and wakes the scheduler."""
-    internal_args(argv, "_run JOB_ID HOST GPUS", "started by dq-schedule in the job's "
-                  "screen session", (full_job_id, HOST_RE.fullmatch,
-                                     re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch))
-    job_id, host, gpu_csv = argv
-    job = resolve_job(cfg, job_id)      # a broken job.json: its warning is the error
-    if job.owner != me():
-        raise Failure(f"refusing to run {job_id}: not a job of {me()}")
-    if job.end:     # killed while it was being launched
-        return 0
-    gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
-    run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
-           "started": time.time()}
-    run_json = os.path.join(job.dir, "run.json")
-    lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
-    write_json(run_json, run, durable=False)     # durable once the job runs, below
-    # Then the placement must still be this one: a launch whose ssh hung
-    # may come through long after it timed out and the job went back to
-    # the queue (and maybe elsewhere).  run.json first, then this read:
-    # see Placements._restore_started.
-    p = Placements.read(cfg).get(job_id)
-    if not p or (p["host"], p["gpus"], p["state"]) not in (
-            (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
-        for path in (run_json, lease.path):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        lease.stop()
-        warn(f"not starting {job_id} on {host}: it is no longer placed here (its launch "
-             f"came through after dq gave up on it)")
-        return 0
-
-    def on_start(pgid):
-        lease.start(pgid)
-        try:
-            write_json(run_json, dict(run, pgid=pgid))
-        except OSError:         # a full data root: the job runs all the same,
-            lease.pending = (run_json, dict(run, pgid=pgid))    # written once there is room
-    # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
-    # wrapper before it records the end; handlers reset on exec.
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(s, lambda *a: None)
-    script, cwd = job.spec["script"], job.spec["cwd"]
-    log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-    state, code, sig, reason = "failed", None, None, None
-    if not os.path.isdir(cwd):
-        reason = f"working directory {cwd} does not exist on {host}"
-    elif not os.access(script, os.X_OK):
-        reason = f"{script} is not executable on {host}"
-    else:
-        try:
-            timer = TimeLimit(job, cfg.kill_grace)
-            rc = run_in_pty([script], cwd, job_env(job, gpus), log, on_start, timer)
-            if rc < 0:
-                sig = signal.Signals(-rc).name
-                code, reason = 128 - rc, f"killed by {sig}"
-            else:
-                code = rc
-                state = "done" if rc == 0 else "failed"
-                reason = None if rc == 0 else f"exit status {rc}"
-            if timer.hit:
-                timer.finish()
-                state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
-                    f"reached ({reason or 'it exited with status 0'})"
-        except OSError as e:
-            reason = f"cannot execute {script}: {e.strerror}"
-    if lease.stopped_by_dq():
-        return lease.give_up(log)
-    if reason:
-        msg = f"dq: {job_id}: {reason}\n".encode()
-        log.write(msg)
-        _write_all(2, msg)
-    ours = record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host)
-    if ours is None:
-        return lease.give_up(log)
-    log.close()
-    drop_from_index(cfg, job.id)
-    hand_over(cfg, host, gpus, job.id)
-    lease.stop()
-    if ours:
-        finish_end(cfg, job)
-    if wants_notice(cfg, job):
-        notify_end(cfg, job)    # after the hand-over: it never delays the next job
-    return 0
-
-
-def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
-    """record_end (and DQ_RETRY's new job) as the job ended, trying again,
-    backing off, while the data root is full: the session stays, the lease
-    is renewed (a utime needs no space), so no pass counts it lost.  True
-    if this wrote the end, False if it had one (dq-kill's), None if the
-    lease failed meanwhile (the data root is gone from this host)."""
-    again, retried, delay, said = None, False, 0.5, False
-    ended = time.time()     # recorded as it happened, however late
-    while True:
-        try:
-            log.flush_lost()
-            # (not after a dq-kill: it writes end.json before it kills)
-            if not retried and state == "failed" and \
-                    not os.path.exists(os.path.join(job.dir, "end.json")):
-                again = retry(cfg, job)
-            retried = True
-            why = reason + f"; retried as {again}" if again else reason
-            # The next job first; the fsync and the count can wait until it runs.
-            return record_end(cfg, job, state, why, code, sig, host, durable=False,
-                              requeued_as=again, ended=ended)
-        except OSError as e:
-            if lease.stopped_by_dq():
-                return None
-            if not said:
-                said = True
-                _write_all(2, f"dq: cannot record the end of {job.id} ({e.strerror}); "
-                              f"trying again until there is room in {cfg.root}\n".encode())
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
 
 class JobLog:
@@ -3799,6 +4199,81 @@ class JobLog:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def hand_over(cfg, host, gpus, job_id):
+    """At a job's end, on its host: place the next jobs on the GPUs it freed
+    at once, polling this host alone, locally, and start ours here without
+    ssh; other users' loops are woken for theirs.  Free GPUs elsewhere are
+    the loops' business.  Our loop is started if we still have jobs.
+
+    Jobs that end together on a host take turns, and one whose GPUs the
+    pass of another already gave out again polls nothing (it only starts
+    what was placed for its user): a wave of ends costs a poll or two of
+    the host, not one per job.  A turn ends once the pass has decided,
+    before its launches.  The ended job's GPUs are freed by the same pass
+    (job_id: its placement goes)."""
+    global LOCAL_HOST
+    LOCAL_HOST = host
+    turn = Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout)
+    try:
+        turn.acquire()
+        others = {k: p for k, p in Placements.read(cfg).items() if k != job_id}
+        if gpus and set(gpus) <= reserved_by_host(others).get(host, set()):
+            res = schedule_pass(cfg, launch_only=True, retiring=job_id, decided=turn.release)
+        else:
+            res = schedule_pass(cfg, poll_handover(cfg, host), retiring=job_id,
+                                decided=turn.release)
+    except Failure as e:
+        warn(str(e))
+        res = None
+    except OSError as e:        # a full data root: the loops carry on later
+        warn(data_root_error(cfg.root, e))
+        res = None
+    finally:
+        turn.release()
+    if (res is None or res.my_waiting or res.my_running) and not scheduler_running(cfg):
+        spawn_scheduler(cfg)
+
+
+def _write_all(fd, data):
+    """Write to a terminal that may be gone (screen quit): errors are moot."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        pass
+
+
+def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
+    """record_end (and DQ_RETRY's new job) as the job ended, trying again,
+    backing off, while the data root is full: the session stays, the lease
+    is renewed (a utime needs no space), so no pass counts it lost.  True
+    if this wrote the end, False if it had one (dq-kill's), None if the
+    lease failed meanwhile (the data root is gone from this host)."""
+    again, retried, delay, said = None, False, 0.5, False
+    ended = time.time()     # recorded as it happened, however late
+    while True:
+        try:
+            log.flush_lost()
+            # (not after a dq-kill: it writes end.json before it kills)
+            if not retried and state == "failed" and \
+                    not os.path.exists(os.path.join(job.dir, "end.json")):
+                again = retry(cfg, job)
+            retried = True
+            why = reason + f"; retried as {again}" if again else reason
+            # The next job first; the fsync and the count can wait until it runs.
+            return record_end(cfg, job, state, why, code, sig, host, durable=False,
+                              requeued_as=again, ended=ended)
+        except OSError as e:
+            if lease.stopped_by_dq():
+                return None
+            if not said:
+                said = True
+                _write_all(2, f"dq: cannot record the end of {job.id} ({e.strerror}); "
+                              f"trying again until there is room in {cfg.root}\n".encode())
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class Lease:
@@ -3899,50 +4374,6 @@ class Lease:
         return 1
 
 
-def hand_over(cfg, host, gpus, job_id):
-    """At a job's end, on its host: place the next jobs on the GPUs it freed
-    at once, polling this host alone, locally, and start ours here without
-    ssh; other users' loops are woken for theirs.  Free GPUs elsewhere are
-    the loops' business.  Our loop is started if we still have jobs.
-
-    Jobs that end together on a host take turns, and one whose GPUs the
-    pass of another already gave out again polls nothing (it only starts
-    what was placed for its user): a wave of ends costs a poll or two of
-    the host, not one per job.  A turn ends once the pass has decided,
-    before its launches.  The ended job's GPUs are freed by the same pass
-    (job_id: its placement goes)."""
-    global LOCAL_HOST
-    LOCAL_HOST = host
-    turn = Lock(cfg.p("state", f"handover-{host}.lock"), timeout=cfg.timeout)
-    try:
-        turn.acquire()
-        others = {k: p for k, p in Placements.read(cfg).items() if k != job_id}
-        if gpus and set(gpus) <= reserved_by_host(others).get(host, set()):
-            res = schedule_pass(cfg, launch_only=True, retiring=job_id, decided=turn.release)
-        else:
-            res = schedule_pass(cfg, poll_handover(cfg, host), retiring=job_id,
-                                decided=turn.release)
-    except Failure as e:
-        warn(str(e))
-        res = None
-    except OSError as e:        # a full data root: the loops carry on later
-        warn(data_root_error(cfg.root, e))
-        res = None
-    finally:
-        turn.release()
-    if (res is None or res.my_waiting or res.my_running) and not scheduler_running(cfg):
-        spawn_scheduler(cfg)
-
-
-def _write_all(fd, data):
-    """Write to a terminal that may be gone (screen quit): errors are moot."""
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-    except OSError:
-        pass
-
-
 class TimeLimit:
     """The wrapper's enforcement of a job's time limit (job.json's
     time_limit, from DQ_TIME or time_limit): once the job has run that
@@ -3975,6 +4406,47 @@ class TimeLimit:
         if self.kill_at is not None:
             kill_stragglers(self.job_id, self.pgid, self.kill_at)
             self.kill_at = None
+
+
+def _spawn_on_tty(argv, cwd, env, tty):
+    """fork and exec argv in cwd as the leader of a new session whose
+    controlling terminal is `tty`, as its stdin, stdout and stderr.  (Not
+    subprocess: importing it would cost the job ~5 ms before it starts.)
+    An exec that fails raises OSError here, through a close-on-exec pipe."""
+    import termios
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rd)
+            os.setsid()
+            fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(tty, fd)
+            # What Python ignores, the job gets back (as subprocess does)
+            for name in ("SIGPIPE", "SIGXFSZ"):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+            os.chdir(cwd)
+            os.execve(argv[0], argv, env)
+        except OSError as e:
+            os.write(wr, str(e.errno).encode())
+        finally:
+            os._exit(127)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        err = f.read()
+    if err:
+        os.waitpid(pid, 0)
+        raise OSError(int(err), os.strerror(int(err)), argv[0])
+    return pid
+
+
+def _copy_winsize(src, dst):
+    import termios
+    try:
+        fcntl.ioctl(dst, termios.TIOCSWINSZ, fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        pass
 
 
 def run_in_pty(argv, cwd, env, log, started, timer=None):
@@ -4061,429 +4533,110 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
         os.close(master)
 
 
-def _spawn_on_tty(argv, cwd, env, tty):
-    """fork and exec argv in cwd as the leader of a new session whose
-    controlling terminal is `tty`, as its stdin, stdout and stderr.  (Not
-    subprocess: importing it would cost the job ~5 ms before it starts.)
-    An exec that fails raises OSError here, through a close-on-exec pipe."""
-    import termios
-    rd, wr = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(rd)
-            os.setsid()
-            fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
-            for fd in (0, 1, 2):
-                os.dup2(tty, fd)
-            # What Python ignores, the job gets back (as subprocess does)
-            for name in ("SIGPIPE", "SIGXFSZ"):
-                signal.signal(getattr(signal, name), signal.SIG_DFL)
-            os.chdir(cwd)
-            os.execve(argv[0], argv, env)
-        except OSError as e:
-            os.write(wr, str(e.errno).encode())
-        finally:
-            os._exit(127)
-    os.close(wr)
-    with os.fdopen(rd, "rb") as f:
-        err = f.read()
-    if err:
-        os.waitpid(pid, 0)
-        raise OSError(int(err), os.strerror(int(err)), argv[0])
-    return pid
-
-
-def _copy_winsize(src, dst):
-    import termios
-    try:
-        fcntl.ioctl(dst, termios.TIOCSWINSZ, fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        pass
-
-
-# Notifications ###############################################################
-
-# When a job ends, after its end is recorded and its GPUs handed over (the
-# wrapper, or a detached `_notify` for jobs that end without one: lost,
-# cancelled): DQ_MAIL sends a mail (one summary for a sweep, when its last
-# job ends), and the owner's ~/.config/dq/on-end hook gets the job's JSON.
-# Each with a timeout; what went wrong is kept in the job's notify.json and
-# shown by dq-jobs.  Nothing here can delay a job's start or lose its end.
-MAIL_ON = ("always", "fail")
-
-
-def mail_address(cfg, env, user):
-    """DQ_MAIL: an address, or 1 for the user's own (user@mail_domain)."""
-    raw = env.get("DQ_MAIL", "").strip()
-    if not raw:
-        return None
-    if raw == "1":
-        if not cfg.mail_domain:
-            raise Failure(f"DQ_MAIL=1 means {user}@ the lab's mail domain, but {cfg.path} has "
-                          f"no 'mail_domain'; give your address (DQ_MAIL={user}@example.org) "
-                          f"or ask the admin to set it")
-        return f"{user}@{cfg.mail_domain}"
-    if not re.fullmatch(r"[^@\s,<>]+@[^@\s,<>]+", raw):
-        raise Failure(f"DQ_MAIL={raw!r} is not a mail address; e.g. DQ_MAIL={user}@example.org, "
-                      f"or DQ_MAIL=1 for your own")
-    return raw
-
-
-def mail_on(env):
-    raw = env.get("DQ_MAIL_ON", "always").strip().lower() or "always"
-    if raw not in MAIL_ON:
-        raise Failure(f"DQ_MAIL_ON={raw!r}: say 'fail' (mail only for jobs that did not end "
-                      f"done) or 'always'")
-    return raw
-
-
-def hook_path(user):
-    try:
-        home = pwd.getpwnam(user).pw_dir
-    except KeyError:
-        return None
-    path = os.path.join(home, ".config", "dq", "on-end")
-    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
-
-
-def wants_notice(cfg, job):
-    return bool(job.spec.get("env", {}).get("DQ_MAIL")) or hook_path(job.owner) is not None
-
-
-def notify_later(cfg, job):
-    """For an end recorded by a pass (lost, cancelled): notify from a
-    detached process, so that the pass goes on at once."""
-    if not wants_notice(cfg, job):
-        return
-    spawn_detached(f"notify of {job.id}'s end", "_notify", job.id)
-
-
-def cmd__notify(cfg, argv):
-    """Internal: the notifications of an ended job (see notify_end)."""
-    internal_args(argv, "_notify JOB_ID", "run by dq when a job ends",
-                  (full_job_id,))
-    job = resolve_job(cfg, argv[0])
+def cmd__run(cfg, argv):
+    """Internal: the process screen runs for a job.  It runs the script as a
+    child, renews the job's lease meanwhile (stopping the job if it cannot),
+    records how it ended (trying again until the data root takes it), frees
+    the GPUs and wakes the scheduler."""
+    internal_args(argv, "_run JOB_ID HOST GPUS", "started by dq-schedule in the job's "
+                  "screen session", (full_job_id, HOST_RE.fullmatch,
+                                     re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch))
+    job_id, host, gpu_csv = argv
+    job = resolve_job(cfg, job_id)      # a broken job.json: its warning is the error
     if job.owner != me():
-        raise Failure(f"refusing to notify of {job.id}: not a job of {me()}")
-    if not job.end:
-        raise Failure(f"job {job.id} has not ended")
-    notify_end(cfg, job)
-    return 0
-
-
-def notify_end(cfg, job):
-    """Mail and hook for an ended job, each within cfg.timeout; failures go
-    to the job's notify.json (and a warning)."""
-    job._end = None
-    record = {}
-    try:
-        record["mail"] = send_end_mail(cfg, job)
-    except Exception as e:      # whatever smtplib or the network says
-        record["mail"] = {"error": f"{type(e).__name__}: {e}".strip()}
-    hook = hook_path(job.owner)
-    if hook:
-        record["hook"] = run_hook(cfg, job, hook)
-    record = {k: v for k, v in record.items() if v}
-    if record:
-        try:
-            write_json(os.path.join(job.dir, "notify.json"), record)
-        except OSError as e:
-            warn(f"cannot write {job.dir}/notify.json: {e.strerror}")
-    for what, r in record.items():
-        if r.get("error"):
-            warn(f"{job.id}: {what} failed: {r['error']}")
-
-
-def send_end_mail(cfg, job):
-    """The job's DQ_MAIL, or its sweep's summary when this is the sweep's
-    last job to end.  None when there is nothing to send."""
-    env = job.spec.get("env", {})
-    try:
-        to = mail_address(cfg, env, job.owner)
-        only_fail = mail_on(env) == "fail"
-    except Failure as e:
-        return {"error": str(e)}
-    if not to:
-        return None
-    if env.get("DQ_SWEEP"):
-        return send_sweep_mail(cfg, job, to, only_fail)
-    d = job.to_dict()
-    if d["requeued_as"] or (only_fail and d["state"] == "done"):
-        return None         # its next run mails; or all went well
-    runtime = fmt_duration(d["ended"] - d["started"]) if d["started"] and d["ended"] else "-"
-    code = d["signal"] or ("-" if d["exit_code"] is None else d["exit_code"])
-    where = f"{d['host']}/{fmt_gpus(d['gpus'])}" if d["host"] else "no host"
-    subject = f"dq: {job.id} {d['state']}, exit {code}, {runtime}, {where}"
-    try:        # its last 20 lines, from its last 64 KiB at most
-        with open(job_log(job), "rb") as f:
-            f.seek(last_lines_offset(f, 20, most=64 * 1024))
-            tail = "\n".join(f.read().decode("utf-8", "replace").splitlines()[-20:]) + "\n"
-    except OSError:
-        tail = "(no log)\n"
-    body = (f"Job {job.id} ended {d['state']}" + (f": {d['reason']}" if d["reason"] else "") +
-            f"\n\nScript:    {d['script']}\nDirectory: {d['cwd']}\n" +
-            "".join(f"{k}={v}\n" for k, v in sorted(env.items())) +
-            "\nLast lines of its log:\n\n" + tail)
-    return send_mail(cfg, to, subject, body)
-
-
-def send_sweep_mail(cfg, job, to, only_fail):
-    first = job.spec["env"]["DQ_SWEEP"]
-    try:
-        ids = sweep_jobs(cfg, job)
-    except Failure as e:
-        return {"error": str(e)}
-    ends = {i: final_state(cfg, i) for i in ids}
-    if any(state is None for state, _ in ends.values()):
-        return None         # the sweep's last job sends it
-    try:        # the one that claims it sends it (two may end together)
-        fd = os.open(os.path.join(cfg.job_dir(first), "sweep-mailed"),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
-    except FileExistsError:
-        return None
-    counts = {}
-    for state, _ in ends.values():
-        counts[state] = counts.get(state, 0) + 1
-    bad = [(i, state, last) for i, (state, last) in ends.items() if state != "done"]
-    if only_fail and not bad:
-        return None
-    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    subject = f"dq: sweep {first} ended: {tally}"
-    lines = [f"Sweep {first}: {len(ids)} jobs of {job.spec['script']} in {job.spec['cwd']}",
-             f"{tally}.", ""]
-    for i, state, last in bad:
-        end = read_json(os.path.join(cfg.job_dir(last), "end.json"), {}, {}) or {}
-        lines.append(f"{i} {state}" + (f" (as {last})" if last != i else "") +
-                     (f": {end.get('reason')}" if end.get("reason") else ""))
-    return send_mail(cfg, to, subject, "\n".join(lines) + "\n")
-
-
-def send_mail(cfg, to, subject, body):
-    import smtplib
-    from email.message import EmailMessage
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = to, to, subject
-    msg.set_content(body)
-    try:        # smtplib takes HOST:PORT as it is (port 25 without one)
-        with smtplib.SMTP(cfg.smtp, timeout=cfg.timeout) as smtp:
-            smtp.send_message(msg)
-    except (OSError, smtplib.SMTPException) as e:
-        return {"to": to, "error": f"cannot mail {to} through {cfg.smtp}: "
-                                   f"{getattr(e, 'strerror', None) or e}"}
-    return {"to": to, "sent": time.time()}
-
-
-def run_hook(cfg, job, hook):
-    """~/.config/dq/on-end with the job's JSON on stdin, in a process group
-    of its own, with DQ_JOB_ID set: what is left of it after it exits or
-    after cfg.timeout is killed."""
-    import subprocess
-    env = dict(clean_env(), DQ_JOB_ID=job.id)
-    data = json.dumps(job.to_dict(), indent=1).encode()
-    try:
-        p = subprocess.Popen([hook], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True, env=env,
-                             cwd=job.spec.get("cwd") if os.path.isdir(job.spec.get("cwd", ""))
-                             else "/")
-    except OSError as e:
-        return {"error": f"cannot run {hook}: {e.strerror}"}
-    try:
-        _, err = p.communicate(data, timeout=cfg.timeout)
-        why = None if p.returncode == 0 else \
-            f"{hook} exited with status {p.returncode}: " + \
-            (err.decode("utf-8", "replace").strip().splitlines() or [""])[-1][:200]
-    except subprocess.TimeoutExpired:
-        why = f"{hook} did not finish within {fmt_duration(cfg.timeout)}; killed"
-    except OSError as e:
-        why = f"{hook}: {e.strerror}"
-    signal_all(job_processes(job.id, p.pid), signal.SIGTERM)
-    kill_stragglers(job.id, p.pid, time.monotonic() + cfg.kill_grace)
-    p.wait()
-    return {"error": why} if why else {"ran": time.time()}
-
-
-# Killing #####################################################################
-
-def job_processes(job_id, pgid):
-    """PIDs of ours on this host that belong to the job: its process group,
-    and whatever still carries DQ_JOB_ID=<id> (it may have left the group
-    with setsid)."""
-    marker = f"DQ_JOB_ID={job_id}".encode()
-    found = set()
-    for pid in os.listdir("/proc"):
-        if whole_number(pid) in (None, os.getpid()):
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-                continue
-            if pgid > 1 and os.getpgid(int(pid)) == pgid:
-                found.add(int(pid))
-                continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.add(int(pid))
-        except (OSError, ProcessLookupError):
-            continue
-    return found
-
-
-def signal_all(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
-
-def kill_stragglers(job_id, pgid, kill_at):
-    """After a TERM: wait until the job's processes are gone or the time
-    kill_at (monotonic) comes, then KILL what is left; those PIDs."""
-    pids = job_processes(job_id, pgid)
-    while pids and time.monotonic() < kill_at:
-        time.sleep(0.1)
-        pids = job_processes(job_id, pgid)
-    signal_all(pids, signal.SIGKILL)
-    return pids
-
-
-def cmd__kill(cfg, argv):
-    """Internal, on the job's host as its owner: kill the job's process
-    group, then every process still carrying DQ_JOB_ID=<id> (it may have
-    left the group with setsid), TERM then KILL after a grace period, then
-    quit the screen session."""
-    internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
-                  (full_job_id, re.compile(r"[0-9]+").fullmatch))
-    job_id, pgid = argv[0], int(argv[1])
-    signal_all(job_processes(job_id, pgid), signal.SIGTERM)
-    pids = kill_stragglers(job_id, pgid, time.monotonic() + cfg.kill_grace)
-    import subprocess
-    try:
-        subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        # Its processes are gone, which is what counts; the session ends
-        # with them.
-        warn(f"could not quit the screen session of {job_id}: {e}")
-    print(f"killed {len(pids)} straggler(s)" if pids else "ok")
-    return 0
-
-
-def kill_on_host(cfg, job, host):
-    """Kill every process of a job on its host (see cmd__kill); a Result."""
-    return run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
-                                                  str(job.run.get("pgid", 0))),
-                  timeout=cfg.timeout + cfg.kill_grace)
-
-
-def kill_leftovers(cfg, polls, user):
-    """A screen session of ours whose job dq already counts as killed or
-    lost (its host came back, or a dq-kill died half-way) is killed, so that
-    nothing runs twice and no GPU stays held by a job dq has written off."""
-    for host, st in polls.items():
-        for job_id in st.sessions or ():
-            if not job_id.endswith("-" + user):
-                continue
-            job = load_job(cfg, job_id, quiet=True)
-            if job and (job.lost_marker() or job.end.get("state") in ("killed", "lost")):
-                warn(f"killing what is left of {job_id} on {host} "
-                     f"({job.end.get('state') or 'lost'})")
-                kill_on_host(cfg, job, host)
-
-
-def kill_job(cfg, job):
-    def not_active():
-        job._end = job._lost = None
-        print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
-              file=sys.stderr)
-        return 1
-    if job.state() not in ("queued", "running"):
-        return not_active()
-    with Placements.locked(cfg) as places:
-        place = places.get(job.id)
-        # Recorded first: the wrapper then knows the end was a kill, and a
-        # launch under way does not start the script.
-        killed = record_end(cfg, job, "killed", "killed by dq-kill",
-                            host=(place or {}).get("host") or job.run.get("host"))
-        placed_as = places.state(job.id)
-    if not killed:          # it ended on its own meanwhile
-        return not_active()
-    crash_point("kill-recorded")
-    if not job.run and placed_as in (None, Placements.ASSIGNED):
-        print(f"Removing {job.id} from the queue")
-        retire(cfg, job)
+        raise Failure(f"refusing to run {job_id}: not a job of {me()}")
+    if job.end:     # killed while it was being launched
         return 0
-    if not job.run and placed_as == Placements.LAUNCHING:
-        # The launch's ssh may take `timeout`: wait that long at most for
-        # the wrapper's run.json, so we know where its processes are.
-        deadline = time.monotonic() + cfg.timeout
-        while not job.run and time.monotonic() < deadline:
-            time.sleep(0.1)
-            job._run = None
-    host = job.run.get("host") or place["host"]
-    print(f"Killing {job.id} on {host} ...")
-    r = kill_on_host(cfg, job, host)
-    if not r.ok:
-        warn(f"could not reach {host} to kill {job.id} ({r.why()}); it is recorded killed, "
-             f"and its wrapper stops it within {fmt_duration(lease_times(cfg).renew + 1)} "
-             f"if it can still read {cfg.root}")
-    retire(cfg, job)
-    return 0 if r.ok else 1
+    gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
+    run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
+           "started": time.time()}
+    run_json = os.path.join(job.dir, "run.json")
+    lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
+    write_json(run_json, run, durable=False)     # durable once the job runs, below
+    # Then the placement must still be this one: a launch whose ssh hung
+    # may come through long after it timed out and the job went back to
+    # the queue (and maybe elsewhere).  run.json first, then this read:
+    # see Placements._restore_started.
+    p = Placements.read(cfg).get(job_id)
+    if not p or (p["host"], p["gpus"], p["state"]) not in (
+            (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
+        for path in (run_json, lease.path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        lease.stop()
+        warn(f"not starting {job_id} on {host}: it is no longer placed here (its launch "
+             f"came through after dq gave up on it)")
+        return 0
 
-
-def retire(cfg, job):
-    """Take an ended job out of the active index and free its GPUs."""
+    def on_start(pgid):
+        lease.start(pgid)
+        try:
+            write_json(run_json, dict(run, pgid=pgid))
+        except OSError:         # a full data root: the job runs all the same,
+            lease.pending = (run_json, dict(run, pgid=pgid))    # written once there is room
+    # Signals for the job (dq-kill's TERM, screen's HUP) must not kill the
+    # wrapper before it records the end; handlers reset on exec.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, lambda *a: None)
+    script, cwd = job.spec["script"], job.spec["cwd"]
+    log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+    state, code, sig, reason = "failed", None, None, None
+    if not os.path.isdir(cwd):
+        reason = f"working directory {cwd} does not exist on {host}"
+    elif not os.access(script, os.X_OK):
+        reason = f"{script} is not executable on {host}"
+    else:
+        try:
+            timer = TimeLimit(job, cfg.kill_grace)
+            rc = run_in_pty([script], cwd, job_env(job, gpus), log, on_start, timer)
+            if rc < 0:
+                sig = signal.Signals(-rc).name
+                code, reason = 128 - rc, f"killed by {sig}"
+            else:
+                code = rc
+                state = "done" if rc == 0 else "failed"
+                reason = None if rc == 0 else f"exit status {rc}"
+            if timer.hit:
+                timer.finish()
+                state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
+                    f"reached ({reason or 'it exited with status 0'})"
+        except OSError as e:
+            reason = f"cannot execute {script}: {e.strerror}"
+    if lease.stopped_by_dq():
+        return lease.give_up(log)
+    if reason:
+        msg = f"dq: {job_id}: {reason}\n".encode()
+        log.write(msg)
+        _write_all(2, msg)
+    ours = record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host)
+    if ours is None:
+        return lease.give_up(log)
+    log.close()
     drop_from_index(cfg, job.id)
-    with Placements.locked(cfg) as places:
-        places.drop(job.id)
+    hand_over(cfg, host, gpus, job.id)
+    lease.stop()
+    if ours:
+        finish_end(cfg, job)
+    if wants_notice(cfg, job):
+        notify_end(cfg, job)    # after the hand-over: it never delays the next job
+    return 0
 
 
-# Commands ####################################################################
+# Submitting ##################################################################
 
-def parser(cmd, description):
-    import argparse     # here: a job's wrapper, started between two jobs, needs none
-
-    class ArgParser(argparse.ArgumentParser):
-        def error(self, message):
-            raise Failure(f"{message} (see {self.prog} --help)")
-
-    p = ArgParser(prog=f"dq-{cmd}", description=description,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="echo every ssh command")
-    p.add_argument("--version", action="version", version=f"dq {__version__}")
-    return p
-
-
-def count_type(what):
-    """An argparse type: a whole number of `what`, 0 or more."""
-    def check(v):
-        n = whole_number(v)
-        if n is None:
-            import argparse
-            raise argparse.ArgumentTypeError(f"{v!r} is not a number of {what} (e.g. 10)")
-        return n
-    return check
-
-
-def seconds_type(v):
-    """An argparse type: a number of seconds above 0 (as Config's)."""
-    try:
-        s = float(v)
-    except ValueError:
-        s = math.nan
-    if not (math.isfinite(s) and 0 < s <= Config.MAX_SECONDS):
-        import argparse
-        raise argparse.ArgumentTypeError(f"{v!r} is not a number of seconds above 0 and at "
-                                         f"most {Config.MAX_SECONDS} (e.g. 30)")
-    return s
-
-
-def parse(p, argv):
-    args = p.parse_args(argv)
-    global DEBUG
-    DEBUG = DEBUG or args.debug
-    return args
+def gpu_inventory(hosts):
+    """'4 x NVIDIA A100-SXM4-80GB (80 GB) on node1; ...': what the cluster
+    has, for a refusal to name."""
+    kinds = {}
+    for h, (gpus, _) in sorted(hosts.items()):
+        for name, total in gpus:
+            kinds.setdefault((name or "an unknown GPU", total), []).append(h)
+    return "; ".join(
+        f"{len(hs)} x {name}" + (f" ({round(total / 1024)} GB)" if total else "")
+        + f" on {','.join(sorted(set(hs)))}" for (name, total), hs in kinds.items()) \
+        or "no GPU"
 
 
 def check_fits(cfg, hosts, want, need):
@@ -4529,19 +4682,6 @@ def check_fits(cfg, hosts, want, need):
         refuse(NO_GPU)
     raise Failure(f"no host has {want} GPUs (the most on one host is {best}); "
                   f"ask for fewer with DQ_GPUS")
-
-
-def gpu_inventory(hosts):
-    """'4 x NVIDIA A100-SXM4-80GB (80 GB) on node1; ...': what the cluster
-    has, for a refusal to name."""
-    kinds = {}
-    for h, (gpus, _) in sorted(hosts.items()):
-        for name, total in gpus:
-            kinds.setdefault((name or "an unknown GPU", total), []).append(h)
-    return "; ".join(
-        f"{len(hs)} x {name}" + (f" ({round(total / 1024)} GB)" if total else "")
-        + f" on {','.join(sorted(set(hs)))}" for (name, total), hs in kinds.items()) \
-        or "no GPU"
 
 
 def seen_models(seen):
@@ -4628,63 +4768,10 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
     return ids
 
 
-def cmd_submit(cfg, argv):
-    grids, each = [], None
-    if len(argv) == 1 and not argv[0].startswith("-"):
-        # The usual call, parsed without argparse, which would take a
-        # quarter of a queued submit's time (import, gettext look-ups).
-        path = argv[0]
-    else:
-        p = parser("submit", "Queue SCRIPT to run on a free GPU of the cluster, from the "
-                   "current directory,\nwith CUDA_VISIBLE_DEVICES set and every DQ_* "
-                   "variable of yours.\n\nDQ_GPUS=N asks for N GPUs on one host (0: a "
-                   "CPU-only job); DQ_DESC=text is shown by dq-jobs.\nWith --grid or "
-                   "--each, a sweep: one job per combination.")
-        p.add_argument("--grid", action="append", default=[], metavar="DQ_NAME=V1,V2,...",
-                       help="one job per value; several --grid multiply")
-        p.add_argument("--each", metavar="FILE",
-                       help="one job per line of FILE: DQ_NAME=VALUE assignments, shell "
-                       "quoting; blank lines and # comments skipped")
-        p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
-        args = parse(p, argv)
-        path, grids, each = args.script, args.grid, args.each
-    cwd = submit_cwd()
-    script = check_script(path)
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("DQ_") and k not in OWN_VARS + SWEEP_VARS}
-    if not grids and each is None:
-        submit_and_place(cfg, script, cwd, [env])
-    else:
-        submit_and_place(cfg, script, cwd, sweep_envs(env, grids, each), sweep=True)
-    return 0
-
-
 MAX_SWEEP = 100_000
+
+
 SWEEP_VARS = ("DQ_SWEEP", "DQ_SWEEP_INDEX")     # set by dq for a sweep's jobs
-
-
-def sweep_envs(base, grids, each):
-    """The environments of a sweep's jobs: every line of the --each file
-    (or none) with every combination of the --grid values, in that order;
-    later ones win (--grid over the line over your environment)."""
-    import itertools
-    axes = []
-    for grid in grids:
-        name, eq, values = grid.partition("=")
-        check_sweep_var(name, f"--grid {grid!r}", f"--grid {name or 'DQ_LR'}=0.1,0.01")
-        if not eq or not values:
-            raise Failure(f"--grid {grid!r}: give the values after '=', comma-separated, "
-                          f"e.g. --grid {name}=0.1,0.01")
-        axes.append([(name, v) for v in values.split(",")])
-    lines = [{}] if each is None else each_lines(each)
-    envs = [dict(base, **line, **dict(combo))
-            for line in lines for combo in itertools.product(*axes)]
-    if not envs:
-        raise Failure(f"{each}: no job in it (each job is a line of DQ_NAME=VALUE "
-                      f"assignments)")
-    if len(envs) > MAX_SWEEP:
-        raise Failure(f"that sweep is {len(envs)} jobs; at most {MAX_SWEEP} at once")
-    return envs
 
 
 def check_sweep_var(name, where, example):
@@ -4722,6 +4809,110 @@ def each_lines(path):
         if assigns:
             out.append(assigns)
     return out
+
+
+def sweep_envs(base, grids, each):
+    """The environments of a sweep's jobs: every line of the --each file
+    (or none) with every combination of the --grid values, in that order;
+    later ones win (--grid over the line over your environment)."""
+    import itertools
+    axes = []
+    for grid in grids:
+        name, eq, values = grid.partition("=")
+        check_sweep_var(name, f"--grid {grid!r}", f"--grid {name or 'DQ_LR'}=0.1,0.01")
+        if not eq or not values:
+            raise Failure(f"--grid {grid!r}: give the values after '=', comma-separated, "
+                          f"e.g. --grid {name}=0.1,0.01")
+        axes.append([(name, v) for v in values.split(",")])
+    lines = [{}] if each is None else each_lines(each)
+    envs = [dict(base, **line, **dict(combo))
+            for line in lines for combo in itertools.product(*axes)]
+    if not envs:
+        raise Failure(f"{each}: no job in it (each job is a line of DQ_NAME=VALUE "
+                      f"assignments)")
+    if len(envs) > MAX_SWEEP:
+        raise Failure(f"that sweep is {len(envs)} jobs; at most {MAX_SWEEP} at once")
+    return envs
+
+
+def cmd_submit(cfg, argv):
+    grids, each = [], None
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        # The usual call, parsed without argparse, which would take a
+        # quarter of a queued submit's time (import, gettext look-ups).
+        path = argv[0]
+    else:
+        p = parser("submit", "Queue SCRIPT to run on a free GPU of the cluster, from the "
+                   "current directory,\nwith CUDA_VISIBLE_DEVICES set and every DQ_* "
+                   "variable of yours.\n\nDQ_GPUS=N asks for N GPUs on one host (0: a "
+                   "CPU-only job); DQ_DESC=text is shown by dq-jobs.\nWith --grid or "
+                   "--each, a sweep: one job per combination.")
+        p.add_argument("--grid", action="append", default=[], metavar="DQ_NAME=V1,V2,...",
+                       help="one job per value; several --grid multiply")
+        p.add_argument("--each", metavar="FILE",
+                       help="one job per line of FILE: DQ_NAME=VALUE assignments, shell "
+                       "quoting; blank lines and # comments skipped")
+        p.add_argument("script", help="the program to run (executable, e.g. a #! script)")
+        args = parse(p, argv)
+        path, grids, each = args.script, args.grid, args.each
+    cwd = submit_cwd()
+    script = check_script(path)
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("DQ_") and k not in OWN_VARS + SWEEP_VARS}
+    if not grids and each is None:
+        submit_and_place(cfg, script, cwd, [env])
+    else:
+        submit_and_place(cfg, script, cwd, sweep_envs(env, grids, each), sweep=True)
+    return 0
+
+
+# Steering jobs: kill, restart, hold, release, top, wait ######################
+
+def retire(cfg, job):
+    """Take an ended job out of the active index and free its GPUs."""
+    drop_from_index(cfg, job.id)
+    with Placements.locked(cfg) as places:
+        places.drop(job.id)
+
+
+def kill_job(cfg, job):
+    def not_active():
+        job._end = job._lost = None
+        print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
+              file=sys.stderr)
+        return 1
+    if job.state() not in ("queued", "running"):
+        return not_active()
+    with Placements.locked(cfg) as places:
+        place = places.get(job.id)
+        # Recorded first: the wrapper then knows the end was a kill, and a
+        # launch under way does not start the script.
+        killed = record_end(cfg, job, "killed", "killed by dq-kill",
+                            host=(place or {}).get("host") or job.run.get("host"))
+        placed_as = places.state(job.id)
+    if not killed:          # it ended on its own meanwhile
+        return not_active()
+    crash_point("kill-recorded")
+    if not job.run and placed_as in (None, Placements.ASSIGNED):
+        print(f"Removing {job.id} from the queue")
+        retire(cfg, job)
+        return 0
+    if not job.run and placed_as == Placements.LAUNCHING:
+        # The launch's ssh may take `timeout`: wait that long at most for
+        # the wrapper's run.json, so we know where its processes are.
+        deadline = time.monotonic() + cfg.timeout
+        while not job.run and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job._run = None
+    host = job.run.get("host") or place["host"]
+    print(f"Killing {job.id} on {host} ...")
+    r = kill_on_host(cfg, job, host)
+    if not r.ok:
+        warn(f"could not reach {host} to kill {job.id} ({r.why()}); it is recorded killed, "
+             f"and its wrapper stops it within {fmt_duration(lease_times(cfg).renew + 1)} "
+             f"if it can still read {cfg.root}")
+    retire(cfg, job)
+    return 0 if r.ok else 1
 
 
 RESTART_FAILED = ("failed", "timeout", "lost", "cancelled")
@@ -4762,14 +4953,6 @@ def cmd_restart(cfg, argv):
     return 0
 
 
-def full_id(cfg, text):
-    """'42' -> '42-alice' (as resolve_job finds it), or the text as it is."""
-    try:
-        return resolve_job(cfg, text.strip()).id
-    except Failure:
-        return text.strip()
-
-
 def cmd_kill(cfg, argv):
     p = parser("kill", "Remove a queued job from the queue, or kill a running one: every "
                "process it\nstarted, its screen session; its GPUs are freed.")
@@ -4781,23 +4964,6 @@ def cmd_kill(cfg, argv):
     for job in jobs:
         status |= kill_job(cfg, job)
     spawn_scheduler(cfg)
-    return status
-
-
-def cmd_hold(cfg, argv):
-    p = parser("hold", "Keep queued jobs of yours from starting until dq-release lets "
-               "them go.")
-    id_arguments(p)
-    return set_held(cfg, resolve_jobs(cfg, parse(p, argv)), True)
-
-
-def cmd_release(cfg, argv):
-    p = parser("release", "Let held jobs of yours start again (see dq-hold); they keep "
-               "their place in the queue.")
-    id_arguments(p)
-    status = set_held(cfg, resolve_jobs(cfg, parse(p, argv)), False)
-    if not scheduler_running(cfg):
-        spawn_scheduler(cfg)
     return status
 
 
@@ -4828,6 +4994,29 @@ def set_held(cfg, jobs, held):
     return status
 
 
+def cmd_hold(cfg, argv):
+    p = parser("hold", "Keep queued jobs of yours from starting until dq-release lets "
+               "them go.")
+    id_arguments(p)
+    return set_held(cfg, resolve_jobs(cfg, parse(p, argv)), True)
+
+
+def cmd_release(cfg, argv):
+    p = parser("release", "Let held jobs of yours start again (see dq-hold); they keep "
+               "their place in the queue.")
+    id_arguments(p)
+    status = set_held(cfg, resolve_jobs(cfg, parse(p, argv)), False)
+    if not scheduler_running(cfg):
+        spawn_scheduler(cfg)
+    return status
+
+
+def _entry_top(cfg, job_id):
+    info = read_json(cfg.p("jobs", "active", job_id), {}, {})
+    top = info.get("top", 0) if isinstance(info, dict) else 0
+    return top if is_int(top, 0, 10 ** 15) else 0
+
+
 def cmd_top(cfg, argv):
     p = parser("top", "Move queued jobs of yours to the front of your own jobs, in the "
                "order given\n(other users' jobs keep their turns; DQ_PRIORITY still "
@@ -4854,48 +5043,6 @@ def cmd_top(cfg, argv):
     for job_id in moved:
         print(f"Moved {job_id} to the front of your jobs")
     return status
-
-
-def _entry_top(cfg, job_id):
-    info = read_json(cfg.p("jobs", "active", job_id), {}, {})
-    top = info.get("top", 0) if isinstance(info, dict) else 0
-    return top if is_int(top, 0, 10 ** 15) else 0
-
-
-def cmd_drain(cfg, argv):
-    p = parser("drain", "Place no new job on these hosts (running jobs finish), or with "
-               "--undo, end that;\nalone, list drained hosts.  Only admins may drain: the "
-               "owner of dq.conf and\nthe users its 'admins' line names.")
-    p.add_argument("host", nargs="*")
-    p.add_argument("-r", "--reason", default="", help="why (shown to users)")
-    p.add_argument("--undo", action="store_true", help="let dq use the hosts again")
-    p.add_argument("--json", action="store_true", help="list as JSON")
-    args = parse(p, argv)
-    if not args.host:
-        if args.undo or args.reason:
-            raise Failure("name the hosts, e.g. dq-drain node3 -r 'new disk'")
-        drains = read_drains(cfg)
-        if args.json:
-            print(json.dumps([dict(host=h, **d) for h, d in sorted(drains.items())], indent=1))
-            return 0
-        if not drains:
-            print("No host is drained")
-            return 0
-        print_table(["Host", "Since", "By", "Reason"],
-                    [(h, time.strftime("%Y-%m-%d %H:%M", time.localtime(d["since"])), d["by"],
-                      d["reason"] or "-") for h, d in sorted(drains.items())])
-        return 0
-    if args.undo and args.reason:
-        raise Failure("--undo takes no reason")
-    set_drained(cfg, args.host, not args.undo, args.reason.strip())
-    for h in args.host:
-        print(f"{'Undrained' if args.undo else 'Drained'} {h}" +
-              (f" ({args.reason.strip()})" if args.reason.strip() and not args.undo else ""))
-    if args.undo:
-        for user in os.listdir(cfg.p("jobs", "queue")) if os.path.isdir(
-                cfg.p("jobs", "queue")) else []:
-            touch_wake(cfg, user)   # their jobs may fit there now
-    return 0
 
 
 def cmd_wait(cfg, argv):
@@ -4943,23 +5090,6 @@ def cmd_wait(cfg, argv):
         time.sleep(min(pause, left) if left is not None else pause)
         pause = min(pause * 1.5, 1.0)
     return status
-
-
-def cmd_schedule(cfg, argv):
-    p = parser("schedule", "Place queued jobs on free GPUs until none of yours is left "
-               "waiting.\ndq-submit starts it in the background for you when a job has to "
-               "wait;\nonly one runs per user.  Admins may run it as a service with "
-               "--forever.")
-    p.add_argument("--once", action="store_true", help="one pass, then exit")
-    p.add_argument("--forever", action="store_true", help="never exit (service mode)")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
-    args = parse(p, argv)
-    if args.once:
-        res = schedule_pass(cfg)
-        if not args.quiet:
-            say_executing(res.launched)
-        return 0
-    return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
 
 # Job listings ################################################################
@@ -5151,10 +5281,6 @@ def cmd_jobs(cfg, argv):
 
 # Job output ##################################################################
 
-def job_log(job):
-    return os.path.join(job.dir, "log")
-
-
 def flush_log(cfg, job):
     """Make a running job's log current before reading it.  The job's
     wrapper writes it unbuffered (see run_in_pty), but on NFS the writing
@@ -5184,33 +5310,6 @@ def open_log(cfg, job_arg):
     return job, path
 
 
-def last_lines_offset(f, n, most=None):
-    """Offset in a binary file where its last n lines start (or, with
-    `most`, `most` bytes before its end, if they start before that)."""
-    f.seek(0, os.SEEK_END)
-    end = pos = f.tell()
-    if n <= 0:
-        return end
-    floor = max(0, end - most) if most is not None else 0
-    count, block = 1, 65536         # the last line, with or without its newline
-    while pos > floor:
-        step = min(block, pos - floor)
-        pos -= step
-        f.seek(pos)
-        chunk = f.read(step)
-        if pos + step == end:
-            chunk = chunk[:-1] if chunk.endswith(b"\n") else chunk
-        i = len(chunk)
-        while True:
-            i = chunk.rfind(b"\n", 0, i)
-            if i < 0:
-                break
-            count += 1
-            if count > n:
-                return pos + i + 1
-    return floor
-
-
 def copy_out(f):
     """Copy the rest of a binary file to stdout: the kernel does it where it
     can (sendfile), else 1 MiB at a time.  Constant memory either way."""
@@ -5235,23 +5334,6 @@ def copy_out(f):
             break
         out.write(chunk)
     out.flush()
-
-
-def count_arg(argv, default=10):
-    """Pull the manual's `-NUM` (and -n NUM) out of argv."""
-    rest, num = [], default
-    it = iter(argv)
-    for a in it:
-        if a.startswith("-") and whole_number(a[1:]) is not None:
-            num = whole_number(a[1:])
-        elif a in ("-n", "--lines"):
-            v = next(it, "")
-            num = whole_number(v)
-            if num is None:
-                raise Failure(f"{a} needs a number of lines, e.g. {a} 20 (not {v!r})")
-        else:
-            rest.append(a)
-    return num, rest
 
 
 # Seconds between two flushes of a followed log on its host (an ssh each,
@@ -5510,93 +5592,273 @@ def cmd_free(cfg, argv):
     return 0
 
 
-# Web view ####################################################################
+# Doctor ######################################################################
 
-# dq-web: one page of the whole cluster, updating itself from /api/state
-# (the same data as the --json listings), served by the standard library.
-# Read-only: GET only, no action changes anything.  One poll of the cluster
-# serves every viewer: the state is kept WEB_CACHE seconds, and viewers who
-# ask meanwhile (or while it is being made) get that one.
-WEB_CACHE = 3.0
-WEB_QUEUE = 200         # queued jobs the page lists (the rest are counted)
-SMI_UTIL = "nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits"
+# dq-doctor: is this cluster set up as dq needs?  One remote script per host,
+# all hosts at once, while this process holds an fcntl lock on the data root
+# (which every host must then fail to take: locks shared across hosts are
+# what keeps two hosts from handing out one GPU).  Each check is a line:
+# level (ok, WARN, FAIL), host, check, what was found, and the fix.
+SLOW_SHELL = 0.3        # seconds a remote command may take before it is slow
 
 
-class WebState:
-    def __init__(self, cfg):
-        import threading
-        self.cfg, self.lock = cfg, threading.Lock()
-        self.data, self.made, self.polls = None, 0.0, 0
-
-    def get(self):
-        with self.lock:     # one poll at a time; those waiting get its answer
-            if self.data is None or time.monotonic() - self.made >= WEB_CACHE:
-                self.data = json.dumps(web_state(self.cfg, self.polls + 1)).encode()
-                self.made, self.polls = time.monotonic(), self.polls + 1
-            return self.data
+CLOCK_SKEW = 1.0        # seconds two clocks may differ
 
 
-def web_state(cfg, polls=0):
-    """Everything the page shows: hosts and their GPUs (type, memory,
-    utilisation, who and which job uses each), running jobs, the queue with
-    reasons, users, the last completed jobs."""
-    started = time.time()
-    script = users_script(cfg) + (f"echo @@util; timeout {smi_timeout(cfg)} {SMI_UTIL} "
-                                  f"</dev/null 2>&1; echo \"@@rc $?\"\n")
-    results = run_on_all(cfg, cfg.hosts, lambda h: script)
-    places = Placements.read(cfg)
-    holders = {(p["host"], g): job_id for job_id, p in places.items() for g in p["gpus"]}
-    reserved = reserved_by_host(places)
-    drains = read_drains(cfg, quiet=True)
-    hosts, free, total = [], 0, 0
-    for h in cfg.hosts:
-        st, rows = gpu_users(h, results[h], started)
-        free_here = set(st.free(reserved.get(h, ()))) if h not in drains else set()
-        util = dict(re.findall(r"^\s*([0-9]+),\s*([0-9]+)\s*$",
-                               results[h].out.partition("@@util\n")[2], re.M))
-        gpus = []
-        for g in st.gpus:
-            users = [r for r in rows if r["gpu"] == g.index]
-            job = holders.get((h, g.index))
-            is_free = g.index in free_here
-            free += is_free
-            total += 1
-            gpus.append({"index": g.index, "name": g.name, "memory_total_mib": g.total,
-                         "memory_used_mib": g.used,
-                         "utilization": int(util[str(g.index)]) if str(g.index) in util
-                         else None, "job": job, "free": is_free,
-                         "processes": [{k: r[k] for k in ("pid", "user", "process", "job",
-                                                          "mem_mb")} for r in users]})
-        hosts.append({"host": h, "reachable": st.reachable, "error": st.error,
-                      "drained": drains.get(h), "gpus": gpus})
-    # A deep queue is counted from the index names; only its first
-    # WEB_QUEUE jobs are read and sent (10,000 rows help nobody).
-    ids = active_ids(cfg)
-    waiting = [i for i in ids if i not in places]
-    active = active_jobs(cfg, None, places, [i for i in ids if i in places] +
-                         waiting[:WEB_QUEUE])
-    running = [j for j in active if j["state"] == "running"]
-    queued = [j for j in active if j["state"] == "queued"]
-    queue_reasons(cfg, queued, places)
-    running_notes(cfg, running, time.time())
-    users = {}
-    for job_id in ids:
-        user = job_id.split("-", 1)[1]
-        users.setdefault(user, {"user": user, "gpus": 0, "running": 0, "queued": 0})
-    for j in running:
-        users[j["user"]]["running"] += 1
-        users[j["user"]]["gpus"] += len(j["gpus"])
-    for job_id in waiting:
-        users[job_id.split("-", 1)[1]]["queued"] += 1
-    for j in active:
-        if j["state"] == "queued" and j["id"] in places:    # placed, not started yet
-            users[j["user"]]["queued"] += 1
-    return {"format": FORMAT, "at": started, "polls": polls, "free_gpus": free,
-            "total_gpus": total, "hosts": hosts, "running": running, "queue": queued,
-            "queued_total": len(waiting) + sum(1 for j in queued if j["id"] in places),
-            "users": sorted(users.values(), key=lambda u: (-u["gpus"], u["user"])),
-            "completed": completed_jobs(cfg, None, last=15)[::-1]}
+LOCK_PROBE = ("import fcntl,sys\n"
+              "try:\n f=open(sys.argv[1],'a')\nexcept OSError as e:\n print('open',e.strerror);"
+              "sys.exit()\n"
+              "try:\n fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n print('taken')\n"
+              "except OSError as e:\n print('refused',e.errno)\n")
 
+
+class Check:
+    def __init__(self, host, name, level, found, fix=""):
+        self.host, self.name, self.level, self.found, self.fix = host, name, level, found, fix
+
+    def to_dict(self):
+        return {"host": self.host, "check": self.name, "level": self.level,
+                "ok": self.level != "FAIL", "found": self.found, "fix": self.fix or None}
+
+
+def doctor_script(cfg, token_path, lock_path):
+    py = q(cfg.python)
+    return (f"echo @@start\n"
+            f"echo \"@@clock $(date +%s.%N)\"\n"
+            f"echo \"@@token $(cat {q(token_path)} 2>/dev/null || echo missing)\"\n"
+            f"echo \"@@screen $(command -v screen || echo missing)\"\n"
+            f"echo \"@@python $({py} -c 'import sys; print(\"%d.%d.%d\" % "
+            f"sys.version_info[:3])' 2>/dev/null || echo missing)\"\n"
+            f"echo \"@@lock $({py} -c {q(LOCK_PROBE)} {q(lock_path)} 2>&1 | head -1)\"\n"
+            f"echo @@smi; timeout {smi_timeout(cfg)} {SMI_GPUS} </dev/null 2>&1; "
+            f"echo \"@@rc $?\"\n")
+
+
+def fmt_mib(mib):
+    return "?" if mib is None else f"{round(mib / 1024)} GB"
+
+
+def doctor_host(cfg, host, r, t_sent, token, quick):
+    """The checks of one host from its answer r (and quick: the seconds a
+    command that does nothing took there)."""
+    out = []
+
+    def add(name, level, found, fix=""):
+        out.append(Check(host, name, level, found, fix))
+    if not r.ok and "@@start" not in r.out:
+        add("ssh", "FAIL", r.why(),
+            f"dq needs ssh to {host} without a password or prompt: set up keys "
+            f"(ssh-copy-id {host}) and check '{' '.join(cfg.ssh)} {host} true' asks nothing")
+        return out
+    head, _, body = r.out.partition("@@start\n")
+    if head.strip():
+        add("shell output", "FAIL", f"the shell prints {head.strip().splitlines()[0][:60]!r} "
+            f"before every remote command",
+            "your shell start-up files (~/.bashrc, ~/.profile; ~/.zshenv for zsh) print "
+            "even for commands over ssh: print only in interactive shells, e.g. start "
+            "~/.bashrc with: case $- in *i*) ;; *) return ;; esac")
+    else:
+        add("ssh", "ok", f"a command takes {quick:.2f} s" if quick is not None
+            else "answers")
+    if quick is not None and quick > SLOW_SHELL:
+        add("shell start-up", "WARN", f"every remote command takes {quick:.2f} s (a bare "
+            f"shell takes ~0.02 s), and dq runs one per host at each pass",
+            "your shell start-up on this host is slow (conda init, pyenv, nvm or module "
+            "loads in ~/.bashrc, or ~/.zshenv for zsh): make it return early for "
+            "non-interactive shells, e.g. start ~/.bashrc with: "
+            "case $- in *i*) ;; *) return ;; esac")
+    fields = dict(re.findall(r"^@@(\w+) ?(.*)$", body, re.M))
+    got = fields.get("token", "missing")
+    if got == token:
+        add("data root", "ok", f"{cfg.root} is the same directory")
+    else:
+        add("data root", "FAIL", f"{cfg.root} on {host} is not the directory this host "
+            f"sees there (a file written here is {'missing' if got == 'missing' else 'other'} "
+            f"there)", f"mount the same shared directory at {cfg.root} on every host "
+            f"(e.g. the same NFS export), or install dq where every host sees it")
+    lock = fields.get("lock", "")
+    if got != token:
+        pass        # another directory: its locks say nothing
+    elif lock.startswith("refused"):
+        add("locks", "ok", "a lock held here holds there too")
+    elif lock.startswith("taken"):
+        add("locks", "FAIL", f"{host} took a lock on the data root that this host holds: "
+            f"locks are not shared between hosts, so two could hand out one GPU",
+            "mount the data root with working locks (NFS: not 'nolock' or "
+            "'local_lock=all'; run the NFS lock service, rpc.statd)")
+    else:
+        add("locks", "FAIL", f"cannot test a lock there ({lock or 'no answer'})",
+            f"check that {cfg.python} runs on {host} and can open files in {cfg.root}/state")
+    screen = fields.get("screen", "missing")
+    if screen == "missing" or not screen:
+        add("screen", "FAIL", "GNU screen is not installed (or not on PATH)",
+            f"install it on {host} (apt-get install screen, dnf install screen)")
+    else:
+        add("screen", "ok", screen)
+    python = fields.get("python", "missing")
+    version = tuple(int(x) for x in python.split(".")) if \
+        re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", python) else None
+    if version is None:
+        add("python", "FAIL", f"{cfg.python} does not run there",
+            f"install Python 3.9 or later on {host}, or name it in dq.conf "
+            f"('python = /usr/bin/python3')")
+    elif version < (3, 9):
+        add("python", "FAIL", f"{cfg.python} is {python}", f"dq needs Python 3.9 or later "
+            f"on {host}; name a newer one in dq.conf ('python = python3.11')")
+    else:
+        add("python", "ok", f"{cfg.python} {python}")
+    smi = body.partition("@@smi\n")[2].rpartition("@@rc ")
+    rc = smi[2].strip()
+    try:
+        gpus = parse_smi_gpus(smi[0]) if rc == "0" else None
+    except ValueError:
+        gpus = None
+    if gpus is None:
+        said = smi[0].strip().splitlines()
+        add("nvidia-smi", "FAIL", ("timed out" if rc == "124" else "not found" if rc == "127"
+                                   else said[0][:100] if said else f"exit status {rc}"),
+            f"nvidia-smi must answer '{SMI_GPUS.split(' --format')[0]}' on {host}: "
+            f"check the NVIDIA driver there (nvidia-smi alone says more)")
+    elif not gpus:
+        add("nvidia-smi", "WARN", "no GPUs", "a host without GPUs only runs DQ_GPUS=0 jobs")
+    else:
+        kinds = {}
+        for g in gpus:
+            kinds[(g.name, g.total)] = kinds.get((g.name, g.total), 0) + 1
+        add("nvidia-smi", "ok", ", ".join(f"{n} x {name or '?'} ({fmt_mib(total)})"
+                                          for (name, total), n in kinds.items()))
+    clock = fields.get("clock", "")
+    try:
+        skew = float(clock) - (t_sent + r.seconds / 2)
+    except ValueError:
+        skew = None
+    if skew is None:
+        add("clock", "FAIL", "date gave no time", f"check 'date' on {host}")
+    elif abs(skew) > CLOCK_SKEW + r.seconds / 2:
+        add("clock", "FAIL", f"{abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} this "
+            f"host", "run NTP on every host (chrony or systemd-timesyncd): runtimes, waits "
+            "and time limits come from different hosts' clocks")
+    else:
+        add("clock", "ok", f"within {max(abs(skew), 0.001):.3f} s of this host")
+    return out
+
+
+def doctor_local(cfg):
+    """The data root, from here: its directories, and who may change dq.conf."""
+    out = []
+    where = os.uname().nodename.split(".")[0]
+    bad = []
+    try:
+        root_st = os.stat(cfg.root)
+    except OSError as e:
+        raise Failure(f"cannot read {cfg.root}: {e.strerror}") from None
+    group_install = bool(root_st.st_mode & 0o2000)     # install.sh DIR GROUP
+    for sub in LAYOUT:
+        path = cfg.p(sub)
+        if not os.path.isdir(path):
+            bad.append(f"{path} is missing")
+        elif not os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
+            bad.append(f"you cannot {'read' if sub == 'jobs' else 'write'} {path}")
+        elif group_install and os.stat(path).st_gid != root_st.st_gid:
+            bad.append(f"{path} is not in the data root's group (a lab install gives every "
+                       f"directory the lab's group)")
+    if bad:
+        out.append(Check(where, "permissions", "FAIL", bad[0] + (f" (and {len(bad) - 1} more)"
+                                                                 if len(bad) > 1 else ""),
+                         f"ask the admin to run install.sh for {cfg.root} again" +
+                         access_hint(cfg.root)))
+    else:
+        out.append(Check(where, "permissions", "ok", f"you can use every directory of "
+                                                     f"{cfg.root}"))
+    trusted, why = admins(cfg)
+    if why:
+        out.append(Check(where, "admins", "WARN", why.split("; ")[0],
+                         why.split("; ", 1)[1] if "; " in why else ""))
+    else:
+        out.append(Check(where, "admins", "ok", ", ".join(sorted(trusted))))
+    return out
+
+
+def cmd_doctor(cfg, argv):
+    p = parser("doctor", "Check that the cluster is set up as dq needs: ssh, the shared data "
+               "root and its\nlocks, screen, Python, nvidia-smi and clocks on every host, "
+               "in parallel.\nOne line per check and host, with the fix; exit status 0 when "
+               "nothing failed\n(warnings do not fail).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parse(p, argv)
+    ensure_layout(cfg)
+    import secrets
+    token = secrets.token_hex(8)
+    token_path = cfg.p("state", f"doctor-{me()}-{token}")
+    lock_path = cfg.p("state", f"doctor-{me()}.lock")
+    checks = doctor_local(cfg)
+    if not cfg.local:
+        try:
+            with open(token_path, "w") as f:
+                f.write(token + "\n")
+            lock = open(lock_path, "a")
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise Failure(f"cannot write in {cfg.p('state')}: {e.strerror}"
+                          f"{access_hint(cfg.root, e)}")
+        try:
+            t_sent = time.time()
+            answers = run_on_all(cfg, cfg.hosts,
+                                 lambda h: doctor_script(cfg, token_path, lock_path))
+            # Once connections are open: what a command that does nothing costs
+            quick = run_on_all(cfg, [h for h, r in answers.items() if r.ok],
+                               lambda h: "true\n")
+        finally:
+            lock.close()
+            for path in (token_path, lock_path):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        for h in cfg.hosts:
+            q_r = quick.get(h)
+            checks += doctor_host(cfg, h, answers[h], t_sent, token,
+                                  q_r.seconds if q_r is not None and q_r.ok else None)
+    else:
+        checks.append(Check(cfg.hosts[0], "hosts", "WARN", "no hosts in dq.conf: this machine "
+                            "alone, without ssh", f"list the GPU servers in {cfg.path} "
+                            f"('hosts = deep1 deep2') to check them"))
+    failed = any(c.level == "FAIL" for c in checks)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=1))
+    else:
+        width = max(len(c.host) for c in checks)
+        for c in checks:
+            print(f"{c.level:<4}  {c.host:<{width}}  {c.name:<14}  {c.found}" +
+                  (f"; fix: {c.fix}" if c.fix and c.level != "ok" else ""))
+        print(f"{sum(c.level == 'FAIL' for c in checks)} failed, "
+              f"{sum(c.level == 'WARN' for c in checks)} warnings, "
+              f"{sum(c.level == 'ok' for c in checks)} ok")
+    return 1 if failed else 0
+
+
+# Shell completion ############################################################
+
+def cmd__complete(cfg, argv):
+    """Internal, for the shell completion (extras/dq.bash): `ids` prints the
+    numbers of your queued and running jobs and of your last ended ones
+    (kept in jobs/done/<user>: the history is never listed);
+    `hosts` the hosts of dq.conf.  Never an error: completion stays quiet."""
+    what = argv[0] if argv else ""
+    if what == "hosts":
+        print("\n".join(cfg.hosts))
+    elif what == "ids":
+        user = me()
+        active = [n.split("-")[0] for n in index_names(cfg, user=user)]
+        # the last ended ones from the completed-job counter: no listing of
+        # the whole history
+        counters = stored_counters(cfg, user) or user_counters(cfg, user)
+        seen = dict.fromkeys(active + [i.split("-")[0] for i in counters["recent"]])
+        print("\n".join(seen))
+    return 0
+
+
+# Web page (HTML, CSS, JS) ####################################################
 
 WEB_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -5612,6 +5874,7 @@ WEB_PAGE = """<!DOCTYPE html>
 <section><h2>Recently ended</h2><table id="completed"></table></section>
 </main><script src="app.js"></script></body></html>
 """
+
 
 # Colours from the Okabe-Ito palette (they read for colour-blind users), and
 # every state is also written as a word.
@@ -5645,6 +5908,7 @@ section{overflow-x:auto}
 th{background:#f0f0f0}
 @media (min-width:2000px){body{font-size:18px}}
 """
+
 
 WEB_JS = r"""
 "use strict";
@@ -5755,6 +6019,98 @@ setInterval(update, 5000);
 """
 
 
+# Web view ####################################################################
+
+# dq-web: one page of the whole cluster, updating itself from /api/state
+# (the same data as the --json listings), served by the standard library.
+# Read-only: GET only, no action changes anything.  One poll of the cluster
+# serves every viewer: the state is kept WEB_CACHE seconds, and viewers who
+# ask meanwhile (or while it is being made) get that one.
+WEB_CACHE = 3.0
+
+
+WEB_QUEUE = 200         # queued jobs the page lists (the rest are counted)
+
+
+SMI_UTIL = "nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits"
+
+
+def web_state(cfg, polls=0):
+    """Everything the page shows: hosts and their GPUs (type, memory,
+    utilisation, who and which job uses each), running jobs, the queue with
+    reasons, users, the last completed jobs."""
+    started = time.time()
+    script = users_script(cfg) + (f"echo @@util; timeout {smi_timeout(cfg)} {SMI_UTIL} "
+                                  f"</dev/null 2>&1; echo \"@@rc $?\"\n")
+    results = run_on_all(cfg, cfg.hosts, lambda h: script)
+    places = Placements.read(cfg)
+    holders = {(p["host"], g): job_id for job_id, p in places.items() for g in p["gpus"]}
+    reserved = reserved_by_host(places)
+    drains = read_drains(cfg, quiet=True)
+    hosts, free, total = [], 0, 0
+    for h in cfg.hosts:
+        st, rows = gpu_users(h, results[h], started)
+        free_here = set(st.free(reserved.get(h, ()))) if h not in drains else set()
+        util = dict(re.findall(r"^\s*([0-9]+),\s*([0-9]+)\s*$",
+                               results[h].out.partition("@@util\n")[2], re.M))
+        gpus = []
+        for g in st.gpus:
+            users = [r for r in rows if r["gpu"] == g.index]
+            job = holders.get((h, g.index))
+            is_free = g.index in free_here
+            free += is_free
+            total += 1
+            gpus.append({"index": g.index, "name": g.name, "memory_total_mib": g.total,
+                         "memory_used_mib": g.used,
+                         "utilization": int(util[str(g.index)]) if str(g.index) in util
+                         else None, "job": job, "free": is_free,
+                         "processes": [{k: r[k] for k in ("pid", "user", "process", "job",
+                                                          "mem_mb")} for r in users]})
+        hosts.append({"host": h, "reachable": st.reachable, "error": st.error,
+                      "drained": drains.get(h), "gpus": gpus})
+    # A deep queue is counted from the index names; only its first
+    # WEB_QUEUE jobs are read and sent (10,000 rows help nobody).
+    ids = active_ids(cfg)
+    waiting = [i for i in ids if i not in places]
+    active = active_jobs(cfg, None, places, [i for i in ids if i in places] +
+                         waiting[:WEB_QUEUE])
+    running = [j for j in active if j["state"] == "running"]
+    queued = [j for j in active if j["state"] == "queued"]
+    queue_reasons(cfg, queued, places)
+    running_notes(cfg, running, time.time())
+    users = {}
+    for job_id in ids:
+        user = job_id.split("-", 1)[1]
+        users.setdefault(user, {"user": user, "gpus": 0, "running": 0, "queued": 0})
+    for j in running:
+        users[j["user"]]["running"] += 1
+        users[j["user"]]["gpus"] += len(j["gpus"])
+    for job_id in waiting:
+        users[job_id.split("-", 1)[1]]["queued"] += 1
+    for j in active:
+        if j["state"] == "queued" and j["id"] in places:    # placed, not started yet
+            users[j["user"]]["queued"] += 1
+    return {"format": FORMAT, "at": started, "polls": polls, "free_gpus": free,
+            "total_gpus": total, "hosts": hosts, "running": running, "queue": queued,
+            "queued_total": len(waiting) + sum(1 for j in queued if j["id"] in places),
+            "users": sorted(users.values(), key=lambda u: (-u["gpus"], u["user"])),
+            "completed": completed_jobs(cfg, None, last=15)[::-1]}
+
+
+class WebState:
+    def __init__(self, cfg):
+        import threading
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.data, self.made, self.polls = None, 0.0, 0
+
+    def get(self):
+        with self.lock:     # one poll at a time; those waiting get its answer
+            if self.data is None or time.monotonic() - self.made >= WEB_CACHE:
+                self.data = json.dumps(web_state(self.cfg, self.polls + 1)).encode()
+                self.made, self.polls = time.monotonic(), self.polls + 1
+            return self.data
+
+
 def make_web_handler(state):
     from http.server import BaseHTTPRequestHandler
     pages = {"/": ("text/html; charset=utf-8", WEB_PAGE.encode()),
@@ -5826,280 +6182,7 @@ def cmd_web(cfg, argv):
     return 0
 
 
-# Doctor ######################################################################
-
-# dq-doctor: is this cluster set up as dq needs?  One remote script per host,
-# all hosts at once, while this process holds an fcntl lock on the data root
-# (which every host must then fail to take: locks shared across hosts are
-# what keeps two hosts from handing out one GPU).  Each check is a line:
-# level (ok, WARN, FAIL), host, check, what was found, and the fix.
-SLOW_SHELL = 0.3        # seconds a remote command may take before it is slow
-CLOCK_SKEW = 1.0        # seconds two clocks may differ
-LOCK_PROBE = ("import fcntl,sys\n"
-              "try:\n f=open(sys.argv[1],'a')\nexcept OSError as e:\n print('open',e.strerror);"
-              "sys.exit()\n"
-              "try:\n fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n print('taken')\n"
-              "except OSError as e:\n print('refused',e.errno)\n")
-
-
-class Check:
-    def __init__(self, host, name, level, found, fix=""):
-        self.host, self.name, self.level, self.found, self.fix = host, name, level, found, fix
-
-    def to_dict(self):
-        return {"host": self.host, "check": self.name, "level": self.level,
-                "ok": self.level != "FAIL", "found": self.found, "fix": self.fix or None}
-
-
-def doctor_script(cfg, token_path, lock_path):
-    py = q(cfg.python)
-    return (f"echo @@start\n"
-            f"echo \"@@clock $(date +%s.%N)\"\n"
-            f"echo \"@@token $(cat {q(token_path)} 2>/dev/null || echo missing)\"\n"
-            f"echo \"@@screen $(command -v screen || echo missing)\"\n"
-            f"echo \"@@python $({py} -c 'import sys; print(\"%d.%d.%d\" % "
-            f"sys.version_info[:3])' 2>/dev/null || echo missing)\"\n"
-            f"echo \"@@lock $({py} -c {q(LOCK_PROBE)} {q(lock_path)} 2>&1 | head -1)\"\n"
-            f"echo @@smi; timeout {smi_timeout(cfg)} {SMI_GPUS} </dev/null 2>&1; "
-            f"echo \"@@rc $?\"\n")
-
-
-def doctor_host(cfg, host, r, t_sent, token, quick):
-    """The checks of one host from its answer r (and quick: the seconds a
-    command that does nothing took there)."""
-    out = []
-
-    def add(name, level, found, fix=""):
-        out.append(Check(host, name, level, found, fix))
-    if not r.ok and "@@start" not in r.out:
-        add("ssh", "FAIL", r.why(),
-            f"dq needs ssh to {host} without a password or prompt: set up keys "
-            f"(ssh-copy-id {host}) and check '{' '.join(cfg.ssh)} {host} true' asks nothing")
-        return out
-    head, _, body = r.out.partition("@@start\n")
-    if head.strip():
-        add("shell output", "FAIL", f"the shell prints {head.strip().splitlines()[0][:60]!r} "
-            f"before every remote command",
-            "your shell start-up files (~/.bashrc, ~/.profile; ~/.zshenv for zsh) print "
-            "even for commands over ssh: print only in interactive shells, e.g. start "
-            "~/.bashrc with: case $- in *i*) ;; *) return ;; esac")
-    else:
-        add("ssh", "ok", f"a command takes {quick:.2f} s" if quick is not None
-            else "answers")
-    if quick is not None and quick > SLOW_SHELL:
-        add("shell start-up", "WARN", f"every remote command takes {quick:.2f} s (a bare "
-            f"shell takes ~0.02 s), and dq runs one per host at each pass",
-            "your shell start-up on this host is slow (conda init, pyenv, nvm or module "
-            "loads in ~/.bashrc, or ~/.zshenv for zsh): make it return early for "
-            "non-interactive shells, e.g. start ~/.bashrc with: "
-            "case $- in *i*) ;; *) return ;; esac")
-    fields = dict(re.findall(r"^@@(\w+) ?(.*)$", body, re.M))
-    got = fields.get("token", "missing")
-    if got == token:
-        add("data root", "ok", f"{cfg.root} is the same directory")
-    else:
-        add("data root", "FAIL", f"{cfg.root} on {host} is not the directory this host "
-            f"sees there (a file written here is {'missing' if got == 'missing' else 'other'} "
-            f"there)", f"mount the same shared directory at {cfg.root} on every host "
-            f"(e.g. the same NFS export), or install dq where every host sees it")
-    lock = fields.get("lock", "")
-    if got != token:
-        pass        # another directory: its locks say nothing
-    elif lock.startswith("refused"):
-        add("locks", "ok", "a lock held here holds there too")
-    elif lock.startswith("taken"):
-        add("locks", "FAIL", f"{host} took a lock on the data root that this host holds: "
-            f"locks are not shared between hosts, so two could hand out one GPU",
-            "mount the data root with working locks (NFS: not 'nolock' or "
-            "'local_lock=all'; run the NFS lock service, rpc.statd)")
-    else:
-        add("locks", "FAIL", f"cannot test a lock there ({lock or 'no answer'})",
-            f"check that {cfg.python} runs on {host} and can open files in {cfg.root}/state")
-    screen = fields.get("screen", "missing")
-    if screen == "missing" or not screen:
-        add("screen", "FAIL", "GNU screen is not installed (or not on PATH)",
-            f"install it on {host} (apt-get install screen, dnf install screen)")
-    else:
-        add("screen", "ok", screen)
-    python = fields.get("python", "missing")
-    version = tuple(int(x) for x in python.split(".")) if \
-        re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", python) else None
-    if version is None:
-        add("python", "FAIL", f"{cfg.python} does not run there",
-            f"install Python 3.9 or later on {host}, or name it in dq.conf "
-            f"('python = /usr/bin/python3')")
-    elif version < (3, 9):
-        add("python", "FAIL", f"{cfg.python} is {python}", f"dq needs Python 3.9 or later "
-            f"on {host}; name a newer one in dq.conf ('python = python3.11')")
-    else:
-        add("python", "ok", f"{cfg.python} {python}")
-    smi = body.partition("@@smi\n")[2].rpartition("@@rc ")
-    rc = smi[2].strip()
-    try:
-        gpus = parse_smi_gpus(smi[0]) if rc == "0" else None
-    except ValueError:
-        gpus = None
-    if gpus is None:
-        said = smi[0].strip().splitlines()
-        add("nvidia-smi", "FAIL", ("timed out" if rc == "124" else "not found" if rc == "127"
-                                   else said[0][:100] if said else f"exit status {rc}"),
-            f"nvidia-smi must answer '{SMI_GPUS.split(' --format')[0]}' on {host}: "
-            f"check the NVIDIA driver there (nvidia-smi alone says more)")
-    elif not gpus:
-        add("nvidia-smi", "WARN", "no GPUs", "a host without GPUs only runs DQ_GPUS=0 jobs")
-    else:
-        kinds = {}
-        for g in gpus:
-            kinds[(g.name, g.total)] = kinds.get((g.name, g.total), 0) + 1
-        add("nvidia-smi", "ok", ", ".join(f"{n} x {name or '?'} ({fmt_mib(total)})"
-                                          for (name, total), n in kinds.items()))
-    clock = fields.get("clock", "")
-    try:
-        skew = float(clock) - (t_sent + r.seconds / 2)
-    except ValueError:
-        skew = None
-    if skew is None:
-        add("clock", "FAIL", "date gave no time", f"check 'date' on {host}")
-    elif abs(skew) > CLOCK_SKEW + r.seconds / 2:
-        add("clock", "FAIL", f"{abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} this "
-            f"host", "run NTP on every host (chrony or systemd-timesyncd): runtimes, waits "
-            "and time limits come from different hosts' clocks")
-    else:
-        add("clock", "ok", f"within {max(abs(skew), 0.001):.3f} s of this host")
-    return out
-
-
-def fmt_mib(mib):
-    return "?" if mib is None else f"{round(mib / 1024)} GB"
-
-
-def doctor_local(cfg):
-    """The data root, from here: its directories, and who may change dq.conf."""
-    out = []
-    where = os.uname().nodename.split(".")[0]
-    bad = []
-    try:
-        root_st = os.stat(cfg.root)
-    except OSError as e:
-        raise Failure(f"cannot read {cfg.root}: {e.strerror}") from None
-    group_install = bool(root_st.st_mode & 0o2000)     # install.sh DIR GROUP
-    for sub in LAYOUT:
-        path = cfg.p(sub)
-        if not os.path.isdir(path):
-            bad.append(f"{path} is missing")
-        elif not os.access(path, os.R_OK | os.X_OK | (os.W_OK if sub != "jobs" else 0)):
-            bad.append(f"you cannot {'read' if sub == 'jobs' else 'write'} {path}")
-        elif group_install and os.stat(path).st_gid != root_st.st_gid:
-            bad.append(f"{path} is not in the data root's group (a lab install gives every "
-                       f"directory the lab's group)")
-    if bad:
-        out.append(Check(where, "permissions", "FAIL", bad[0] + (f" (and {len(bad) - 1} more)"
-                                                                 if len(bad) > 1 else ""),
-                         f"ask the admin to run install.sh for {cfg.root} again" +
-                         access_hint(cfg.root)))
-    else:
-        out.append(Check(where, "permissions", "ok", f"you can use every directory of "
-                                                     f"{cfg.root}"))
-    trusted, why = admins(cfg)
-    if why:
-        out.append(Check(where, "admins", "WARN", why.split("; ")[0],
-                         why.split("; ", 1)[1] if "; " in why else ""))
-    else:
-        out.append(Check(where, "admins", "ok", ", ".join(sorted(trusted))))
-    return out
-
-
-def cmd_doctor(cfg, argv):
-    p = parser("doctor", "Check that the cluster is set up as dq needs: ssh, the shared data "
-               "root and its\nlocks, screen, Python, nvidia-smi and clocks on every host, "
-               "in parallel.\nOne line per check and host, with the fix; exit status 0 when "
-               "nothing failed\n(warnings do not fail).")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    args = parse(p, argv)
-    ensure_layout(cfg)
-    import secrets
-    token = secrets.token_hex(8)
-    token_path = cfg.p("state", f"doctor-{me()}-{token}")
-    lock_path = cfg.p("state", f"doctor-{me()}.lock")
-    checks = doctor_local(cfg)
-    if not cfg.local:
-        try:
-            with open(token_path, "w") as f:
-                f.write(token + "\n")
-            lock = open(lock_path, "a")
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            raise Failure(f"cannot write in {cfg.p('state')}: {e.strerror}"
-                          f"{access_hint(cfg.root, e)}")
-        try:
-            t_sent = time.time()
-            answers = run_on_all(cfg, cfg.hosts,
-                                 lambda h: doctor_script(cfg, token_path, lock_path))
-            # Once connections are open: what a command that does nothing costs
-            quick = run_on_all(cfg, [h for h, r in answers.items() if r.ok],
-                               lambda h: "true\n")
-        finally:
-            lock.close()
-            for path in (token_path, lock_path):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        for h in cfg.hosts:
-            q_r = quick.get(h)
-            checks += doctor_host(cfg, h, answers[h], t_sent, token,
-                                  q_r.seconds if q_r is not None and q_r.ok else None)
-    else:
-        checks.append(Check(cfg.hosts[0], "hosts", "WARN", "no hosts in dq.conf: this machine "
-                            "alone, without ssh", f"list the GPU servers in {cfg.path} "
-                            f"('hosts = deep1 deep2') to check them"))
-    failed = any(c.level == "FAIL" for c in checks)
-    if args.json:
-        print(json.dumps([c.to_dict() for c in checks], indent=1))
-    else:
-        width = max(len(c.host) for c in checks)
-        for c in checks:
-            print(f"{c.level:<4}  {c.host:<{width}}  {c.name:<14}  {c.found}" +
-                  (f"; fix: {c.fix}" if c.fix and c.level != "ok" else ""))
-        print(f"{sum(c.level == 'FAIL' for c in checks)} failed, "
-              f"{sum(c.level == 'WARN' for c in checks)} warnings, "
-              f"{sum(c.level == 'ok' for c in checks)} ok")
-    return 1 if failed else 0
-
-
-# Shell completion ############################################################
-
-COMPLETE_RECENT = 30    # ended jobs of yours that completion offers
-
-
-def cmd__complete(cfg, argv):
-    """Internal, for the shell completion (extras/dq.bash): `ids` prints the
-    numbers of your queued and running jobs and of your last ended ones
-    (kept in jobs/done/<user>: the history is never listed);
-    `hosts` the hosts of dq.conf.  Never an error: completion stays quiet."""
-    what = argv[0] if argv else ""
-    if what == "hosts":
-        print("\n".join(cfg.hosts))
-    elif what == "ids":
-        user = me()
-        active = [n.split("-")[0] for n in index_names(cfg, user=user)]
-        # the last ended ones from the completed-job counter: no listing of
-        # the whole history
-        counters = stored_counters(cfg, user) or user_counters(cfg, user)
-        seen = dict.fromkeys(active + [i.split("-")[0] for i in counters["recent"]])
-        print("\n".join(seen))
-    return 0
-
-
 # Main ########################################################################
-
-def cmd__layout(cfg, argv):
-    """Internal: the data root's directories, `KIND PATH` a line (install.sh)."""
-    internal_args(argv, "_layout", "read by install.sh", ())
-    for sub, kind in LAYOUT.items():
-        print(kind, sub)
-    return 0
-
 
 COMMANDS = {
     "submit": cmd_submit,
@@ -6123,8 +6206,18 @@ COMMANDS = {
     "users": cmd_users,
     "on-all": cmd_on_all,
 }
+
+
 INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_notify": cmd__notify,
             "_complete": cmd__complete, "_layout": cmd__layout}
+
+
+def overview():
+    """`dq.py --help`: what dq is and its commands, from the docstring."""
+    intro = __doc__.split("\n\n", 1)[0].replace("dq --", f"dq {__version__} --")
+    commands = __doc__.split("\nCommands", 1)[1].split("\nFiles:", 1)[0]
+    return (f"{intro}\n\nCommands{commands.rstrip()}\n\nEach takes --help, e.g. "
+            f"dq-jobs --help.  This dq.py: {DQ_PY}")
 
 
 def main(argv=None):
@@ -6169,14 +6262,6 @@ def main(argv=None):
         # disk): one line naming the file, not a traceback.
         print(f"{PROG}: error: {data_root_error(root, e)}", file=sys.stderr)
         return 1
-
-
-def overview():
-    """`dq.py --help`: what dq is and its commands, from the docstring."""
-    intro = __doc__.split("\n\n", 1)[0].replace("dq --", f"dq {__version__} --")
-    commands = __doc__.split("\nCommands", 1)[1].split("\nFiles:", 1)[0]
-    return (f"{intro}\n\nCommands{commands.rstrip()}\n\nEach takes --help, e.g. "
-            f"dq-jobs --help.  This dq.py: {DQ_PY}")
 
 
 def boot():
