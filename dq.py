@@ -48,17 +48,46 @@ resolving symlinks) or $DQ_ROOT:
   drain/<admin>           the hosts that admin drained (dq-drain)
 
 How a job travels through this file (`grep '^# .*###' dq.py` lists its
-sections): dq-submit (Commands) writes it (Jobs: job.json, then its
-jobs/active entry: it is queued).  A pass (Scheduling) polls the hosts
-(Remote execution, Hosts and GPUs) holding no lock, then under the global
-lock brings the placements up to date with what the polls saw (Placement:
-the Placements model and its table of states, reconcile), gives free GPUs
-to queued jobs (Planning: pure functions) and starts the caller's own
-placed jobs in screen sessions.  In its session the job's wrapper (Job
-wrapper) runs the script, records its end (Jobs: end.json) and hands its
-GPUs over to the next jobs at once (another pass).  dq-kill (Killing) ends
-a job early; the listings (Job listings, Job output, Cluster views) only
-read.
+sections; each uses only what is above it): dq-submit (Submitting) checks
+its DQ_* variables (Submit-time variables, Constraints) and writes it
+(Creating jobs: job.json, then its jobs/active entry and its name in the
+owner's queue: it is queued).  A pass (Scheduling) polls the hosts (Remote
+execution, Hosts and GPUs) holding no lock, then under the global lock
+brings the placements up to date with what the polls saw (Placement: the
+Placements model and its table of states, reconcile; Leases for hosts that
+do not answer), reads the queue (Queue) and lets the planner (Planning: a
+pure function, with Wait reasons) give free GPUs to queued jobs, then
+starts the caller's own placed jobs in screen sessions.  In its session
+the job's wrapper (Job wrapper) runs the script, records its end (Ended
+jobs and usage counters) and hands its GPUs over to the next jobs at once
+(another pass).  dq-kill (Steering jobs) ends a job early; the listings
+(Job listings, Job output, Cluster views, Web view) only read.
+
+Where to change what (the name, then the section it is in):
+
+  a submit-time constraint    CONSTRAINTS                 [Constraints]
+  a wait reason's words       WAIT_REASONS, wait_reason   [Wait reasons]
+  who goes first, backfill    plan                        [Planning]
+  a user's own job order      order_key                   [Planning]
+  other DQ_* variables        prepare_job                 [Creating jobs]
+  dq.conf keys and defaults   Config                      [Configuration]
+  dq-jobs' columns            cmd_jobs                    [Job listings]
+  dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
+  how every table looks       print_table                 [Errors and output]
+  how durations read          fmt_duration, duration      [Values]
+  hosts that stop answering   reconcile                   [Placement]
+  lease and fencing times     LeaseTimes                  [Leases]
+  when a lost job is rerun    surely_stopped              [Scheduling]
+  how a job is started        launch_line                 [Scheduling]
+  a job's environment         job_env                     [Job wrapper]
+  ssh's options               ssh_argv                    [Remote execution]
+  nvidia-smi's queries        SMI_GPUS, parse_smi_gpus    [Hosts and GPUs]
+  mail texts                  send_end_mail, send_sweep_mail  [Notifications]
+  the data root's layout      LAYOUT                      [Files and locks]
+  what a job file may hold    JOB_FIELDS                  [Job files]
+  dq-doctor's checks          doctor_host                 [Doctor]
+  the live page's look        WEB_PAGE, WEB_CSS, WEB_JS   [Web page]
+  the live page's data        web_state                   [Web view]
 
 A job's owner is whoever owns its files; dq only ever starts a job with the
 credentials of its owner, over the owner's own ssh.

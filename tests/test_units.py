@@ -632,3 +632,78 @@ def test_the_manual_says_every_wait_reason():
     manual = open(os.path.join(os.path.dirname(__file__), "..", "docs", "manual.md")).read()
     for words in dq.WAIT_REASONS:
         assert "- `" + words.replace("{job}", "ID") + "`: " in manual, words
+
+
+# The file's layout: what `grep '^# .*###' dq.py` promises an admin.
+DQ_SOURCE = open(dq.__file__).read()
+BANNER_RE = re.compile(r"^# (.*?) #{3,}$", re.M)
+
+
+def top_level_names():
+    """{name: (line, section)} of dq.py's functions, classes and constants."""
+    import ast
+    banners = [(DQ_SOURCE.count("\n", 0, m.start()) + 1, m.group(1))
+               for m in BANNER_RE.finditer(DQ_SOURCE)]
+    out = {}
+    for node in ast.parse(DQ_SOURCE).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in node.targets if isinstance(t, ast.Name)] \
+            if isinstance(node, ast.Assign) else []
+        section = ([title for line, title in banners if line < node.lineno] or [None])[-1]
+        for name in names:
+            out.setdefault(name, (node.lineno, section, node))
+    return out
+
+
+def global_loads(node, names):
+    """The top-level names a function, class or constant uses (a name a
+    function binds itself is its own)."""
+    import ast
+    used = set()
+    for fn in [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.Lambda))] or []:
+        bound = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+        for sub in ast.walk(fn):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                bound.add(sub.id)
+            elif isinstance(sub, (ast.FunctionDef, ast.ClassDef)) and sub is not fn:
+                bound.add(sub.name)
+            elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                bound |= {(a.asname or a.name).split(".")[0] for a in sub.names}
+        used |= {sub.id for sub in ast.walk(fn) if isinstance(sub, ast.Name)
+                 and isinstance(sub.ctx, ast.Load) and sub.id not in bound}
+    if not isinstance(node, ast.FunctionDef):     # a class body or constant itself
+        inner = {id(x) for fn in ast.walk(node) if isinstance(fn, (ast.FunctionDef, ast.Lambda))
+                 for x in ast.walk(fn)}
+        used |= {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)
+                 and isinstance(sub.ctx, ast.Load) and id(sub) not in inner}
+    return used & names
+
+
+def test_dq_py_uses_only_what_is_above():
+    names = top_level_names()
+    below = sorted(f"{name} (line {line}) uses {used} (line {names[used][0]})"
+                   for name, (line, _, node) in names.items()
+                   for used in global_loads(node, set(names) - {name})
+                   if names[used][0] > line)
+    assert below == []
+
+
+def test_where_to_change_what_names_what_is_there():
+    names = top_level_names()
+    table = dq.__doc__.split("Where to change what")[1].split("\n\n")[1]
+    rows = re.findall(r"^  (.+?)\s{2,}(\S.*?)\s+\[(.+)\]$", table, re.M)
+    assert len(rows) >= 12 and len(rows) == len(table.splitlines())
+    for what, where, section in rows:
+        for name in where.split(", "):
+            assert name in names, (what, name)
+            assert names[name][1].startswith(section), (what, name, names[name][1])
+
+
+def test_every_command_lives_with_its_feature():
+    # the rule: a command is the last thing of its section, after what it uses
+    names = top_level_names()
+    sections = [m.group(1) for m in BANNER_RE.finditer(DQ_SOURCE)]
+    assert len(sections) == len(set(sections))
+    commands = list(dq.COMMANDS.values()) + list(dq.INTERNAL.values())
+    for cmd in commands:
+        assert names[cmd.__name__][1] not in ("Main", None), cmd.__name__
