@@ -661,7 +661,7 @@ def bench_deep(ctx):
     busy = len(c.hosts) * GPUS - len(left)
     once = [dq.path("schedule"), "--once", "--quiet"]
     views = [("dq-jobs", [dq.path("jobs")]), ("dq-jobs summary", [dq.path("jobs"), "summary"]),
-             ("dq-free", [dq.path("free")])]
+             ("dq-free", [dq.path("free")]), ("dq-jobs queue", [dq.path("jobs"), "queue"])]
     base = next_id(dq)
 
     def shape(num):
@@ -748,6 +748,17 @@ def bench_deep(ctx):
     row("dq-free", f"dq-free, {qlen} / {B9_SMALL} queued jobs",
         f"as {ALICE}, {n} runs each (polls 4 hosts); CPU {cpu['dq-free'][1]:.3f} / "
         f"{cpu['dq-free'][0]:.3f} CPU-s")
+    # The queue's reasons come from the planner run on the whole queue
+    # (every user's), while the listing reads only the caller's jobs.
+    s, b = med["dq-jobs queue"]
+    r = dq.run("node1", ALICE, "jobs", "queue", "--json", timeout=300, check=True)
+    reasons = sorted({j["reason"] or "-" for j in json.loads(r.stdout)})
+    rows.append(Row(9, f"(no target) dq-jobs queue, {qlen} queued jobs (as a user with "
+                       f"{mine(qlen)} of them)", "-", fmt_s(b), "INFO",
+                    f"as {ALICE}, {n} runs (median); {fmt_s(s)} with {B9_SMALL} queued "
+                    f"({mine(B9_SMALL)} hers); every reason from the planner over all "
+                    f"{qlen} jobs of {nusers} users; reasons seen: {', '.join(reasons)}; CPU "
+                    f"{cpu['dq-jobs queue'][1]:.3f} / {cpu['dq-jobs queue'][0]:.3f} CPU-s"))
     return rows
 
 
