@@ -2803,10 +2803,9 @@ def read_queue(cfg, places, stale=None, user=None):
     """Yield the IDs of jobs (of `user`) a pass may place, oldest first,
     reading each entry only when asked for it."""
     for job_id in index_names(cfg, "active", user):
-        if queued_entry(cfg, places, job_id) is not None:
+        info = None if job_id in places else read_entry(cfg, job_id, stale)
+        if info is not None and not info.get("held") and not info.get("waiting"):
             yield job_id
-        elif job_id not in places and stale is not None:
-            read_entry(cfg, job_id, stale)
 
 
 def user_queue_names(cfg, user):
