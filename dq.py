@@ -139,8 +139,6 @@ class Failure(Exception):
 
 
 _warned = set()
-
-
 _held = None        # a list while warnings are held back (see resolve_job)
 
 
@@ -241,8 +239,6 @@ def whole_number(text, low=None, high=None, signed=False):
 # The most seconds a setting or option may say: more than 11 days is a
 # typo, and poll() takes at most ~24 days.
 MAX_SECONDS = 1_000_000
-
-
 DURATION_RE = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s?)?", re.I)
 
 
@@ -1121,10 +1117,7 @@ def spawn_detached(what, *args):
 SMI_GPUS = ("nvidia-smi --query-gpu=index,uuid,memory.used,memory.total,name "
             "--format=csv,noheader,nounits")
 
-
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
-
-
 SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
 
 
@@ -1538,35 +1531,23 @@ def wait_reason(words, meaning):
 
 
 HELD = wait_reason("held", "held by its owner (dq-hold); dq-release lets it go")
-
-
 AFTER = wait_reason("after {job}", "waits for job {job} to end (DQ_AFTER, DQ_AFTER_ANY)")
-
-
 STARTING = wait_reason("starting", "placed on GPUs; its owner's dq-schedule starts it now")
-
-
 NEXT_PASS = wait_reason("next pass", "what it needs is free; the next pass places it")
-
 
 USER_LIMIT = wait_reason("user limit", "its owner holds as many GPUs as max_gpus_per_user / "
                                        "[limits] allow")
 
-
 HOSTS_DOWN = wait_reason("hosts down", "the hosts it may use do not answer, or their "
                                        "nvidia-smi fails")
-
 
 DRAINED = wait_reason("drained", "the hosts it may use are drained by an admin (dq-drain "
                                  "lists them)")
 
-
 GPUS_BUSY = wait_reason("GPUs busy", "every GPU it may use is in use")
-
 
 KEPT = wait_reason("kept for {job}", "GPUs it may use are free, but kept for job {job}, "
                                      "which has waited starve_after and needs more of them")
-
 
 CPU_SLOTS = wait_reason("CPU slots", "every host it may use runs cpu_slots CPU-only jobs")
 
@@ -1584,8 +1565,6 @@ CPU_SLOTS = wait_reason("CPU slots", "every host it may use runs cpu_slots CPU-o
 # entry (the README's "Patching dq" shows one worked through).
 
 HOST_PATTERN_RE = re.compile(r"^[A-Za-z0-9._*?-]+$")
-
-
 MAX_RANGE = 10000       # hosts one [a-b] range may name
 
 
@@ -1648,11 +1627,10 @@ def matches_host(patterns, host):
 
 # What dq-submit says when no host of the cluster can ever run a job for a
 # constraint: {words} are the job's constraints in the user's words
-# ({host_words}: its host constraints only), {hosts} the cluster's hosts, {want} the GPUs asked for, {inventory} the
-# cluster's GPUs (gpu_inventory).
-NO_HOST = ("{host_words} leaves no host of the cluster (its hosts: {hosts}); change DQ_HOSTS or "
-           "DQ_EXCLUDE")
-
+# ({host_words}: its host constraints only), {hosts} the cluster's hosts,
+# {want} the GPUs asked for, {inventory} the cluster's GPUs (gpu_inventory).
+NO_HOST = ("{host_words} leaves no host of the cluster (its hosts: {hosts}); change "
+           "DQ_HOSTS or DQ_EXCLUDE")
 
 NO_GPU = "no host has {want} GPU(s) for {words}; the cluster has {inventory}"
 
@@ -1686,10 +1664,7 @@ class Constraint:
 
 
 HOSTS_REASON = ("hosts", "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out")
-
-
 KIND_REASON = ("GPU kind", "GPUs are free, but none of the type or size it asks for")
-
 
 CONSTRAINTS = [
     # hosts first: a job's hosts are settled before its GPUs
@@ -1724,9 +1699,9 @@ def job_needs(env, want):
             need[c.key] = c.parse(raw)
     gpu_vars = [c.var for c in CONSTRAINTS if c.gpu and c.key in need]
     if want == 0 and gpu_vars:
-        raise Failure(f"{' and '.join(gpu_vars)} choose{'s' * (len(gpu_vars) == 1)} GPUs, "
-                      f"but DQ_GPUS=0 asks for none; drop {'it' if len(gpu_vars) == 1 else 'them'},"
-                      f" or ask for GPUs with DQ_GPUS")
+        one = len(gpu_vars) == 1
+        raise Failure(f"{' and '.join(gpu_vars)} choose{'s' * one} GPUs, but DQ_GPUS=0 asks "
+                      f"for none; drop {'it' if one else 'them'}, or ask for GPUs with DQ_GPUS")
     return need
 
 
@@ -2038,10 +2013,7 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
 # Job files ###################################################################
 
 MAX_GPUS = 64       # per job: more is a typo
-
-
 MAX_PRIORITY = 1_000_000    # DQ_PRIORITY, either way
-
 
 RUN_FIELDS = {
     "host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
@@ -2049,9 +2021,7 @@ RUN_FIELDS = {
     "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
     "started": (is_time, "a time in seconds", True)}
 
-
 END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
-
 
 END_FIELDS = {
     "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
@@ -2061,7 +2031,6 @@ END_FIELDS = {
     "ended": (optional(is_time), "a time in seconds", False),
     "host": (optional(is_str), "a host name", False),
     "requeued_as": (optional(is_str), "a job ID", False)}
-
 
 LOST_FIELDS = {"reason": (optional(is_str), "a text", False),
                "ended": (optional(is_time), "a time in seconds", False)}
@@ -2089,7 +2058,6 @@ JOB_FIELDS = {
     "after_any": (lambda v: is_id_list(v), "a list of job IDs", False),
     "retry_of": (optional(is_str), "a job ID", False),
     "retries": (is_int, "a count", False)}
-
 
 INDEX_FIELDS = {
     "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
@@ -2284,8 +2252,6 @@ def session_name(job_id):
 # Job IDs #####################################################################
 
 RANGE_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
-
-
 MAX_IDS = 100_000
 
 
@@ -3197,8 +3163,6 @@ def mark_lost(cfg, job, reason):
 # (jobs/lost/<id>), or killed by a dq-kill that could not reach the host,
 # stops it at once.
 LEASE_FLOOR = 2.0
-
-
 WATCHDOG_PERIOD = 0.25
 
 
@@ -4797,8 +4761,6 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
 
 
 MAX_SWEEP = 100_000
-
-
 SWEEP_VARS = ("DQ_SWEEP", "DQ_SWEEP_INDEX")     # set by dq for a sweep's jobs
 
 
@@ -5628,10 +5590,7 @@ def cmd_free(cfg, argv):
 # what keeps two hosts from handing out one GPU).  Each check is a line:
 # level (ok, WARN, FAIL), host, check, what was found, and the fix.
 SLOW_SHELL = 0.3        # seconds a remote command may take before it is slow
-
-
 CLOCK_SKEW = 1.0        # seconds two clocks may differ
-
 
 LOCK_PROBE = ("import fcntl,sys\n"
               "try:\n f=open(sys.argv[1],'a')\nexcept OSError as e:\n print('open',e.strerror);"
@@ -5937,7 +5896,6 @@ th{background:#f0f0f0}
 @media (min-width:2000px){body{font-size:18px}}
 """
 
-
 WEB_JS = r"""
 "use strict";
 function el(tag, cls, text) {
@@ -6055,11 +6013,7 @@ setInterval(update, 5000);
 # serves every viewer: the state is kept WEB_CACHE seconds, and viewers who
 # ask meanwhile (or while it is being made) get that one.
 WEB_CACHE = 3.0
-
-
 WEB_QUEUE = 200         # queued jobs the page lists (the rest are counted)
-
-
 SMI_UTIL = "nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits"
 
 
@@ -6234,7 +6188,6 @@ COMMANDS = {
     "users": cmd_users,
     "on-all": cmd_on_all,
 }
-
 
 INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_notify": cmd__notify,
             "_complete": cmd__complete, "_layout": cmd__layout}
