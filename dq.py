@@ -1758,10 +1758,6 @@ class Queued:
         self.shape = need_shape(need) if shape is None else shape
         self.key, self.held, self.waiting, self.waits_on = key, held, waiting, waits_on
 
-    @property
-    def user(self):
-        return self.job_id.split("-", 1)[1]
-
 
 class UserQueue:
     """One user's queue for a pass: a sub-queue per shape (GPUs wanted and
