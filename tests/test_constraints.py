@@ -2,8 +2,10 @@
 DQ_GPU_TYPE, DQ_GPU_MEM, on the test cluster's mixed GPUs (node1: A100
 80GB, node2: RTX 3090 24GB, node3 and node4: GTX 1080 Ti 11GB)."""
 import json
+import time
 
-from dqtest import ALICE, BOB, MODELS, configure, job, jobs, script, submit, wait_state
+from dqtest import (ALICE, BOB, MODELS, configure, job, jobs, script, submit, wait_state,
+                    wait_until)
 
 
 def hosts_of(dq, ids):
@@ -111,3 +113,35 @@ def test_the_queue_says_why_each_job_waits(cluster, dq):
     for row in rows:
         job_id = row.split()[0]
         assert f"  {want[job_id]}  " in row, row
+
+
+def test_the_queue_says_hosts_down_cpu_slots_and_kept_for(cluster, dq):
+    # The reasons the planner gives beyond the constraints', as a user reads
+    # them in dq-jobs queue: a job whose only host is down, a CPU-only job
+    # with every slot taken, and a job waiting behind the starvation guard.
+    configure(dq, ["node1", "node2", "node3"], cpu_slots=1, starve_after=1, timeout=3)
+    cluster.set_gpus("node1", 2)
+    cluster.hold_gpu("node1", BOB, 0)       # by hand: node1 has one GPU free
+    for g in range(4):
+        cluster.hold_gpu("node2", BOB, g)
+    cluster.stop_sshd("node3")
+    _, long = script(cluster, ALICE, "long.sh", "sleep 60\n")
+    cpu = [submit(dq, "node1", ALICE, long, env={"DQ_GPUS": "0"})[0] for _ in range(3)]
+    wait_until(lambda: sum(job(dq, j)["state"] == "running" for j in cpu) == 2, timeout=30,
+               what="two CPU-only jobs running (node1, node2)")
+    down, _ = submit(dq, "node1", ALICE, long, env={"DQ_HOSTS": "node3"})
+    big, _ = submit(dq, "node1", ALICE, long, env={"DQ_GPUS": "2", "DQ_HOSTS": "node1"})
+    # once alice's 2-GPU job has waited starve_after, node1 is kept for it
+    wait_until(lambda: time.time() - job(dq, big)["submitted"] > 1.5, timeout=10,
+               what="the 2-GPU job to starve")
+    _, short = script(cluster, BOB, "short.sh", "exit 0\n")
+    small, _ = submit(dq, "node1", BOB, short, env={"DQ_HOSTS": "node1"})
+    waiting = [j for j in cpu if job(dq, j)["state"] == "queued"]
+    want = {waiting[0]: "CPU slots", down: "hosts down", big: "GPUs busy",
+            small: f"kept for {big}"}
+    reasons = wait_until(lambda: (lambda r: r if r == want else None)(
+        {j["id"]: j["reason"] for j in jobs(dq, view="queue")}), timeout=20,
+        what=f"the queue's reasons to be {want}")
+    assert reasons == want
+    # and the pass agrees: bob's job, which node1's free GPU would fit, waits
+    assert job(dq, small, user=BOB)["state"] == "queued"
