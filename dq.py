@@ -2674,27 +2674,27 @@ def mail_on(env):
     return raw
 
 
-def retry_limit(env):
-    raw = env.get("DQ_RETRY", "").strip()
+def env_count(env, var, what, example):
+    """A DQ_* count (0 if unset): a whole number from 0 to 1000."""
+    raw = env.get(var, "").strip()
     if not raw:
         return 0
-    limit = whole_number(raw, 0, 1000)
-    if limit is None:
-        raise Failure(f"DQ_RETRY={raw!r} is not a number of retries from 0 to 1000; e.g. "
-                      f"DQ_RETRY=3 (a failed job runs up to 3 more times)")
-    return limit
+    count = whole_number(raw, 0, 1000)
+    if count is None:
+        raise Failure(f"{var}={raw!r} is not a number of {what} from 0 to 1000; e.g. {example}")
+    return count
+
+
+def retry_limit(env):
+    """DQ_RETRY: how many times a failed job runs again."""
+    return env_count(env, "DQ_RETRY", "retries",
+                     "DQ_RETRY=3 (a failed job runs up to 3 more times)")
 
 
 def requeue_limit(env):
-    """DQ_REQUEUE: how many times a lost job is queued again (0 if unset)."""
-    raw = env.get("DQ_REQUEUE", "").strip()
-    if not raw:
-        return 0
-    limit = whole_number(raw, 0, 1000)
-    if limit is None:
-        raise Failure(f"DQ_REQUEUE={raw!r} is not a number of requeues from 0 to 1000; e.g. "
-                      f"DQ_REQUEUE=1 (a lost job is queued again up to once)")
-    return limit
+    """DQ_REQUEUE: how many times a lost job is queued again."""
+    return env_count(env, "DQ_REQUEUE", "requeues",
+                     "DQ_REQUEUE=1 (a lost job is queued again up to once)")
 
 
 # Queue (jobs/queue/<user>/) ##################################################
