@@ -2788,15 +2788,17 @@ def user_queue_names(cfg, user):
         os.close(fd)
 
 
-def user_queue(cfg, skip, user, everything=False, waits_on=None):
+def user_queue(cfg, skip, user, everything=False, waits_on=None, needs=None):
     """The user's queued jobs as the planner takes them: (a UserQueue of
     their GPU jobs in their order, [their CPU-only jobs]), each a Queued.
     From the names in their queue directory, reading one entry per shape
-    (its constraints); without a usable directory, from their entries.
-    skip: jobs to leave out (the placed ones); everything: held, waiting
-    and placed jobs too, for the listings' reasons (waits_on: {job_id: the
-    job it waits for})."""
+    not in `needs` ({shape: its constraints}, shared between users: a
+    shape is a hash of the constraints); without a usable directory, from
+    their entries.  skip: jobs to leave out (the placed ones); everything:
+    held, waiting and placed jobs too, for the listings' reasons
+    (waits_on: {job_id: the job it waits for})."""
     waits_on = waits_on or {}
+    needs = {"-": None} if needs is None else needs
     skip = () if everything else skip
     names = user_queue_names(cfg, user)
     groups, cpu = {}, []
@@ -2826,40 +2828,36 @@ def user_queue(cfg, skip, user, everything=False, waits_on=None):
         groups.setdefault((int(gpus), shape), []).append(
             (order_key(int(number), int(priority), int(top)),
              (number + suffix, int(submitted) if submitted else None, flags or "")))
-    needs = {}
-    for group, entries in groups.items():
+    for (_, shape), entries in groups.items():
         entries.sort(key=lambda e: e[0])
-        if group[1] == "-":
-            needs[group] = None
-            continue
-        for _, (job_id, _, _) in entries:
+        for _, (job_id, _, _) in entries if shape not in needs else ():
             info = read_entry(cfg, job_id)
-            if info is not None and need_shape(info.get("need")) == group[1]:
-                needs[group] = info.get("need")
+            if info is not None and need_shape(info.get("need")) == shape:
+                needs[shape] = info.get("need")
                 break
         # (a shape none of whose entries can be read places nothing)
 
     def make(payload, group):
         job_id, submitted, flags = payload
-        return Queued(job_id, group[0], needs[group], submitted, None, group[1],
+        return Queued(job_id, group[0], needs[group[1]], submitted, None, group[1],
                       held="h" in flags, waiting="w" in flags, waits_on=waits_on.get(job_id))
     cpu = [make(payload, group) for group, entries in groups.items()
-           if group[0] == 0 and group in needs for _, payload in entries]
-    return UserQueue({g: e for g, e in groups.items() if g[0] and g in needs}, make), cpu
+           if group[0] == 0 and group[1] in needs for _, payload in entries]
+    return UserQueue({g: e for g, e in groups.items() if g[0] and g[1] in needs}, make), cpu
 
 
 def read_queues(cfg, skip, everything=False, waits_on=None):
     """Every user's queue for the planner: ({user: UserQueue of their GPU
     jobs}, [CPU-only jobs of all, oldest first]).  One directory listed
-    per user; see user_queue."""
+    per user, one entry read per shape of constraints; see user_queue."""
     try:
         users = os.listdir(cfg.p("jobs", "queue"))
     except FileNotFoundError:
         users = []
-    gpu, cpu = {}, []
+    gpu, cpu, needs = {}, [], {"-": None}
     for user in users:
         if is_user_name(user):
-            gpu[user], theirs = user_queue(cfg, skip, user, everything, waits_on)
+            gpu[user], theirs = user_queue(cfg, skip, user, everything, waits_on, needs)
             cpu += theirs
     cpu.sort(key=lambda item: int(item.job_id.split("-", 1)[0]))
     return gpu, cpu
