@@ -2822,25 +2822,24 @@ def user_queue(cfg, skip, user, everything=False, waits_on=None, needs=None):
         m = QUEUE_NAME_RE.match(name)
         if not m or m.group(7) and not everything:
             continue        # held or waiting, or not one of dq's names
-        number, gpus, shape, priority, top, submitted, flags = m.groups()
+        number, gpus, shape, priority, top = m.groups()[:5]
         if number + suffix in skip:
             continue
         groups.setdefault((int(gpus), shape), []).append(
-            (order_key(int(number), int(priority), int(top)),
-             (number + suffix, int(submitted) if submitted else None, flags or "")))
+            (order_key(int(number), int(priority), int(top)), m))
     for (_, shape), entries in groups.items():
-        entries.sort(key=lambda e: e[0])
-        for _, (job_id, _, _) in entries if shape not in needs else ():
-            info = read_entry(cfg, job_id)
+        for _, m in entries if shape not in needs else ():    # any of them says it
+            info = read_entry(cfg, m.group(1) + suffix)
             if info is not None and need_shape(info.get("need")) == shape:
                 needs[shape] = info.get("need")
                 break
         # (a shape none of whose entries can be read places nothing)
 
-    def make(payload, group):
-        job_id, submitted, flags = payload
-        return Queued(job_id, group[0], needs[group[1]], submitted, None, group[1],
-                      held="h" in flags, waiting="w" in flags, waits_on=waits_on.get(job_id))
+    def make(m, group):
+        job_id, submitted, flags = m.group(1) + suffix, m.group(6), m.group(7) or ""
+        return Queued(job_id, group[0], needs[group[1]], submitted and int(submitted), None,
+                      group[1], held="h" in flags, waiting="w" in flags,
+                      waits_on=waits_on.get(job_id))
     cpu = [make(payload, group) for group, entries in groups.items()
            if group[0] == 0 and group[1] in needs for _, payload in entries]
     return UserQueue({g: e for g, e in groups.items() if g[0] and g[1] in needs}, make), cpu
