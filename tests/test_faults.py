@@ -38,19 +38,61 @@ def test_dead_host_jobs_are_lost_requeued_once_and_never_run_twice(cluster, dq):
     assert time.time() - killed_at < 60
     assert "node2" in jb["reason"] and "requeued as" in jb["reason"]
     requeued = jb["reason"].split("requeued as ")[1].split()[0]
+    assert jb["requeued_as"] == requeued
+    # one copy of b, with b as its restart_of
+    assert copies_of(dq, b) == [requeued]
     # the queue goes on on node1: c, then the requeued copy of b
     wait_state(dq, a, "done", timeout=30)
     wait_state(dq, c, "done", timeout=30)
     jd = wait_state(dq, requeued, "running", timeout=30)
     assert jd["restart_of"] == b and jd["host"] == "node1"
+    runs_file = os.path.join(d, "runs")
+    wait_until(lambda: len(read_lines(runs_file)) >= 2, 10, what="the copy's run line")
+    # node2 back: a job placed there after it (passes went on) and still
+    # one run of b on node2 and one of its copy on node1
     cluster.start_node("node2")
-    time.sleep(3)
-    with open(os.path.join(d, "runs")) as f:
-        runs = f.read().splitlines()
-    assert runs == [f"run {b} on node2", f"run {requeued} on node1"]
-    # lost once more: no second requeue (DQ_REQUEUE=1 means once)
-    dq.run("node3", ALICE, "kill", requeued)
-    assert job(dq, b)["state"] == "lost"
+    _, on2 = script(cluster, ALICE, "d.sh", "echo on2\n")
+    later, _ = submit(dq, "node3", ALICE, on2, env={"DQ_HOSTS": "node2"})
+    assert wait_state(dq, later, "done", timeout=30)["host"] == "node2"
+    assert read_lines(runs_file) == [f"run {b} on node2", f"run {requeued} on node1"]
+    assert copies_of(dq, b) == [requeued]
+    # the copy is lost too (node1 dies): DQ_REQUEUE=1 means once, so its end
+    # is recorded with no copy of its own, and dq-wait b (which follows b's
+    # requeues to its last run) ends on the copy, lost
+    cluster.kill_node("node1")
+    r = dq.run("node3", ALICE, "wait", b, "-t", "30")
+    assert r.returncode == 1 and r.stdout.startswith(f"{b} lost (as {requeued}) exit "), \
+        (r.returncode, r.stdout, r.stderr, "copies of the copy:", copies_of(dq, requeued))
+    jc = job(dq, requeued, host="node3")
+    assert jc["state"] == "lost" and "node1" in jc["reason"], jc
+    assert jc["requeued_as"] is None and "requeued as" not in jc["reason"], jc
+    # further passes (a job placed and done on node2) make no second copy
+    again, _ = submit(dq, "node3", ALICE, on2)
+    assert wait_state(dq, again, "done", timeout=30, host="node3")["host"] == "node2"
+    assert copies_of(dq, b) == [requeued] and copies_of(dq, requeued) == []
+    assert sorted(j["id"] for j in jobs(dq, "node3", view="complete")) == \
+        sorted([a, b, c, requeued, later, again])
+    assert jobs(dq, "node3") == []       # nothing queued or running
+    assert read_lines(runs_file) == [f"run {b} on node2", f"run {requeued} on node1"]
+    states = {line.split()[0]: line for line in
+              dq.run("node3", ALICE, "jobs", "complete").stdout.splitlines()[1:]}
+    assert f" lost -> {requeued} " in states[b], states
+    assert " lost " in states[requeued] and "->" not in states[requeued], states
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def copies_of(dq, job_id, host="node3"):
+    """IDs of every job, queued, running or ended, that runs job_id again."""
+    # active first: a job moves from there to complete, never back
+    return sorted({j["id"] for view in (None, "complete") for j in jobs(dq, host, view=view)
+                   if j["restart_of"] == job_id})
 
 
 def test_hung_host_is_skipped_within_the_timeout(cluster, dq):

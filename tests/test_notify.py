@@ -8,7 +8,6 @@ import pwd
 import re
 import shutil
 import threading
-import time
 
 import pytest
 
@@ -63,7 +62,41 @@ def hook(user, body):
     return lambda: shutil.rmtree(os.path.join(pw.pw_dir, ".config", "dq"), ignore_errors=True)
 
 
-def test_mail_at_the_end_with_subject_and_log(cluster, dq, inbox):
+class Ends:
+    """alice's on-end hook, writing down the ID of each job it ran for.
+    At a job's end dq sends its mail (if any) and then runs the hook: the
+    hook having run for a job is the event after which no mail of that
+    job can come any more -- what a "no mail" check waits for."""
+
+    def __init__(self, cluster, dq):
+        # one file per install: job IDs start again at 1 in each
+        self.out = os.path.join(cluster.user_dir(ALICE, "ends"), os.path.basename(dq.root))
+        if os.path.exists(self.out):
+            os.unlink(self.out)
+        self.cleanup = hook(ALICE, f'cat > /dev/null; echo "$DQ_JOB_ID" >> {self.out}\n')
+
+    def ids(self):
+        try:
+            with open(self.out) as f:
+                return f.read().split()
+        except FileNotFoundError:
+            return []
+
+    def wait(self, ids, timeout=30):
+        return wait_until(lambda: set(ids) <= set(self.ids()), timeout=timeout,
+                          what=f"the on-end hook to run for {' '.join(ids)}")
+
+
+@pytest.fixture
+def ends(cluster, dq):
+    e = Ends(cluster, dq)
+    try:
+        yield e
+    finally:
+        e.cleanup()
+
+
+def test_mail_at_the_end_with_subject_and_log(cluster, dq, inbox, ends):
     configure(dq, ["node1"], smtp=f"127.0.0.1:{inbox.port}", mail_domain="example.org")
     d, path = script(cluster, ALICE, "train.sh", "for i in $(seq 1 30); do echo line $i; done\n"
                                                  "exit 2\n")
@@ -85,13 +118,13 @@ def test_mail_at_the_end_with_subject_and_log(cluster, dq, inbox):
     bad, _ = submit(dq, "node1", ALICE, path, env={"DQ_MAIL": "a@example.org",
                                                     "DQ_MAIL_ON": "fail"})
     wait_state(dq, done, "done")
-    mails = inbox.wait(2)
     wait_state(dq, bad, "failed")
-    time.sleep(1)
-    assert len(inbox.mails) == 2 and mails[1]["subject"].startswith(f"dq: {bad} failed")
+    ends.wait([failed, done, bad])      # both notified: every mail they send is in
+    assert [m["subject"].split(",")[0] for m in inbox.mails] == \
+        [f"dq: {failed} failed", f"dq: {bad} failed"]
 
 
-def test_a_sweep_sends_one_summary(cluster, dq, inbox):
+def test_a_sweep_sends_one_summary(cluster, dq, inbox, ends):
     configure(dq, ["node1"], smtp=f"127.0.0.1:{inbox.port}", mail_domain="example.org")
     d, path = script(cluster, ALICE, "s.sh", '[ "$DQ_X" != 2 ] || exit 5\n')
     r = dq.run("node1", ALICE, "submit", "--grid", "DQ_X=1,2,3,4", path, cwd=d,
@@ -103,8 +136,8 @@ def test_a_sweep_sends_one_summary(cluster, dq, inbox):
     assert f"{ids[1]} failed: exit status 5" in mail["body"]
     for i in ids:
         wait_state(dq, i, ("done", "failed"))
-    time.sleep(1.5)
-    assert len(inbox.mails) == 1
+    ends.wait(ids)          # each job's end notified: no mail of the sweep can come now
+    assert [m["subject"] for m in inbox.mails] == [mail["subject"]]
 
 
 def test_the_hook_gets_the_jobs_json(cluster, dq):
@@ -154,7 +187,7 @@ def test_dead_mail_server_and_hanging_hook_change_nothing(cluster, dq):
         cleanup()
 
 
-def test_the_readmes_experiment(cluster, dq, inbox):
+def test_the_readmes_experiment(cluster, dq, inbox, ends):
     # README, "Experiments": a 3x2 grid (retries, mail only on failure), an
     # evaluation after all of it (DQ_AFTER_ANY over the range), dq-wait,
     # and one mail: the evaluation's.
@@ -174,7 +207,7 @@ def test_the_readmes_experiment(cluster, dq, inbox):
     assert r.returncode == 0 and r.stdout.startswith(f"{e} done exit 0 runtime "), r.stdout
     ended = max(job(dq, i)["ended"] for i in ids)
     assert job(dq, e)["started"] >= ended
-    mail = inbox.wait(1)[0]
+    ends.wait(ids + [e])    # every end notified: all mails there are to come are in
+    assert len(inbox.mails) == 1, [m["subject"] for m in inbox.mails]   # the sweep went well
+    mail = inbox.mails[0]
     assert mail["subject"].startswith(f"dq: {e} done, exit 0") and "eval\n" in mail["body"]
-    time.sleep(1)
-    assert len(inbox.mails) == 1        # the sweep all went well: no summary

@@ -1,10 +1,10 @@
 """dq-web (issue 13): the live page, rendered by a real headless browser
 (Debian's chromium) against the simulated cluster with running, queued and
 hand-started GPU work, a drained host and a dead one."""
+import collections
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -12,11 +12,76 @@ import urllib.request
 
 import pytest
 
+from browser import CHROMIUM, Browser, png_pixels
 from dqtest import ALICE, BOB, configure, free_port, script, submit, wait_state, wait_until
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL = "<b>bold</b><img src=x onerror=alert(1)>"
+
+
+# Once the page's script has drawn the state it fetched
+RENDERED = "!window.dqtestOld && document.title.startsWith('dq: ') && " \
+    "document.querySelectorAll('#hosts .host').length"
+# What is on the page, as a person sees it: each host box with its tags and
+# GPU rows and their colours, the tables' rows, where each element is, and
+# every piece of text that is cut off, spills out of its box or lies out of
+# the window (unless inside a box one can scroll sideways).
+SEEN = r"""(() => {
+  const css = (e, p) => getComputedStyle(e)[p];
+  const box = e => { const r = e.getBoundingClientRect();
+    return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height}; };
+  const hosts = [...document.querySelectorAll('#hosts .host')].map(h => ({
+    name: h.querySelector('h3 span').textContent, classes: h.className,
+    border: css(h, 'borderTopColor') + ' ' + css(h, 'borderTopStyle'), box: box(h),
+    tags: [...h.querySelectorAll('.tag')].map(t => ({
+      text: t.textContent, background: css(t, 'backgroundColor'), box: box(t)})),
+    gpus: [...h.querySelectorAll('.gpu')].map(g => {
+      const fill = g.querySelector('.bar>div'), word = g.querySelector('.free-word');
+      return {text: g.textContent, classes: g.className, box: box(g),
+              fill: css(fill, 'backgroundColor'), fill_box: box(fill),
+              free_word: word ? css(word, 'color') : null, word_box: word ? box(word) : null};
+    })}));
+  const rows = id => [...document.querySelectorAll('#' + id + ' tr')].slice(1).map(
+    r => [...r.cells].map(c => c.textContent));
+  const cut = [], scrolled = [];
+  const texts = [...document.querySelectorAll('header *, main *')].filter(
+    e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()));
+  for (const e of texts) {
+    const r = e.getBoundingClientRect(), why = [];
+    if (r.width < 1 || r.height < 1) why.push('not shown');
+    if (css(e, 'display') !== 'inline' && e.scrollWidth > e.clientWidth + 1)
+      why.push(`its text is ${e.scrollWidth}px wide in a box of ${e.clientWidth}px`);
+    let scroller = null;
+    for (let a = e.parentElement; a && a !== document.body; a = a.parentElement) {
+      const o = css(a, 'overflowX');
+      if (o === 'visible') continue;
+      const ar = a.getBoundingClientRect();
+      if (o === 'auto' || o === 'scroll') {
+        if (!scroller) scroller = a;
+        continue;
+      }
+      if (r.left < ar.left - 1 || r.right > ar.right + 1 || r.top < ar.top - 1 ||
+          r.bottom > ar.bottom + 1)
+        why.push('cut off by ' + a.tagName + '.' + a.className);
+    }
+    if (!scroller && (r.left < -1 || r.right > innerWidth + 1))
+      why.push(`out of the window (${Math.round(r.left)} to ${Math.round(r.right)} of ` +
+               `${innerWidth}px)`);
+    if (scroller) {
+      const sr = scroller.getBoundingClientRect();
+      if (r.left < sr.left - 1 || r.right > sr.right + 1)
+        scrolled.push(e.tagName + ' ' + JSON.stringify(e.textContent.slice(0, 60)) +
+                      ` (${Math.round(r.left - sr.left)} to ${Math.round(r.right - sr.left)} ` +
+                      `of ${Math.round(sr.width)}px)`);
+    }
+    if (why.length) cut.push(e.tagName + ' ' + JSON.stringify(e.textContent.slice(0, 60)) + ': ' +
+                             why.join('; '));
+  }
+  return {width: innerWidth, page_width: document.documentElement.scrollWidth, hosts: hosts,
+          running: rows('running'), queue: rows('queue'), users: rows('users'),
+          completed: rows('completed'), title: document.title, cut: cut, scrolled: scrolled,
+          html: document.documentElement.outerHTML};
+})()"""
 
 
 def get(url, data=None):
@@ -25,21 +90,6 @@ def get(url, data=None):
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-def browser(*args):
-    if not CHROMIUM:
-        pytest.fail("chromium is not installed (.ci/run installs it)")
-    home = tempfile.mkdtemp(prefix="dq-chromium-")
-    try:
-        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                            "--disable-dev-shm-usage", "--no-first-run",
-                            f"--user-data-dir={home}", "--virtual-time-budget=10000", *args],
-                           capture_output=True, text=True, timeout=120,
-                           env=dict(os.environ, HOME=home))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-    return r
 
 
 @pytest.fixture
@@ -62,11 +112,88 @@ def _answers(url):
         return False
 
 
+# The colours dq's page gives each state (from the Okabe-Ito palette, README
+# "The live page"): a GPU in use (its memory bar), the word "free" of a
+# free GPU, a drained host, an unreachable host.
+BUSY, FREE, DRAINED, DOWN = (0, 114, 178), (0, 110, 80), (230, 159, 0), (213, 94, 0)
+
+
+def rgb(colour):
+    return "rgb(%d, %d, %d)" % colour
+
+
+def pixels(b, box):
+    """How often each colour is among the screenshot's pixels in box (an
+    area of the page)."""
+    clip = {k: box[k] for k in ("x", "y")}
+    clip.update(width=max(1, box["width"]), height=max(1, box["height"]))
+    _, _, rows = png_pixels(b.screenshot(clip))
+    return collections.Counter(p for row in rows for p in row)
+
+
+def check_page(b, seen, name, running, waiting, held):
+    """What a person sees on the page (seen: SEEN's answer) at one size."""
+    where = f"{name} ({seen['width']}px wide)"
+    assert seen["title"] == "dq: 1 of 7 GPUs free", where
+    # every text whole and in the window; the page never scrolls sideways
+    assert seen["cut"] == [], (where, seen["cut"])
+    assert seen["page_width"] <= seen["width"], (where, seen["page_width"])
+    if seen["width"] >= 1000:
+        assert seen["scrolled"] == [], (where, seen["scrolled"])
+    else:   # a phone: a table may scroll sideways, but only its last (Script) column
+        assert all(s.startswith(("TH \"Script\"", "TD \"/")) for s in seen["scrolled"]), \
+            (where, seen["scrolled"])
+    hosts = {h["name"]: h for h in seen["hosts"]}
+    assert [h["name"] for h in seen["hosts"]] == ["node1", "node2", "node3", "node4"], where
+    for h in seen["hosts"]:
+        assert h["box"]["x"] >= 0 and h["box"]["x"] + h["box"]["width"] <= seen["width"], \
+            (where, h["name"], h["box"])
+    # node1: its one GPU, in use by the running job (blue bar)
+    [g] = hosts["node1"]["gpus"]
+    assert "NVIDIA A100-SXM4-80GB" in g["text"] and f"{ALICE} fake-cuda (dq job {running})" \
+        in g["text"] and g["classes"] == "gpu", (where, g)
+    assert g["fill"] == rgb(BUSY) and g["fill_box"]["width"] >= 3, (where, g)
+    assert pixels(b, g["fill_box"]).most_common(1)[0][0] == BUSY, where
+    # node2: GPU 0 in use by hand (blue bar), GPU 1 free (the word, green)
+    busy, free = hosts["node2"]["gpus"]
+    assert f"{BOB} fake-cuda (by hand, pid" in busy["text"] and busy["fill"] == rgb(BUSY), where
+    assert pixels(b, busy["fill_box"]).most_common(1)[0][0] == BUSY, where
+    assert free["classes"] == "gpu free" and free["text"].endswith("free"), (where, free)
+    assert free["free_word"] == rgb(FREE), (where, free)
+    assert FREE in pixels(b, free["word_box"]), where
+    # node3: drained, with its reason, in orange; its four GPUs listed
+    h = hosts["node3"]
+    assert h["classes"] == "host drained" and h["border"] == rgb(DRAINED) + " dotted", (where, h)
+    [tag] = h["tags"]
+    assert tag["text"] == "drained: fan <broken>" and tag["background"] == rgb(DRAINED), where
+    assert pixels(b, tag["box"]).most_common(1)[0][0] == DRAINED, where
+    assert DRAINED in pixels(b, dict(h["box"], height=2)), where     # its top border
+    assert len(h["gpus"]) == 4 and all("GTX 1080 Ti" in g["text"] for g in h["gpus"]), where
+    # node4: unreachable, in vermilion
+    h = hosts["node4"]
+    assert h["classes"] == "host down" and h["border"] == rgb(DOWN) + " dashed", (where, h)
+    [tag] = h["tags"]
+    assert tag["text"] == "unreachable" and tag["background"] == rgb(DOWN), where
+    assert pixels(b, tag["box"]).most_common(1)[0][0] == DOWN, where
+    # the tables: the running job (its description as text), the queue in
+    # order with each job's reason, the users
+    [row] = seen["running"]
+    assert row[:3] == [running, ALICE, "node1/0"] and row[5].endswith(f"train.sh ({EVIL})"), \
+        (where, row)
+    assert [(r[0], r[1], r[2], r[4]) for r in seen["queue"]] == \
+        [(waiting, BOB, "2", "GPUs busy"), (held, ALICE, "1", "held")], (where, seen["queue"])
+    assert seen["users"] == [[ALICE, "1", "1", "1"], [BOB, "0", "0", "1"]], where
+    # user input shows as text, never as markup
+    html = seen["html"]
+    assert "&lt;b&gt;bold&lt;/b&gt;&lt;img src=x onerror=alert(1)&gt;" in html, where
+    assert "<b>bold</b>" not in html and "<img" not in html, where
+
+
 def test_the_page_shows_the_cluster(cluster, dq):
     configure(dq, ["node1", "node2", "node3", "node4"], admins=ALICE, timeout=3)
     cluster.set_gpus("node1", 1)
-    cluster.set_gpus("node2", 1)
-    cluster.hold_gpu("node2", BOB, 0)          # by hand
+    cluster.set_gpus("node2", 2)
+    cluster.hold_gpu("node2", BOB, 0)          # by hand; node2's GPU 1 stays free
     cluster.stop_sshd("node4")     # dead (the reset after the test resumes it)
     _, long = script(cluster, ALICE, "train.sh", "exec fake-cuda --hold 60 --mem 5000\n")
     _, other = script(cluster, BOB, "b.sh", "sleep 1\n")
@@ -74,7 +201,7 @@ def test_the_page_shows_the_cluster(cluster, dq):
                                                         "DQ_HOSTS": "node1"})
     wait_state(dq, running, "running")
     assert dq.run("node1", ALICE, "drain", "node3", "-r", "fan <broken>").returncode == 0
-    waiting, _ = submit(dq, "node1", BOB, other, env={"DQ_HOSTS": "node1,node2"})
+    waiting, _ = submit(dq, "node1", BOB, other, env={"DQ_HOSTS": "node1,node2", "DQ_GPUS": "2"})
     held, _ = submit(dq, "node1", ALICE, long, env={"DQ_HOSTS": "node1"})
     assert dq.run("node1", ALICE, "hold", held).returncode == 0
     port = free_port()
@@ -89,38 +216,36 @@ def test_the_page_shows_the_cluster(cluster, dq):
         assert hosts["node1"]["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB"
         assert hosts["node1"]["gpus"][0]["job"] == running
         assert hosts["node2"]["gpus"][0]["processes"][0]["user"] == BOB
+        assert hosts["node2"]["gpus"][1]["free"]
         assert hosts["node3"]["drained"]["reason"] == "fan <broken>"
         assert not hosts["node4"]["reachable"]
         assert {j["id"]: j["reason"] for j in state["queue"]} == \
             {waiting: "GPUs busy", held: "held"}
         assert [j["id"] for j in state["running"]] == [running]
-        # node1's and node2's one GPU busy, node3's four drained, node4 dead
-        assert (state["free_gpus"], state["total_gpus"]) == (0, 6)
+        # node1's GPU and node2's first busy, node3's four drained, node4 dead
+        assert (state["free_gpus"], state["total_gpus"]) == (1, 7)
         # one poll serves everybody for a few seconds
         assert json.loads(get(url + "api/state")[1])["polls"] == state["polls"]
         # read-only
         assert get(url + "api/state", data=b"x")[0] == 405
 
-        # the page as a browser renders it (the DOM after its script ran)
-        r = browser("--dump-dom", url)
-        dom = r.stdout
-        assert "<title>dq: 0 of 6 GPUs free</title>" in dom, r.stderr[-2000:]
-        for text in ("node1", "node2", "node3", "node4", "NVIDIA A100-SXM4-80GB",
-                     "NVIDIA GeForce RTX 3090", "NVIDIA GeForce GTX 1080 Ti", running, waiting,
-                     held, ALICE, BOB, "GPUs busy", "held", "unreachable",
-                     "drained: fan &lt;broken&gt;", "(by hand, pid", f"(dq job {running})"):
-            assert text in dom, (text, dom[-3000:])
-        # user input shows as text, never as markup
-        assert "&lt;b&gt;bold&lt;/b&gt;&lt;img src=x onerror=alert(1)&gt;" in dom
-        assert "<b>bold</b>" not in dom and "<img" not in dom
-        # a screenshot, phone-sized and wall-sized pages render
+        # the page as a browser renders it, at a laptop's, a phone's and a
+        # wall display's size: what a person sees there
+        if not CHROMIUM:
+            pytest.fail("chromium is not installed (.ci/run installs it)")
         shots = tempfile.mkdtemp(dir=cluster.base)
-        for name, size in (("dq-web.png", "1280,1000"), ("phone.png", "390,844"),
-                           ("wall.png", "3840,2160")):
-            out = os.path.join(shots, name)
-            r = browser(f"--screenshot={out}", f"--window-size={size}", url)
-            with open(out, "rb") as f:
-                assert f.read(8) == b"\x89PNG\r\n\x1a\n", r.stderr[-2000:]
+        b = Browser()
+        try:
+            for name, (width, height) in (("dq-web.png", (1280, 1000)), ("phone.png", (390, 844)),
+                                          ("wall.png", (3840, 2160))):
+                b.open(url, width, height)
+                wait_until(lambda: b.eval(RENDERED), timeout=30, what=f"the page at {name}")
+                seen = b.eval(SEEN)
+                with open(os.path.join(shots, name), "wb") as f:
+                    f.write(b.screenshot())
+                check_page(b, seen, name, running=running, waiting=waiting, held=held)
+        finally:
+            b.close()
         if os.environ.get("DQ_WEB_SCREENSHOT"):     # to refresh docs/dq-web.png
             shutil.copy(os.path.join(shots, "dq-web.png"),
                         os.path.join(DOCS, "dq-web.png"))
