@@ -3563,7 +3563,7 @@ def cmd__kill(cfg, argv):
     left the group with setsid), TERM then KILL after a grace period, then
     quit the screen session."""
     internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
-                  (full_job_id, re.compile(r"[0-9]+").fullmatch))
+                  (full_job_id, lambda a: whole_number(a) is not None))
     job_id, pgid = argv[0], int(argv[1])
     signal_all(job_processes(job_id, pgid), signal.SIGTERM)
     pids = kill_stragglers(job_id, pgid, time.monotonic() + cfg.kill_grace)
