@@ -2362,6 +2362,16 @@ def full_id(cfg, text):
 
 # Job index ###################################################################
 
+def sorted_ids(names):
+    """The job IDs among these file names, oldest (lowest number) first."""
+    out = []
+    for name in names:
+        m = JOB_ID_RE.match(name)
+        if m and m.group(2):
+            out.append((int(m.group(1)), name))
+    return [name for _, name in sorted(out)]
+
+
 def index_names(cfg, index="active", user=None):
     """Names in jobs/<index> (active: queued and running jobs; cpu: those
     of them that need no GPU), oldest first; only `user`'s if given.  No
@@ -2372,12 +2382,7 @@ def index_names(cfg, index="active", user=None):
         return []
     if user is not None:
         names = [n for n in names if n.endswith("-" + user)]
-    out = []
-    for name in names:
-        m = JOB_ID_RE.match(name)
-        if m and m.group(2):
-            out.append((int(m.group(1)), name))
-    return [name for _, name in sorted(out)]
+    return sorted_ids(names)
 
 
 def owns_entry(path, job_id):
@@ -2397,15 +2402,9 @@ def active_ids(cfg, who=None):
 
 def all_job_ids(cfg):
     try:
-        names = os.listdir(cfg.p("jobs", "backend"))
+        return sorted_ids(os.listdir(cfg.p("jobs", "backend")))
     except FileNotFoundError:
         return []
-    out = []
-    for n in names:
-        m = JOB_ID_RE.match(n)
-        if m and m.group(2):
-            out.append((int(m.group(1)), n))
-    return [i for _, i in sorted(out)]
 
 
 # Ended jobs and usage counters ###############################################
