@@ -238,7 +238,11 @@ def soak(cluster, dq, run, faults=False):
     spans.sort()
     for a, b in zip(spans, spans[1:]):
         if a[:2] == b[:2]:
-            assert a[3] <= b[2], f"{a[4]} and {b[4]} shared {a[0]} GPU {a[1]}"
+            assert a[3] <= b[2], (
+                f"{a[4]} and {b[4]} shared {a[0]} GPU {a[1]}: {a[4]} "
+                f"{'(dq-killed) ' if a[4] in killed else ''}ran {a[2]:.3f}-{a[3]:.3f}, "
+                f"{b[4]} {'(dq-killed) ' if b[4] in killed else ''}{b[2]:.3f}-{b[3]:.3f}; "
+                f"faults {fault_log}")
     for host, gpu, t0, t1 in holds:
         for h, g, s, e, i in spans:
             if (h, g) == (host, str(gpu)) and t0 + POLL_SLACK < s < t1 - 0.5:
