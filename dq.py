@@ -3797,11 +3797,15 @@ def plan_pass(cfg, places, polls, now, drained):
     """A pass's decision, under the lock: plan() on the queue as its names
     say, then each placed job's entry read to check that it is still
     queued; one that is not is left out, and the plan made again."""
-    left_out = set()
+    left_out, usage = set(), None
+    reserved = reserved_by_host(places)
+    gpu_free = any(st.free(reserved.get(h, ())) for h, st in polls.items())
     while True:
         queues, cpu = read_queues(cfg, set(places) | left_out)
+        if usage is None:       # fair share's tie-break: only when a GPU is free
+            usage = recent_usage(cfg, now, list(queues)) if gpu_free else {}
         decided = plan(queues, cpu, polls, places, now, cfg, drained, places.silent,
-                       recent_usage(cfg, now, list(queues))).placed
+                       usage).placed
         gone = {job_id for job_id, _, _ in decided
                 if queued_entry(cfg, places, job_id) is None}
         if not gone:
@@ -5118,7 +5122,7 @@ def queue_reasons(cfg, queued, places):
     now = time.time()
     waits_on = {}
     for j in queued:
-        entry = read_entry(cfg, j["id"])
+        entry = read_entry(cfg, j["id"]) if j["after"] or j["after_any"] else None
         if entry and entry.get("waiting"):
             verdict, what = dependencies_verdict(cfg, entry)
             waits_on[j["id"]] = what if verdict == "wait" else None
