@@ -1710,10 +1710,6 @@ def set_constraints(need):
     return [c for c in CONSTRAINTS if need and c.key in need]
 
 
-def host_allowed(need, host):
-    return all(c.host(need[c.key], host) for c in set_constraints(need) if c.host)
-
-
 def gpu_allowed(need, name, total):
     """Does a GPU (nvidia-smi's name and memory.total, None if unknown) fit?"""
     return all(c.gpu(need[c.key], name, total) for c in set_constraints(need) if c.gpu)
