@@ -224,7 +224,7 @@ def say_executing(launched):
         print(f"Executing '{job_id}' on {host}/{fmt_gpus(gpus)} as {me()}...", flush=True)
 
 
-# Values: numbers, durations ##################################################
+# Values: numbers, durations, sizes ###########################################
 
 def whole_number(text, low=None, high=None, signed=False):
     """text as a whole number (ASCII digits, a sign only if `signed`), or
@@ -268,6 +268,26 @@ def fmt_duration(seconds):
             out += f"{seconds // size}{unit}"
             seconds %= size
     return out
+
+
+def size_mib(var, text):
+    """'24G', '24000M', '24 GiB', '24000' (MiB) -> MiB."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([MGT]?)(?:I?B)?", text.strip(), re.I)
+    if not m:
+        raise Failure(f"{var}={text!r} is not a size; e.g. {var}=24G, {var}=24000M, or a "
+                      f"plain number of MiB")
+    unit = 1024 ** "MGT".index(m.group(2).upper() or "M")
+    return math.ceil(float(m.group(1)) * unit)
+
+
+def fmt_mib(mib):
+    """Every GPU memory size dq prints: 8192 -> '8G', 30822 -> '30.1G',
+    500 -> '500M' (a size that size_mib reads back, to 0.1G); None -> '?'."""
+    if mib is None:
+        return "?"
+    if mib < 1024:
+        return f"{max(0, int(mib))}M"
+    return f"{mib / 1024:.1f}".rstrip("0").rstrip(".") + "G"
 
 
 # Command line ################################################################
@@ -522,6 +542,11 @@ def is_gpu_list(v):
     return isinstance(v, list) and all(is_int(g) for g in v)
 
 
+def is_share(v):
+    """A share of one GPU: above 0, at most 1."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+
 def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=False):
     """Write atomically: temp file in the same directory, fsync, rename.  With
     `exclusive`, fail with FileExistsError if `path` exists (link, not rename).
@@ -705,12 +730,14 @@ class Config:
     NUMBERS = {"timeout": (15, False), "poll_interval": (2, False),
                "starve_after": (600, True), "assign_timeout": (30, False),
                "kill_grace": (5, True), "lost_after": (45, True),
-               "watch_interval": (10, False), "lock_timeout": (30, False)}
+               "watch_interval": (10, False), "lock_timeout": (30, False),
+               "sample_interval": (10, True)}
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
             "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
-            "smtp", "mail_domain",
-            "lock_stats"} | set(NUMBERS)
+            "smtp", "mail_domain", "share_margin", "max_jobs_per_gpu", "share_foreign",
+            "mem_overuse", "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
+    OVERUSE = ("warn", "kill")
 
     def __init__(self):
         self.root = os.path.abspath(os.environ.get("DQ_ROOT") or os.path.dirname(DQ_PY))
@@ -800,6 +827,34 @@ class Config:
         self.fairshare_halflife = duration(f"{self.path}: fairshare_halflife",
                                            sect.get("fairshare_halflife", "1d"),
                                            "fairshare_halflife")
+        # GPU sharing (DQ_MEM): room kept free on each shared GPU (a share
+        # of it, or a size), how many dq jobs one GPU takes, whether they
+        # join processes started by hand, and what a job over its booking gets.
+        margin = sect.get("share_margin", "2%").strip()
+        pct = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*%", margin)
+        try:
+            self.share_margin = (float(pct.group(1)) / 100, 0) if pct else \
+                (0.0, size_mib("share_margin", margin))
+        except Failure:
+            self.share_margin = None
+        if self.share_margin is None or self.share_margin[0] >= 1:
+            raise Failure(f"{self.path}: 'share_margin' must be a share of each GPU under "
+                          f"100% or a size (not {margin!r}), e.g. 'share_margin = 2%' or "
+                          f"'share_margin = 1G'")
+        jobs = sect.get("max_jobs_per_gpu", "8").strip()
+        self.max_jobs_per_gpu = whole_number(jobs, 1, 1000)
+        if self.max_jobs_per_gpu is None:
+            raise Failure(f"{self.path}: 'max_jobs_per_gpu' must be a whole number of jobs, "
+                          f"1 to 1000 (not {jobs!r}), e.g. 'max_jobs_per_gpu = 8'")
+        try:
+            self.share_foreign = parser.getboolean("dq", "share_foreign", fallback=True)
+        except ValueError:
+            raise Failure(f"{self.path}: 'share_foreign' must be yes or no, not "
+                          f"{sect['share_foreign'].strip().lower()!r}") from None
+        self.mem_overuse = sect.get("mem_overuse", "warn").strip().lower()
+        if self.mem_overuse not in self.OVERUSE:
+            raise Failure(f"{self.path}: 'mem_overuse' must be warn or kill, not "
+                          f"{self.mem_overuse!r}, e.g. 'mem_overuse = kill'")
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
@@ -1119,6 +1174,7 @@ SMI_GPUS = ("nvidia-smi --query-gpu=index,uuid,memory.used,memory.total,name "
 
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
 SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
+OWNER_RE = re.compile(r"^@job ([0-9]+) ([0-9]+-\S+)$", re.M)
 
 
 class Gpu:
@@ -1129,6 +1185,7 @@ class Gpu:
         self.index, self.uuid, self.used, self.total = index, uuid, used, total
         self.name = name
         self.apps = []          # (pid, MiB) of compute processes nvidia-smi reports on it
+        self.owners = {}        # pid -> the dq job whose screen session it runs in
         self.known = used is not None
 
     @property
@@ -1202,18 +1259,37 @@ def smi_timeout(cfg):
     return max(1, int(cfg.timeout * 0.6))
 
 
-def poll_script(cfg, with_ps=True):
+# On the host, after the compute-apps query: ps once, through awk, which
+# prints dq's screen sessions (`-v s=1`) and, for each PID on a GPU ($pids),
+# the dq job whose session it descends from ("@job PID JOB-ID"): GPU
+# sharing counts the memory of the other processes as used by hand.  Only
+# those lines cross the network, whatever else the host runs.
+PS_AWK = r"""{ pp[$1] = $2 }
+$3 == "SCREEN" { a = $0; sub(/^[ \t]*[0-9]+[ \t]+[0-9]+[ \t]+/, "", a); if (s) print a
+  if (match(a, /-dmS[ \t]+dq-[0-9]+-[^ \t]+/)) {
+    j = substr(a, RSTART, RLENGTH); sub(/^-dmS[ \t]+dq-/, "", j); job[$1] = j } }
+END { n = split(pids, w, " "); for (i = 1; i <= n; i++) { p = w[i]; k = 0
+    while ((p in pp) && !(p in job) && k < 100) { p = pp[p]; k++ }
+    if (p in job) print "@job " w[i] " " job[p] } }"""
+
+
+def poll_script(cfg, with_ps=True, with_table=True):
     # Markers keep the sections apart whatever nvidia-smi prints.  The two
     # queries run at once (nvidia-smi takes its time): the apps one into a
     # pipe, copied out after the other (shell builtins: no temp file, no
-    # cat, a few processes less per host and poll).
+    # cat, a few processes less per host and poll).  ps runs when asked
+    # for (the sessions) or when a process is on a GPU (whose is it?).
+    # with_table=False: the compute-apps query alone (see poll_handover).
     t = smi_timeout(cfg)
-    s = (f"{{ timeout {t} {SMI_APPS} 2>&1; echo \"@@rc $?\"; }} | {{\n"
-         f"echo @@gpus; timeout {t} {SMI_GPUS} </dev/null 2>&1; echo \"@@rc $?\"\n"
-         "echo @@apps; while IFS= read -r l; do printf '%s\\n' \"$l\"; done; }\n")
-    if with_ps:
-        s += "echo @@ps; ps -eo args= 2>/dev/null | grep '^SCREEN' ; echo '@@rc 0'\n"
-    return s
+    ps = f"ps -eo pid=,ppid=,args= 2>/dev/null | awk -v pids=\"$pids\" -v s={int(with_ps)} " \
+         f"{q(PS_AWK)}; echo '@@rc 0'"
+    return (f"{{ timeout {t} {SMI_APPS} </dev/null 2>&1; echo \"@@rc $?\"; }} | {{\n" +
+            (f"echo @@gpus; timeout {t} {SMI_GPUS} </dev/null 2>&1; echo \"@@rc $?\"\n"
+             if with_table else "") +
+            "echo @@apps; pids=; while IFS= read -r l; do printf '%s\\n' \"$l\"\n"
+            "case $l in GPU-*) p=${l#*,}; pids=\"$pids ${p%%,*}\";; esac; done\n" +
+            (f"echo @@ps; {ps}\n" if with_ps else
+             f"if [ -n \"$pids\" ]; then echo @@own; {ps}; fi\n") + "}\n")
 
 
 def parse_poll(host, res, started, table=None):
@@ -1234,6 +1310,7 @@ def parse_poll(host, res, started, table=None):
     # ps ran whatever nvidia-smi did: lost-job checks need the sessions
     st.sessions = {m.group(1) for m in map(SESSION_RE.search, st.ps.splitlines()) if m} \
         if "ps" in sections else None
+    owners = dict(OWNER_RE.findall(st.ps + sections.get("own", ("", 0))[0]))
     if grc != 0 or arc != 0:
         rc = grc if grc != 0 else arc
         first = (gtext if grc != 0 else atext).strip().splitlines()
@@ -1252,6 +1329,8 @@ def parse_poll(host, res, started, table=None):
         for uuid, pid, mem in parse_smi_apps(atext):
             if uuid in by_uuid:
                 by_uuid[uuid].apps.append((pid, mem))
+                if str(pid) in owners:
+                    by_uuid[uuid].owners[pid] = owners[str(pid)]
             else:       # a process on a GPU we cannot name: trust nothing
                 for g in st.gpus:
                     g.known = False
@@ -1296,7 +1375,12 @@ HOST_FIELDS = {
     "ok": (lambda v: isinstance(v, bool), "true or false", True),
     "reachable": (lambda v: isinstance(v, bool), "true or false", True),
     "busy": (is_gpu_list, "a list of GPUs", True),
-    "table": (optional(is_gpu_table), "a GPU table", False)}
+    "table": (optional(is_gpu_table), "a GPU table", False),
+    "apps": (lambda v: isinstance(v, dict) and all(
+        isinstance(rows, list) and all(
+            isinstance(r, list) and len(r) == 2 and optional(is_str)(r[0])
+            and optional(is_int)(r[1]) for r in rows) for rows in v.values()),
+        "the processes on each GPU", False)}
 
 
 def load_hosts(cfg):
@@ -1331,9 +1415,7 @@ def poll_handover(cfg, host):
     if not table or not table.get("all_known") or started - table["at"] > GPU_TABLE_MAX_AGE \
             or any(len(row) != 4 for row in table["gpus"]):      # from an older dq
         return poll_hosts(cfg, [host], with_ps=False)
-    script = (f"echo @@apps; timeout {smi_timeout(cfg)} {SMI_APPS} </dev/null 2>&1; "
-              f"echo \"@@rc $?\"\n")
-    st = parse_poll(host, run_on(cfg, host, script), started, table)
+    st = parse_poll(host, run_on(cfg, host, poll_script(cfg, False, False)), started, table)
     st.local = polled_locally(cfg, host)
     return {host: st}
 
@@ -1363,7 +1445,10 @@ def track_hosts(cfg, polls):
             table = None        # it named a GPU the table lacks: read it again
         seen[h] = {"at": st.started, "gpus": len(st.gpus), "ok": not st.error and h not in down,
                    "reachable": st.reachable and h not in down,
-                   "busy": [g.index for g in st.gpus if g.busy()], "table": table}
+                   "busy": [g.index for g in st.gpus if g.busy()], "table": table,
+                   # [dq job or null, MiB] per process: room for sharing jobs
+                   "apps": {str(g.index): [[g.owners.get(pid), mem] for pid, mem in g.apps]
+                            for g in st.gpus if g.apps}}
     write_json(path, {"down": down, "seen": seen}, mode=0o666, durable=False, compact=True)
     return down
 
@@ -1376,6 +1461,45 @@ def cached_hosts(cfg, max_age):
     if all(h in seen and now - seen[h].get("at", 0) < max_age for h in cfg.hosts):
         return {h: seen[h] for h in cfg.hosts}
     return None
+
+
+def seen_models(seen):
+    """[(name, MiB)] of a host's GPUs as hosts.json remembers them (from
+    its last full poll; unknown where it has none)."""
+    table = (seen.get("table") or {}).get("gpus", [])
+    if table and all(len(row) == 4 for row in table):
+        return [(name, total) for _, _, total, name in table]
+    return [(None, None)] * seen["gpus"]
+
+
+def seen_host(h, seen):
+    """A HostState of what the last poll of h saw (its hosts.json entry,
+    None if it has none), for the planner."""
+    st = HostState(h, 0)
+    if not seen or not seen["ok"]:
+        st.error = "not answering" if seen else "not polled yet"
+        st.reachable = bool(seen and seen["reachable"])
+        return st
+    apps = seen.get("apps") or {}
+    for i, (name, total) in enumerate(seen_models(seen)):
+        g = Gpu(i, "", 0, total, name)
+        if str(i) in apps:      # (pids stand in as -1, -2, ...)
+            for k, (job, mem) in enumerate(apps[str(i)], 1):
+                g.apps.append((-k, mem))
+                if job:
+                    g.owners[-k] = job
+        elif i in seen["busy"]:     # (hosts.json of an older dq)
+            g.apps.append((0, None))
+        st.gpus.append(g)
+    return st
+
+
+def seen_polls(cfg):
+    """The hosts as the last polls saw them (hosts.json), as {host:
+    HostState} for the planner, and the hosts whose last poll failed: what
+    the listings explain the queue with, polling no host."""
+    hosts = load_hosts(cfg)
+    return {h: seen_host(h, hosts["seen"].get(h)) for h in cfg.hosts}, set(hosts["down"])
 
 
 # Drain #######################################################################
@@ -1551,6 +1675,10 @@ KEPT = wait_reason("kept for {job}", "GPUs it may use are free, but kept for job
 
 CPU_SLOTS = wait_reason("CPU slots", "every host it may use runs cpu_slots CPU-only jobs")
 
+GPU_MEMORY = wait_reason("GPU memory: {free} free at most, needs {need}",
+                         "a sharing job (DQ_MEM): no GPU it may use has that much memory "
+                         "left unbooked (see dq-free)")
+
 
 # Constraints #################################################################
 
@@ -1610,16 +1738,6 @@ def is_host_patterns(v):
     return isinstance(v, list) and all(is_str(p) and HOST_PATTERN_RE.match(p) for p in v)
 
 
-def size_mib(var, text):
-    """'24G', '24000M', '24 GiB', '24000' (MiB) -> MiB."""
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([MGT]?)(?:I?B)?", text.strip(), re.I)
-    if not m:
-        raise Failure(f"{var}={text!r} is not a size; e.g. {var}=24G, {var}=24000M, or a "
-                      f"plain number of MiB")
-    unit = 1024 ** "MGT".index(m.group(2).upper() or "M")
-    return math.ceil(float(m.group(1)) * unit)
-
-
 def matches_host(patterns, host):
     import fnmatch
     return any(fnmatch.fnmatchcase(host, p) for p in patterns)
@@ -1666,6 +1784,14 @@ class Constraint:
 HOSTS_REASON = ("hosts", "GPUs are free, but only on hosts DQ_HOSTS/DQ_EXCLUDE rule out")
 KIND_REASON = ("GPU kind", "GPUs are free, but none of the type or size it asks for")
 
+
+def booking_mib(text):
+    mib = size_mib("DQ_MEM", text)
+    if mib < 1:
+        raise Failure(f"DQ_MEM={text!r} books no memory; give the GPU memory the job needs, "
+                      f"e.g. DQ_MEM=10G")
+    return mib
+
 CONSTRAINTS = [
     # hosts first: a job's hosts are settled before its GPUs
     Constraint("DQ_HOSTS", "hosts", lambda t: host_patterns("DQ_HOSTS", t), is_host_patterns,
@@ -1680,6 +1806,10 @@ CONSTRAINTS = [
     Constraint("DQ_GPU_MEM", "gpu_mem", lambda t: size_mib("DQ_GPU_MEM", t),
                lambda v: is_int(v, 1), "a size in MiB", lambda v: f"DQ_GPU_MEM={v}M",
                KIND_REASON, gpu=lambda v, name, total: total is not None and total >= v),
+    # a booking: the job shares GPUs with other sharing jobs (see GPU sharing)
+    Constraint("DQ_MEM", "mem", booking_mib, lambda v: is_int(v, 1), "a size in MiB",
+               lambda v: f"DQ_MEM={fmt_mib(v)}", KIND_REASON,
+               gpu=lambda v, name, total: total is not None and total >= v),
 ]
 
 
@@ -1728,6 +1858,123 @@ def need_shape(need):
         return "-"
     import hashlib
     return hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# GPU sharing (DQ_MEM) ########################################################
+
+# A job with DQ_MEM=SIZE shares GPUs: it is booked for SIZE of each of its
+# GPUs, and a GPU takes sharing jobs while it holds no exclusive dq job and
+#     memory used by processes dq did not start (by hand, or a dq job's on
+#     a GPU not its own) + the bookings of dq's sharing jobs there
+#     + the new booking + share_margin  <=  the GPU's memory.total
+# and it runs fewer than max_jobs_per_gpu dq jobs (share_foreign = no: and
+# no process by hand).  Bookings, not a snapshot of free memory: a job
+# that grows later stays within what it booked, or its wrapper's sampling
+# (GpuWatch) flags it and, with mem_overuse = kill, stops it.  A sharing
+# job counts as its booked share of a GPU (`share`: booking / total) for
+# fair share, per-user limits and usage.  Placements carry `mem` and
+# `share` for sharing jobs.  Pure functions of polls and placements.
+
+# A job is over its booking once it uses this much more (nvidia-smi's
+# figures move by a few MiB; a CUDA context alone is ~300-500 MiB).
+def over_booking(used, booked):
+    return used > booked + max(256, booked // 20)
+
+
+def margin_mib(rules, total):
+    """The memory (MiB) share_margin keeps free on a shared GPU."""
+    share, size = rules.share_margin
+    return math.ceil(share * total) + size
+
+
+def booked_share(mem, total):
+    """A booking as a share of one GPU (fair share, limits, usage)."""
+    return min(1.0, round(mem / total, 4)) if total else 1.0
+
+
+def placed_share(p):
+    """How many GPUs a placement counts as: its GPUs, times its share."""
+    return len(p.get("gpus", [])) * p.get("share", 1)
+
+
+def gpu_bookings(places):
+    """{(host, GPU): [MiB booked by sharing jobs, dq jobs on it, exclusive?]}."""
+    out = {}
+    for p in places.values():
+        for g in p.get("gpus", []):
+            b = out.setdefault((p["host"], g), [0, 0, False])
+            b[0] += p.get("mem", 0)
+            b[1] += 1
+            b[2] = b[2] or "mem" not in p
+    return out
+
+
+def foreign_mib(g, host, places):
+    """Memory on GPU g used by processes dq did not start there: by hand,
+    or a dq job's on a GPU not its own.  None if nvidia-smi did not say
+    how much one of them uses."""
+    total = 0
+    for pid, mem in g.apps:
+        job = g.owners.get(pid)
+        p = places.get(job) if job else None
+        if p and p["host"] == host and g.index in p.get("gpus", ()):
+            continue
+        if mem is None:
+            return None
+        total += mem
+    return total
+
+
+def gpu_room(g, host, places, rules, bookings=None):
+    """(MiB a new sharing job may book on GPU g, dq jobs on it), or None
+    where no sharing job may go (see the section's rule)."""
+    if not g.known or not g.total:
+        return None
+    booked, jobs, exclusive = (bookings if bookings is not None else gpu_bookings(places)) \
+        .get((host, g.index), (0, 0, False))
+    if exclusive or jobs >= rules.max_jobs_per_gpu:
+        return None
+    foreign = foreign_mib(g, host, places)
+    if foreign is None or foreign and not rules.share_foreign:
+        return None
+    return g.total - margin_mib(rules, g.total) - foreign - booked, jobs
+
+
+def share_rooms(polls, places, rules, hosts):
+    """{host: {GPU: [room MiB, dq jobs]}} of the GPUs of these hosts that
+    may take sharing jobs and have room left."""
+    bookings = gpu_bookings(places)
+    out = {}
+    for h in hosts:
+        rooms = {}
+        for g in polls[h].gpus:
+            r = gpu_room(g, h, places, rules, bookings)
+            if r is not None and r[0] > 0:
+                rooms[g.index] = list(r)
+        out[h] = rooms
+    return out
+
+
+SHARE_ARG_RE = re.compile(r"-|([0-9]+)/([01](?:\.[0-9]+)?)")
+
+
+def share_arg(share):
+    """A sharing job's booking as the job's wrapper gets it: 'MiB/share'
+    ('-': an exclusive job); read back by parse_share_arg."""
+    return "-" if not share else f"{share[0]}/{share[1]}"
+
+
+def parse_share_arg(text):
+    m = SHARE_ARG_RE.fullmatch(text)
+    return (int(m.group(1)), float(m.group(2))) if m and m.group(1) else None
+
+
+def pack(rooms, mem, want, gpus_ok):
+    """The GPUs of one host a sharing job of `want` GPUs takes: those with
+    the least room that still fit `mem` (whole GPUs stay free for
+    exclusive jobs), or None.  gpus_ok: the indices its constraints allow."""
+    fit = sorted((r[0], i) for i, r in rooms.items() if r[0] >= mem and i in gpus_ok)
+    return [i for _, i in fit[:want]] if len(fit) >= want else None
 
 
 # Planning (pure: data in, decisions out) #####################################
@@ -1800,10 +2047,11 @@ def reserved_by_host(places):
 
 
 def gpus_held(places):
-    """{user: how many GPUs their placed and running jobs hold}."""
+    """{user: how many GPUs their placed and running jobs hold (a sharing
+    job: its share of each)}."""
     out = {}
     for p in places.values():
-        out[p["user"]] = out.get(p["user"], 0) + len(p["gpus"])
+        out[p["user"]] = out.get(p["user"], 0) + placed_share(p)
     return out
 
 
@@ -1818,11 +2066,12 @@ def cpu_jobs_by_host(places):
 
 class Plan:
     """The planner's answer: `placed`, [(job_id, host, gpus)] in the order
-    decided, and `reasons`, {job_id: why it was passed over} (the words of
-    WAIT_REASONS, {job} filled in)."""
+    decided, `shares`, {job_id: (MiB booked per GPU, share of a GPU)} of
+    the sharing jobs among them, and `reasons`, {job_id: why it was passed
+    over} (the words of WAIT_REASONS, their fields filled in)."""
 
     def __init__(self):
-        self.placed, self.reasons = [], {}
+        self.placed, self.shares, self.reasons = [], {}, {}
 
 
 def host_rules(need, hosts, up, closed):
@@ -1854,7 +2103,8 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
     jobs waiting).  cpu_queue: the CPU-only jobs (DQ_GPUS=0), oldest first.
     polls: {host: HostState} of every host, in dq.conf's order.  places:
     the placements ({job_id: {user, host, gpus, ...}}).  rules: order,
-    starve_after, cpu_slots and gpu_limit(user) (the Config).  drained,
+    starve_after, cpu_slots, gpu_limit(user), share_margin, max_jobs_per_gpu
+    and share_foreign (the Config).  drained,
     silent: hosts no job goes to (drained by an admin; whose last poll
     failed).  usage: {user: decayed GPU-seconds}.  explain: give every job
     a reason (the listings) instead of stopping once no GPU is left.
@@ -1866,7 +2116,10 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
     GPUs busy if no open host has enough free GPUs, else the first of its
     constraints (CONSTRAINTS' order) that leaves no host enough, else the
     host it fits is kept for a starving job (kept for ID).  A job that
-    passes them all is placed (next pass, in a listing).
+    passes them all is placed (next pass, in a listing).  A sharing job
+    (need["mem"], see GPU sharing) meets the same rules over the GPUs that
+    take sharing jobs (GPUs busy if none), and waits for GPU memory where
+    none has room for its booking.
 
     Order (rules.order): `fairshare` takes next the first job of the user
     who holds the fewest GPUs (placed or running, this pass's placements
@@ -1876,7 +2129,9 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
     fit yet is passed over by the ones behind it, except that once it has
     waited starve_after seconds the host closest to fitting it is kept for
     it.  Among hosts that fit, the one with the fewest free GPUs wins,
-    which keeps whole hosts free for multi-GPU jobs.  CPU-only jobs go to
+    which keeps whole hosts free for multi-GPU jobs; a sharing job packs
+    (pack: the GPUs and host with the least room that fits), which keeps
+    whole GPUs free for exclusive jobs.  CPU-only jobs go to
     the host running the fewest, at most cpu_slots each; they take no GPU,
     so they never wait for or block a GPU job."""
     out = Plan()
@@ -1884,6 +2139,8 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
     reserved = reserved_by_host(places)
     up = [h for h, s in polls.items() if not s.error and h not in silent]
     free = {h: polls[h].free(reserved.get(h, ())) for h in up if h not in drained}
+    rooms = share_rooms(polls, places, rules, free)     # for sharing jobs
+    info = {h: {g.index: g for g in polls[h].gpus} for h in free}
     kept_for = {}           # host -> the job that starves for it
     held = gpus_held(places)    # this plan's placements are added as it goes
     no_room = {}            # (GPUs, shape) -> reason: jobs of one shape fail alike
@@ -1916,30 +2173,65 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
     def usable(h, gpus, need):
         """Of these GPUs of h (indices), those the job's constraints allow."""
         if not need:
-            return gpus
-        info = {g.index: g for g in polls[h].gpus}
-        return [i for i in gpus if gpu_allowed(need, info[i].name, info[i].total)]
+            return list(gpus)
+        return [i for i in gpus if gpu_allowed(need, info[h][i].name, info[h][i].total)]
 
     def no_room_reason(item):
         """Why a job that passed the host rules does not fit."""
         want, need = item.gpus, item.need or {}
-        pool = dict(free)
+        pool = {h: list(rooms[h] if "mem" in need else free[h]) for h in free}
         if not any(len(v) >= want for v in pool.values()):
             return GPUS_BUSY
         for c in set_constraints(need):
             if c.host:
                 pool = {h: v for h, v in pool.items() if c.host(need[c.key], h)}
             else:
-                info = {h: {g.index: g for g in polls[h].gpus} for h in pool}
                 pool = {h: [i for i in v if c.gpu(need[c.key], info[h][i].name,
                                                   info[h][i].total)]
                         for h, v in pool.items()}
             if not any(len(v) >= want for v in pool.values()):
                 return c.reason
-        return KEPT.format(job=next(kept_for[h] for h, v in pool.items()
-                                    if len(v) >= want and h in kept_for))
+        if "mem" in need:
+            # the most a job of `want` GPUs could book on one host
+            most = max((sorted((rooms[h][i][0] for i in v), reverse=True)[want - 1]
+                        for h, v in pool.items() if len(v) >= want), default=0)
+            if most < need["mem"]:
+                return GPU_MEMORY.format(free=fmt_mib(max(0, most)), need=fmt_mib(need["mem"]))
+        keeper = next((kept_for[h] for h, v in pool.items()
+                       if len(v) >= want and h in kept_for), None)
+        return KEPT.format(job=keeper) if keeper else GPUS_BUSY
 
-    while explain or any(free[h] for h in free if h not in kept_for):
+    def share_fits(hosts, item):
+        """{host: the GPUs a sharing job would take there} where it fits."""
+        mem = item.need["mem"]
+        out = {}
+        for h in hosts:
+            if h not in kept_for:
+                gpus = pack(rooms[h], mem, item.gpus, usable(h, rooms[h], item.need))
+                if gpus is not None:
+                    out[h] = gpus
+        return out
+
+    def take_shared(user, item, h, gpus):
+        """Book a sharing job on these GPUs of h; False if that would put
+        its owner over their limit."""
+        mem = item.need["mem"]
+        share = booked_share(mem, info[h][gpus[0]].total)
+        limit = rules.gpu_limit(user)
+        if limit is not None and held.get(user, 0) + item.gpus * share > limit + 1e-9:
+            return False
+        for i in gpus:
+            rooms[h][i][0] -= mem
+            rooms[h][i][1] += 1
+            if rooms[h][i][1] >= rules.max_jobs_per_gpu or rooms[h][i][0] <= 0:
+                del rooms[h][i]
+        free[h] = [g for g in free[h] if g not in gpus]
+        out.placed.append((item.job_id, h, gpus))
+        out.shares[item.job_id] = (mem, share)
+        held[user] = held.get(user, 0) + item.gpus * share
+        return True
+
+    while explain or any(free[h] or rooms[h] for h in free if h not in kept_for):
         for u in [u for u in streams if u not in heads]:
             item = next(streams[u], None)
             if item is None:
@@ -1953,7 +2245,9 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
         job_id, want = item.job_id, item.gpus
         why = queue_rule(item)
         limit = rules.gpu_limit(user)
-        if why is None and limit is not None and held.get(user, 0) + want > limit:
+        sharing = bool(item.need) and "mem" in item.need
+        if why is None and limit is not None and held.get(user, 0) + (0 if sharing else want) \
+                > limit - (1e-9 if sharing else 0):
             why = USER_LIMIT
             if held.get(user, 0) >= limit and not explain:
                 streams.pop(user, None)     # none of theirs fits: read no more
@@ -1963,12 +2257,22 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
             out.reasons[job_id] = why
             continue
         why, hosts = host_rules(item.need, polls, up, drained)
-        mine = {h: usable(h, free[h], item.need) for h in hosts if h not in kept_for}
-        fits = [h for h in mine if len(mine[h]) >= want]
+        if sharing:
+            mine = share_fits(hosts, item)
+            fits = list(mine)
+        else:
+            mine = {h: usable(h, free[h], item.need) for h in hosts if h not in kept_for}
+            fits = [h for h in mine if len(mine[h]) >= want]
+        if fits and sharing:
+            h = min(fits, key=lambda h: (sum(rooms[h][i][0] for i in mine[h]), len(free[h])))
+            if not take_shared(user, item, h, mine[h]):
+                out.reasons[job_id] = USER_LIMIT
+            continue
         if fits:
             h = min(fits, key=lambda h: len(free[h]))
             gpus = sorted(mine[h])[:want]
             free[h] = [g for g in free[h] if g not in gpus]
+            rooms[h] = {i: r for i, r in rooms[h].items() if i not in gpus}
             out.placed.append((job_id, h, gpus))
             held[user] = held.get(user, 0) + want
             continue
@@ -1979,10 +2283,12 @@ def plan(queues, cpu_queue, polls, places, now, rules, drained=(), silent=(), us
                 if isinstance(q, UserQueue):
                     q.drop(want, item.shape)    # the rest of that shape, unread
         if item.submitted is not None and now - item.submitted >= rules.starve_after:
-            big = [h for h in mine if len(usable(h, [g.index for g in polls[h].gpus],
-                                                 item.need)) >= want]
+            # (a sharing job: the host with the most room for it)
+            big = [h for h in (hosts if sharing else mine) if h not in kept_for and len(
+                usable(h, [g.index for g in polls[h].gpus], item.need)) >= want]
             if big:
-                kept_for[max(big, key=lambda h: len(mine[h]))] = job_id
+                kept_for[max(big, key=lambda h: sum(r[0] for r in rooms[h].values())
+                              if sharing else len(mine[h]))] = job_id
 
     cpu_used = cpu_jobs_by_host(places)
     reachable = [h for h, s in polls.items() if s.reachable and h not in silent]
@@ -2011,7 +2317,9 @@ RUN_FIELDS = {
     "host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
     "gpus": (is_gpu_list, "a list of GPUs", False),
     "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
-    "started": (is_time, "a time in seconds", True)}
+    "started": (is_time, "a time in seconds", True),
+    "mem": (lambda v: is_int(v, 1), "MiB booked (DQ_MEM)", False),
+    "share": (lambda v: is_share(v), "a share of a GPU", False)}
 
 END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
 
@@ -2062,6 +2370,26 @@ INDEX_FIELDS = {
     "after": (lambda v: is_id_list(v), "a list of job IDs (DQ_AFTER)", False),
     "after_any": (lambda v: is_id_list(v), "a list of job IDs (DQ_AFTER_ANY)", False),
     "waiting": (lambda v: v is True, "true (its dependencies have not ended)", False)}
+
+
+GPU_USE_FIELDS = {
+    "at": (is_time, "a time in seconds", True),
+    "samples": (is_int, "a count", True),
+    "booked_mib": (optional(is_int), "MiB booked (DQ_MEM)", False),
+    "mem_mib": (optional(is_int), "MiB, the most on one of its GPUs", False),
+    "peak_mem_mib": (is_int, "MiB", False),
+    "mem_sum": (is_int, "MiB summed over samples", False),
+    "util": (optional(is_int), "a percentage", False),
+    "util_sum": (is_int, "percentages summed over samples", False),
+    "util_peak": (is_int, "a percentage", False),
+    "last": (lambda v: isinstance(v, list), "a list of samples", False),
+    "over": (optional(lambda v: isinstance(v, dict)), "when it went over its booking", False)}
+
+
+def read_gpu_use(job_dir):
+    """A job's gpu.json (see GpuWatch), or None (none yet, or corrupt)."""
+    data = read_json(os.path.join(job_dir, "gpu.json"), None, None, skip_newer=True)
+    return data if data and bad_field(data, GPU_USE_FIELDS) is None else None
 
 
 def read_job_file(path, fields, corrupt, fix):
@@ -2174,7 +2502,17 @@ class Job:
             "retry_of": self.spec.get("retry_of"), "retries": self.spec.get("retries", 0),
             "requeued_as": self.end.get("requeued_as"),
             "notify": self.notify_problems() if self.end else {},
+            # a sharing job's booking (MiB per GPU), and what it uses (GpuWatch)
+            "mem_mib": self.run.get("mem") or (placement or {}).get("mem") or self.booking(),
+            "gpu_use": read_gpu_use(self.dir) if state == "running" and gpus else None,
         }
+
+    def booking(self):
+        """DQ_MEM in MiB, or None (an exclusive job)."""
+        try:
+            return booking_mib(self.spec["env"]["DQ_MEM"])
+        except (KeyError, Failure):
+            return None
 
     def notify_problems(self):
         """{mail|hook: what went wrong} at the job's end (notify.json)."""
@@ -2426,11 +2764,12 @@ COMPLETE_RECENT = 30    # ended jobs of yours that completion offers
 
 
 def job_usage(job):
-    """GPU-seconds a job used: its GPUs times how long it ran."""
+    """GPU-seconds a job used: its GPUs (a sharing job: its share of each)
+    times how long it ran."""
     started, ended = job.run.get("started"), job.end.get("ended")
     if not is_time(started) or not is_time(ended):
         return 0.0
-    return len(job.run.get("gpus") or []) * max(0.0, ended - started)
+    return len(job.run.get("gpus") or []) * job.run.get("share", 1) * max(0.0, ended - started)
 
 
 def decayed(counters, now, halflife):
@@ -3191,7 +3530,8 @@ CLOCK_SLACK = 1
 
 class Placements(dict):
     """The GPUs dq has handed out: state/placements.json, {job_id: placement}
-    with placement = {user, host, gpus, state, since[, seen]}.  Only this
+    with placement = {user, host, gpus, state, since[, seen][, mem, share]}
+    (mem, share: a sharing job's booking per GPU and share of a GPU).  Only this
     class changes it, through the transitions below, under the global lock:
 
         with Placements.locked(cfg) as places:    # lock, load (or rebuild)
@@ -3294,7 +3634,9 @@ class Placements(dict):
     FIELDS = {"host": (lambda v: is_str(v) and HOST_RE.match(v), "a host name", True),
               "gpus": (is_gpu_list, "a list of GPU indices", True),
               "state": (lambda v: v in Placements.STATES, " or ".join(STATES), True),
-              "since": (is_time, "a time", True), "seen": (is_time, "a time", False)}
+              "since": (is_time, "a time", True), "seen": (is_time, "a time", False),
+              "mem": (lambda v: is_int(v, 1), "MiB booked", False),
+              "share": (is_share, "a share of a GPU", False)}
 
     @classmethod
     def _invalid(cls, job_id, p):
@@ -3319,6 +3661,8 @@ class Placements(dict):
                 places[job_id] = {"user": job.owner, "host": job.run["host"],
                                   "gpus": job.run.get("gpus", []), "state": cls.RUNNING,
                                   "since": started, "seen": started}
+                if "mem" in job.run:
+                    places[job_id].update(mem=job.run["mem"], share=job.run.get("share", 1))
         return places
 
     @classmethod
@@ -3355,20 +3699,24 @@ class Placements(dict):
 
     # Transitions
 
-    def assign(self, job_id, host, gpus, now):
-        """(queued) -> assigned: these GPUs of host are the job's."""
+    def assign(self, job_id, host, gpus, now, share=None):
+        """(queued) -> assigned: these GPUs of host are the job's (share:
+        a sharing job's (MiB booked per GPU, share of a GPU))."""
         self[job_id] = {"user": job_id.split("-", 1)[1], "host": host, "gpus": gpus,
                         "state": self.ASSIGNED, "since": now}
+        if share:
+            self[job_id].update(mem=share[0], share=share[1])
         self.changed = self.handed_out = True
 
     def claim(self, user, now):
-        """assigned -> launching, for user's jobs: [(job_id, host, gpus)],
-        which the caller launches once the lock is released."""
+        """assigned -> launching, for user's jobs: [(job_id, host, gpus,
+        share)], which the caller launches once the lock is released."""
         mine = []
         for job_id, p in self.items():
             if p["user"] == user and p["state"] == self.ASSIGNED:
                 p["state"], p["since"] = self.LAUNCHING, now
-                mine.append((job_id, p["host"], p["gpus"]))
+                mine.append((job_id, p["host"], p["gpus"],
+                             (p["mem"], p.get("share", 1)) if "mem" in p else None))
         if mine:
             self.changed = self.handed_out = True
         return mine
@@ -3539,6 +3887,15 @@ def signal_all(pids, sig):
             os.kill(pid, sig)
         except OSError:
             pass
+
+
+def _write_all(fd, data):
+    """Write to a terminal that may be gone (screen quit): errors are moot."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        pass
 
 
 def kill_stragglers(job_id, pgid, kill_at):
@@ -3790,19 +4147,19 @@ def recent_usage(cfg, now, users):
 
 
 def plan_pass(cfg, places, polls, now, drained):
-    """A pass's decision, under the lock: plan() on the queue as its names
-    say, then each placed job's entry read to check that it is still
-    queued; one that is not is left out, and the plan made again."""
+    """A pass's decision (a Plan), under the lock: plan() on the queue as
+    its names say, then each placed job's entry read to check that it is
+    still queued; one that is not is left out, and the plan made again."""
     left_out, usage = set(), None
     reserved = reserved_by_host(places)
-    gpu_free = any(st.free(reserved.get(h, ())) for h, st in polls.items())
+    gpu_free = any(st.free(reserved.get(h, ())) for h, st in polls.items()) or \
+        any("mem" in p for p in places.values())    # room on a shared GPU, maybe
     while True:
         queues, cpu = read_queues(cfg, set(places) | left_out)
         if usage is None:       # fair share's tie-break: only when a GPU is free
             usage = recent_usage(cfg, now, list(queues)) if gpu_free else {}
-        decided = plan(queues, cpu, polls, places, now, cfg, drained, places.silent,
-                       usage).placed
-        gone = {job_id for job_id, _, _ in decided
+        decided = plan(queues, cpu, polls, places, now, cfg, drained, places.silent, usage)
+        gone = {job_id for job_id, _, _ in decided.placed
                 if queued_entry(cfg, places, job_id) is None}
         if not gone:
             return decided
@@ -3915,9 +4272,10 @@ def release_dependents(cfg):
     return waiting
 
 
-def launch_line(cfg, job_id, host, gpus):
+def launch_line(cfg, job_id, host, gpus, share):
     """The shell command that starts a job in a detached screen session on
-    its host, or '# why not' for a job that cannot run."""
+    its host, or '# why not' for a job that cannot run.  share: a sharing
+    job's (MiB booked, share of a GPU), or None."""
     job = load_job(cfg, job_id)
     if job is None or job.end:
         # Never runnable (a forged or broken job.json) or over: out of the
@@ -3928,17 +4286,18 @@ def launch_line(cfg, job_id, host, gpus):
     # The wrapper writes the log itself (see run_in_pty), so screen needs
     # no log settings and its version does not matter.
     return (f"screen -dmS {q(session_name(job_id))} "
-            f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)))}")
+            f"{dq_command(cfg, '_run', job_id, host, ','.join(map(str, gpus)), share_arg(share))}")
 
 
 def launch_all(cfg, jobs, res):
-    """Start [(job_id, host, gpus)] claimed for us, one remote command per
-    host, and record what started; the others go back to the queue."""
+    """Start [(job_id, host, gpus, share)] claimed for us, one remote
+    command per host, and record what started; the others go back to the
+    queue."""
     crash_point("launch-claimed")
     why = {}
     per_host = {}
-    for job_id, host, gpus in jobs:
-        line = launch_line(cfg, job_id, host, gpus)
+    for job_id, host, gpus, share in jobs:
+        line = launch_line(cfg, job_id, host, gpus, share)
         if line.startswith("#"):
             why[job_id] = line[2:] + "; it leaves the queue"
         else:
@@ -3957,7 +4316,7 @@ def launch_all(cfg, jobs, res):
                 why[job_id] = r.why() if r.err.strip() else \
                     f"screen failed (exit status {started[job_id]})"
     crash_point("launch-started")
-    for job_id, host, gpus in jobs:
+    for job_id, host, gpus, _ in jobs:
         if why[job_id] is None:
             res.launched.append((job_id, host, gpus))
         else:
@@ -4003,8 +4362,9 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
             reconcile(cfg, places, res.polls, now)
             # No job goes to a drained host, nor to one whose last poll
             # (anyone's, over ssh) failed, whatever this pass's poll said.
-            for job_id, host, gpus in plan_pass(cfg, places, res.polls, now, drained):
-                places.assign(job_id, host, gpus, now)
+            decided = plan_pass(cfg, places, res.polls, now, drained)
+            for job_id, host, gpus in decided.placed:
+                places.assign(job_id, host, gpus, now, decided.shares.get(job_id))
         mine = places.claim(user, now)
         others = places.unclaimed_users()
     if decided:
@@ -4125,6 +4485,148 @@ def cmd_schedule(cfg, argv):
     return schedule_loop(cfg, forever=args.forever, quiet=args.quiet)
 
 
+# GPU use (sampled by each job's wrapper) #####################################
+
+# Every sample_interval seconds (dq.conf; 0: never) the wrapper of a job
+# with GPUs asks nvidia-smi, on its own host (no ssh), what the job's
+# processes use of its GPUs and how busy those are, and keeps it in the
+# job's gpu.json: the last samples, the peaks and the sums for means
+# (GPU_USE_FIELDS).  A sharing job (DQ_MEM) over its booking (see
+# over_booking) is flagged there and in its log, and with mem_overuse =
+# kill stopped: TERM, KILL after kill_grace, ended failed with the reason.
+SMI_UTIL_QUERY = ("nvidia-smi --query-gpu=index,uuid,utilization.gpu "
+                  "--format=csv,noheader,nounits")
+GPU_USE_KEEP = 6        # samples kept in gpu.json
+
+class GpuWatch:
+    """The sampling thread of a job's wrapper (see the section's comment)."""
+
+    def __init__(self, cfg, job, gpus, booked, log):
+        self.cfg, self.job_id, self.gpus, self.booked, self.log = cfg, job.id, gpus, booked, log
+        self.path = os.path.join(job.dir, "gpu.json")
+        self.pgid = None
+        self.stopped = False
+        self.killed = None      # the reason, once mem_overuse = kill stopped the job
+        self.use = {"at": time.time(), "samples": 0, "booked_mib": booked, "mem_mib": None,
+                    "peak_mem_mib": 0, "mem_sum": 0, "util": None, "util_sum": 0,
+                    "util_peak": 0, "last": [], "over": None}
+        self._ours = {}         # pid -> is it one of the job's processes?
+
+    def start(self, pgid):
+        self.pgid = pgid
+        if self.gpus and self.cfg.sample_interval > 0:
+            _thread.start_new_thread(self._loop, ())
+
+    def stop(self):
+        self.stopped = True
+
+    def _loop(self):
+        import subprocess       # in this thread, once the job runs: no start-up cost
+        while not self.stopped:
+            time.sleep(self.cfg.sample_interval)
+            if self.stopped:
+                break
+            try:
+                got = self.sample(subprocess)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                got = None      # nvidia-smi failed this time: the next sample
+            if got and not self.stopped:
+                self.record(*got)
+
+    def mine(self, pid):
+        """Is pid the job's: in its process group, or carrying its
+        DQ_JOB_ID (see job_processes)?"""
+        if pid not in self._ours:
+            try:
+                ours = os.getpgid(pid) == self.pgid
+                if not ours:
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        ours = f"DQ_JOB_ID={self.job_id}".encode() in f.read().split(b"\0")
+            except OSError:
+                ours = False
+            self._ours[pid] = ours
+        return self._ours[pid]
+
+    def sample(self, subprocess):
+        """(MiB the job uses on the one of its GPUs where it uses most, or
+        None if nvidia-smi does not say; the mean utilisation of its GPUs)."""
+        t = smi_timeout(self.cfg)
+
+        def smi(cmd):
+            return subprocess.run(cmd.split(), capture_output=True, text=True, timeout=t,
+                                  check=True).stdout
+        util, uuids = {}, {}
+        for line in smi(SMI_UTIL_QUERY).splitlines():
+            f = [x.strip() for x in line.split(",")]
+            if len(f) == 3 and whole_number(f[0]) in self.gpus:
+                uuids[f[1]] = int(f[0])
+                util[int(f[0])] = whole_number(f[2])
+        mem = dict.fromkeys(self.gpus, 0)
+        for uuid, pid, used in parse_smi_apps(smi(SMI_APPS)):
+            if uuid in uuids and pid is not None and self.mine(pid):
+                if used is None:
+                    mem = None
+                elif mem is not None:
+                    mem[uuids[uuid]] += used
+        known = [u for u in util.values() if u is not None]
+        return (max(mem.values()) if mem else None,
+                round(sum(known) / len(known)) if known else None)
+
+    def record(self, mem, util):
+        use, now = self.use, time.time()
+        use["at"], use["samples"] = now, use["samples"] + 1
+        use["mem_mib"], use["util"] = mem, util
+        if mem is not None:
+            use["peak_mem_mib"] = max(use["peak_mem_mib"], mem)
+            use["mem_sum"] += mem
+        if util is not None:
+            use["util_peak"] = max(use["util_peak"], util)
+            use["util_sum"] += util
+        use["last"] = (use["last"] + [[round(now), mem, util]])[-GPU_USE_KEEP:]
+        over = self.booked and mem is not None and over_booking(mem, self.booked)
+        if over and not use["over"]:
+            use["over"] = {"at": now, "mem_mib": mem}
+            msg = (f"\ndq: {self.job_id} uses {fmt_mib(mem)} of GPU memory, over its "
+                   f"DQ_MEM={fmt_mib(self.booked)}" +
+                   ("; stopping it (mem_overuse = kill)\n" if self.cfg.mem_overuse == "kill"
+                    else "; its neighbours on the GPU may run out of memory\n")).encode()
+            self.log.write(msg)
+            _write_all(2, msg)
+        elif over:
+            use["over"]["mem_mib"] = max(use["over"]["mem_mib"], mem)
+        try:
+            write_json(self.path, use, durable=False, compact=True)
+        except OSError:
+            pass        # a full data root: the next sample tries again
+        if over and self.cfg.mem_overuse == "kill" and self.killed is None:
+            self.killed = (f"used {fmt_mib(mem)} of GPU memory, DQ_MEM={fmt_mib(self.booked)}; "
+                           f"stopped by dq (mem_overuse = kill)")
+            signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
+            kill_stragglers(self.job_id, self.pgid, time.monotonic() + self.cfg.kill_grace)
+
+
+# What a failed job's last lines say when CUDA ran out of memory: one entry
+# per framework (its name, a pattern of its message), tried in order.
+OOM_PATTERNS = [
+    ("PyTorch", r"(?:torch\.(?:cuda\.)?OutOfMemoryError|RuntimeError): CUDA (?:error: )?out of "
+                r"memory"),
+    ("TensorFlow", r"ResourceExhaustedError\b.*\bOOM\b"),
+    ("JAX", r"RESOURCE_EXHAUSTED: Out of memory"),
+]
+OOM_TAIL = 65536        # bytes of the log's end searched
+
+
+def cuda_oom(log_path):
+    """The framework whose CUDA out-of-memory error ends the log, or None."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - OOM_TAIL))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return next((name for name, pattern in OOM_PATTERNS if re.search(pattern, tail)), None)
+
+
 # Job wrapper (runs inside the screen session) ################################
 
 def job_env(job, gpus):
@@ -4185,11 +4687,13 @@ class JobLog:
             pass
 
 
-def hand_over(cfg, host, gpus, job_id):
+def hand_over(cfg, host, gpus, job_id, shared=False):
     """At a job's end, on its host: place the next jobs on the GPUs it freed
     at once, polling this host alone, locally, and start ours here without
     ssh; other users' loops are woken for theirs.  Free GPUs elsewhere are
     the loops' business.  Our loop is started if we still have jobs.
+    (shared: the job shared its GPUs, which others still holding them says
+    nothing of the room it freed: always a pass.)
 
     Jobs that end together on a host take turns, and one whose GPUs the
     pass of another already gave out again polls nothing (it only starts
@@ -4203,7 +4707,7 @@ def hand_over(cfg, host, gpus, job_id):
     try:
         turn.acquire()
         others = {k: p for k, p in Placements.read(cfg).items() if k != job_id}
-        if gpus and set(gpus) <= reserved_by_host(others).get(host, set()):
+        if gpus and not shared and set(gpus) <= reserved_by_host(others).get(host, set()):
             res = schedule_pass(cfg, launch_only=True, retiring=job_id, decided=turn.release)
         else:
             res = schedule_pass(cfg, poll_handover(cfg, host), retiring=job_id,
@@ -4218,15 +4722,6 @@ def hand_over(cfg, host, gpus, job_id):
         turn.release()
     if (res is None or res.my_waiting or res.my_running) and not scheduler_running(cfg):
         spawn_scheduler(cfg)
-
-
-def _write_all(fd, data):
-    """Write to a terminal that may be gone (screen quit): errors are moot."""
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-    except OSError:
-        pass
 
 
 def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
@@ -4522,10 +5017,11 @@ def cmd__run(cfg, argv):
     child, renews the job's lease meanwhile (stopping the job if it cannot),
     records how it ended (trying again until the data root takes it), frees
     the GPUs and wakes the scheduler."""
-    internal_args(argv, "_run JOB_ID HOST GPUS", "started by dq-schedule in the job's "
+    internal_args(argv, "_run JOB_ID HOST GPUS SHARE", "started by dq-schedule in the job's "
                   "screen session", (full_job_id, HOST_RE.fullmatch,
-                                     re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch))
-    job_id, host, gpu_csv = argv
+                                     re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch,
+                                     SHARE_ARG_RE.fullmatch))
+    job_id, host, gpu_csv, share = argv[0], argv[1], argv[2], parse_share_arg(argv[3])
     job = resolve_job(cfg, job_id)      # a broken job.json: its warning is the error
     if job.owner != me():
         raise Failure(f"refusing to run {job_id}: not a job of {me()}")
@@ -4534,6 +5030,8 @@ def cmd__run(cfg, argv):
     gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
            "started": time.time()}
+    if share:
+        run.update(mem=share[0], share=share[1])
     run_json = os.path.join(job.dir, "run.json")
     lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
     write_json(run_json, run, durable=False)     # durable once the job runs, below
@@ -4556,6 +5054,7 @@ def cmd__run(cfg, argv):
 
     def on_start(pgid):
         lease.start(pgid)
+        watch.start(pgid)
         try:
             write_json(run_json, dict(run, pgid=pgid))
         except OSError:         # a full data root: the job runs all the same,
@@ -4566,6 +5065,7 @@ def cmd__run(cfg, argv):
         signal.signal(s, lambda *a: None)
     script, cwd = job.spec["script"], job.spec["cwd"]
     log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+    watch = GpuWatch(cfg, job, gpus, share and share[0], log)
     state, code, sig, reason = "failed", None, None, None
     if not os.path.isdir(cwd):
         reason = f"working directory {cwd} does not exist on {host}"
@@ -4582,10 +5082,19 @@ def cmd__run(cfg, argv):
                 code = rc
                 state = "done" if rc == 0 else "failed"
                 reason = None if rc == 0 else f"exit status {rc}"
+            watch.stop()
             if timer.hit:
                 timer.finish()
                 state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
                     f"reached ({reason or 'it exited with status 0'})"
+            elif watch.killed:
+                state, reason = "failed", watch.killed
+            elif state == "failed" and gpus:
+                oom = cuda_oom(job_log(job))
+                if oom:
+                    reason = f"CUDA out of memory ({oom}), {reason}" + (
+                        f"; a larger DQ_MEM may help (it booked {fmt_mib(share[0])})"
+                        if share else "")
         except OSError as e:
             reason = f"cannot execute {script}: {e.strerror}"
     if lease.stopped_by_dq():
@@ -4599,7 +5108,7 @@ def cmd__run(cfg, argv):
         return lease.give_up(log)
     log.close()
     drop_from_index(cfg, job.id)
-    hand_over(cfg, host, gpus, job.id)
+    hand_over(cfg, host, gpus, job.id, bool(share))
     lease.stop()
     if ours:
         finish_end(cfg, job)
@@ -4642,10 +5151,19 @@ def check_fits(cfg, hosts, want, need):
                 refuse(c.refusal)
     if want == 0:
         return
-    ok = {h: sum(1 for name, total in gpus if gpu_allowed(need, name, total))
+    def room(total):       # what a sharing job may book on a GPU
+        return total - margin_mib(cfg, total) if total else 0
+    ok = {h: [total for name, total in gpus if gpu_allowed(need, name, total)]
           for h, (gpus, reachable) in allowed.items() if reachable}
     down = sorted(h for h, (_, reachable) in allowed.items() if not reachable)
-    best = max(ok.values(), default=0)
+    best = max(map(len, ok.values()), default=0)
+    if best >= want and "mem" in need and not any(
+            sum(room(t) >= need["mem"] for t in totals) >= want for totals in ok.values()):
+        most = max(sorted(map(room, totals))[-want] for totals in ok.values()
+                   if len(totals) >= want)
+        raise Failure(f"DQ_MEM={fmt_mib(need['mem'])} is more than a job may book on any GPU "
+                      f"of the cluster: share_margin keeps part of each free, and the most "
+                      f"is {fmt_mib(most)}; ask for less with DQ_MEM")
     if best >= want:
         return
     if down:
@@ -4668,21 +5186,18 @@ def check_fits(cfg, hosts, want, need):
                   f"ask for fewer with DQ_GPUS")
 
 
-def seen_models(seen):
-    """[(name, MiB)] of a host's GPUs as hosts.json remembers them (from
-    its last full poll; unknown where it has none)."""
-    table = (seen.get("table") or {}).get("gpus", [])
-    if table and all(len(row) == 4 for row in table):
-        return [(name, total) for _, _, total, name in table]
-    return [(None, None)] * seen["gpus"]
-
-
-def may_place_now(cfg, seen, want):
+def may_place_now(cfg, seen, want, need=None):
     """From the last polls (seen: hosts.json) and the reservations: could a
-    pass place a job wanting `want` GPUs (0: CPU only) right now?"""
+    pass place a job wanting `want` GPUs (0: CPU only; need: its
+    constraints, of which a booking counts here) right now?"""
     if want == 0:
         return True
-    reserved = reserved_by_host(Placements.read(cfg))
+    places = Placements.read(cfg)
+    if need and "mem" in need:
+        polls = {h: seen_host(h, s) for h, s in seen.items() if s["ok"]}
+        return any(pack(r, need["mem"], want, r) is not None
+                   for r in share_rooms(polls, places, cfg, polls).values())
+    reserved = reserved_by_host(places)
     return any(s["ok"] and s["gpus"] - len(set(s["busy"]) | reserved.get(h, set())) >= want
                for h, s in seen.items())
 
@@ -4704,7 +5219,7 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
     shapes = {(j["gpus"], need_shape(j["need"])): j for j in jobs}
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
     queue_only = seen is not None and not any(
-        may_place_now(cfg, seen, j["gpus"]) for j in shapes.values())
+        may_place_now(cfg, seen, j["gpus"], j["need"]) for j in shapes.values())
     if queue_only:
         try:
             for j in shapes.values():
@@ -5076,6 +5591,13 @@ def cmd_wait(cfg, argv):
 
 # Job listings ################################################################
 
+def gpu_use_text(use, booked):
+    """'3.1G/8G' (used now / booked), '3.1G', 'OVER 30.1G/8G', or '-/8G'."""
+    used = use.get("mem_mib") if use else None
+    text = ("-" if used is None else fmt_mib(used)) + (f"/{fmt_mib(booked)}" if booked else "")
+    return ("OVER " if use and use.get("over") else "") + text
+
+
 def active_jobs(cfg, who, places=None, ids=None):
     """Queued and running jobs of `who` (None: everybody's) as dicts; ids:
     only these."""
@@ -5089,27 +5611,6 @@ def active_jobs(cfg, who, places=None, ids=None):
         if d["state"] in ("queued", "running"):
             out.append(d)
     return out
-
-
-def seen_polls(cfg):
-    """The hosts as the last polls saw them (hosts.json), as {host:
-    HostState} for the planner, and the hosts whose last poll failed: what
-    the listings explain the queue with, polling no host."""
-    hosts = load_hosts(cfg)
-    polls = {}
-    for h in cfg.hosts:
-        st, seen = HostState(h, 0), hosts["seen"].get(h)
-        if not seen or not seen["ok"]:
-            st.error = "not answering" if seen else "not polled yet"
-            st.reachable = bool(seen and seen["reachable"])
-        else:
-            for i, (name, total) in enumerate(seen_models(seen)):
-                g = Gpu(i, "", 0, total, name)
-                if i in seen["busy"]:
-                    g.apps.append((0, 0))
-                st.gpus.append(g)
-        polls[h] = st
-    return polls, set(hosts["down"])
 
 
 def queue_reasons(cfg, queued, places):
@@ -5253,10 +5754,18 @@ def cmd_jobs(cfg, argv):
         rows = [row[:4] + (fmt_duration(max(0, j["started"] + j["time_limit"] - now))
                            if j["time_limit"] else "-",) + row[4:]
                 for row, j in zip(rows, running)]
+    if any(j["mem_mib"] or j["gpu_use"] for j in running):    # GPU memory: used/booked
+        headers.insert(3, "Mem")
+        rows = [row[:3] + (gpu_use_text(j["gpu_use"], j["mem_mib"]) if j["gpus"] else "-",)
+                + row[3:] for row, j in zip(rows, running)]
     print_table(headers, rows)
     for j in running:
         if j.get("reason"):
             print(f"{j['id']} on {j['host']}: {j['reason']}")
+        over = (j["gpu_use"] or {}).get("over")
+        if over and j["mem_mib"]:
+            print(f"{j['id']} on {j['host']}: used {fmt_mib(over['mem_mib'])} of GPU memory, "
+                  f"over its DQ_MEM={fmt_mib(j['mem_mib'])}")
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
     return 0
 
@@ -5475,6 +5984,21 @@ def gpu_users(host, res, started):
     return st, rows
 
 
+def sharing_rows(host, rows, places):
+    """dq-users' rows of a host with each process's booking (booked_mib: its
+    job's DQ_MEM), and a row for each sharing job placed on a GPU where it
+    runs no process (yet): every sharing job shows on its GPU."""
+    seen = {(r["job"], r["gpu"]) for r in rows}
+    for r in rows:
+        p = places.get(r["job"]) if r["job"] else None
+        r["booked_mib"] = p.get("mem") if p and r["gpu"] in p["gpus"] else None
+    extra = [{"host": host, "gpu": g, "mem_mb": None, "pid": None, "user": p["user"],
+              "process": "-", "stat": "-", "job": job_id, "booked_mib": p["mem"]}
+             for job_id, p in sorted(places.items()) if p["host"] == host and "mem" in p
+             for g in p["gpus"] if (job_id, g) not in seen]
+    return sorted(rows + extra, key=lambda r: r["gpu"])
+
+
 def cmd_users(cfg, argv):
     p = parser("users", "List every process on every GPU of the cluster, started by dq or "
                "by hand.")
@@ -5487,20 +6011,23 @@ def cmd_users(cfg, argv):
         ".", end="", file=sys.stderr, flush=True) if progress else None)
     if progress:
         print(file=sys.stderr)
+    places = Placements.read(cfg)
     rows = []
     for h in cfg.hosts:
         st, host_rows = gpu_users(h, results[h], started)
         if st.error:
             warn(f"{h}: {st.error}")
-        rows += host_rows
+        rows += sharing_rows(h, host_rows, places)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     table = [(f"{r['host']}:", r["gpu"], f"{r['mem_mb']}-MB" if r["mem_mb"] is not None
-              else "?", r["user"], r["process"], r["pid"] if r["pid"] is not None else "?",
-              r["stat"], f"({STATE_WORDS.get(r['stat'], 'unknown')})", r["job"] or "")
+              else "?" if r["pid"] is not None else "-", fmt_mib(r["booked_mib"]) if r["booked_mib"] else "-", r["user"],
+              r["process"], r["pid"] if r["pid"] is not None else "-", r["stat"],
+              f"({STATE_WORDS.get(r['stat'], 'unknown')})" if r["pid"] else "", r["job"] or "")
              for r in rows]
-    print_table(["Host", "GPU", "Mem", "User", "Process", "PID", "Status", "", "Job"], table)
+    print_table(["Host", "GPU", "Mem", "Booked", "User", "Process", "PID", "Status", "",
+                 "Job"], table)
     return 0
 
 
@@ -5544,13 +6071,16 @@ def cmd_on_all(cfg, argv):
 
 def cmd_free(cfg, argv):
     p = parser("free", "List the unused GPUs of each host: no process on them (nvidia-smi) "
-               "and not\nreserved for a dq job.")
+               "and not\nreserved for a dq job; then the GPUs that still have room for "
+               "sharing jobs\n(DQ_MEM), with how much each may book.")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = parse(p, argv)
     ensure_layout(cfg)
     polls = poll_hosts(cfg, with_ps=False)
-    reserved = reserved_by_host(Placements.read(cfg))
+    places = Placements.read(cfg)
+    reserved = reserved_by_host(places)
     drained = read_drains(cfg)
+    rooms = share_rooms(polls, places, cfg, [h for h in cfg.hosts if not polls[h].error])
     out = []
     for h in cfg.hosts:
         s = polls[h]
@@ -5558,10 +6088,16 @@ def cmd_free(cfg, argv):
             warn(f"{h}: {s.error}")
         free = sorted(s.free(reserved.get(h, ())), reverse=True)
         info = {g.index: g for g in s.gpus}
+
+        def gpu(i):
+            return {"index": i, "name": info[i].name, "memory_total_mib": info[i].total,
+                    "free_mem_mib": max(0, rooms[h][i][0]) if i in rooms.get(h, {}) else 0}
         out.append({"host": h, "free": free, "gpus": len(s.gpus), "error": s.error,
-                    "drained": drained.get(h),
-                    "free_gpus": [{"index": i, "name": info[i].name,
-                                   "memory_total_mib": info[i].total} for i in free]})
+                    "drained": drained.get(h), "free_gpus": [gpu(i) for i in free],
+                    # GPUs shared with (or by) others that have room left
+                    "shared_gpus": [dict(gpu(i), jobs=r[1]) for i, r in
+                                    sorted(rooms.get(h, {}).items())
+                                    if i not in free and r[0] > 0]})
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -5569,8 +6105,11 @@ def cmd_free(cfg, argv):
         if o["drained"]:
             why = o["drained"]["reason"]
             print(f"{o['host']}: drained" + (f" ({why})" if why else ""))
-        elif o["free"]:
-            print(f"{o['host']}: {' '.join(map(str, o['free']))}")
+        elif o["free"] or o["shared_gpus"]:
+            shared = ", ".join(f"{g['index']} ({fmt_mib(g['free_mem_mib'])} free)"
+                               for g in o["shared_gpus"])
+            print(f"{o['host']}: {' '.join(map(str, o['free']))}".rstrip() +
+                  (("; " if o["free"] else " ") + f"shared: {shared}" if shared else ""))
     return 0
 
 
@@ -5611,10 +6150,6 @@ def doctor_script(cfg, token_path, lock_path):
             f"echo \"@@lock $({py} -c {q(LOCK_PROBE)} {q(lock_path)} 2>&1 | head -1)\"\n"
             f"echo @@smi; timeout {smi_timeout(cfg)} {SMI_GPUS} </dev/null 2>&1; "
             f"echo \"@@rc $?\"\n")
-
-
-def fmt_mib(mib):
-    return "?" if mib is None else f"{round(mib / 1024)} GB"
 
 
 def doctor_host(cfg, host, r, t_sent, token, quick):
@@ -5874,8 +6409,10 @@ h2{font-size:1.1em;margin:.2em 0 .5em}
 .tag.drained{background:#E69F00;color:#000}
 .gpu{display:grid;grid-template-columns:2em 1fr;gap:.1em .4em;margin:.3em 0;align-items:center}
 .idx{font-weight:bold;text-align:right}
-.bar{height:.9em;background:#e5e5e5;border-radius:3px;overflow:hidden}
+.bar{height:.9em;background:#e5e5e5;border-radius:3px;overflow:hidden;display:flex}
 .bar>div{height:100%;background:#0072B2}
+.bar>.share.s1{background:#56B4E9}.bar>.share{border-right:1px solid #fff;box-sizing:border-box}
+.bar>.hand{background:#999}
 .gpu.free .bar>div{background:#009E73}
 .who{grid-column:2;font-size:.85em;color:#444;overflow-wrap:anywhere}
 .free-word{color:#006e50;font-weight:bold}
@@ -5947,17 +6484,34 @@ function render(s) {
       info.appendChild(el("div", null, (g.name || "GPU") + " - " + gb(g.memory_used_mib) +
         " of " + gb(g.memory_total_mib) + " GB" +
         (g.utilization !== null ? ", " + g.utilization + "% busy" : "")));
-      const bar = el("div", "bar"), fill = el("div");
-      const used = g.memory_total_mib ? (g.memory_used_mib || 0) / g.memory_total_mib : 0;
-      fill.style.width = Math.round(100 * used) + "%";
-      bar.appendChild(fill); info.appendChild(bar);
+      const bar = el("div", "bar"), total = g.memory_total_mib || 0;
+      const part = (mib, cls, title) => {
+        const d = el("div", cls);
+        d.style.width = (total ? Math.min(100, 100 * mib / total) : 0).toFixed(1) + "%";
+        d.title = title;
+        bar.appendChild(d);
+      };
+      if (g.bookings.length) {      // a shared GPU: each job's booked part, then by hand
+        g.bookings.forEach((b, i) => part(b.mem_mib, "share s" + (i % 2),
+          "dq job " + b.job + " (" + b.user + "): " + gb(b.used_mib) + " of " +
+          gb(b.mem_mib) + " GB booked"));
+        if (g.foreign_mib) part(g.foreign_mib, "hand", "used by hand: " + gb(g.foreign_mib) + " GB");
+      } else {
+        part(g.memory_used_mib || 0, "used", "in use: " + gb(g.memory_used_mib) + " GB");
+      }
+      info.appendChild(bar);
       row.appendChild(info);
       const who = el("div", "who");
       if (g.free) who.appendChild(el("span", "free-word", "free"));
-      else if (!g.processes.length && g.job) who.textContent = "reserved for " + g.job;
-      g.processes.forEach((p, i) => {
-        who.appendChild(el("span", null, (i ? "; " : "") + p.user + " " + p.process +
-          (p.job ? " (dq job " + p.job + ")" : " (by hand, pid " + p.pid + ")")));
+      else if (!g.processes.length && g.job && !g.bookings.length)
+        who.textContent = "reserved for " + g.job;
+      g.bookings.forEach((b, i) => who.appendChild(el("span", null, (i ? "; " : "") +
+        "dq job " + b.job + " (" + b.user + ") uses " + gb(b.used_mib) + " of " +
+        gb(b.mem_mib) + " GB booked")));
+      const booked = new Set(g.bookings.map(b => b.job));
+      g.processes.filter(p => !booked.has(p.job)).forEach(p => {
+        who.appendChild(el("span", null, (who.childNodes.length ? "; " : "") + p.user + " " +
+          p.process + (p.job ? " (dq job " + p.job + ")" : " (by hand, pid " + p.pid + ")")));
       });
       row.appendChild(who);
       box.appendChild(row);
@@ -6038,6 +6592,14 @@ def web_state(cfg, polls=0):
                          "memory_used_mib": g.used,
                          "utilization": int(util[str(g.index)]) if str(g.index) in util
                          else None, "job": job, "free": is_free,
+                         # sharing jobs' parts of its memory (booked, used now)
+                         "bookings": [{"job": job_id, "user": p["user"], "mem_mib": p["mem"],
+                                       "used_mib": sum(r["mem_mb"] or 0 for r in users
+                                                       if r["job"] == job_id)}
+                                      for job_id, p in sorted(places.items())
+                                      if p["host"] == h and g.index in p["gpus"]
+                                      and "mem" in p],
+                         "foreign_mib": foreign_mib(g, h, places),
                          "processes": [{k: r[k] for k in ("pid", "user", "process", "job",
                                                           "mem_mb")} for r in users]})
         hosts.append({"host": h, "reachable": st.reachable, "error": st.error,

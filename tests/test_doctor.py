@@ -36,8 +36,8 @@ def test_a_healthy_cluster_passes(cluster, dq):
     for h in HOSTS:
         for name in CHECKS:
             assert got[(h, name)][0] == "ok", (h, name, r.stdout)
-    assert "4 x NVIDIA A100-SXM4-80GB (80 GB)" in got[("node1", "nvidia-smi")][1]
-    assert "4 x NVIDIA GeForce GTX 1080 Ti (11 GB)" in got[("node3", "nvidia-smi")][1]
+    assert "4 x NVIDIA A100-SXM4-80GB (80G)" in got[("node1", "nvidia-smi")][1]
+    assert "4 x NVIDIA GeForce GTX 1080 Ti (11G)" in got[("node3", "nvidia-smi")][1]
     assert r.stdout.splitlines()[-1].startswith("0 failed")
     data = json.loads(doctor(dq, "--json").stdout)
     assert all(c["ok"] for c in data) and {c["host"] for c in data} >= set(HOSTS)
