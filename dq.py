@@ -4362,9 +4362,9 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
             reconcile(cfg, places, res.polls, now)
             # No job goes to a drained host, nor to one whose last poll
             # (anyone's, over ssh) failed, whatever this pass's poll said.
-            decided = plan_pass(cfg, places, res.polls, now, drained)
-            for job_id, host, gpus in decided.placed:
-                places.assign(job_id, host, gpus, now, decided.shares.get(job_id))
+            chosen = plan_pass(cfg, places, res.polls, now, drained)
+            for job_id, host, gpus in chosen.placed:
+                places.assign(job_id, host, gpus, now, chosen.shares.get(job_id))
         mine = places.claim(user, now)
         others = places.unclaimed_users()
     if decided:
