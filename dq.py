@@ -39,7 +39,8 @@ resolving symlinks) or $DQ_ROOT:
   dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
   state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
                           handover-<host>.lock
-  jobs/backend/<id>/      job.json, run.json, end.json, log   (owned by the user)
+  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use)
+                          (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
@@ -56,18 +57,22 @@ execution, Hosts and GPUs) holding no lock, then under the global lock
 brings the placements up to date with what the polls saw (Placement: the
 Placements model and its table of states, reconcile; Leases for hosts that
 do not answer), reads the queue (Queue) and lets the planner (Planning: a
-pure function, with Wait reasons) give free GPUs to queued jobs, then
-starts the caller's own placed jobs in screen sessions.  In its session
-the job's wrapper (Job wrapper) runs the script, records its end (Ended
-jobs and usage counters) and hands its GPUs over to the next jobs at once
-(another pass).  dq-kill (Steering jobs) ends a job early; the listings
-(Job listings, Job output, Cluster views, Web view) only read.
+pure function, with Wait reasons and GPU sharing's rules) give free GPUs and
+room on shared ones to queued jobs, then starts the caller's own placed jobs
+in screen sessions.  In its session the job's wrapper (Job wrapper) runs the
+script, samples its GPU use (GPU use), records its end (Ended jobs and usage
+counters) and hands its GPUs over to the next jobs at once (another pass).
+dq-kill (Steering jobs) ends a job early; the listings (Job listings, Job
+output, Cluster views, Web view) only read.
 
 Where to change what (the name, then the section it is in):
 
   a submit-time constraint    CONSTRAINTS                 [Constraints]
   a wait reason's words       WAIT_REASONS, wait_reason   [Wait reasons]
   who goes first, backfill    plan                        [Planning]
+  when a GPU takes a sharer   gpu_room, pack              [GPU sharing]
+  what a job's GPU use keeps  GpuWatch, GPU_USE_FIELDS    [GPU use]
+  CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
   dq.conf keys and defaults   Config                      [Configuration]

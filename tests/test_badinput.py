@@ -589,7 +589,7 @@ def test_submit_from_a_deleted_directory(root):
 # ------------------------------------------------------------------ dq.conf
 
 NUMBER_KEYS = ["timeout", "poll_interval", "starve_after", "assign_timeout", "kill_grace",
-               "lost_after", "watch_interval", "lock_timeout", "cpu_slots"]
+               "lost_after", "watch_interval", "lock_timeout", "cpu_slots", "sample_interval"]
 ABOVE_ZERO = ["timeout", "poll_interval", "assign_timeout", "watch_interval", "lock_timeout",
               "cpu_slots"]
 BAD_NUMBERS = ["nan", "inf", "-inf", "-1", "ten", "", "1e400", "1e9", "0x10"]
@@ -616,6 +616,13 @@ def test_bad_config_number(root, key, value):
     ("[dq]\nsmtp = mail server\n", ["'smtp'", "HOST:PORT"]),
     ("[dq]\nsmtp = mail:port\n", ["'smtp'", "HOST:PORT"]),
     ("[dq]\nmail_domain = a b\n", ["'mail_domain'", "example.org"]),
+    ("[dq]\nshare_margin = lots\n", ["'share_margin'", "share_margin = 2%"]),
+    ("[dq]\nshare_margin = 100%\n", ["'share_margin'", "under 100%"]),
+    ("[dq]\nshare_margin = -1G\n", ["'share_margin'", "share_margin = 1G"]),
+    ("[dq]\nmax_jobs_per_gpu = 0\n", ["'max_jobs_per_gpu'", "max_jobs_per_gpu = 8"]),
+    ("[dq]\nmax_jobs_per_gpu = many\n", ["'max_jobs_per_gpu'", "1 to 1000"]),
+    ("[dq]\nshare_foreign = perhaps\n", ["'share_foreign'", "yes or no"]),
+    ("[dq]\nmem_overuse = shout\n", ["'mem_overuse'", "warn or kill"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
@@ -624,7 +631,10 @@ def test_bad_order_and_limits(root, text, needles):
 
 @pytest.mark.parametrize("text", ["starve_after = 0", "kill_grace = 0", "lost_after = 0",
                                   "timeout = 2.5", "poll_interval = 0.5", "cpu_slots = 1",
-                                  "multiplex = no", "lock_timeout = 1000000"])
+                                  "multiplex = no", "lock_timeout = 1000000",
+                                  "sample_interval = 0", "share_margin = 1.5%",
+                                  "share_margin = 512M", "max_jobs_per_gpu = 1",
+                                  "share_foreign = no", "mem_overuse = kill"])
 def test_good_config_numbers_are_taken(root, text):
     write(root.p("dq.conf"), f"[dq]\n{text}\n")
     r = root.run("jobs")

@@ -1,15 +1,19 @@
 """A busy, healthy cluster never loses, kills or doubles a job (issue 10).
 
 Three users submit a few hundred short mixed jobs (1 GPU, 2 GPUs, CPU
-only; 0.2-3 s) from parallel shells, while GPU processes are started and
-stopped by hand beside dq and a few jobs are dq-killed; every host stays
-up.  Then, as a user would check: every job ended as it should (done, or
-killed when it was killed), none ran twice, no two jobs ever shared a GPU,
-and no job started on a GPU a hand-started process had been holding.
+only, and sharing ones with DQ_MEM; 0.2-3 s) from parallel shells, while
+GPU processes are started and stopped by hand beside dq and a few jobs are
+dq-killed; every host stays up.  Then, as a user would check: every job
+ended as it should (done, or killed when it was killed), none ran twice,
+no exclusive job ever shared its GPU, no GPU was ever booked over (the
+sharing jobs' bookings summed per GPU, at every start, fit its memory less
+share_margin, at most max_jobs_per_gpu of them), and no exclusive job
+started on a GPU a hand-started process had been holding.
 
 DQ_SOAK_RUNS=N repeats it N times (each on a fresh install), DQ_SOAK_JOBS
 sets the jobs per run (default 240); the suite runs it once.
 """
+import math
 import os
 import random
 import re
@@ -18,7 +22,7 @@ import time
 
 import pytest
 
-from dqtest import ALICE, BOB, DAN, configure, job, jobs, script, wait_until
+from dqtest import ALICE, BOB, DAN, MODELS, configure, job, jobs, script, wait_until
 
 
 def job_state(dq, job_id):
@@ -34,22 +38,28 @@ HOLD_EVERY = 1.5        # seconds between hand-started GPU processes
 POLL_SLACK = 2.0
 
 # Each run of a job appends a line to its own file (so a job run twice
-# shows two), and start/end lines with its GPUs to the user's trace.
+# shows two), and start/end lines with its GPUs and booking (DQ_MEM in MiB,
+# '-': exclusive) to the user's trace.
 JOB = r'''
 echo "$(hostname) $CUDA_VISIBLE_DEVICES" >> "$DQ_RUNS/$DQ_JOB_ID"
-echo "start $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N)" >> "$DQ_TRACE"
-trap 'echo "end $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N)" >> "$DQ_TRACE"; exit 143' TERM
-if [ "$DQ_GPUS" = 0 ]; then sleep "$DQ_T"; else fake-cuda --hold "$DQ_T" >/dev/null; fi
-echo "end $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N)" >> "$DQ_TRACE"
+echo "start $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N) ${DQ_MEM:--}" >> "$DQ_TRACE"
+trap 'echo "end $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N) ${DQ_MEM:--}" >> "$DQ_TRACE"; exit 143' TERM
+if [ "$DQ_GPUS" = 0 ]; then sleep "$DQ_T"; else fake-cuda --hold "$DQ_T" --mem "${DQ_USE:-500}" >/dev/null; fi
+echo "end $DQ_JOB_ID $(hostname) ${CUDA_VISIBLE_DEVICES:--} $(date +%s.%N) ${DQ_MEM:--}" >> "$DQ_TRACE"
 '''
+TOTAL = {f"node{i}": mib for i, (_, mib) in enumerate(MODELS, 1)}    # memory.total
+MAX_JOBS_PER_GPU = 8
+SHARE_MARGIN = 0.02
 
 
 def job_mix(rng, n):
-    """n (gpus, seconds) pairs: mostly 1-GPU jobs, some 2-GPU and CPU-only."""
+    """n (gpus, seconds, booking MiB or None) triples: mostly 1-GPU jobs,
+    some 2-GPU and CPU-only, and a share of sharing jobs (DQ_MEM)."""
     out = []
     for _ in range(n):
-        gpus = rng.choices([1, 2, 0], weights=[6, 2, 2])[0]
-        out.append((gpus, round(rng.uniform(0.2, 3.0), 1)))
+        gpus = rng.choices([1, 2, 0, "share"], weights=[5, 2, 2, 4])[0]
+        mem = rng.choice([1024, 2048, 4096, 8192]) if gpus == "share" else None
+        out.append((1 if mem else gpus, round(rng.uniform(0.2, 3.0), 1), mem))
     return out
 
 
@@ -58,9 +68,11 @@ def submit_loop(dq, host, user, path, mix, trace, runs, faults=False):
     faults: a submit refused (the data root full) is tried again."""
     # A short pause now and then: submits (each a pass) go on while jobs run
     again = "until {}; do sleep 0.5; done" if faults else "{}"
-    lines = [again.format(f"DQ_GPUS={g} DQ_T={t} {dq.path('submit')} {path}")
+    lines = [again.format(f"DQ_GPUS={g} DQ_T={t} " +
+                          (f"DQ_MEM={mem} DQ_USE={mem - 300} " if mem else "") +
+                          f"{dq.path('submit')} {path}")
              + (" && sleep 0.3" if i % 4 == 3 else "")
-             for i, (g, t) in enumerate(mix)]
+             for i, (g, t, mem) in enumerate(mix)]
     r = dq.cluster.run(host, user, "\n".join(lines), cwd=os.path.dirname(path),
                        env={"DQ_TRACE": trace, "DQ_RUNS": runs}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -70,20 +82,22 @@ def submit_loop(dq, host, user, path, mix, trace, runs, faults=False):
 
 
 def read_trace(path, killed):
-    """{job_id: [host, [gpus], start, end]}; end None if it never wrote one.
+    """{job_id: [host, [gpus], start, end, booking MiB or None]}; end None
+    if it never wrote one.
     A job killed as it wrote a line may have lost a field of it (the kill
     hit the `date` or `hostname` it ran): such a job is left out."""
     out, torn = {}, set()
     with open(path) as f:
         for line in f:
             fields = line.split()
-            if len(fields) != 5:
+            if len(fields) != 6:
                 assert fields[1] in killed, f"a torn line of a job not killed: {line!r}"
                 torn.add(fields[1])
                 continue
-            kind, job_id, host, gpus, t = fields
+            kind, job_id, host, gpus, t, mem = fields
             if kind == "start":
-                out[job_id] = [host, [] if gpus == "-" else gpus.split(","), float(t), None]
+                out[job_id] = [host, [] if gpus == "-" else gpus.split(","), float(t), None,
+                               None if mem == "-" else int(mem)]
             else:
                 out[job_id][3] = float(t)
     for job_id in torn:
@@ -229,22 +243,27 @@ def soak(cluster, dq, run, faults=False):
             j = ended[job_id]
             expected = (0, 1) if job_id in killed else (1,)
             assert times_run in expected, f"{job_id} ran {times_run} times: {j}"
-    for job_id, (host, gpus, start, end) in traces.items():
+    for job_id, (host, gpus, start, end, mem) in traces.items():
         j = ended[job_id]
         assert (host, [int(g) for g in gpus]) == (j["host"], j["gpus"]), job_id
         assert end is not None, f"{job_id} left no end line: {j}"
+        assert mem == j["mem_mib"], (job_id, mem, j["mem_mib"])
 
-    spans = [(h, g, s, e, i) for i, (h, gs, s, e) in traces.items() for g in gs]
-    spans.sort()
-    for a, b in zip(spans, spans[1:]):
-        if a[:2] == b[:2]:
-            assert a[3] <= b[2], (
-                f"{a[4]} and {b[4]} shared {a[0]} GPU {a[1]}: {a[4]} "
-                f"{'(dq-killed) ' if a[4] in killed else ''}ran {a[2]:.3f}-{a[3]:.3f}, "
-                f"{b[4]} {'(dq-killed) ' if b[4] in killed else ''}{b[2]:.3f}-{b[3]:.3f}; "
-                f"faults {fault_log}")
+    spans = sorted((h, g, s, e, i, mem) for i, (h, gs, s, e, mem) in traces.items()
+                   for g in gs)
+    for b in spans:     # at each start, what else held that GPU
+        on = [a for a in spans if a[:2] == b[:2] and a[2] <= b[2] < a[3]]
+        said = "; ".join(f"{a[4]} {'(dq-killed) ' if a[4] in killed else ''}"
+                         f"{'booked ' + str(a[5]) if a[5] else 'exclusive'} "
+                         f"{a[2]:.3f}-{a[3]:.3f}" for a in on)
+        where = f"{b[0]} GPU {b[1]} at {b[2]:.3f}: {said}; faults {fault_log}"
+        if len(on) > 1:
+            assert all(a[5] for a in on), f"an exclusive job shared {where}"
+            room = TOTAL[b[0]] - math.ceil(SHARE_MARGIN * TOTAL[b[0]])
+            assert sum(a[5] for a in on) <= room, f"over-booked ({room} MiB) {where}"
+            assert len(on) <= MAX_JOBS_PER_GPU, f"too many jobs on {where}"
     for host, gpu, t0, t1 in holds:
-        for h, g, s, e, i in spans:
-            if (h, g) == (host, str(gpu)) and t0 + POLL_SLACK < s < t1 - 0.5:
+        for h, g, s, e, i, mem in spans:
+            if (h, g) == (host, str(gpu)) and not mem and t0 + POLL_SLACK < s < t1 - 0.5:
                 raise AssertionError(f"{i} started on {h} GPU {g} at {s:.2f}, "
                                      f"held by hand since {t0:.2f}")

@@ -271,3 +271,67 @@ def test_only_one_poll_for_many_viewers(cluster, dq, web):
     spent = time.monotonic() - t0
     assert len(counts) == 100
     assert max(counts) - min(counts) <= spent / 3 + 1, (sorted(set(counts)), spent)
+
+
+# A shared GPU's bar (issue 19): each sharing job's booked part, side by
+# side, in alternating blues, then what is used by hand, in grey.
+SHARE_BARS = r"""(() => [...document.querySelectorAll('#hosts .host')].map(h => ({
+  name: h.querySelector('h3 span').textContent,
+  gpus: [...h.querySelectorAll('.gpu')].map(g => {
+    const bar = g.querySelector('.bar'), r = bar.getBoundingClientRect();
+    return {text: g.textContent, bar: {x: r.left + scrollX, y: r.top + scrollY,
+                                       width: r.width, height: r.height},
+            parts: [...bar.children].map(p => { const q = p.getBoundingClientRect();
+              return {title: p.title, classes: p.className, x: q.left + scrollX,
+                      y: q.top + scrollY, width: q.width, height: q.height,
+                      colour: getComputedStyle(p).backgroundColor}; })};
+  })})))()"""
+SHARE_A, SHARE_B, HAND = (0, 114, 178), (86, 180, 233), (153, 153, 153)
+
+
+def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
+    configure(dq, ["node1"], poll_interval=0.5)
+    cluster.set_gpus("node1", 1)
+    cluster.hold_gpu("node1", BOB, 0, memory_mb=8192)      # 8G by hand
+    _, path = script(cluster, ALICE, "share.sh", "exec fake-cuda --hold 60 --mem 4000\n")
+    _, other = script(cluster, BOB, "share.sh", "exec fake-cuda --hold 60 --mem 2000\n")
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_MEM": "16G"})
+    b, _ = submit(dq, "node1", BOB, other, env={"DQ_MEM": "8G"})
+    for j, user in ((a, ALICE), (b, BOB)):
+        wait_state(dq, j, "running", user=user)
+    port = free_port()
+    p = dq.popen("node1", ALICE, "web", "--port", port)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until(lambda: _answers(url), timeout=20, what="dq-web to answer")
+        state = json.loads(get(url + "api/state")[1])
+        [g] = state["hosts"][0]["gpus"]
+        assert [(x["job"], x["mem_mib"]) for x in g["bookings"]] == [(a, 16384), (b, 8192)]
+        assert g["foreign_mib"] == 8192
+        if not CHROMIUM:
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        br = Browser()
+        try:
+            br.open(url, 1280, 800)
+            wait_until(lambda: br.eval(RENDERED), timeout=30, what="the page")
+            [h] = br.eval(SHARE_BARS)
+            [gpu] = h["gpus"]
+            # the words: each job with its booking, and the process by hand
+            assert f"dq job {a} ({ALICE}) uses 3.9 of 16.0 GB booked" in gpu["text"], gpu
+            assert f"dq job {b} ({BOB}) uses 2.0 of 8.0 GB booked" in gpu["text"], gpu
+            assert f"{BOB} fake-cuda (by hand, pid" in gpu["text"], gpu
+            # the bar: 16/80, 8/80 and 8/80 of its width, in that order, each
+            # drawn in its colour (pixels of a screenshot of it)
+            parts, width = gpu["parts"], gpu["bar"]["width"]
+            assert [q["classes"] for q in parts] == ["share s0", "share s1", "hand"], parts
+            for q, mib in zip(parts, (16384, 8192, 8192)):
+                assert abs(q["width"] - width * mib / 81920) <= 2, (q, width)
+            assert parts[0]["x"] < parts[1]["x"] < parts[2]["x"]
+            for q, colour in zip(parts, (SHARE_A, SHARE_B, HAND)):
+                inner = dict(q, x=q["x"] + 2, width=q["width"] - 4)   # not the white edge
+                assert pixels(br, inner).most_common(1)[0][0] == colour, (q, colour)
+        finally:
+            br.close()
+    finally:
+        p.terminate()
+        p.wait(10)
