@@ -317,7 +317,7 @@ def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
             [h] = br.eval(SHARE_BARS)
             [gpu] = h["gpus"]
             # the words: each job with its booking, and the process by hand
-            assert f"dq job {a} ({ALICE}) uses 3.9 of 16.0 GB booked" in gpu["text"], gpu
+            assert f"dq job {a} ({ALICE}) uses 3.9 of 16 GB booked" in gpu["text"], gpu
             assert f"dq job {b} ({BOB}) uses 2.0 of 8.0 GB booked" in gpu["text"], gpu
             assert f"{BOB} fake-cuda (by hand, pid" in gpu["text"], gpu
             # the bar: 16/80, 8/80 and 8/80 of its width, in that order, each
