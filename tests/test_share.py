@@ -12,7 +12,7 @@ import time
 import types
 
 import dq as dqmod
-from dqtest import (ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state,
+from dqtest import (ALICE, BOB, DAN, configure, job, jobs, log_of, script, submit, wait_state,
                     wait_until)
 
 FAST = dict(poll_interval=0.5, sample_interval=1)
@@ -313,3 +313,34 @@ def test_cuda_oom_patterns(tmp_path):
     for text in ("loss nan", "out of memory (host)", "ResourceExhaustedError: quota"):
         log.write_text(text + "\n")
         assert dqmod.cuda_oom(str(log)) is None, text
+
+
+def test_fair_share_counts_a_sharing_jobs_fraction(cluster, dq):
+    # node1 with three GPUs: alice's four 10G jobs share GPU 0 (4 x 1/8 =
+    # half a GPU), bob's exclusive job has GPU 1, GPU 2 is held by hand
+    configure(dq, ["node1"], poll_interval=0.5)
+    cluster.set_gpus("node1", 3)
+    hand = cluster.hold_gpu("node1", DAN, 2, memory_mb=81000)
+    _, share = script(cluster, ALICE, "share.sh", JOB)
+    _, solo_a = script(cluster, ALICE, "solo.sh", JOB)
+    _, solo_b = script(cluster, BOB, "solo.sh", JOB)
+    sharing = [submit(dq, "node1", ALICE, share, env={"DQ_MEM": "10G", "DQ_T": "8"})[0]
+               for _ in range(4)]
+    bobs, _ = submit(dq, "node1", BOB, solo_b)
+    for i in sharing:
+        assert wait_state(dq, i, "running")["gpus"] == [0]
+    assert wait_state(dq, bobs, "running", user=BOB)["gpus"] == [1]
+    # both queue a whole-GPU job, bob first; alice holds less (0.5 < 1): hers goes first
+    bob_next, _ = submit(dq, "node1", BOB, solo_b)
+    alice_next, _ = submit(dq, "node1", ALICE, solo_a)
+    cluster.run("node1", DAN, ["kill", str(hand)], check=True)
+    assert wait_state(dq, alice_next, "running", timeout=20)["gpus"] == [2]
+    assert job(dq, bob_next, user=BOB)["state"] == "queued"
+    # usage counts the share: four jobs of 1/8 GPU for ~8 s, about 4 GPU-seconds
+    for i in sharing:
+        wait_state(dq, i, "done", timeout=30)
+    done = {j["id"]: j for j in jobs(dq, view="complete")}
+    ran = sum(done[i]["ended"] - done[i]["started"] for i in sharing)
+    with open(os.path.join(dq.root, "jobs", "done", ALICE)) as f:
+        usage = json.load(f)["usage"]
+    assert abs(usage - ran / 8) < 0.5, (usage, ran)
