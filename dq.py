@@ -71,7 +71,7 @@ Where to change what (the name, then the section it is in):
   a wait reason's words       WAIT_REASONS, wait_reason   [Wait reasons]
   who goes first, backfill    plan                        [Planning]
   when a GPU takes a sharer   gpu_room, pack              [GPU sharing]
-  what a job's GPU use keeps  GpuWatch, GPU_USE_FIELDS    [GPU use]
+  a job's GPU use samples     GpuWatch                    [GPU use]
   CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
@@ -783,11 +783,7 @@ class Config:
         if not self.ssh:
             raise Failure(f"{self.path}: 'ssh' is empty; give the ssh command, e.g. "
                           f"'ssh = ssh -o BatchMode=yes', or leave the key out")
-        try:
-            self.multiplex = parser.getboolean("dq", "multiplex", fallback=True)
-        except ValueError:
-            raise Failure(f"{self.path}: 'multiplex' must be yes or no, not "
-                          f"{sect['multiplex'].strip().lower()!r}") from None
+        self.multiplex = self._yes_no(parser, "multiplex")
         self.python = sect.get("python", "python3").strip()
         if not self.python:
             raise Failure(f"{self.path}: 'python' is empty; name the hosts' Python, e.g. "
@@ -851,17 +847,20 @@ class Config:
         if self.max_jobs_per_gpu is None:
             raise Failure(f"{self.path}: 'max_jobs_per_gpu' must be a whole number of jobs, "
                           f"1 to 1000 (not {jobs!r}), e.g. 'max_jobs_per_gpu = 8'")
-        try:
-            self.share_foreign = parser.getboolean("dq", "share_foreign", fallback=True)
-        except ValueError:
-            raise Failure(f"{self.path}: 'share_foreign' must be yes or no, not "
-                          f"{sect['share_foreign'].strip().lower()!r}") from None
+        self.share_foreign = self._yes_no(parser, "share_foreign")
         self.mem_overuse = sect.get("mem_overuse", "warn").strip().lower()
         if self.mem_overuse not in self.OVERUSE:
             raise Failure(f"{self.path}: 'mem_overuse' must be warn or kill, not "
                           f"{self.mem_overuse!r}, e.g. 'mem_overuse = kill'")
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
+
+    def _yes_no(self, parser, key, default=True):
+        try:
+            return parser.getboolean("dq", key, fallback=default)
+        except ValueError:
+            raise Failure(f"{self.path}: '{key}' must be yes or no, not "
+                          f"{parser['dq'][key].strip().lower()!r}") from None
 
     def _count(self, sect, key, where):
         """A whole number of GPUs, 0 or more, or None where not set."""
@@ -5022,10 +5021,12 @@ def cmd__run(cfg, argv):
     child, renews the job's lease meanwhile (stopping the job if it cannot),
     records how it ended (trying again until the data root takes it), frees
     the GPUs and wakes the scheduler."""
-    internal_args(argv, "_run JOB_ID HOST GPUS SHARE", "started by dq-schedule in the job's "
-                  "screen session", (full_job_id, HOST_RE.fullmatch,
-                                     re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch,
-                                     SHARE_ARG_RE.fullmatch))
+    if len(argv) == 3:      # launched by a dq of before GPU sharing: exclusive
+        argv = argv + ["-"]
+    internal_args(argv, "_run JOB_ID HOST GPUS [SHARE]", "started by dq-schedule in the "
+                  "job's screen session", (full_job_id, HOST_RE.fullmatch,
+                                           re.compile(r"([0-9]+(,[0-9]+)*)?").fullmatch,
+                                           SHARE_ARG_RE.fullmatch))
     job_id, host, gpu_csv, share = argv[0], argv[1], argv[2], parse_share_arg(argv[3])
     job = resolve_job(cfg, job_id)      # a broken job.json: its warning is the error
     if job.owner != me():
@@ -6462,6 +6463,11 @@ function table(id, head, rows) {
   });
 }
 function desc(j) { return j.desc ? j.script + " (" + j.desc + ")" : j.script; }
+function memText(j) {     // as dq-jobs' Mem column: used now / booked, OVER past it
+  const u = j.gpu_use, used = u && u.mem_mib !== null ? gb(u.mem_mib) + "G" : "-";
+  if (!j.gpus.length || !u && !j.mem_mib) return "-";
+  return (u && u.over ? "OVER " : "") + used + (j.mem_mib ? "/" + gb(j.mem_mib) + "G" : "");
+}
 function render(s) {
   const now = s.at;
   document.title = "dq: " + s.free_gpus + " of " + s.total_gpus + " GPUs free";
@@ -6525,9 +6531,9 @@ function render(s) {
   });
   table("users", ["User", "GPUs", "Running", "Queued"],
         s.users.map(u => [u.user, u.gpus, u.running, u.queued]));
-  table("running", ["Job", "User", "Host/GPU", "Runtime", "Left", "Script"],
+  table("running", ["Job", "User", "Host/GPU", "GPU mem", "Runtime", "Left", "Script"],
         s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(",") +
-          (j.reason ? " (" + j.reason + ")" : ""), dur(now - j.started),
+          (j.reason ? " (" + j.reason + ")" : ""), memText(j), dur(now - j.started),
           j.time_limit ? dur(j.started + j.time_limit - now) : "-", desc(j)]));
   table("queue", ["Job", "User", "GPUs", "Wait", "Reason", "Script"],
         s.queue.map(j => [j.id, j.user, j.gpus_wanted, dur(now - j.submitted), j.reason,

@@ -5,6 +5,7 @@ import pwd
 import re
 import socket
 import time
+import types
 
 ALICE, BOB, DAN = "dqalice", "dqbob", "dqdan"
 # The test cluster's GPUs, node1 to node4: a lab's mix of one node of big
@@ -92,3 +93,25 @@ def log_of(dq, job_id):
             return f.read().replace("\r\n", "\n")
     except FileNotFoundError:
         return ""
+
+
+def refused_at_submit(dq, path, cases):
+    """Each (env, needles) of cases: dq-submit refuses it in one line on
+    stderr holding every needle, and queues nothing."""
+    for env, needles in cases:
+        job_id, r = submit(dq, "node1", ALICE, path, env=env, check=False)
+        assert r.returncode == 1 and job_id is None, (env, r.stdout, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dq-submit: error: "), r.stderr
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+
+
+def planner_rules(**kw):
+    """The dq.conf settings the planner reads (dq.plan's `rules`), at their
+    defaults but for fifo order; kw overrides."""
+    c = types.SimpleNamespace(starve_after=600, cpu_slots=4, order="fifo",
+                              gpu_limit=lambda user: None, share_margin=(0.02, 0),
+                              max_jobs_per_gpu=8, share_foreign=True)
+    c.__dict__.update(kw)
+    return c

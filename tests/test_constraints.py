@@ -4,8 +4,8 @@ DQ_GPU_TYPE, DQ_GPU_MEM, on the test cluster's mixed GPUs (node1: A100
 import json
 import time
 
-from dqtest import (ALICE, BOB, MODELS, configure, job, jobs, script, submit, wait_state,
-                    wait_until)
+from dqtest import (ALICE, BOB, MODELS, configure, job, jobs, refused_at_submit, script,
+                    submit, wait_state, wait_until)
 
 
 def hosts_of(dq, ids):
@@ -69,13 +69,7 @@ def test_impossible_constraints_are_refused_at_submit(cluster, dq):
         ({"DQ_GPU_MEM": "lots"}, ["DQ_GPU_MEM='lots' is not a size", "24G"]),
         ({"DQ_GPU_TYPE": "A100", "DQ_GPUS": "0"}, ["DQ_GPUS=0"]),
     ]
-    for env, needles in cases:
-        job_id, r = submit(dq, "node1", ALICE, path, env=env, check=False)
-        assert r.returncode == 1 and job_id is None, (env, r.stdout, r.stderr)
-        lines = r.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("dq-submit: error: "), r.stderr
-        for n in needles:
-            assert n in lines[0], (n, lines[0])
+    refused_at_submit(dq, path, cases)
     assert jobs(dq, view="complete") == [] and jobs(dq) == []
 
 

@@ -76,7 +76,7 @@ def test_an_admins_drain_and_its_reason_are_shown_to_everybody(cluster, dq):
     assert free["node1"]["drained"]["by"] == ALICE and free["node2"]["drained"] is None
     # drained is not busy: its GPU is listed as unused
     assert free["node1"]["free_gpus"] == [{"index": 0, "name": "NVIDIA A100-SXM4-80GB",
-                                          "memory_total_mib": 81920}]
+                                          "memory_total_mib": 81920, "free_mem_mib": 80281}]
 
 
 def test_no_new_job_is_placed_on_a_drained_host(cluster, dq):

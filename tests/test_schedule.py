@@ -63,13 +63,14 @@ def test_gpu_held_by_hand_started_process_is_never_given_out(cluster, dq):
     cluster.set_gpus("node1", 2)
     holder = cluster.hold_gpu("node1", BOB, 0)
     r = dq.run("node1", ALICE, "free")
-    assert r.stdout.strip() == "node1: 1"
+    # GPU 0 is not free; sharing jobs (DQ_MEM) could still use what bob leaves
+    assert r.stdout.strip() == "node1: 1; shared: 0 (77.4G free)"
     _, path = script(cluster, ALICE, "hold.sh", "exec fake-cuda --hold 3\n")
     first, r = submit(dq, "node1", ALICE, path)
     assert f"Executing '{first}' on node1/1 " in r.stdout
     second, r = submit(dq, "node1", ALICE, path)
     assert "Executing" not in r.stdout
-    assert dq.run("node1", ALICE, "free").stdout == ""
+    assert dq.run("node1", ALICE, "free").stdout == "node1: shared: 0 (77.4G free)\n"
     j = wait_state(dq, first, "done", timeout=30)
     # GPU 1 is free again, so the queued job gets it, never GPU 0
     j = wait_state(dq, second, ("running", "done"), timeout=30)
@@ -146,7 +147,7 @@ def test_free_and_failing_nvidia_smi(cluster, dq):
     cluster.set_smi_mode("node4", "na")
     r = dq.run("node1", ALICE, "free", timeout=30)
     assert r.returncode == 0
-    assert r.stdout == "node1: 3 1 0\n"
+    assert r.stdout == "node1: 3 1 0; shared: 2 (77.4G free)\n"
     assert "node2: nvidia-smi failed" in r.stderr
     assert "node3: " in r.stderr and "timed out" in r.stderr
     data = json.loads(dq.run("node1", ALICE, "free", "--json", timeout=30).stdout)
@@ -157,8 +158,13 @@ def test_free_and_failing_nvidia_smi(cluster, dq):
                       "--format=csv,noheader,nounits", check=True).stdout
     gpus = {int(i): (n.strip(), int(m)) for i, n, m in (ln.split(",") for ln in
                                                          smi.splitlines())}
+    # (free_mem_mib: what one sharing job may book, all but share_margin's 2%)
     assert data[0]["free_gpus"] == [{"index": i, "name": gpus[i][0],
-                                     "memory_total_mib": gpus[i][1]} for i in (3, 1, 0)]
+                                     "memory_total_mib": gpus[i][1],
+                                     "free_mem_mib": gpus[i][1] - (gpus[i][1] * 2 + 99) // 100}
+                                    for i in (3, 1, 0)]
+    assert [(g["index"], g["free_mem_mib"], g["jobs"]) for g in data[0]["shared_gpus"]] == \
+        [(2, gpus[2][1] - (gpus[2][1] * 2 + 99) // 100 - 1000, 0)]      # bob's 1000 MiB
     # a job is never placed on a host whose GPUs dq cannot see
     _, path = script(cluster, ALICE, "x.sh", "sleep 5\n")
     for _ in range(4):

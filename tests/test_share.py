@@ -12,8 +12,8 @@ import time
 import types
 
 import dq as dqmod
-from dqtest import (ALICE, BOB, DAN, configure, job, jobs, log_of, script, submit, wait_state,
-                    wait_until)
+from dqtest import (ALICE, BOB, DAN, configure, job, jobs, log_of, planner_rules,
+                    refused_at_submit, script, submit, wait_state, wait_until)
 
 FAST = dict(poll_interval=0.5, sample_interval=1)
 # A job that records where it ran, then holds its GPU with DQ_USE MiB
@@ -194,24 +194,14 @@ def test_bad_or_impossible_bookings_are_refused_at_submit(cluster, dq):
              ({"DQ_MEM": "100G"}, ["DQ_MEM=100G", "(80 GB) on node1"]),
              ({"DQ_MEM": "80G"}, ["DQ_MEM=80G is more than a job may book", "78.4G"]),
              ({"DQ_MEM": "16G", "DQ_GPUS": "0"}, ["DQ_MEM", "DQ_GPUS=0"])]
-    for env, needles in cases:
-        job_id, r = submit(dq, "node1", ALICE, path, env=env, check=False)
-        assert r.returncode == 1 and job_id is None, (env, r.stdout, r.stderr)
-        lines = r.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("dq-submit: error: "), r.stderr
-        for n in needles:
-            assert n in lines[0], (n, lines[0])
+    refused_at_submit(dq, path, cases)
     assert jobs(dq) == []
 
 
 # The planner's sharing rules, on data ########################################
 
 def rules(**kw):
-    r = types.SimpleNamespace(starve_after=600, cpu_slots=4, order="fairshare",
-                              gpu_limit=lambda user: None, share_margin=(0.02, 0),
-                              max_jobs_per_gpu=8, share_foreign=True)
-    r.__dict__.update(kw)
-    return r
+    return planner_rules(**dict(dict(order="fairshare"), **kw))
 
 
 def node(name, count=4, total=81920, apps=None):

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dq  # noqa: E402
+from dqtest import planner_rules  # noqa: E402
 
 UUID0 = "GPU-6a3f4b2e-1c2d-3e4f-5a6b-7c8d9e0f1a2b"
 UUID1 = "GPU-0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e"
@@ -95,12 +96,7 @@ def test_sessions_found_in_ps():
     assert st.sessions == {"3-alice"}
 
 
-def cfg(**kw):
-    c = types.SimpleNamespace(starve_after=600, cpu_slots=4, order="fifo",
-                              gpu_limit=lambda user: None, share_margin=(0.02, 0),
-                              max_jobs_per_gpu=8, share_foreign=True)
-    c.__dict__.update(kw)
-    return c
+cfg = planner_rules
 
 
 def queued(item):

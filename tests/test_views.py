@@ -16,11 +16,11 @@ def test_users_lists_hand_started_and_dq_processes(cluster, dq):
     r = dq.run("node4", ALICE, "users")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["Host", "GPU", "Mem", "User", "Process", "PID", "Status",
-                                "Job"]
-    assert re.search(rf"^node1:\s+2\s+1234-MB\s+{BOB}\s+fake-cuda\s+{pid}\s+S\s+\(sleeping\)\s*$",
-                     r.stdout, re.M), r.stdout
-    assert re.search(rf"^{host}:\s+{gpu}\s+777-MB\s+{ALICE}\s+fake-cuda\s+\d+\s+S\s+"
+    assert lines[0].split() == ["Host", "GPU", "Mem", "Booked", "User", "Process", "PID",
+                                "Status", "Job"]
+    assert re.search(rf"^node1:\s+2\s+1234-MB\s+-\s+{BOB}\s+fake-cuda\s+{pid}\s+S\s+"
+                     rf"\(sleeping\)\s*$", r.stdout, re.M), r.stdout
+    assert re.search(rf"^{host}:\s+{gpu}\s+777-MB\s+-\s+{ALICE}\s+fake-cuda\s+\d+\s+S\s+"
                      rf"\(sleeping\)\s+{job_id}$", r.stdout, re.M), r.stdout
     data = json.loads(dq.run("node4", ALICE, "users", "--json").stdout)
     assert {(d["host"], d["gpu"], d["user"], d["job"]) for d in data} == \
@@ -71,7 +71,7 @@ def test_users_and_free_skip_a_hung_host(cluster, dq):
     finally:
         cluster.cont_sshd("node2")
     assert took < 6 and r.returncode == 0
-    assert re.search(rf"^node1:\s+0\s+\S+\s+{BOB}\s+fake-cuda", r.stdout, re.M)
+    assert re.search(rf"^node1:\s+0\s+\S+\s+-\s+{BOB}\s+fake-cuda", r.stdout, re.M)
     assert "node2: unreachable" in r.stderr
     assert "node2" not in f.stdout and "node2: unreachable" in f.stderr
-    assert f.stdout.startswith("node1: 3 2 1\n")
+    assert f.stdout.startswith("node1: 3 2 1; shared: 0 (77.4G free)\n")
