@@ -19,7 +19,7 @@ FAST = dict(poll_interval=0.5, sample_interval=1)
 # A job that records where it ran, then holds its GPU with DQ_USE MiB
 JOB = '''
 echo "$DQ_JOB_ID $(hostname) $CUDA_VISIBLE_DEVICES" >> started
-exec fake-cuda --mem "${DQ_USE:-500}" --hold "${DQ_T:-60}"
+exec fake-cuda --mem "${DQ_USE:-500}" --util "${DQ_UTIL:-97}" --hold "${DQ_T:-60}"
 '''
 
 
@@ -128,8 +128,8 @@ def test_a_job_over_its_booking_is_flagged_and_its_neighbour_unharmed(cluster, d
     only_gpu0_of_node1(cluster)
     d, path = script(cluster, ALICE, "share.sh", JOB)
     env = {"DQ_MEM": "8G", "DQ_HOSTS": "node1"}
-    greedy, _ = submit(dq, "node1", ALICE, path, env=dict(env, DQ_USE="30720"))
-    good, _ = submit(dq, "node1", ALICE, path, env=dict(env, DQ_USE="4000"))
+    greedy, _ = submit(dq, "node1", ALICE, path, env=dict(env, DQ_USE="30720", DQ_UTIL="30"))
+    good, _ = submit(dq, "node1", ALICE, path, env=dict(env, DQ_USE="4000", DQ_UTIL="20"))
     for i in (greedy, good):
         wait_state(dq, i, "running", timeout=20)
     # sampled by its wrapper every second: flagged in dq-jobs, --json and its log
@@ -138,6 +138,12 @@ def test_a_job_over_its_booking_is_flagged_and_its_neighbour_unharmed(cluster, d
     assert j["gpu_use"]["mem_mib"] == 30720 and j["gpu_use"]["booked_mib"] == 8192
     wait_until(lambda: (job(dq, good)["gpu_use"] or {}).get("mem_mib") == 4000, timeout=10,
                what="the good job's sample")
+    # the GPU's utilisation, as nvidia-smi says it (both jobs on it: 30% + 20%)
+    wait_until(lambda: job(dq, good)["gpu_use"]["util"] == 50, timeout=10,
+               what="a sample of both jobs' utilisation")
+    use = job(dq, good)["gpu_use"]
+    assert use["samples"] >= 1 and use["peak_mem_mib"] == 4000 and use["last"][-1][1:] == \
+        [4000, 50], use
     assert job(dq, good)["gpu_use"]["over"] is None
     r = dq.run("node1", ALICE, "jobs")
     assert "OVER 30G/8G" in r.stdout and "3.9G/8G" in r.stdout, r.stdout

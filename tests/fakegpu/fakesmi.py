@@ -13,8 +13,11 @@ test node):
                                 ("missing" is done by deleting this script)
   /run/fakegpu/holders/<k>.<pid>[.<tag>]
                                 a process <pid> holds GPU <k>; the file holds
-                                its used memory in MiB (first line) and
-                                optionally its process name (second line).
+                                its used memory in MiB (first line),
+                                optionally its process name (second line)
+                                and how busy it keeps the GPU, in % (third
+                                line; default 97: a training job).  A GPU's
+                                utilization.gpu is the sum, at most 100.
                                 The holder keeps an exclusive flock on it;
                                 a file nobody has locked is a dead holder.
 
@@ -122,7 +125,7 @@ def holder_alive(path):
 
 
 def holders(ngpus):
-    """[(gpu_index, pid, used_mib, process_name)] of live holders, sorted."""
+    """[(gpu_index, pid, used_mib, process_name, util %)] of live holders, sorted."""
     found = []
     hdir = os.path.join(STATE, "holders")
     try:
@@ -142,15 +145,16 @@ def holders(ngpus):
         path = os.path.join(hdir, name)
         if not holder_alive(path):
             continue
-        mem, pname = 0, ""
+        mem, pname, util = 0, "", 97
         try:
             with open(path) as f:
                 lines = f.read().splitlines()
             mem = int(lines[0]) if lines else 0
             pname = lines[1] if len(lines) > 1 else ""
+            util = int(lines[2]) if len(lines) > 2 else 97
         except (OSError, ValueError):
             pass
-        found.append((gpu, pid, mem, pname or process_name(pid)))
+        found.append((gpu, pid, mem, pname or process_name(pid), util))
     found.sort()
     return found
 
@@ -170,9 +174,9 @@ def gpus_info(mode):
     procs = holders(n)
     used = [0] * n
     busy = [0] * n
-    for gpu, _pid, mem, _name in procs:
+    for gpu, _pid, mem, _name, util in procs:
         used[gpu] += mem
-        busy[gpu] += 1
+        busy[gpu] += util
     na = mode == "na"
     name, total = gpu_model()
     out = []
@@ -184,7 +188,7 @@ def gpus_info(mode):
             "memory.used": None if na else used[i],
             "memory.total": total,
             "memory.free": None if na else total - used[i],
-            "utilization.gpu": min(100, 97 * busy[i]),
+            "utilization.gpu": min(100, busy[i]),
             "pci.bus_id": bus_id(i),
             "temperature.gpu": 33 + 20 * min(1, busy[i]),
             "count": n,
@@ -261,7 +265,7 @@ def query_apps(fields, fmtopts, gpus, procs, na):
             APP_FIELDS[f][0] + (" [%s]" % APP_FIELDS[f][1] if APP_FIELDS[f][1] else "")
             for f in fields))
     by_index = {g["index"]: g for g in gpus}
-    for gpu, pid, mem, pname in procs:
+    for gpu, pid, mem, pname, _ in procs:
         if gpu not in by_index:
             continue
         row = {"gpu_uuid": by_index[gpu]["uuid"], "pid": pid,
@@ -292,7 +296,7 @@ def table(gpus, procs, na):
             bar]
     if not procs:
         out.append("|  No running processes found" + " " * 59 + "|")
-    for gpu, pid, mem, pname in procs:
+    for gpu, pid, mem, pname, _ in procs:
         out.append("| %4d %7d    C   %-50s %7s |"
                    % (gpu, pid, pname[:50], "N/A" if na else "%dMiB" % mem))
     out.append(bar)
