@@ -6,13 +6,15 @@ node, as the test user (lib.run_timed), so nsenter/setpriv are not counted.
 import json
 import os
 import pwd
+import re
 import sys
 import threading
 import time
 
-from lib import (ALICE, BOB, PY, Row, check, ensure_users, failed, fmt_s, hold_all, job_files,
-                 job_id_of, median, new_install, next_id, percentile, read_json, release,
-                 run_timed, synth_jobs, times, wait_for, write_conf, write_script)
+from lib import (ALICE, BOB, PY, Row, check, dq_module, ensure_users, failed, fmt_s, hold_all,
+                 job_files, job_id_of, median, new_install, next_id, percentile,
+                 queue_file_name, read_json, release, run_timed, synth_jobs, times, wait_for,
+                 write_conf, write_script)
 from dqtest import MODELS
 
 SIZES = {
@@ -20,12 +22,16 @@ SIZES = {
                  b4_small=100, b4_big=100000, b4_n=15, b5_nodes=32, b5_n=10,
                  b6_bytes=2 << 30, b6_n=3, b8_queue=10000, b8_n=7,
                  b9_queue=10000, b9_users=50, b9_passes=7, b9_n=10,
-                 b10_jobs=1000, b10_n=5, b11_viewers=50, b11_seconds=15),
+                 b10_jobs=1000, b10_n=5, b11_viewers=50, b11_seconds=15,
+                 b12_nodes=4, b12_jobs=128, b12_seconds=10,
+                 b13_queue=10000, b13_users=50, b13_passes=7, b14_seconds=20, b14_n=3),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
                   b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
                   b9_queue=1000, b9_users=50, b9_passes=2, b9_n=2,
-                  b10_jobs=100, b10_n=1, b11_viewers=5, b11_seconds=3),
+                  b10_jobs=100, b10_n=1, b11_viewers=5, b11_seconds=3,
+                  b12_nodes=2, b12_jobs=16, b12_seconds=3,
+                  b13_queue=1000, b13_users=50, b13_passes=2, b14_seconds=4, b14_n=1),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -852,10 +858,496 @@ def _web_up(fetch):
         return False
 
 
+# 12-14: GPU sharing, DQ_MEM (issue 19) ########################################
+
+SHARE_MODEL = ("NVIDIA A100-SXM4-80GB", 81920)     # every node's GPUs in 12
+B12_MEM = "8G"
+B12_PER_GPU = 8         # max_jobs_per_gpu (dq's default, written out)
+JOB_ID_RE = re.compile(r"^Job ID: '([^']+)'$", re.M)
+
+
+class CpuTrace:
+    """The machine's busy CPU seconds, sampled in a thread every `every` s,
+    so that the CPU of a phase of a run can be told afterwards."""
+
+    def __init__(self, every=0.1):
+        self.points = [(time.time(), cpu_seconds())]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self.points.append((time.time(), cpu_seconds()))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self.points.append((time.time(), cpu_seconds()))
+
+    def at(self, t):
+        pts = self.points
+        if t <= pts[0][0]:
+            return pts[0][1]
+        for (t0, c0), (t1, c1) in zip(pts, pts[1:]):
+            if t <= t1:
+                return c1 if t1 <= t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+        return pts[-1][1]
+
+    def busy(self, a, b):
+        """CPU seconds the machine was busy between times a and b."""
+        return self.at(b) - self.at(a)
+
+
+def most_at_once(spans):
+    """The most of these (start, end) spans that overlap at one time."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    most = cur = 0
+    for _, d in events:         # at one time an end (-1) sorts before a start
+        cur += d
+        most = max(most, cur)
+    return most
+
+
+def b12_run(c, hosts, name, njobs, secs, env):
+    """njobs jobs of `date; sleep secs; date`, submitted as two sweeps at
+    once (dq-submit --grid, dqalice on node1 and dqbob on node2, half each)
+    on a fresh data root of these hosts; waits for them all to end.  env:
+    the submitters' DQ_* variables (DQ_MEM or none).  Returns what was
+    measured (a dict)."""
+    dq = new_install(c, name, hosts, max_jobs_per_gpu=B12_PER_GPU)
+    # the script's start and end, and between them its wrapper's CPU so far
+    # (its parent's /proc stat line, read by the shell's builtin)
+    body = (f"date +%s.%N\nread -r s < /proc/$PPID/stat; echo \"$s\"\nsleep {secs}\n"
+            f"date +%s.%N\n")
+    scripts = {u: write_script(c, u, f"{name}.sh", body) for u in (ALICE, BOB)}
+    subs = [("node1", ALICE), ("node2", BOB)]
+    per = [njobs // 2 + (1 if i < njobs % 2 else 0) for i in range(2)]
+
+    def grid(u, k):
+        d, path = scripts[u]
+        return [{"argv": [dq.path("submit"), "--grid", "DQ_I=" + ",".join(map(str, range(k))),
+                          path], "cwd": d, "env": env, "keep": 1 << 20}]
+    gpus = len(hosts) * GPUS
+    waves = -(-njobs // (gpus * (B12_PER_GPU if env else 1)))
+    trace = CpuTrace()
+    try:
+        res = parallel([(run_timed, (c, h, u, grid(u, k))) for (h, u), k in zip(subs, per)])
+        flat = [t for r in res for t in r]
+        ids = []
+        for t in flat:
+            if t.rc != 0:
+                raise failed("dq-submit --grid", t)
+            ids += JOB_ID_RE.findall(t.out)
+        if len(set(ids)) != njobs:
+            raise RuntimeError(f"two sweeps of {njobs} jobs in all gave {len(set(ids))} ids")
+
+        def ended():
+            return sum(os.path.exists(os.path.join(dq.root, "jobs", "backend", i, "end.json"))
+                       for i in ids)
+        try:
+            wait_for(lambda: ended() == njobs, 60 + 3 * waves * secs, 0.25,
+                     f"{njobs} jobs to end")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} ({ended()} ended)") from None
+    finally:
+        trace.stop()
+    r = dq.run("node1", ALICE, "jobs", "complete", "--json", "-a", timeout=120)
+    done = {j["id"]: j for j in json.loads(r.stdout)}
+    bad = [i for i in ids if done.get(i, {}).get("state") != "done"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} jobs did not end 'done', e.g. {done.get(bad[0])}")
+    jobs = [done[i] for i in ids]
+    t_sub = min(t.t0 for t in flat)
+    script_in, wrap_in, wrap_out, wrap_cpu, samples, booked = [], [], [], [], 0, set()
+    for j in jobs:
+        _, run, _, log = job_files(dq, j["id"])
+        booked.add(run.get("mem"))
+        try:
+            with open(log) as f:
+                lines = f.read().splitlines()
+            first, last = float(lines[0]), float(lines[-1])
+            script_in.append(first)
+            wrap_in.append(first - j["started"])
+            wrap_out.append(j["ended"] - last)
+            wrap_cpu.append(proc_cpu(lines[1]))
+        except (OSError, ValueError, IndexError):
+            pass
+        use = read_json(os.path.join(dq.root, "jobs", "backend", j["id"], "gpu.json"), {})
+        samples += use.get("samples", 0) if isinstance(use, dict) else 0
+    by_gpu = {}
+    for j in jobs:
+        for g in j["gpus"]:
+            by_gpu.setdefault((j["host"], g), []).append((j["started"], j["ended"]))
+    first_end = min(j["ended"] for j in jobs)
+    last_end = max(j["ended"] for j in jobs)
+    last_in = max(script_in) if script_in else float("nan")
+    gaps = []
+    for spans in by_gpu.values():
+        spans.sort()
+        gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] >= a[1]]
+    return {
+        "makespan": last_end - t_sub, "ideal": waves * secs, "waves": waves, "gpus": gpus,
+        "submit": [t.wall for t in flat], "first_start": min(j["started"] for j in jobs) - t_sub,
+        "all_in": last_in - t_sub, "first_wave": sum(j["started"] < first_end for j in jobs),
+        "runtime": median([j["ended"] - j["started"] for j in jobs]),
+        "wrap_in": median(wrap_in), "wrap_out": median(wrap_out),
+        "end_spread": last_end - first_end, "used": len(by_gpu),
+        "per_gpu": (min(map(len, by_gpu.values())), max(map(len, by_gpu.values()))),
+        "most": max(most_at_once(s) for s in by_gpu.values()), "gaps": gaps,
+        "cpu_in": trace.busy(t_sub, last_in), "cpu_all": trace.busy(t_sub, last_end),
+        "cpu_end": trace.busy(first_end, last_end), "cpu_submit": sum(t.cpu for t in flat),
+        "wrap_cpu": wrap_cpu, "samples": samples, "booked": booked, "njobs": njobs,
+    }
+
+
+def bench_pack(ctx):
+    """Issue 19: sharing jobs (DQ_MEM) packed onto GPUs, against the same
+    jobs exclusive."""
+    c = ctx.cluster(4)
+    nodes, njobs, secs = ctx.size["b12_nodes"], ctx.size["b12_jobs"], ctx.size["b12_seconds"]
+    hosts = c.hosts[:nodes]
+    for h in c.hosts:       # restored by the reset after the benchmark
+        c.set_gpu_model(h, *SHARE_MODEL)
+    say(f"{njobs} jobs of DQ_MEM={B12_MEM} x {secs} s on {nodes} nodes x {GPUS} "
+        f"{SHARE_MODEL[0]} (two sweeps at once)")
+    sh = b12_run(c, hosts, "b12-shared", njobs, secs, {"DQ_MEM": B12_MEM})
+    c.kill_user_processes()     # the second run starts as cold as the first: no loops,
+    say(f"the same {njobs} jobs exclusive (no DQ_MEM)")     # no ssh connections
+    ex = b12_run(c, hosts, "b12-exclusive", njobs, secs, {})
+    ncpu = os.cpu_count()
+    m, ideal = sh["makespan"], sh["ideal"]
+    ratio = ex["makespan"] / m
+    want = 0.75 * ex["waves"] / sh["waves"]     # 6x for 8 waves against one
+    return [
+        Row(12, f"makespan, {njobs} jobs of DQ_MEM={B12_MEM} x {secs} s on {sh['gpus']} "
+                f"GPUs of 80 GB (first submit to last end)",
+            f"<= {1.15 * ideal:.1f} s (1.15 x {ideal:.0f} s)", fmt_s(m), check(m <= 1.15 * ideal),
+            f"ideal {ideal:.0f} s ({sh['gpus']} GPUs x {B12_PER_GPU} jobs: {sh['waves']} "
+            f"wave(s)); two sweeps at once (dq-submit --grid of {njobs // 2}, as {ALICE} on node1 "
+            f"and {BOB} on node2; cold: no loop, no ssh connection yet), each took "
+            f"{' and '.join(fmt_s(x) for x in sh['submit'])}; first job started "
+            f"{fmt_s(sh['first_start'])} after the first submit, all {njobs} scripts running "
+            f"{fmt_s(sh['all_in'])} after it ({sh['first_wave']} of {njobs} started before any "
+            f"ended); job runtime (end.json - run.json) median {fmt_s(sh['runtime'])}, of which "
+            f"before the script {fmt_s(sh['wrap_in'])}, after it {fmt_s(sh['wrap_out'])}; ends "
+            f"spread over {fmt_s(sh['end_spread'])} (machine CPU then {sh['cpu_end']:.1f} CPU-s); "
+            f"start-up (first submit to the last script start, "
+            f"{100 * sh['all_in'] / m:.0f}% of the makespan): the machine's CPU busy "
+            f"{sh['cpu_in']:.1f} CPU-s ({100 * sh['cpu_in'] / max(sh['all_in'], 1e-9) / ncpu:.0f}% "
+            f"of {ncpu} cores, {sh['cpu_in'] / njobs * 1000:.0f} ms per job), of which the two "
+            f"dq-submit (with their ssh clients, wait4) {sh['cpu_submit']:.2f} CPU-s and the "
+            f"wrappers until their script started {sum(sh['wrap_cpu']):.2f} CPU-s (median "
+            f"{1000 * median(sh['wrap_cpu']):.0f} ms each); the rest is screen, sshd, the shells "
+            f"and dates of the jobs, polls' nvidia-smi, the loops; whole run "
+            f"{sh['cpu_all']:.1f} CPU-s; "
+            f"{sh['used']} GPUs used, {sh['per_gpu'][0]}-{sh['per_gpu'][1]} jobs each; booked "
+            f"{', '.join(str(b) for b in sorted(sh['booked'], key=str))} MiB per job; "
+            f"{sh['samples']} GPU samples taken (sample_interval 10)"),
+        Row(12, f"makespan exclusive / shared, the same {njobs} jobs", f">= {want:.1f}x",
+            f"{ratio:.2f}x ({fmt_s(ex['makespan'])} / {fmt_s(m)})", check(ratio >= want),
+            f"exclusive: {ex['waves']} waves of {ex['gpus']}, ideal {ex['ideal']:.0f} s; the two "
+            f"sweeps took {' and '.join(fmt_s(x) for x in ex['submit'])}; the last job's script "
+            f"started {fmt_s(ex['all_in'])} after the first submit; its "
+            f"wrapper before the script median {fmt_s(ex['wrap_in'])} "
+            f"({1000 * median(ex['wrap_cpu']):.0f} ms CPU); machine CPU "
+            f"{ex['cpu_all'] / njobs * 1000:.0f} ms per job over the run; gap "
+            f"on a GPU between jobs median {fmt_s(median(ex['gaps']))}, max "
+            f"{fmt_s(max(ex['gaps']) if ex['gaps'] else float('nan'))}; the goal is 0.75 x "
+            f"the ideal {ex['waves'] // sh['waves']}x"),
+        Row(12, "(check) most sharing jobs at once on one GPU", f"<= {B12_PER_GPU}",
+            str(sh["most"]), check(sh["most"] <= B12_PER_GPU),
+            f"max_jobs_per_gpu = {B12_PER_GPU}; {B12_PER_GPU} x {B12_MEM} + share_margin 2% "
+            f"fits an 80 GB GPU, so the job count is what limits; exclusive run: at most "
+            f"{ex['most']} at once on a GPU"),
+    ]
+
+
+# The deep queue of 13: job i is of kind i % 9 (a third of them sharing),
+# and of user i % 50; what dq-submit writes for each (job.json's env, the
+# jobs/active entry's gpus and need), checked against the snapshot's
+# job_needs at the start.
+B13_KINDS = [
+    ("DQ_HOSTS=node1", 1, {"DQ_HOSTS": "node1"}, {"hosts": ["node1"]}),
+    ("DQ_MEM=8G", 1, {"DQ_MEM": "8G"}, {"mem": 8192}),
+    ("DQ_GPU_TYPE=A100", 1, {"DQ_GPU_TYPE": "A100"}, {"gpu_type": "A100"}),
+    ("DQ_MEM=16G DQ_GPU_TYPE=A100", 1, {"DQ_MEM": "16G", "DQ_GPU_TYPE": "A100"},
+     {"gpu_type": "A100", "mem": 16384}),
+    ("DQ_GPUS=2", 2, {"DQ_GPUS": "2"}, None),
+    ("plain", 1, {}, None),
+    ("DQ_GPUS=2 DQ_MEM=12G", 2, {"DQ_GPUS": "2", "DQ_MEM": "12G"}, {"mem": 12288}),
+    ("DQ_GPU_MEM=40G", 1, {"DQ_GPU_MEM": "40G"}, {"gpu_mem": 40960}),
+    ("plain", 1, {}, None),
+]
+# Real sharing jobs (sleep 3600) that book the shared GPUs before the queue
+# is written: (user, host, DQ_MEM, how many), submitted in this order; dq
+# packs each onto the GPU with the least room that fits it.  node1 (4 x
+# A100 80GB, 80,281 MiB bookable each): two 38G per GPU, 2,457 MiB left;
+# node2 (4 x RTX 3090, 24,084 bookable): one 20G per GPU, 3,604 left, or in
+# "room" one 12G on GPU 3 instead, 11,796 left: room for one 8G job.
+B13_BOOKINGS = {
+    "full": [(ALICE, "node1", "38G", 4), (BOB, "node1", "38G", 4), (BOB, "node2", "20G", 4)],
+    "room": [(ALICE, "node1", "38G", 4), (BOB, "node1", "38G", 4), (BOB, "node2", "20G", 3),
+             (BOB, "node2", "12G", 1)],
+}
+B13_HAND_MIB = 10240    # each GPU of node3 and node4 (1080 Ti, 11 GB): a process by hand
+
+
+def b13_check_kinds(base):
+    """What synth_jobs writes for B13_KINDS is what this dq.py writes."""
+    dqm = dq_module()
+    for label, gpus, env, need in B13_KINDS:
+        got = dqm.job_needs(env, gpus)
+        if got != (need or {}):
+            raise RuntimeError(f"benchmark 13's kind {label}: dq's job_needs gives {got}, "
+                               f"the benchmark writes {need}")
+        entry = {"format": 1, "gpus": gpus, "submitted": 1234.5}
+        if need:
+            entry["need"] = need
+        name = dqm.queue_name(f"{base}-{ALICE}", entry)
+        if name != queue_file_name(base, gpus, need, 1234.5):
+            raise RuntimeError(f"benchmark 13's kind {label}: dq's queue name is {name}, "
+                               f"the benchmark writes {queue_file_name(base, gpus, need, 1234.5)}")
+
+
+def b13_setup(c, variant):
+    """The busy cluster of 13 (see B13_BOOKINGS); a fresh data root."""
+    for host, (name, mib) in zip(c.hosts, MODELS):     # A100, 3090, 1080 Ti x2
+        c.set_gpu_model(host, name, mib)
+    dq = new_install(c, f"b13-{variant}")
+    # As in 9: nobody claims a placement for a synthetic user, so the next
+    # pass drops it (assign_timeout) and places the same again; the loops
+    # of dqalice and dqbob stay idle; no GPU sampling by the wrappers of
+    # the sleeping jobs during the timings.
+    write_conf(dq, c.hosts, assign_timeout=0.001, poll_interval=3600, watch_interval=3600,
+               sample_interval=0)
+    real = []
+    for user, host, mem, k in B13_BOOKINGS[variant]:
+        _, path = write_script(c, user, "b13.sh", "sleep 3600\n")
+        res = run_timed(c, "node1", user, submit_items(dq, path, k, env={
+            "DQ_MEM": mem, "DQ_HOSTS": host}))
+        for t, job_id in zip(res, submitted_ids(res)):
+            if "Executing" not in t.out:
+                raise RuntimeError(f"{job_id} (DQ_MEM={mem} on {host}) did not start at "
+                                   f"submit: {t.out!r} {t.err!r}")
+            real.append(job_id)
+    wait_for(lambda: all(os.path.exists(os.path.join(dq.root, "jobs", "backend", j, "run.json"))
+                         for j in real), 30, 0.2, f"{len(real)} jobs to run")
+    for h in ("node3", "node4"):
+        for g in range(GPUS):
+            c.hold_gpu(h, BOB, g, memory_mb=B13_HAND_MIB)
+    places = read_json(os.path.join(dq.root, "state", "placements.json"), {})
+    booked = {}
+    for p in (places.get("jobs") or {}).values():
+        for g in p.get("gpus", []):
+            booked.setdefault((p["host"], g), []).append(p.get("mem"))
+    return dq, len(real), booked
+
+
+def bench_deep_shared(ctx):
+    """Issue 19's pass target: a deep queue of 50 users, a third of it
+    sharing jobs (DQ_MEM), every GPU busy; once with no room for any
+    sharing job (the shared GPUs' bookings leave less than the smallest
+    DQ_MEM), once with room for one 8G job; each against the same pass
+    with 10 jobs queued."""
+    qlen, nusers, npass = ctx.size["b13_queue"], ctx.size["b13_users"], ctx.size["b13_passes"]
+    if nusers < B9_SMALL or qlen <= B9_SMALL:
+        raise RuntimeError(f"benchmark 13 needs b13_users >= {B9_SMALL} and b13_queue > "
+                           f"{B9_SMALL}")
+    # the synthetic users first: the 10 jobs of the small queue are theirs
+    # (dqalice and dqbob run the real jobs, so fair share takes them last)
+    users = b9_users(nusers)[2:] + [ALICE, BOB]
+    created = ensure_users(users)
+    c = ctx.cluster(4)
+    rows = []
+    for variant in ("full", "room"):
+        if variant != "full":
+            c.reset()       # no jobs, no holders, the default GPUs
+        say(f"[{variant}] real sharing jobs on node1 and node2, node3 and node4 held by hand")
+        dq, nreal, booked = b13_setup(c, variant)
+        base = next_id(dq)
+        b13_check_kinds(base)
+        once = [dq.path("schedule"), "--once", "--quiet"]
+
+        def shape(num):
+            i = num - base
+            _, gpus, env, need = B13_KINDS[i % len(B13_KINDS)]
+            return {"user": users[i % nusers], "gpus": gpus, "env": env, "need": need}
+
+        def measure():
+            res = times(c, "node2", BOB, once, npass + 1)
+            places = read_json(os.path.join(dq.root, "state", "placements.json"), {})
+            placed = sorted((j, p["host"], tuple(p["gpus"]), p.get("mem")) for j, p in
+                            (places.get("jobs") or {}).items() if p.get("state") == "assigned")
+            return res, placed
+        now = time.time()
+        say(f"[{variant}] {B9_SMALL} queued jobs: {npass + 1} passes as {BOB}")
+        synth_jobs(dq, base, B9_SMALL, users, "queued", t0=now - 300, step=0.01, shape=shape)
+        small, placed_small = measure()
+        say(f"[{variant}] {qlen} queued jobs of {nusers} users: the same again")
+        t = time.monotonic()
+        synth_jobs(dq, base + B9_SMALL, qlen - B9_SMALL, users, "queued", t0=now - 200,
+                   step=100 / qlen, shape=shape)
+        synth_s = time.monotonic() - t
+        big, placed_big = measure()
+        if os.environ.get("BENCH_PROFILE"):     # development: where a pass's time goes
+            r = c.run("node2", BOB, [PY, "-S", "-c", PROFILE, dq.root, "dq-schedule", "--once",
+                                     "--quiet"], timeout=300)
+            with open(os.environ["BENCH_PROFILE"], "a") as f:
+                f.write(f"=== [13 {variant}] dq-schedule --once as {BOB} on node2 ({qlen} "
+                        f"queued)\n{r.stdout}{r.stderr[-3000:]}\n")
+        # every job's reason, from the planner over the whole queue
+        r = dq.run("node1", ALICE, "jobs", "queue", "--json", "-a", timeout=300, check=True)
+        listed = json.loads(r.stdout)
+        sharing_reasons, other_reasons = {}, {}
+        for j in listed:
+            n = int(j["id"].split("-", 1)[0]) - base
+            if n < 0:
+                continue
+            kind = B13_KINDS[n % len(B13_KINDS)]
+            into = sharing_reasons if kind[3] and "mem" in kind[3] else other_reasons
+            into[j["reason"] or "-"] = into.get(j["reason"] or "-", 0) + 1
+        nshare = sum(sharing_reasons.values())
+        if len(listed) != qlen:
+            raise RuntimeError(f"dq-jobs queue -a lists {len(listed)} jobs, not {qlen}")
+        want = {"full": [], "room": [(f"{base + 1}-{users[1]}", "node2", (3,), 8192)]}[variant]
+        if placed_big != want or placed_small != want:
+            raise RuntimeError(
+                f"[{variant}] each pass should place {want or 'nothing'}; with {B9_SMALL} "
+                f"queued it placed {placed_small}, with {qlen} {placed_big}")
+        if variant == "full" and not all(w.startswith("GPU memory") for w in sharing_reasons):
+            raise RuntimeError(f"[full] every sharing job should wait for GPU memory: "
+                               f"{sharing_reasons}")
+        s, b = median([t.wall for t in small[1:]]), median([t.wall for t in big[1:]])
+        cs, cb = median([t.cpu for t in small[1:]]), median([t.cpu for t in big[1:]])
+        rooms = {}
+        for (h, g), mems in sorted(booked.items()):
+            rooms.setdefault(h, []).append("+".join(f"{m // 1024}G" for m in mems))
+        what = {"full": "no room for any sharing job",
+                "room": "room for one 8G job on one shared GPU"}[variant]
+        top = lambda d: ", ".join(f"{w} ({k})" for w, k in
+                                  sorted(d.items(), key=lambda x: -x[1])[:4])
+        rows.append(Row(
+            13, f"pass (dq-schedule --once), {qlen} / {B9_SMALL} queued jobs of {nusers} "
+                f"users, a third sharing (DQ_MEM), {what}",
+            "<= 1.5x", f"{b / s:.2f}x ({fmt_s(b)} / {fmt_s(s)})", check(b <= 1.5 * s),
+            f"{npass} passes each (median, after a warm-up), as {BOB} on node2, polls "
+            f"included; GPUs A100 80GB / 3090 / 1080 Ti / 1080 Ti (node1-4), all 16 busy: "
+            f"{nreal} real sharing jobs (sleep) of {ALICE} and {BOB} booking node1 "
+            f"({'; '.join(rooms.get('node1', []))}) and node2 "
+            f"({'; '.join(rooms.get('node2', []))}), node3 and node4 each GPU held by hand "
+            f"with {B13_HAND_MIB // 1024} GB; queue in turn of {len(B13_KINDS)}: "
+            f"{', '.join(k[0] for k in B13_KINDS)}; "
+            + (f"each pass placed nothing in both cases" if not want else
+               f"each pass placed the same job in both cases ({want[0][0]}, 8G on node2 GPU 3), "
+               f"dropped by the next pass (assign_timeout 0.001)")
+            + f"; reasons (dq-jobs queue -a) of the {nshare} sharing jobs: "
+              f"{top(sharing_reasons)}; of the others: {top(other_reasons)}; CPU per pass "
+              f"{cb:.3f} / {cs:.3f} CPU-s; the {qlen - B9_SMALL} jobs written in {synth_s:.1f} s"
+            + (f"; {created} users created" if created and variant == "full" else "")))
+    return rows
+
+
+# 14: what the GPU sampling costs a running job ################################
+
+def proc_cpu(stat_line):
+    """utime + stime + cutime + cstime (s) from a /proc/PID/stat line."""
+    fields = stat_line[stat_line.rindex(")") + 2:].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_sampling(ctx):
+    """Issue 19: the CPU a job's wrapper spends sampling its GPU use
+    (two nvidia-smi calls per sample), at the default sample_interval."""
+    c = ctx.cluster(4)
+    secs, n = ctx.size["b14_seconds"], ctx.size["b14_n"]
+    if n > GPUS:
+        raise RuntimeError(f"b14_n is at most {GPUS} (one node's GPUs)")
+    runs = {}
+    for tag, interval, host in (("on", 1, "node1"), ("off", 0, "node2")):
+        dq = new_install(c, f"b14-{tag}", sample_interval=interval)
+        d = c.user_dir(ALICE, f"b14-{tag}")
+        # The job holds a GPU for secs, then reads its wrapper's CPU (its
+        # parent: the wrapper forks and execs the script) and the samples
+        # taken so far, just before it ends.
+        body = (f"/usr/local/bin/fake-cuda --hold {secs} --mem 2000 > /dev/null\n"
+                f"cat /proc/$PPID/stat > {d}/$DQ_JOB_ID.stat\n"
+                f"cat {dq.root}/jobs/backend/$DQ_JOB_ID/gpu.json > {d}/$DQ_JOB_ID.gpu "
+                f"2>/dev/null\necho $PPID > {d}/$DQ_JOB_ID.ppid\n")
+        _, path = write_script(c, ALICE, "b14.sh", body, subdir=f"b14-{tag}")
+        runs[tag] = (dq, d, path, interval, host)
+    say(f"{n} job(s) holding a GPU for {secs} s with sample_interval 1 (node1) and as many "
+        f"with 0 (node2), at the same time")
+    res = parallel([(run_timed, (c, host, ALICE, submit_items(dq, path, n,
+                                                              env={"DQ_HOSTS": host})))
+                    for dq, _, path, _, host in runs.values()])
+    got = {}
+    for (tag, (dq, d, _, interval, host)), r in zip(runs.items(), res):
+        ids = submitted_ids(r)
+        for t, job_id in zip(r, ids):
+            if "Executing" not in t.out:
+                raise RuntimeError(f"{job_id} did not start at submit: {t.out!r} {t.err!r}")
+        got[tag] = (dq, d, ids)
+    for tag, (dq, d, ids) in got.items():
+        wait_for(lambda: all(os.path.exists(os.path.join(dq.root, "jobs", "backend", i,
+                                                         "end.json")) for i in ids),
+                 secs + 60, 0.5, f"the {tag} jobs to end")
+    cpu, samples, spans = {}, [], {}
+    for tag, (dq, d, ids) in got.items():
+        cpu[tag] = []
+        for job_id in ids:
+            job, run, end, _ = job_files(dq, job_id)
+            if end.get("state") != "done":
+                raise RuntimeError(f"{job_id} ended {end.get('state')}: {end.get('reason')}")
+            try:
+                with open(os.path.join(d, job_id + ".stat")) as f:
+                    stat = f.read()
+                with open(os.path.join(d, job_id + ".ppid")) as f:
+                    ppid = int(f.read())
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"{job_id} left no reading of its wrapper: {e}") from None
+            if ppid != run.get("pid"):
+                raise RuntimeError(f"{job_id}: the script's parent is {ppid}, run.json's "
+                                   f"pid {run.get('pid')}: not the wrapper")
+            cpu[tag].append(proc_cpu(stat))
+            spans.setdefault(tag, []).append(end["ended"] - run["started"])
+            if tag == "on":
+                use = read_json(os.path.join(d, job_id + ".gpu"), {})
+                if not use.get("samples"):
+                    raise RuntimeError(f"{job_id} took no GPU sample with sample_interval 1: "
+                                       f"{use}")
+                samples.append(use["samples"])
+    # one nvidia-smi of each of the two queries a sample makes, timed alone
+    smi = {}
+    for q in ("--query-gpu=index,uuid,utilization.gpu",
+              "--query-compute-apps=gpu_uuid,pid,used_memory"):
+        ts = times(c, "node1", ALICE, ["/usr/local/bin/nvidia-smi", q,
+                                       "--format=csv,noheader,nounits"], 6)
+        smi[q] = median([t.cpu for t in ts[1:]])
+    on, off = sum(cpu["on"]) / n, sum(cpu["off"]) / n
+    per = (on - off) / (sum(samples) / n)
+    pct = 100 * per / 10
+    return [Row(14, "GPU sampling, CPU of a job's wrapper at sample_interval 10 (one core)",
+                "< 1%", f"{pct:.2f}%", check(pct < 1),
+                f"{n} job(s) each with sample_interval 1 and 0, at once ({secs} s of fake-cuda "
+                f"holding a GPU; runtime median {fmt_s(median(spans['on']))} / "
+                f"{fmt_s(median(spans['off']))}); the wrapper's utime+stime+cutime+cstime "
+                f"(/proc/PID/stat, read by the job's script as it ends) "
+                f"{'/'.join(f'{x:.2f}' for x in cpu['on'])} CPU-s with sampling, "
+                f"{'/'.join(f'{x:.2f}' for x in cpu['off'])} without; samples taken "
+                f"{'/'.join(map(str, samples))}: {per * 1000:.1f} ms of CPU per sample, "
+                f"{pct:.2f}% of a core at 10 s ({10 * pct:.1f}% at 1 s); the two nvidia-smi "
+                f"calls of a sample alone (the tests' fake, a Python script; a real "
+                f"nvidia-smi costs more) {1000 * sum(smi.values()):.1f} ms CPU "
+                f"({' + '.join(f'{1000 * v:.1f}' for v in smi.values())})")]
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
          5: ("wide clusters", bench_wide), 8: ("constrained queue", bench_constrained),
          9: ("deep queue of many users", bench_deep), 10: ("sweep submit", bench_sweep),
-         11: ("dq-web viewers", bench_web)}
-ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 5]   # 7 reads what 1 measured; 5 needs its own cluster
+         11: ("dq-web viewers", bench_web), 12: ("GPU sharing: packing", bench_pack),
+         13: ("deep queue with sharing jobs", bench_deep_shared),
+         14: ("GPU sampling cost", bench_sampling)}
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 5]   # 7 reads what 1 measured; 5 needs its own cluster

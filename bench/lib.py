@@ -214,6 +214,24 @@ def snapshot_source(dest, dq_py=None):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
+_DQ_MODULE = None
+
+
+def dq_module():
+    """The snapshot's dq.py as a module, for its pure functions (job_needs,
+    need_shape, queue_name): to check that what a benchmark writes by hand
+    is what this dq would have written."""
+    global _DQ_MODULE
+    if _DQ_MODULE is None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("dq_snapshot",
+                                                      os.path.join(SOURCE, "dq.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _DQ_MODULE = mod
+    return _DQ_MODULE
+
+
 def new_install(cluster, name, hosts=None, **opts):
     """A fresh dq data root on the cluster with dq.conf [dq] hosts + opts."""
     root = install_dq(cluster, os.path.join(cluster.base, "dq", name), repo=SOURCE)
@@ -269,10 +287,15 @@ def _queue_name(queues, user, uid, gid, n, gpus, need, submitted):
         os.mkdir(d, 0o755)
         os.chown(d, uid, gid)
         os.chmod(d, 0o755)
+    _write(os.path.join(d, queue_file_name(n, gpus, need, submitted)), None, uid, gid, text="")
+
+
+def queue_file_name(n, gpus, need, submitted):
+    """The name _queue_name gives job number n (dq's need_shape and
+    queue_name, for a job neither held, waiting nor prioritised)."""
     shape = hashlib.sha1(json.dumps(need, sort_keys=True).encode()).hexdigest()[:12] \
         if need else "-"
-    _write(os.path.join(d, f"{n}_{gpus}_{shape}_0_0_{math.ceil(submitted)}"), None, uid, gid,
-           text="")
+    return f"{n}_{gpus}_{shape}_0_0_{math.ceil(submitted)}"
 
 
 def synth_jobs(dq, first, count, users, state, script="/bin/true", cwd="/", t0=None,
