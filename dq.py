@@ -30,6 +30,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-tail ID [-N] [-f], dq-head ID [-N], dq-logs ID, dq-grep ID PATTERN
                           a job's output
   dq-attach ID            the running job's screen session (Ctrl-a d detaches)
+  dq-shell [CMD...]       a shell (or CMD) on a GPU, through the queue, in this terminal
   dq-users                every process on every GPU, by dq or by hand
   dq-on-all CMD...        run a command on every host
 
@@ -740,7 +741,7 @@ class Config:
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
             "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
             "smtp", "mail_domain", "share_margin", "max_jobs_per_gpu", "share_foreign",
-            "mem_overuse", "lock_stats"} | set(NUMBERS)
+            "mem_overuse", "shell_time", "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
     OVERUSE = ("warn", "kill")
 
@@ -813,6 +814,9 @@ class Config:
         for key in ("time_limit", "max_time"):
             setattr(self, key, duration(f"{self.path}: {key}", sect[key], key)
                     if key in sect else None)
+        # dq-shell's jobs without DQ_TIME: a forgotten shell frees its GPU
+        self.shell_time = duration(f"{self.path}: shell_time", sect.get("shell_time", "4h"),
+                                   "shell_time")
         # Mail at a job's end (DQ_MAIL): the lab's SMTP server, and the
         # domain of users' own addresses (DQ_MAIL=1).
         self.smtp = sect.get("smtp", "localhost:25").strip()
@@ -2361,7 +2365,11 @@ JOB_FIELDS = {
     "after": (lambda v: is_id_list(v), "a list of job IDs", False),
     "after_any": (lambda v: is_id_list(v), "a list of job IDs", False),
     "retry_of": (optional(is_str), "a job ID", False),
-    "retries": (is_int, "a count", False)}
+    "retries": (is_int, "a count", False),
+    # dq-shell's jobs: run for a terminal, with arguments to the program
+    "interactive": (lambda v: v is True, "true (dq-shell)", False),
+    "args": (lambda v: isinstance(v, list) and all(is_str(a) for a in v), "a list of texts",
+             False)}
 
 INDEX_FIELDS = {
     "gpus": (lambda v: is_int(v, 0, MAX_GPUS), f"a number of GPUs, 0 to {MAX_GPUS}", True),
@@ -2507,6 +2515,8 @@ class Job:
             "requeued_as": self.end.get("requeued_as"),
             "notify": self.notify_problems() if self.end else {},
             # a sharing job's booking (MiB per GPU), and what it uses (GpuWatch)
+            "interactive": bool(self.spec.get("interactive")),
+            "args": self.spec.get("args", []),
             "mem_mib": self.run.get("mem") or (placement or {}).get("mem") or self.booking(),
             "gpu_use": read_gpu_use(self.dir) if state == "running" and gpus else None,
         }
@@ -3350,6 +3360,7 @@ def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_o
                 spec[key] = job[key]
         if retry_of:
             spec["retry_of"], spec["retries"] = retry_of, retries
+        spec.update(job.get("spec", {}))     # (dq-shell: interactive, args)
         write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec,
                    durable=len(jobs) == 1)
         entry = {"gpus": job["gpus"], "submitted": now}
@@ -3438,7 +3449,7 @@ def requeue(cfg, job):
         warn(f"cannot requeue {job.id}: {e}")
         return None
     done = job.spec.get("requeues", 0)
-    if done >= limit:
+    if done >= limit or job.spec.get("interactive"):    # nobody waits at a terminal for it
         return None
     return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
                       restart_of=job.id, requeues=done + 1)
@@ -3449,7 +3460,7 @@ def retry(cfg, job):
     up to N times in all.  Returns the new ID or None."""
     limit = retry_limit(job.spec.get("env", {}))
     done = job.spec.get("retries", 0)
-    if done >= limit:
+    if done >= limit or job.spec.get("interactive"):    # nobody waits at a terminal for it
         return None
     try:
         return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
@@ -3568,8 +3579,10 @@ class Placements(dict):
                                                             since
     running    confirm() (seen=when   the job runs in its   drop(): end.json exists (the
                that pass had its      session               wrapper, dq-kill, the owner
-               poll's answer)                               recording a lost job), or it
-                                                            is lost (below)
+               poll's answer)                               recording a lost job; one
+                                                            dq-kill wrote: once its
+                                                            session is gone, see dying),
+                                                            or it is lost (below)
     (gone)     drop()                 not in the file
 
     Which poll may prove a session gone (it lists the host's screen
@@ -3807,6 +3820,19 @@ class Placements(dict):
         return "gone" if now - p["since"] >= LAUNCH_GRACE + self.cfg.timeout else None
 
 
+def dying(cfg, job_id, p, st):
+    """Is a running job that dq-kill recorded killed perhaps still dying
+    (its screen session in this poll, or a poll that does not list
+    sessions)?  Its GPUs stay its own until the kill went through (dq-kill
+    frees them then), its wrapper hands them over, or a poll finds its
+    session gone: the next job never starts beside the last of it."""
+    if p["state"] != Placements.RUNNING or st is None or not st.reachable or \
+            st.sessions is not None and job_id not in st.sessions:
+        return False
+    end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), {}, {}, skip_newer=True)
+    return end.get("state") == "killed"
+
+
 def reconcile(cfg, places, polls, now):
     """Bring the placements in line with what the polls saw, under the
     lock: drop those of jobs that ended and assignments nobody claimed,
@@ -3819,11 +3845,12 @@ def reconcile(cfg, places, polls, now):
     for job_id, p in list(places.items()):
         # Under the lock at every job change: a stat per placement, and a
         # job's files are read only where this poll can say more of it.
+        st = polls.get(p["host"])
         if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) \
                 or places.expired(job_id, now):
-            places.drop(job_id)
+            if not dying(cfg, job_id, p, st):
+                places.drop(job_id)
             continue
-        st = polls.get(p["host"])
         if st is None:
             continue
         job = None
@@ -5080,7 +5107,8 @@ def cmd__run(cfg, argv):
     else:
         try:
             timer = TimeLimit(job, cfg.kill_grace)
-            rc = run_in_pty([script], cwd, job_env(job, gpus), log, on_start, timer)
+            rc = run_in_pty([script] + job.spec.get("args", []), cwd, job_env(job, gpus), log,
+                            on_start, timer)
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 code, reason = 128 - rc, f"killed by {sig}"
@@ -5378,7 +5406,9 @@ def retire(cfg, job):
         places.drop(job.id)
 
 
-def kill_job(cfg, job):
+def kill_job(cfg, job, state="killed", reason="killed by dq-kill", say=print):
+    """End a queued or running job now (state, reason: how it is
+    recorded; say: where its progress lines go)."""
     def not_active():
         job._end = job._lost = None
         print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
@@ -5390,14 +5420,14 @@ def kill_job(cfg, job):
         place = places.get(job.id)
         # Recorded first: the wrapper then knows the end was a kill, and a
         # launch under way does not start the script.
-        killed = record_end(cfg, job, "killed", "killed by dq-kill",
+        killed = record_end(cfg, job, state, reason,
                             host=(place or {}).get("host") or job.run.get("host"))
         placed_as = places.state(job.id)
     if not killed:          # it ended on its own meanwhile
         return not_active()
     crash_point("kill-recorded")
     if not job.run and placed_as in (None, Placements.ASSIGNED):
-        print(f"Removing {job.id} from the queue")
+        say(f"Removing {job.id} from the queue")
         retire(cfg, job)
         return 0
     if not job.run and placed_as == Placements.LAUNCHING:
@@ -5408,7 +5438,7 @@ def kill_job(cfg, job):
             time.sleep(0.1)
             job._run = None
     host = job.run.get("host") or place["host"]
-    print(f"Killing {job.id} on {host} ...")
+    say(f"Killing {job.id} on {host} ...")
     r = kill_on_host(cfg, job, host)
     if not r.ok:
         warn(f"could not reach {host} to kill {job.id} ({r.why()}); it is recorded killed, "
@@ -5442,6 +5472,8 @@ def cmd_restart(cfg, argv):
         if state in ("queued", "running"):
             raise Failure(f"job {job.id} is {state}; only a finished job can be restarted "
                           f"(dq-kill it first)")
+        if job.spec.get("interactive"):
+            raise Failure(f"job {job.id} was a dq-shell; start a new one with dq-shell")
     # Dependencies on jobs restarted here go to their new runs.
     again = {}
     for job in sorted(jobs, key=lambda j: j.n):
@@ -5604,6 +5636,15 @@ def gpu_use_text(use, booked):
     return ("OVER " if use and use.get("over") else "") + text
 
 
+def script_text(j):
+    """What a job runs, as the listings show it: a dq-shell's is marked
+    [shell], with its command (else the login shell it runs)."""
+    if not j.get("interactive"):
+        return j["script"]
+    args = j.get("args") or []
+    return "[shell] " + (shlex.join(args[3:]) if args[:2] == ["-c", 'exec "$@"'] else j["script"])
+
+
 def active_jobs(cfg, who, places=None, ids=None):
     """Queued and running jobs of `who` (None: everybody's) as dicts; ids:
     only these."""
@@ -5722,7 +5763,7 @@ def cmd_jobs(cfg, argv):
             print(json.dumps(queued, indent=1))
             return 0
         print(f"Jobs in queue: {len(queued)}")
-        rows = [(j["id"], fmt_duration(now - j["submitted"]), j["reason"] or "-", j["script"],
+        rows = [(j["id"], fmt_duration(now - j["submitted"]), j["reason"] or "-", script_text(j),
                  env_text(j["env"])) for j in queued]
         print_table(["JobID", "Wait", "Reason", "Script", "Env"], rows)
         return 0
@@ -5738,7 +5779,7 @@ def cmd_jobs(cfg, argv):
             exit_text = j["signal"] or ("-" if j["exit_code"] is None else j["exit_code"])
             state = j["state"] + (f" -> {j['requeued_as']}" if j["requeued_as"] else "")
             rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), state,
-                         exit_text, fmt_duration(runtime), j["script"], env_text(j["env"])))
+                         exit_text, fmt_duration(runtime), script_text(j), env_text(j["env"])))
         print_table(["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"],
                     rows)
         for j in done:
@@ -5753,7 +5794,7 @@ def cmd_jobs(cfg, argv):
         return 0
     print(f"Active jobs: {len(running)}")
     rows = [(j["id"], j["host"], fmt_gpus(j["gpus"]), fmt_duration(now - j["started"]),
-             j["script"], env_text(j["env"])) for j in running]
+             script_text(j), env_text(j["env"])) for j in running]
     headers = ["JobID", "Host", "GPU", "Runtime", "Script", "Env"]
     if any(j["time_limit"] for j in running):     # time left, for jobs with a limit
         headers.insert(4, "Left")
@@ -5920,6 +5961,16 @@ def cmd_grep(cfg, argv):
     return g.returncode
 
 
+def attach_argv(cfg, job):
+    """The command that attaches this terminal to a running job's screen."""
+    name = session_name(job.id)     # letters, digits and -_. only: safe in any shell
+    if cfg.local:
+        return ["screen", "-r", name]
+    argv = ssh_argv(cfg, job.run["host"])
+    argv[1:1] = ["-t"]
+    return argv + [f"exec screen -r {name}"]
+
+
 def cmd_attach(cfg, argv):
     p = parser("attach", "Attach your terminal to a running job's screen session.\n"
                "Detach with Ctrl-a d; the job keeps running.")
@@ -5930,16 +5981,152 @@ def cmd_attach(cfg, argv):
     if job.state() != "running":
         raise Failure(f"job {job.id} is {job.state()}, not running; nothing to attach to "
                       f"(see dq-tail {job.n})")
-    host = job.run["host"]
-    name = session_name(job.id)     # letters, digits and -_. only: safe in any shell
-    if cfg.local:
-        argv = ["screen", "-r", name]
-    else:
-        argv = ssh_argv(cfg, host)
-        argv[1:1] = ["-t"]
-        argv += [f"exec screen -r {name}"]
+    argv = attach_argv(cfg, job)
     debug(shlex.join(argv))
     os.execvp(argv[0], argv)
+
+
+# Interactive shells (dq-shell) ###############################################
+
+# dq-shell is a job like any other (every DQ_* variable, listed, logged,
+# time-limited by shell_time unless DQ_TIME says otherwise), whose program
+# is the user's login shell or the command given, run for a terminal: once
+# its owner's pass has started it in its screen session, dq-shell attaches
+# the calling terminal there (as dq-attach does).  While it waits, one
+# status line on stderr (a terminal only) says where it is in the queue and
+# why; Ctrl-C withdraws it (cancelled), --now withdraws it at once if the
+# first pass does not place it.  It is never retried or requeued (nobody
+# would be at its terminal), nor restarted.
+
+SHELL_STATUS_EVERY = 1.0        # seconds between looks at a waiting shell
+
+
+def shell_program(command):
+    """(script, args) of a dq-shell job: the login shell, or the command
+    looked up on the job's host (sh -c 'exec "$@"', so its PATH counts)."""
+    if not command:
+        shell = os.environ.get("SHELL") or pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+        if not os.path.isabs(shell) or not os.access(shell, os.X_OK):
+            raise Failure(f"your login shell {shell!r} is not an executable path; set SHELL "
+                          f"or give the command to run, e.g. dq-shell bash")
+        return shell, []
+    return "/bin/sh", ["-c", 'exec "$@"', "dq-shell"] + command
+
+
+def queue_place(cfg, job_id):
+    """(place, of how many) of a queued job among every queued one, by age."""
+    places = Placements.read(cfg)
+    waiting = [i for i in active_ids(cfg) if i not in places]
+    return (waiting.index(job_id) + 1 if job_id in waiting else 0), len(waiting)
+
+
+def wait_reason_of(cfg, job):
+    """The planner's reason why the queued job waits (see queue_reasons)."""
+    d = job.to_dict()
+    queue_reasons(cfg, [d], Placements.read(cfg))
+    return d.get("reason") or NEXT_PASS
+
+
+def wait_for_start(cfg, job, say):
+    """Until the job runs (or ends): say where it is when that changes."""
+    said = None
+    while True:
+        job = load_job(cfg, job.id, quiet=True) or job
+        state = job.state()
+        if state != "queued":
+            return job
+        place, total = queue_place(cfg, job.id)
+        line = (f"{job.id} waits, {place} of {total} in the queue: {wait_reason_of(cfg, job)}"
+                if place else f"{job.id} is placed; starting")
+        if line != said:
+            say(line)
+            said = line
+        time.sleep(SHELL_STATUS_EVERY)
+
+
+def shell_ended(job, attached=False):
+    """dq-shell's exit status once its job ended: the job's (1 if it had
+    none); not attached: its log first, which the terminal never showed."""
+    if not attached:
+        try:
+            with open(job_log(job), "rb") as f:
+                _write_all(1, f.read())
+        except OSError:
+            pass
+        if job.state() != "done":
+            print(f"{PROG}: {job.id} ended {job.state()}: {job.end.get('reason') or '-'}",
+                  file=sys.stderr)
+    code = job.end.get("exit_code")
+    return code if isinstance(code, int) and 0 <= code < 256 else 1
+
+
+def cmd_shell(cfg, argv):
+    import argparse
+    p = parser("shell", "A shell on a GPU through the queue: queue a job that runs your "
+               "login shell (or\nCMD), wait for a GPU, then attach this terminal to it on "
+               "its host, in this\ndirectory, with CUDA_VISIBLE_DEVICES and your DQ_* "
+               "variables (DQ_GPUS, DQ_MEM,\nDQ_HOSTS, DQ_TIME...; without DQ_TIME it "
+               "ends after shell_time, default 4h).\nCtrl-C while it waits withdraws it; "
+               "Ctrl-a d detaches (dq-attach ID returns);\nit ends when the shell exits.")
+    p.add_argument("-n", "--now", action="store_true",
+                   help="take a GPU now or fail at once, saying why")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="what to run instead of your login shell")
+    args = parse(p, argv)
+    tty = sys.stderr.isatty()
+
+    def say(text, end=False):
+        if tty:     # one status line, rewritten in place
+            sys.stderr.write(f"\r\033[K{PROG}: {text}" + ("\n" if end else ""))
+            sys.stderr.flush()
+    cwd = submit_cwd()
+    script, extra = shell_program(args.command)
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("DQ_") and k not in OWN_VARS + SWEEP_VARS}
+    job = prepare_job(cfg, env)
+    if not env.get("DQ_TIME", "").strip():
+        job["time_limit"] = cfg.shell_time
+    job["spec"] = {"interactive": True, "args": extra}
+    ensure_layout(cfg)
+    polls = poll_hosts(cfg)
+    check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
+                     for h, s in polls.items()}, job["gpus"], job["need"])
+    job_id = create_job(cfg, script, cwd, job)
+    running = None
+    try:
+        schedule_pass(cfg, polls)
+        job = load_job(cfg, job_id)
+        if args.now and job.state() == "queued" and job_id not in Placements.read(cfg):
+            why = wait_reason_of(cfg, job)
+            kill_job(cfg, job, "cancelled", f"dq-shell --now: no GPU now ({why})",
+                     say=lambda text: None)
+            raise Failure(f"no GPU for {job_id} now: {why}; without --now it waits for one")
+        if not scheduler_running(cfg):
+            spawn_scheduler(cfg)
+        running = wait_for_start(cfg, job, say)
+    except KeyboardInterrupt:
+        job = load_job(cfg, job_id)
+        if job and job.state() in ("queued", "running"):
+            kill_job(cfg, job, "cancelled" if job.state() == "queued" else "killed",
+                     "withdrawn with Ctrl-C while it waited (dq-shell)", say=lambda text: None)
+        say(f"withdrew {job_id}", end=True)
+        if not tty:
+            print(f"{PROG}: withdrew {job_id}", file=sys.stderr)
+        return 130
+    if running.state() != "running":     # over before it could be attached: its output
+        say(f"{job_id} ended {running.state()} before this terminal was attached", end=True)
+        return shell_ended(running)
+    say(f"{job_id} runs on {running.run['host']} (GPU "
+        f"{fmt_gpus(running.run.get('gpus', []))}); Ctrl-a d detaches", end=True)
+    import subprocess
+    attach = attach_argv(cfg, running)
+    debug(shlex.join(attach))
+    subprocess.call(attach)
+    job = load_job(cfg, job_id)
+    if job.state() == "running":
+        print(f"{PROG}: {job_id} runs on; dq-attach {job.n} returns to it", file=sys.stderr)
+        return 0
+    return shell_ended(job, attached=True)
 
 
 # Cluster views ###############################################################
@@ -6462,7 +6649,11 @@ function table(id, head, rows) {
     t.appendChild(r);
   });
 }
-function desc(j) { return j.desc ? j.script + " (" + j.desc + ")" : j.script; }
+function desc(j) {
+  const what = j.interactive ? "[shell] " + (j.args.length > 3 ? j.args.slice(3).join(" ")
+                                                               : j.script) : j.script;
+  return j.desc ? what + " (" + j.desc + ")" : what;
+}
 function memText(j) {     // as dq-jobs' Mem column: used now / booked, OVER past it
   const u = j.gpu_use, used = u && u.mem_mib !== null ? gb(u.mem_mib) + "G" : "-";
   if (!j.gpus.length || !u && !j.mem_mib) return "-";
@@ -6750,6 +6941,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "grep": cmd_grep,
     "attach": cmd_attach,
+    "shell": cmd_shell,
     "users": cmd_users,
     "on-all": cmd_on_all,
 }

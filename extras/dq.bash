@@ -44,11 +44,11 @@ _dq() {
         drain) COMPREPLY=($(compgen -W "$("$dqpy" _complete hosts 2>/dev/null)" -- "$cur")) ;;
         kill|wait|restart|hold|release|top|tail|head|logs|grep|attach)
             COMPREPLY=($(compgen -W "$("$dqpy" _complete ids 2>/dev/null)" -- "$cur")) ;;
-        on-all) COMPREPLY=($(compgen -c -- "$cur")) ;;
+        on-all|shell) COMPREPLY=($(compgen -c -- "$cur")) ;;
     esac
     return 0
 }
 
 complete -o default -o bashdefault -F _dq dq-submit dq-jobs dq-kill dq-restart dq-hold \
     dq-release dq-top dq-drain dq-wait dq-free dq-schedule dq-tail dq-head dq-logs dq-grep \
-    dq-attach dq-users dq-on-all dq-doctor dq-web
+    dq-attach dq-shell dq-users dq-on-all dq-doctor dq-web

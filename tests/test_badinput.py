@@ -536,7 +536,7 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 # Every user command: in the overview, with --help and --version
 COMMANDS = ["submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
             "web", "restart", "free", "schedule", "tail", "head", "logs", "grep", "attach",
-            "users", "on-all"]
+            "shell", "users", "on-all"]
 
 
 def test_no_command_prints_the_overview(root):
