@@ -311,6 +311,51 @@ def test_listings_durations_read_back_as_durations():
         assert s <= 0 or dq.duration("DQ_TIME", text, "DQ_TIME") == int(s)
 
 
+@pytest.mark.parametrize("text,want", [
+    ("USR1@10m", ("SIGUSR1", 600)), ("SIGUSR2@90s", ("SIGUSR2", 90)),
+    ("TERM@30", ("SIGTERM", 30)), (" usr1 @ 1h30m ", ("SIGUSR1", 5400)),
+    ("sigint@2d", ("SIGINT", 172800)), ("USR1", ("SIGUSR1", None)),
+])
+def test_dq_signal_reads_a_signal_and_a_time_before_the_limit(text, want):
+    sig, lead = dq.parse_signal(text)
+    assert (sig.name, lead) == want
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("KILL@10m", "SIGKILL cannot be trapped"), ("SIGSTOP@1m", "SIGSTOP cannot be trapped"),
+    ("USR3@1m", "USR3 is not a signal"), ("9@1m", "9 is not a signal"),
+    ("@1m", "(none) is not a signal"), ("", "(none) is not a signal"),
+    ("USR1@", "'' is not a time"), ("USR1@0", "'0' is not a time"),
+    ("USR1@1h30", "'1h30' is not a time"), ("USR1@-5s", "'-5s' is not a time"),
+    ("USR1@10m@5m", "is not a time"),
+])
+def test_dq_signal_refuses_what_a_job_cannot_use(text, needle):
+    with pytest.raises(dq.Failure) as e:
+        dq.parse_signal(text)
+    assert needle in str(e.value) and "e.g. DQ_SIGNAL=USR1@10m" in str(e.value)
+    assert str(e.value).startswith(f"DQ_SIGNAL={text!r}")
+
+
+def test_dq_signal_must_come_before_the_limit():
+    assert dq.job_signal({}, 60) is None
+    assert dq.job_signal({"DQ_SIGNAL": "USR1@59s"}, 60)[1] == 59
+    assert dq.job_signal({"DQ_SIGNAL": "USR1@1h"}, None)[1] == 3600   # serves dq-kill --grace
+    for limit in (60, 30):
+        with pytest.raises(dq.Failure, match="before it starts; give a shorter time"):
+            dq.job_signal({"DQ_SIGNAL": "USR1@1m"}, limit)
+    # what the wrapper takes from a job dq-submit did not check: no warning
+    assert dq.warning_signal({"env": {"DQ_SIGNAL": "KILL@1m"}, "time_limit": 600}) is None
+    assert dq.warning_signal({"env": {"DQ_SIGNAL": "USR1@1m"}, "time_limit": 30}) is None
+    assert dq.warning_signal({"env": {"DQ_SIGNAL": "HUP@1m"}})[0].name == "SIGHUP"
+
+
+def test_kill_grace_reads_durations():
+    assert [dq.grace_seconds(t) for t in ("5m", "90s", "300", "1h30m")] == [300, 90, 300, 5400]
+    for bad in ("", "0", "soon", "1h30", "-5"):
+        with pytest.raises(dq.Failure, match="is not a duration above 0; e.g. --grace 5m"):
+            dq.grace_seconds(bad)
+
+
 def test_readme_example_config_parses(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(dq.DQ_PY), "README.md")).read()
     block = readme.split("    [dq]\n", 1)[1].split("\n\n", 1)[0]
