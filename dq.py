@@ -17,6 +17,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-submit SCRIPT        queue a job (DQ_GPUS=N asks for N GPUs, 0 = CPU only)
   dq-jobs [summary|queue|complete]   list jobs (--json for data)
   dq-kill ID...           remove a queued job, or kill a running one
+                          (--grace DUR: warn it with its DQ_SIGNAL first)
   dq-restart ID...        run finished jobs again (same script, cwd, env)
   dq-hold ID...           keep queued jobs from starting
   dq-release ID...        let held jobs start again
@@ -39,8 +40,8 @@ resolving symlinks) or $DQ_ROOT:
   dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
   state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
                           handover-<host>.lock
-  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use)
-                          (owned by the user)
+  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use),
+                          grace.json (dq-kill --grace's request) (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
@@ -75,6 +76,7 @@ Where to change what (the name, then the section it is in):
   CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
+  warnings, DQ_DEADLINE       TimeLimit, job_env          [Job wrapper]
   dq.conf keys and defaults   Config                      [Configuration]
   dq-jobs' columns            cmd_jobs                    [Job listings]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
