@@ -153,6 +153,22 @@ while :; do sleep 0.1; done
     assert j["signal"] == "SIGKILL" and 2.5 < j["ended"] - term < 5, j
 
 
+def test_a_plain_kill_during_a_grace_stops_the_job_at_once(cluster, dq):
+    configure(dq, ["node1"], kill_grace=1)
+    _, path = script(cluster, ALICE, "warned.sh", WARNED)
+    job_id, _ = submit(dq, "node1", ALICE, path, env={"DQ_SIGNAL": "USR1"})
+    wait_state(dq, job_id, "running")
+    wait_said(dq, job_id, "start", 10)
+    assert dq.run("node1", ALICE, "kill", "--grace", "5m", job_id).returncode == 0
+    wait_said(dq, job_id, "warned", 5)
+    t0 = time.time()
+    r = dq.run("node1", ALICE, "kill", job_id)
+    assert r.returncode == 0 and r.stdout.startswith(f"Killing {job_id} on node1"), r.stderr
+    j = wait_state(dq, job_id, "killed", timeout=5)
+    assert j["reason"] == "killed by dq-kill" and j["ended"] - t0 < 3, j
+    assert len(said(log_of(dq, job_id), "warned")) == 1
+
+
 def test_grace_on_a_host_that_does_not_answer_goes_through_the_wrapper(cluster, dq):
     """The ssh to poke the wrapper hangs: dq-kill says so, and the wrapper
     finds the request at its next lease renewal (every second here)."""
