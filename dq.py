@@ -5003,7 +5003,6 @@ class TimeLimit:
         self.hit = False            # the limit's TERM went out: it ends `timeout`
         self.stopped_by = None      # a dq-kill --grace's reason: it ends `killed`
         self.asked = False          # grace.json may be there: read it
-        self.warned = False
         self.warn_at = self.term_at = self.kill_at = None
 
     def start(self, pgid):
@@ -5032,7 +5031,7 @@ class TimeLimit:
             return
         self.stopped_by = request["reason"]
         sig = self.warning[0] if self.warning else signal.SIGTERM
-        self.warn_at, self.warned = None, True
+        self.warn_at = None         # the warning goes out once
         self._send(sig)
         end = now + request["grace"]
         if sig == signal.SIGTERM:   # TERM was the warning: KILL ends the grace
@@ -5048,7 +5047,7 @@ class TimeLimit:
             self.asked = False
             self._take_request(now)
         if self.warn_at is not None and now >= self.warn_at:
-            self.warn_at, self.warned = None, True
+            self.warn_at = None
             self._send(self.warning[0])
         if self.term_at is not None and now >= self.term_at:
             self.hit = self.stopped_by is None

@@ -3,6 +3,7 @@ submit (the signal TIME before the time limit), DQ_DEADLINE in the job's
 environment, and dq-kill --grace DUR (the warning now, TERM DUR later).
 The job's wrapper on its host sends every signal; a dq-kill that cannot
 reach the host leaves a request (grace.json) that the wrapper finds."""
+import json
 import os
 import time
 
@@ -219,6 +220,18 @@ def test_bad_dq_signal_and_grace_are_refused(cluster, dq):
         assert r.returncode == 1 and needle in r.stderr, r.stderr
         assert len(r.stderr.splitlines()) == 1
         assert not os.path.exists(grace)
+    assert job(dq, job_id)["state"] == "running"
+    # a job whose wrapper is of a dq from before --grace (no "grace" in its
+    # run.json) would never act on the request: refused
+    run_json = os.path.join(dq.root, "jobs", "backend", job_id, "run.json")
+    with open(run_json) as f:
+        run = json.load(f)
+    del run["grace"]
+    with open(run_json, "w") as f:
+        json.dump(run, f)
+    r = dq.run("node1", ALICE, "kill", "--grace", "5m", job_id)
+    assert r.returncode == 1 and "started by a dq from before --grace" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not os.path.exists(grace)
     assert job(dq, job_id)["state"] == "running"
     dq.run("node1", ALICE, "kill", job_id)
 
