@@ -17,6 +17,7 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-submit SCRIPT        queue a job (DQ_GPUS=N asks for N GPUs, 0 = CPU only)
   dq-jobs [summary|queue|complete]   list jobs (--json for data)
   dq-kill ID...           remove a queued job, or kill a running one
+                          (--grace DUR: warn it with its DQ_SIGNAL first)
   dq-restart ID...        run finished jobs again (same script, cwd, env)
   dq-hold ID...           keep queued jobs from starting
   dq-release ID...        let held jobs start again
@@ -40,8 +41,8 @@ resolving symlinks) or $DQ_ROOT:
   dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
   state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
                           handover-<host>.lock
-  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use)
-                          (owned by the user)
+  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use),
+                          grace.json (dq-kill --grace's request) (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
@@ -76,6 +77,7 @@ Where to change what (the name, then the section it is in):
   CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
+  warnings, DQ_DEADLINE       TimeLimit, job_env          [Job wrapper]
   dq.conf keys and defaults   Config                      [Configuration]
   dq-jobs' columns            cmd_jobs                    [Job listings]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
@@ -129,7 +131,8 @@ BOOT = ("import os,sys;sys.path[0]=os.path.dirname(os.path.realpath(sys.argv[1])
         "import dq;dq.boot()")
 JOB_ID_RE = re.compile(r"^([0-9]+)(?:-([a-z_][a-z0-9_.-]*[$]?))?$", re.I)
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_LOCK_STATS", "DQ_CRASH_AT")  # dq settings, not job parameters
+# dq's settings, and what dq sets for a job: not job parameters
+OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_DEADLINE", "DQ_LOCK_STATS", "DQ_CRASH_AT")
 
 LOCAL_HOST = None   # the host name (as in dq.conf) of this machine, when known
 
@@ -1077,7 +1080,7 @@ class _Spawned:
 def clean_env():
     """The environment for ssh and screen: ours, less what marks a job."""
     env = dict(os.environ)
-    for k in ("DQ_JOB_ID", "DQ_CRASH_AT", "STY", "WINDOW"):
+    for k in ("DQ_JOB_ID", "DQ_DEADLINE", "DQ_CRASH_AT", "STY", "WINDOW"):
         env.pop(k, None)
     return env
 
@@ -2327,7 +2330,18 @@ RUN_FIELDS = {
     "pid": (is_int, "a PID", False), "pgid": (is_int, "a process group", False),
     "started": (is_time, "a time in seconds", True),
     "mem": (lambda v: is_int(v, 1), "MiB booked (DQ_MEM)", False),
-    "share": (lambda v: is_share(v), "a share of a GPU", False)}
+    "share": (lambda v: is_share(v), "a share of a GPU", False),
+    # its wrapper acts on dq-kill --grace (not one of a dq from before it)
+    "grace": (lambda v: v is True, "true", False)}
+
+# dq-kill --grace's request, jobs/backend/<id>/grace.json: written once
+# (exclusively) by the owner's dq-kill, acted on by the job's wrapper alone
+# (TimeLimit), which sends the warning and records the end.
+GRACE_FILE = "grace.json"
+GRACE_FIELDS = {
+    "grace": (lambda v: is_int(v, 1, 10 ** 9), "seconds", True),
+    "reason": (is_str, "a text", True),
+    "requested": (is_time, "a time in seconds", False)}
 
 END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
 
@@ -2432,10 +2446,12 @@ class Job:
                                              pass records the end
     done,     + end.json (state, exit code,  the wrapper when the script exits
     failed,     signal, reason); out of      (timeout: it stopped the job at
-    timeout,    jobs/active                  its time limit); dq-kill (killed,
-    killed,                                  written before it kills); the
-    lost,                                    owner's pass (lost, and cancelled:
-    cancelled                                a dependency did not end done)
+    timeout,    jobs/active                  its time limit; killed: it stopped
+    killed,                                  it for a dq-kill --grace, whose
+    lost,                                    grace.json asked); dq-kill (killed,
+    cancelled                                written before it kills); the
+                                             owner's pass (lost, and cancelled:
+                                             a dependency did not end done)
 
     Whether it holds GPUs meanwhile is the placement's business
     (Placements: assigned, launching, running)."""
@@ -2988,6 +3004,65 @@ def job_time_limit(cfg, env):
     return limit
 
 
+# DQ_SIGNAL=SIG@TIME: the job's warning.  Its wrapper sends SIG to the
+# job's processes TIME before its time limit (TimeLimit), and at once on a
+# `dq-kill --grace` (then TERM when the grace runs out), so that the job can
+# save a checkpoint and exit.  KILL and STOP cannot be trapped: a warning
+# the job cannot act on is refused at submit.
+SIGNAL_EXAMPLE = "DQ_SIGNAL=USR1@10m (SIGUSR1 10 minutes before the job's time limit)"
+UNTRAPPABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse_signal(raw):
+    """'USR1@10m', 'SIGUSR2@90s', 'TERM@30' -> (signal.Signals, seconds
+    before the time limit); 'USR1' alone -> (SIGUSR1, None): no warning
+    before the limit, only on dq-kill --grace."""
+    name, at, when = raw.strip().partition("@")
+    name = name.strip().upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        sig = signal.Signals[name]
+    except KeyError:
+        raise Failure(f"DQ_SIGNAL={raw!r}: {name[3:] or '(none)'} is not a signal; e.g. "
+                      f"{SIGNAL_EXAMPLE}") from None
+    if sig.name in UNTRAPPABLE:
+        raise Failure(f"DQ_SIGNAL={raw!r}: {sig.name} cannot be trapped, so the job could "
+                      f"not act on it; e.g. {SIGNAL_EXAMPLE}")
+    if not at:
+        return sig, None
+    try:
+        lead = duration("DQ_SIGNAL", when, "DQ_SIGNAL")
+    except Failure:
+        raise Failure(f"DQ_SIGNAL={raw!r}: {when.strip()!r} is not a time above 0 (90s, 10m, "
+                      f"1h30m); e.g. {SIGNAL_EXAMPLE}") from None
+    return sig, lead
+
+
+def job_signal(env, limit):
+    """DQ_SIGNAL, checked against the job's time limit (seconds or None):
+    (signal, lead or None), or None without one.  A warning TIME before
+    the limit that comes before the job starts is refused."""
+    raw = env.get("DQ_SIGNAL", "").strip()
+    if not raw:
+        return None
+    sig, lead = parse_signal(raw)
+    if lead and limit and lead >= limit:
+        raise Failure(f"DQ_SIGNAL={raw!r}: {fmt_duration(lead)} before the job's time limit "
+                      f"of {fmt_duration(limit)} is before it starts; give a shorter time, "
+                      f"e.g. DQ_SIGNAL={sig.name[3:]}@{fmt_duration(max(1, limit // 10))}")
+    return sig, lead
+
+
+def warning_signal(spec):
+    """A job's DQ_SIGNAL as its wrapper takes it (job.json's env and time
+    limit): (signal, lead or None), or None -- also for one that dq-submit
+    did not check (a job submitted before it did)."""
+    try:
+        return job_signal(spec.get("env", {}), spec.get("time_limit"))
+    except Failure:
+        return None
+
+
 # When a job ends, after its end is recorded and its GPUs handed over (the
 # wrapper, or a detached `_notify` for jobs that end without one: lost,
 # cancelled): DQ_MAIL sends a mail (one summary for a sweep, when its last
@@ -3338,8 +3413,10 @@ def prepare_job(cfg, env, deps=True):
     mail_address(cfg, env, me())
     mail_on(env)
     after, after_any = job_dependencies(cfg, env) if deps else ([], [])
+    limit = job_time_limit(cfg, env)
+    job_signal(env, limit)
     return {"env": env, "gpus": want, "need": job_needs(env, want),
-            "time_limit": job_time_limit(cfg, env), "priority": job_priority(env),
+            "time_limit": limit, "priority": job_priority(env),
             "after": after, "after_any": after_any}
 
 
@@ -3967,6 +4044,41 @@ def kill_on_host(cfg, job, host):
     return run_on(cfg, host, "exec " + dq_command(cfg, "_kill", job.id,
                                                   str(job.run.get("pgid", 0))),
                   timeout=cfg.timeout + cfg.kill_grace)
+
+
+# dq-kill --grace wakes the job's wrapper with this signal, so that it
+# reads the job's grace.json at once instead of at its next lease renewal.
+# Only the wrapper signals the job: the warning goes out once, however the
+# request reaches it.  URG, because its default is to be ignored: a
+# wrapper that has no handler for it (a dq from before --grace) lives on.
+POKE = signal.SIGURG
+
+
+def cmd__grace(cfg, argv):
+    """Internal, on the job's host as its owner (dq-kill --grace): poke the
+    job's wrapper, PID, if it is still there.  Prints 'ok' or 'gone'."""
+    internal_args(argv, "_grace JOB_ID PID", "run by dq-kill --grace on the job's host",
+                  (full_job_id, lambda a: whole_number(a, 2) is not None))
+    job_id, pid = argv[0], int(argv[1])
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        ours = os.stat(f"/proc/{pid}").st_uid == os.getuid()
+    except OSError:
+        args, ours = [], False
+    # A PID is reused: only the job's own wrapper is poked.
+    if not ours or b"_run" not in args or job_id.encode() not in args:
+        print("gone")
+        return 0
+    os.kill(pid, POKE)
+    print("ok")
+    return 0
+
+
+def poke_on_host(cfg, job, host):
+    """Wake the job's wrapper on its host (see cmd__grace); a Result."""
+    return run_on(cfg, host, "exec " + dq_command(cfg, "_grace", job.id,
+                                                  str(job.run.get("pid", 0))))
 
 
 def kill_leftovers(cfg, polls, user):
@@ -4660,7 +4772,10 @@ def cuda_oom(log_path):
 
 # Job wrapper (runs inside the screen session) ################################
 
-def job_env(job, gpus):
+def job_env(job, gpus, deadline=None):
+    """What the job runs with: ours without dq's variables, then its DQ_*
+    variables, its GPUs, DQ_JOB_ID and DQ_DEADLINE (the epoch second of its
+    time limit, rounded down; empty without one)."""
     env = clean_env()
     for k in list(env):
         if k.startswith("DQ_"):
@@ -4669,6 +4784,7 @@ def job_env(job, gpus):
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"   # else CUDA counts fastest first
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env["DQ_JOB_ID"] = job.id
+    env["DQ_DEADLINE"] = str(int(deadline)) if deadline else ""
     return env
 
 
@@ -4808,6 +4924,10 @@ class Lease:
         self.pgid = None
         self.pending = None     # (path, data): run.json with the job's pgid, not yet written
         self.stopped = False
+        # dq-kill --grace: called once when the job's grace.json appears
+        # (TimeLimit.notice), for a dq-kill that could not poke us over ssh
+        self.on_request = None
+        self.request_path = os.path.join(job.dir, GRACE_FILE)
         # _thread, not threading: importing threading would cost every job
         # ~3 ms before it starts
         _thread.start_new_thread(self._renew, ())
@@ -4841,6 +4961,9 @@ class Lease:
                 elif os.path.exists(self.end_path) and \
                         (read_json(self.end_path, {}, {}) or {}).get("state") == "killed":
                     self.revoked, self.killed = "killed by dq-kill", True
+                if self.on_request and os.path.exists(self.request_path):
+                    on_request, self.on_request = self.on_request, None
+                    on_request()
             except OSError as e:
                 self.error = e.strerror
             time.sleep(self.times.renew)
@@ -4885,34 +5008,92 @@ class Lease:
 
 
 class TimeLimit:
-    """The wrapper's enforcement of a job's time limit (job.json's
-    time_limit, from DQ_TIME or time_limit): once the job has run that
-    long, TERM to every process of the job, KILL after kill_grace."""
+    """The wrapper's clock for stopping a job: its time limit (job.json's
+    time_limit, from DQ_TIME or time_limit), with DQ_SIGNAL's warning
+    `lead` seconds before it, and a dq-kill --grace (the job's grace.json).
+    Each stops the job the same way: the warning signal, TERM, then KILL
+    kill_grace later, to every process of the job (job_processes).
 
-    def __init__(self, job, grace):
+    A dq-kill --grace sends the warning now (DQ_SIGNAL's signal; TERM for a
+    job without one) and TERM once the grace runs out (KILL, if the warning
+    was TERM), never later than the time limit would; the job then ends
+    `killed`, however it ends.  The warning goes out once: after a grace's,
+    the limit's is not sent again."""
+
+    def __init__(self, job, grace, started):
         self.job_id, self.limit, self.grace = job.id, job.spec.get("time_limit"), grace
+        self.request_path = os.path.join(job.dir, GRACE_FILE)
+        self.warning = warning_signal(job.spec)
+        # DQ_DEADLINE: the limit as the time of day, from run.json's start
+        self.deadline = started + self.limit if self.limit else None
         self.pgid = None
-        self.hit = False
-        self.term_at = self.kill_at = None
+        self.hit = False            # the limit's TERM went out: it ends `timeout`
+        self.stopped_by = None      # a dq-kill --grace's reason: it ends `killed`
+        self.asked = False          # grace.json may be there: read it
+        self.warn_at = self.term_at = self.kill_at = None
 
     def start(self, pgid):
         self.pgid = pgid
-        if self.limit:
-            self.term_at = time.monotonic() + self.limit
+        now = time.monotonic()
+        if self.deadline is not None:
+            self.term_at = now + max(0.0, self.deadline - time.time())
+            if self.warning and self.warning[1]:
+                self.warn_at = max(now, self.term_at - self.warning[1])
+
+    def notice(self):
+        """dq-kill --grace asked (the poke's handler, or the lease thread):
+        the next check reads grace.json.  Sets a flag, nothing more."""
+        self.asked = True
+
+    def _send(self, sig):
+        signal_all(job_processes(self.job_id, self.pgid), sig)
+
+    def _take_request(self, now):
+        """Act on grace.json once: the warning now, TERM (or KILL) later."""
+        if self.stopped_by or self.hit or self.pgid is None:
+            return      # already being stopped (then it ends as that says)
+        request = read_job_file(self.request_path, GRACE_FIELDS, None,
+                                "dq ignores it; dq-kill the job again")
+        if not request:
+            return
+        self.stopped_by = request["reason"]
+        sig = self.warning[0] if self.warning else signal.SIGTERM
+        self.warn_at = None         # the warning goes out once
+        self._send(sig)
+        end = now + request["grace"]
+        if sig == signal.SIGTERM:   # TERM was the warning: KILL ends the grace
+            limit_kill = None if self.term_at is None else self.term_at + self.grace
+            self.term_at, self.kill_at = None, min(end, limit_kill or end)
+        else:
+            self.term_at = min(end, self.term_at or end)
 
     def check(self):
         """Called now and then by run_in_pty while the job runs."""
         now = time.monotonic()
+        if self.asked:
+            self.asked = False
+            self._take_request(now)
+        if self.warn_at is not None and now >= self.warn_at:
+            self.warn_at = None
+            self._send(self.warning[0])
         if self.term_at is not None and now >= self.term_at:
-            self.hit, self.term_at, self.kill_at = True, None, now + self.grace
-            signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
+            self.hit = self.stopped_by is None
+            self.term_at, self.kill_at = None, now + self.grace
+            self._send(signal.SIGTERM)
         elif self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            signal_all(job_processes(self.job_id, self.pgid), signal.SIGKILL)
+            self._send(signal.SIGKILL)
 
     def finish(self):
         """After the script's exit: what it left (setsid children that
-        ignore TERM) gets the rest of the grace period, then KILL."""
+        ignore TERM) gets the rest of the grace period, then KILL.  A job
+        stopped by dq-kill --grace that exited before its TERM leaves
+        nothing either: what is left gets TERM now, KILL kill_grace later
+        (not at the end of a long grace: its GPUs wait for this)."""
+        if self.stopped_by:
+            if self.kill_at is None:
+                self._send(signal.SIGTERM)
+            self.kill_at = min(self.kill_at or math.inf, time.monotonic() + self.grace)
         if self.kill_at is not None:
             kill_stragglers(self.job_id, self.pgid, self.kill_at)
             self.kill_at = None
@@ -4995,8 +5176,15 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
     inputs = [master] + ([0] if interactive else [])
     drain_until = status = None
     try:
+        # Readable once the job has exited: a job that closes its terminal
+        # and runs on (`exec >file 2>&1`) is waited for here, its time
+        # limit and dq-kill --grace still checked.
+        exited = os.pidfd_open(pid)
+    except (AttributeError, OSError):       # Python < 3.9, Linux < 5.3
+        exited = None
+    try:
         while True:
-            if timer:
+            if timer and drain_until is None:
                 timer.check()
             if drain_until is None:
                 ended, status = os.waitpid(pid, os.WNOHANG)
@@ -5009,7 +5197,7 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
                 ready, _, _ = select.select(inputs, [], [], 0.01 if done else 0.5)
             except InterruptedError:
                 continue
-            if done and (not ready or time.monotonic() > drain_until):
+            if done and (not ready or time.monotonic() > drain_until or master not in inputs):
                 break
             if master in ready:
                 try:
@@ -5019,7 +5207,10 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
                 if not data:
                     # All copied: what is left is to wait for the exit
                     # (no fixed drain time between the job and the next).
-                    break
+                    if exited is None:
+                        break
+                    inputs = [exited]
+                    continue
                 log.write(data)
                 _write_all(1, data)
             if 0 in ready:
@@ -5041,6 +5232,8 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
             except termios.error:
                 pass
         os.close(master)
+        if exited is not None:
+            os.close(exited)
 
 
 def cmd__run(cfg, argv):
@@ -5062,7 +5255,7 @@ def cmd__run(cfg, argv):
         return 0
     gpus = [int(g) for g in gpu_csv.split(",") if g != ""]
     run = {"host": host, "gpus": gpus, "pid": os.getpid(), "pgid": os.getpgrp(),
-           "started": time.time()}
+           "started": time.time(), "grace": True}
     if share:
         run.update(mem=share[0], share=share[1])
     run_json = os.path.join(job.dir, "run.json")
@@ -5096,6 +5289,10 @@ def cmd__run(cfg, argv):
     # wrapper before it records the end; handlers reset on exec.
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(s, lambda *a: None)
+    # dq-kill --grace: its poke, or the lease thread seeing grace.json
+    timer = TimeLimit(job, cfg.kill_grace, run["started"])
+    signal.signal(POKE, lambda *a: timer.notice())
+    lease.on_request = timer.notice
     script, cwd = job.spec["script"], job.spec["cwd"]
     log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
     watch = GpuWatch(cfg, job, gpus, share and share[0], log)
@@ -5106,9 +5303,8 @@ def cmd__run(cfg, argv):
         reason = f"{script} is not executable on {host}"
     else:
         try:
-            timer = TimeLimit(job, cfg.kill_grace)
-            rc = run_in_pty([script] + job.spec.get("args", []), cwd, job_env(job, gpus), log,
-                            on_start, timer)
+            rc = run_in_pty([script] + job.spec.get("args", []), cwd,
+                            job_env(job, gpus, timer.deadline), log, on_start, timer)
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 code, reason = 128 - rc, f"killed by {sig}"
@@ -5117,7 +5313,11 @@ def cmd__run(cfg, argv):
                 state = "done" if rc == 0 else "failed"
                 reason = None if rc == 0 else f"exit status {rc}"
             watch.stop()
-            if timer.hit:
+            if timer.stopped_by:
+                timer.finish()
+                state, reason = "killed", f"{timer.stopped_by} " \
+                    f"({reason or 'it exited with status 0'})"
+            elif timer.hit:
                 timer.finish()
                 state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
                     f"reached ({reason or 'it exited with status 0'})"
@@ -5308,7 +5508,7 @@ SWEEP_VARS = ("DQ_SWEEP", "DQ_SWEEP_INDEX")     # set by dq for a sweep's jobs
 def check_sweep_var(name, where, example):
     if not re.fullmatch(r"DQ_[A-Za-z0-9_]+", name) or name in OWN_VARS + SWEEP_VARS:
         raise Failure(f"{where}: {name!r} is not a DQ_* variable a job may be given "
-                      f"(not {', '.join(OWN_VARS[:3] + SWEEP_VARS)}); e.g. {example}")
+                      f"(not {', '.join(OWN_VARS[:4] + SWEEP_VARS)}); e.g. {example}")
 
 
 def each_lines(path):
@@ -5406,9 +5606,66 @@ def retire(cfg, job):
         places.drop(job.id)
 
 
-def kill_job(cfg, job, state="killed", reason="killed by dq-kill", say=print):
-    """End a queued or running job now (state, reason: how it is
-    recorded; say: where its progress lines go)."""
+def grace_seconds(text):
+    """dq-kill --grace DUR: '5m', '90s', '300' -> seconds."""
+    try:
+        return duration("--grace", text, "--grace")
+    except Failure:
+        raise Failure(f"--grace {text!r} is not a duration above 0; e.g. --grace 5m, "
+                      f"--grace 90s or --grace 300") from None
+
+
+def stop_with_grace(cfg, job, grace):
+    """dq-kill --grace on a running job: ask its wrapper (grace.json, then a
+    poke over ssh, so that it acts at once) to send the job's warning now
+    and stop it when the grace runs out (TimeLimit).  The wrapper records
+    the end (`killed`) and hands the GPUs over, as at any end: nothing here
+    writes end.json or the placements, so the job still ends once, by one
+    writer.  A host that does not answer: the wrapper finds grace.json at
+    its next lease renewal."""
+    if not job.run.get("grace"):
+        print(f"{PROG}: error: {job.id} was started by a dq from before --grace, which "
+              f"cannot warn it; dq-kill it without --grace", file=sys.stderr)
+        return 1
+    warning = (warning_signal(job.spec) or (signal.SIGTERM,))[0]
+    then = "SIGKILL" if warning == signal.SIGTERM else "SIGTERM"
+    path = os.path.join(job.dir, GRACE_FILE)
+    try:
+        write_json(path, {"grace": grace, "requested": time.time(),
+                          "reason": f"dq-kill --grace {fmt_duration(grace)} by {me()}"},
+                   exclusive=True)
+    except FileExistsError:
+        earlier = read_job_file(path, GRACE_FIELDS, {}, "dq-kill it without --grace")
+        print(f"{PROG}: error: {job.id} is being stopped already "
+              f"({earlier.get('reason') or 'dq-kill --grace'}); dq-kill it without --grace "
+              f"to stop it now", file=sys.stderr)
+        return 1
+    host = job.run["host"]
+    print(f"Stopping {job.id} on {host}: {warning.name} now, {then} in {fmt_duration(grace)}")
+    r = poke_on_host(cfg, job, host) if job.run.get("pid") else None
+    if r is None or not r.ok:
+        warn(f"could not reach {host} to warn {job.id} now ({r.why() if r else 'no PID'}); "
+             f"its wrapper sends {warning.name} within "
+             f"{fmt_duration(lease_times(cfg).renew + 1)} if it can still read {cfg.root}")
+        return 1
+    if r.out.strip() != "ok":
+        job._end = None
+        print(f"{PROG}: error: {job.id} " + (
+            f"ended meanwhile ({job.state()})" if job.end else
+            f"has no wrapper on {host} any more; dq counts it lost once its lease runs out")
+            + "; nothing was sent", file=sys.stderr)
+        return 1
+    return 0
+
+
+def kill_job(cfg, job, grace=None, state="killed", reason="killed by dq-kill", say=print):
+    """dq-kill: remove a queued job, or kill a running one (`grace`:
+    seconds between its warning and its TERM, see stop_with_grace; a job
+    not started yet has nothing to warn and goes at once).  state,
+    reason: how it is recorded; say: where its progress lines go."""
+    if grace is not None and job.state() == "running":
+        return stop_with_grace(cfg, job, grace)
+
     def not_active():
         job._end = job._lost = None
         print(f"{PROG}: error: {job.id} is not active ({job.state()}); nothing to kill",
@@ -5490,14 +5747,21 @@ def cmd_restart(cfg, argv):
 
 def cmd_kill(cfg, argv):
     p = parser("kill", "Remove a queued job from the queue, or kill a running one: every "
-               "process it\nstarted, its screen session; its GPUs are freed.")
+               "process it\nstarted, its screen session; its GPUs are freed.\n\n"
+               "With --grace DUR a running job is warned first: its DQ_SIGNAL's signal\n"
+               "goes to it now and SIGTERM DUR later (without DQ_SIGNAL: SIGTERM now,\n"
+               "SIGKILL DUR later), so it can save a checkpoint and exit.  It ends killed.")
     id_arguments(p)
-    jobs = resolve_jobs(cfg, parse(p, argv))
+    p.add_argument("--grace", metavar="DUR",
+                   help="warn running jobs now and stop them DUR later (5m, 90s, 300)")
+    args = parse(p, argv)
+    grace = grace_seconds(args.grace) if args.grace is not None else None
+    jobs = resolve_jobs(cfg, args)
     for job in jobs:
         require_owner(job, "kill")
     status = 0
     for job in jobs:
-        status |= kill_job(cfg, job)
+        status |= kill_job(cfg, job, grace)
     spawn_scheduler(cfg)
     return status
 
@@ -6098,7 +6362,7 @@ def cmd_shell(cfg, argv):
         job = load_job(cfg, job_id)
         if args.now and job.state() == "queued" and job_id not in Placements.read(cfg):
             why = wait_reason_of(cfg, job)
-            kill_job(cfg, job, "cancelled", f"dq-shell --now: no GPU now ({why})",
+            kill_job(cfg, job, state="cancelled", reason=f"dq-shell --now: no GPU now ({why})",
                      say=lambda text: None)
             raise Failure(f"no GPU for {job_id} now: {why}; without --now it waits for one")
         if not scheduler_running(cfg):
@@ -6107,8 +6371,9 @@ def cmd_shell(cfg, argv):
     except KeyboardInterrupt:
         job = load_job(cfg, job_id)
         if job and job.state() in ("queued", "running"):
-            kill_job(cfg, job, "cancelled" if job.state() == "queued" else "killed",
-                     "withdrawn with Ctrl-C while it waited (dq-shell)", say=lambda text: None)
+            kill_job(cfg, job, state="cancelled" if job.state() == "queued" else "killed",
+                     reason="withdrawn with Ctrl-C while it waited (dq-shell)",
+                     say=lambda text: None)
         say(f"withdrew {job_id}", end=True)
         if not tty:
             print(f"{PROG}: withdrew {job_id}", file=sys.stderr)
@@ -6946,8 +7211,8 @@ COMMANDS = {
     "on-all": cmd_on_all,
 }
 
-INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_notify": cmd__notify,
-            "_complete": cmd__complete, "_layout": cmd__layout}
+INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_grace": cmd__grace,
+            "_notify": cmd__notify, "_complete": cmd__complete, "_layout": cmd__layout}
 
 
 def overview():

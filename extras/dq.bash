@@ -28,7 +28,7 @@ _dq() {
         --each) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
         --sweep) COMPREPLY=($(compgen -W "$("$dqpy" _complete ids 2>/dev/null)" -- "$cur"))
                  return 0 ;;
-        --port|--bind|-t|--timeout|-n|--last|-r|--reason|-u|--user|--grid) return 0 ;;
+        --port|--bind|-t|--timeout|-n|--last|-r|--reason|-u|--user|--grid|--grace) return 0 ;;
     esac
     case $cur in
         DQ_HOSTS=*|DQ_EXCLUDE=*)

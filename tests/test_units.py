@@ -311,6 +311,129 @@ def test_listings_durations_read_back_as_durations():
         assert s <= 0 or dq.duration("DQ_TIME", text, "DQ_TIME") == int(s)
 
 
+@pytest.mark.parametrize("text,want", [
+    ("USR1@10m", ("SIGUSR1", 600)), ("SIGUSR2@90s", ("SIGUSR2", 90)),
+    ("TERM@30", ("SIGTERM", 30)), (" usr1 @ 1h30m ", ("SIGUSR1", 5400)),
+    ("sigint@2d", ("SIGINT", 172800)), ("USR1", ("SIGUSR1", None)),
+])
+def test_dq_signal_reads_a_signal_and_a_time_before_the_limit(text, want):
+    sig, lead = dq.parse_signal(text)
+    assert (sig.name, lead) == want
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("KILL@10m", "SIGKILL cannot be trapped"), ("SIGSTOP@1m", "SIGSTOP cannot be trapped"),
+    ("USR3@1m", "USR3 is not a signal"), ("9@1m", "9 is not a signal"),
+    ("@1m", "(none) is not a signal"), ("", "(none) is not a signal"),
+    ("USR1@", "'' is not a time"), ("USR1@0", "'0' is not a time"),
+    ("USR1@1h30", "'1h30' is not a time"), ("USR1@-5s", "'-5s' is not a time"),
+    ("USR1@10m@5m", "is not a time"),
+])
+def test_dq_signal_refuses_what_a_job_cannot_use(text, needle):
+    with pytest.raises(dq.Failure) as e:
+        dq.parse_signal(text)
+    assert needle in str(e.value) and "e.g. DQ_SIGNAL=USR1@10m" in str(e.value)
+    assert str(e.value).startswith(f"DQ_SIGNAL={text!r}")
+
+
+def test_dq_signal_must_come_before_the_limit():
+    assert dq.job_signal({}, 60) is None
+    assert dq.job_signal({"DQ_SIGNAL": "USR1@59s"}, 60)[1] == 59
+    assert dq.job_signal({"DQ_SIGNAL": "USR1@1h"}, None)[1] == 3600   # serves dq-kill --grace
+    for limit in (60, 30):
+        with pytest.raises(dq.Failure, match="before it starts; give a shorter time"):
+            dq.job_signal({"DQ_SIGNAL": "USR1@1m"}, limit)
+    # what the wrapper takes from a job dq-submit did not check: no warning
+    assert dq.warning_signal({"env": {"DQ_SIGNAL": "KILL@1m"}, "time_limit": 600}) is None
+    assert dq.warning_signal({"env": {"DQ_SIGNAL": "USR1@1m"}, "time_limit": 30}) is None
+    assert dq.warning_signal({"env": {"DQ_SIGNAL": "HUP@1m"}})[0].name == "SIGHUP"
+
+
+class FakeClock:
+    """dq.time for TimeLimit: monotonic and wall clock move together, by hand."""
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def time(self):
+        return self.now + 1_700_000_000
+
+    def sleep(self, s):
+        self.now += s
+
+
+def timer_for(tmp_path, monkeypatch, env, limit=None):
+    """A TimeLimit whose signals are recorded, not sent: (timer, sent, clock)."""
+    clock = FakeClock()
+    monkeypatch.setattr(dq, "time", clock)
+    job = types.SimpleNamespace(id="7-alice", dir=str(tmp_path),
+                                spec={"env": env, "time_limit": limit})
+    timer = dq.TimeLimit(job, 5, clock.time())
+    sent = []
+    timer._send = lambda sig: sent.append((clock.now - 1000.0, sig.name))
+    timer.start(4242)
+    return timer, sent, clock
+
+
+def run_timer(timer, clock, until, grace_at=None, grace=None, tmp_path=None):
+    while clock.now - 1000.0 < until:
+        if grace_at is not None and clock.now - 1000.0 >= grace_at:
+            dq.write_json(os.path.join(tmp_path, "grace.json"),
+                          {"grace": grace, "reason": "dq-kill --grace by test"})
+            timer.notice()
+            grace_at = None
+        timer.check()
+        clock.now += 0.5
+
+
+def test_the_timer_warns_before_the_limit_then_terms_and_kills(tmp_path, monkeypatch):
+    timer, sent, clock = timer_for(tmp_path, monkeypatch, {"DQ_SIGNAL": "USR1@10s"}, 60)
+    assert timer.deadline == clock.time() + 60
+    run_timer(timer, clock, 70)
+    assert sent == [(50.0, "SIGUSR1"), (60.0, "SIGTERM"), (65.0, "SIGKILL")]
+    assert timer.hit and timer.stopped_by is None
+
+
+def test_the_timer_takes_a_grace_request_once(tmp_path, monkeypatch):
+    # warned now, TERM when the grace ends, not warned again at the limit
+    timer, sent, clock = timer_for(tmp_path, monkeypatch, {"DQ_SIGNAL": "USR1@10s"}, 100)
+    run_timer(timer, clock, 120, grace_at=20, grace=30, tmp_path=tmp_path)
+    assert sent == [(20.0, "SIGUSR1"), (50.0, "SIGTERM"), (55.0, "SIGKILL")]
+    assert timer.stopped_by == "dq-kill --grace by test" and not timer.hit
+    timer.notice()      # the lease thread seeing grace.json too: nothing more
+    run_timer(timer, clock, 130)
+    assert len(sent) == 3
+
+
+def test_a_grace_never_goes_past_the_time_limit(tmp_path, monkeypatch):
+    timer, sent, clock = timer_for(tmp_path, monkeypatch, {"DQ_SIGNAL": "USR2"}, 40)
+    run_timer(timer, clock, 60, grace_at=20, grace=300, tmp_path=tmp_path)
+    assert sent == [(20.0, "SIGUSR2"), (40.0, "SIGTERM"), (45.0, "SIGKILL")]
+    # without DQ_SIGNAL: TERM now, KILL at the grace's end (or the limit's KILL)
+    timer, sent, clock = timer_for(tmp_path, monkeypatch, {}, 40)
+    run_timer(timer, clock, 60, grace_at=10, grace=300, tmp_path=tmp_path)
+    assert sent == [(10.0, "SIGTERM"), (45.0, "SIGKILL")]
+    timer, sent, clock = timer_for(tmp_path, monkeypatch, {}, None)
+    run_timer(timer, clock, 60, grace_at=10, grace=4, tmp_path=tmp_path)
+    assert sent == [(10.0, "SIGTERM"), (14.0, "SIGKILL")] and timer.deadline is None
+
+
+def test_a_grace_after_the_limits_term_changes_nothing(tmp_path, monkeypatch):
+    timer, sent, clock = timer_for(tmp_path, monkeypatch, {"DQ_SIGNAL": "USR1@5s"}, 10)
+    run_timer(timer, clock, 30, grace_at=12, grace=60, tmp_path=tmp_path)
+    assert sent == [(5.0, "SIGUSR1"), (10.0, "SIGTERM"), (15.0, "SIGKILL")]
+    assert timer.hit and timer.stopped_by is None
+
+
+def test_kill_grace_reads_durations():
+    assert [dq.grace_seconds(t) for t in ("5m", "90s", "300", "1h30m")] == [300, 90, 300, 5400]
+    for bad in ("", "0", "soon", "1h30", "-5"):
+        with pytest.raises(dq.Failure, match="is not a duration above 0; e.g. --grace 5m"):
+            dq.grace_seconds(bad)
+
+
 def test_readme_example_config_parses(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(dq.DQ_PY), "README.md")).read()
     block = readme.split("    [dq]\n", 1)[1].split("\n\n", 1)[0]
