@@ -39,8 +39,8 @@ resolving symlinks) or $DQ_ROOT:
   dq.conf                 [dq] hosts = ..., ssh = ...      (no file: this host)
   state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
                           handover-<host>.lock
-  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use)
-                          (owned by the user)
+  jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use),
+                          snapshot/ (DQ_SNAPSHOT's copy of its files) (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
@@ -75,6 +75,8 @@ Where to change what (the name, then the section it is in):
   CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
+  jobs that run again         run_again, RUN_AGAIN        [Creating jobs]
+  what a snapshot copies      SnapshotPlan                [Snapshots]
   dq.conf keys and defaults   Config                      [Configuration]
   dq-jobs' columns            cmd_jobs                    [Job listings]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
