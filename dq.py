@@ -3471,7 +3471,7 @@ def tree_files(top, skip=(), avoid=None):
     return out
 
 
-def inside(path, top):
+def relative_inside(path, top):
     """path relative to top (both resolved), or None if it lies outside."""
     rel = os.path.relpath(os.path.realpath(path), os.path.realpath(top))
     return None if rel == ".." or rel.startswith("../") else rel
@@ -3488,13 +3488,13 @@ class SnapshotPlan:
         self.git = found is not None
         self.top, names = found if found else (cwd, None)
         # Never the data root itself, should it lie in the tree
-        root = inside(cfg.root, self.top)
+        root = relative_inside(cfg.root, self.top)
         if names is None:
             names = tree_files(cwd, avoid=os.path.join(cwd, root) if root else None)
         elif root:
             names = [n for n in names if n != root and not n.startswith(root + "/")]
-        self.cwd = inside(cwd, self.top) or "."
-        script_dir = inside(os.path.dirname(script), self.top)
+        self.cwd = relative_inside(cwd, self.top) or "."
+        script_dir = relative_inside(os.path.dirname(script), self.top)
         self.script = None if script_dir is None else \
             os.path.normpath(os.path.join(script_dir, os.path.basename(script)))
         if self.script and self.script not in names:

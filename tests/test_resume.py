@@ -5,6 +5,7 @@ import os
 
 from dqtest import ALICE, configure, jobs, log_of, refused_at_submit, script, submit, \
     wait_state
+from test_notify import ends, inbox  # noqa: F401 (fixtures: an SMTP server, the on-end hook)
 
 # Each run counts itself in ./count; run N (0, 1, ...) exits with the N-th
 # of the statuses given (the last one over and over).
@@ -85,6 +86,19 @@ def test_resume_and_retry_share_one_chain(cluster, dq):
     job_id, _ = submit(dq, "node1", ALICE, path)
     j = wait_state(dq, job_id, "failed")
     assert j["exit_code"] == 75 and j["requeued_as"] is None
+
+
+def test_a_resumed_job_mails_once_at_its_last_run(cluster, dq, inbox, ends):
+    configure(dq, ["node1"], smtp=f"127.0.0.1:{inbox.port}", mail_domain="example.org")
+    d, path = script(cluster, ALICE, "mail.sh", COUNTING.format(statuses="75 75 4"),
+                     subdir="resume-mail")
+    first, _ = submit(dq, "node1", ALICE, path, env={"DQ_RESUME": "2", "DQ_MAIL": "1"})
+    mail = inbox.wait(1)[0]
+    runs = chain_of(dq, path)
+    assert [j["state"] for j in runs] == ["resumed", "resumed", "failed"]
+    assert mail["subject"].startswith(f"dq: {runs[2]['id']} failed, exit 4, ")
+    ends.wait([j["id"] for j in runs])      # all three notified: no other mail can come
+    assert len(inbox.mails) == 1
 
 
 def test_exit_75_at_the_time_limit_resumes(cluster, dq):
