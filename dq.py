@@ -2374,7 +2374,7 @@ def is_inner_path(v):
 
 
 def is_snapshot(v):
-    """job.json's `snapshot` (DQ_SNAPSHOT, see take_snapshot): the job
+    """job.json's `snapshot` (DQ_SNAPSHOT, see SnapshotPlan.take): the job
     whose directory holds the copy, the directory it copies (top), the
     job's cwd and script inside it (script null: it lies outside), how
     many files and bytes it holds, whether git chose them."""
@@ -2947,7 +2947,7 @@ def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None
     already had an end.  durable=False (the wrapper, in a hurry to hand the
     GPUs over): the caller fsyncs end.json and counts the job later, with
     finish_end.  requeued_as: the job that runs it again (DQ_REQUEUE,
-    DQ_RETRY), which dependencies and dq-wait follow."""
+    DQ_RETRY, DQ_RESUME), which dependencies and dq-wait follow."""
     data = {"state": state, "reason": reason, "exit_code": exit_code,
             "signal": sig, "ended": ended or time.time(), "host": host or job.run.get("host")}
     if requeued_as:
