@@ -42,7 +42,8 @@ resolving symlinks) or $DQ_ROOT:
   state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
                           handover-<host>.lock
   jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use),
-                          grace.json (dq-kill --grace's request) (owned by the user)
+                          grace.json (dq-kill --grace's request),
+                          snapshot/ (DQ_SNAPSHOT's copy of its files) (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
@@ -78,6 +79,8 @@ Where to change what (the name, then the section it is in):
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
   warnings, DQ_DEADLINE       TimeLimit, job_env          [Job wrapper]
+  jobs that run again         run_again, RUN_AGAIN        [Creating jobs]
+  what a snapshot copies      SnapshotPlan                [Snapshots]
   dq.conf keys and defaults   Config                      [Configuration]
   dq-jobs' columns            cmd_jobs                    [Job listings]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
@@ -297,6 +300,17 @@ def fmt_mib(mib):
     if mib < 1024:
         return f"{max(0, int(mib))}M"
     return f"{mib / 1024:.1f}".rstrip("0").rstrip(".") + "G"
+
+
+def fmt_bytes(n):
+    """Every file size dq prints (snapshots): 512 -> '512B', 3481 -> '3.4K',
+    5242880 -> '5M' (a size that size_mib reads back, to 0.1, from 1M up)."""
+    size, unit = float(max(0, n)), "B"
+    for bigger in "KMGT":
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{int(size)}B" if unit == "B" else f"{size:.1f}".rstrip("0").rstrip(".") + unit
 
 
 # Command line ################################################################
@@ -744,7 +758,7 @@ class Config:
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
             "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
             "smtp", "mail_domain", "share_margin", "max_jobs_per_gpu", "share_foreign",
-            "mem_overuse", "shell_time", "lock_stats"} | set(NUMBERS)
+            "mem_overuse", "shell_time", "snapshot_max", "lock_stats"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
     OVERUSE = ("warn", "kill")
 
@@ -859,6 +873,14 @@ class Config:
         if self.mem_overuse not in self.OVERUSE:
             raise Failure(f"{self.path}: 'mem_overuse' must be warn or kill, not "
                           f"{self.mem_overuse!r}, e.g. 'mem_overuse = kill'")
+        # DQ_SNAPSHOT: the most one copy of a submit directory may hold, in
+        # bytes (it stays in the data root as long as the job's directory).
+        raw = sect.get("snapshot_max", "200M").strip()
+        try:
+            self.snapshot_max = size_mib("snapshot_max", raw) * 1024 * 1024
+        except Failure:
+            raise Failure(f"{self.path}: 'snapshot_max' must be a size (not {raw!r}), e.g. "
+                          f"'snapshot_max = 200M' or 'snapshot_max = 2G'") from None
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
@@ -2343,7 +2365,9 @@ GRACE_FIELDS = {
     "reason": (is_str, "a text", True),
     "requested": (is_time, "a time in seconds", False)}
 
-END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled")
+# resumed: it exited 75 (EX_TEMPFAIL, "checkpointed, run me again") and
+# DQ_RESUME queued its next run, which its end.json's requeued_as names.
+END_STATES = ("done", "failed", "killed", "lost", "timeout", "cancelled", "resumed")
 
 END_FIELDS = {
     "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
@@ -2363,6 +2387,25 @@ def is_id_list(v):
                                        for i in v)
 
 
+def is_inner_path(v):
+    """A path inside a directory: relative, without '..'."""
+    return is_str(v) and v and not v.startswith("/") and ".." not in v.split("/")
+
+
+def is_snapshot(v):
+    """job.json's `snapshot` (DQ_SNAPSHOT, see SnapshotPlan.take): the job
+    whose directory holds the copy, the directory it copies (top), the
+    job's cwd and script inside it (script null: it lies outside), how
+    many files and bytes it holds, whether git chose them."""
+    return isinstance(v, dict) and bad_field(v, {
+        "job": (lambda x: is_id_list([x]), "a job ID", True),
+        "top": (lambda x: is_str(x) and x.startswith("/"), "an absolute path", True),
+        "cwd": (is_inner_path, "a path inside it", True),
+        "script": (optional(is_inner_path), "a path inside it", False),
+        "files": (is_int, "a count", True), "bytes": (is_int, "a size", True),
+        "git": (lambda x: isinstance(x, bool), "true or false", False)}) is None
+
+
 # What each of a job's files holds (see bad_field): a file that does not
 # fit is corrupt, and read as the fallback its reader names.
 JOB_FIELDS = {
@@ -2380,6 +2423,9 @@ JOB_FIELDS = {
     "after_any": (lambda v: is_id_list(v), "a list of job IDs", False),
     "retry_of": (optional(is_str), "a job ID", False),
     "retries": (is_int, "a count", False),
+    "resume_of": (optional(is_str), "a job ID", False),
+    "resumes": (is_int, "a count", False),
+    "snapshot": (optional(is_snapshot), "where its snapshot is (DQ_SNAPSHOT)", False),
     # dq-shell's jobs: run for a terminal, with arguments to the program
     "interactive": (lambda v: v is True, "true (dq-shell)", False),
     "args": (lambda v: isinstance(v, list) and all(is_str(a) for a in v), "a list of texts",
@@ -2418,6 +2464,32 @@ def read_gpu_use(job_dir):
     return data if data and bad_field(data, GPU_USE_FIELDS) is None else None
 
 
+def snapshot_dir(cfg, snap):
+    """Where a job's snapshot (job.json's `snapshot`) lies: in the
+    directory of the job that took it (a sweep's first job, or the first
+    run of a job run again)."""
+    return os.path.join(cfg.job_dir(snap["job"]), "snapshot")
+
+
+def snapshot_info(cfg, snap):
+    """A snapshot for listings: {files, bytes, dir, top, git}, or None."""
+    if not snap:
+        return None
+    return {"files": snap["files"], "bytes": snap["bytes"], "dir": snapshot_dir(cfg, snap),
+            "top": snap["top"], "git": snap.get("git", False)}
+
+
+def run_paths(cfg, job):
+    """(script, cwd) the job runs: as submitted, or (DQ_SNAPSHOT) their
+    copies in its snapshot, the script too when it lay in the copied tree."""
+    script, cwd, snap = job.spec["script"], job.spec["cwd"], job.spec.get("snapshot")
+    if not snap:
+        return script, cwd
+    inside = snapshot_dir(cfg, snap)
+    return (os.path.join(inside, snap["script"]) if snap.get("script") else script,
+            os.path.normpath(os.path.join(inside, snap["cwd"])))
+
+
 def read_job_file(path, fields, corrupt, fix):
     """One of a job's JSON files: {} when missing, `corrupt` when it exists
     but cannot be trusted (a warning naming it and `fix` says so)."""
@@ -2447,9 +2519,11 @@ class Job:
     done,     + end.json (state, exit code,  the wrapper when the script exits
     failed,     signal, reason); out of      (timeout: it stopped the job at
     timeout,    jobs/active                  its time limit; killed: it stopped
-    killed,                                  it for a dq-kill --grace, whose
-    lost,                                    grace.json asked); dq-kill (killed,
-    cancelled                                written before it kills); the
+    resumed,                                 it for a dq-kill --grace, whose
+    killed,                                  grace.json asked; resumed: it
+    lost,                                    exited 75 and DQ_RESUME queued its
+    cancelled                                next run); dq-kill (killed,
+                                             written before it kills); the
                                              owner's pass (lost, and cancelled:
                                              a dependency did not end done)
 
@@ -2528,7 +2602,9 @@ class Job:
             "sweep": self.spec.get("env", {}).get("DQ_SWEEP"),
             "after": self.spec.get("after", []), "after_any": self.spec.get("after_any", []),
             "retry_of": self.spec.get("retry_of"), "retries": self.spec.get("retries", 0),
+            "resume_of": self.spec.get("resume_of"), "resumes": self.spec.get("resumes", 0),
             "requeued_as": self.end.get("requeued_as"),
+            "snapshot": snapshot_info(self.cfg, self.spec.get("snapshot")),
             "notify": self.notify_problems() if self.end else {},
             # a sharing job's booking (MiB per GPU), and what it uses (GpuWatch)
             "interactive": bool(self.spec.get("interactive")),
@@ -2568,6 +2644,11 @@ def load_job(cfg, job_id, quiet=False):
     if spec.get("user") != owner or spec.get("id") != job_id or not job_id.endswith("-" + owner):
         if not quiet:
             warn(f"ignoring {path}: it names user {spec.get('user')!r} but belongs to {owner!r}")
+        return None
+    if spec.get("snapshot") and not spec["snapshot"]["job"].endswith("-" + owner):
+        if not quiet:       # a job runs only its owner's own copies
+            warn(f"ignoring {path}: its snapshot lies in {spec['snapshot']['job']}, a job "
+                 f"of another user")
         return None
     return Job(cfg, job_id, spec, owner)
 
@@ -2774,8 +2855,9 @@ def all_job_ids(cfg):
 # Ended jobs and usage counters ###############################################
 
 def final_state(cfg, job_id):
-    """How a job ended, following its requeues and retries to the last
-    run: (state or None while it has not ended, the job ID of that run)."""
+    """How a job ended, following its requeues, retries and resumes (each
+    run's end.json names the next in requeued_as) to the last run: (state
+    or None while it has not ended, the job ID of that run)."""
     for _ in range(1000):
         end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), None, {}, skip_newer=True)
         if end is None:
@@ -2892,7 +2974,7 @@ def record_end(cfg, job, state, reason=None, exit_code=None, sig=None, host=None
     already had an end.  durable=False (the wrapper, in a hurry to hand the
     GPUs over): the caller fsyncs end.json and counts the job later, with
     finish_end.  requeued_as: the job that runs it again (DQ_REQUEUE,
-    DQ_RETRY), which dependencies and dq-wait follow."""
+    DQ_RETRY, DQ_RESUME), which dependencies and dq-wait follow."""
     data = {"state": state, "reason": reason, "exit_code": exit_code,
             "signal": sig, "ended": ended or time.time(), "host": host or job.run.get("host")}
     if requeued_as:
@@ -3118,6 +3200,34 @@ def requeue_limit(env):
     """DQ_REQUEUE: how many times a lost job is queued again."""
     return env_count(env, "DQ_REQUEUE", "requeues",
                      "DQ_REQUEUE=1 (a lost job is queued again up to once)")
+
+
+# Exit status 75 (EX_TEMPFAIL in sysexits.h): "I saved a checkpoint, run
+# me again".  DQ_RESUME=N queues such a job again, up to N times.
+RESUME_EXIT = 75
+
+
+def resume_limit(env):
+    """DQ_RESUME: how many times a job that exits 75 runs again (0: unset)."""
+    raw = env.get("DQ_RESUME", "").strip()
+    if not raw:
+        return 0
+    count = whole_number(raw, 1, 1000)
+    if count is None:
+        raise Failure(f"DQ_RESUME={raw!r} is not a number of resumes from 1 to 1000; e.g. "
+                      f"DQ_RESUME=10 (a job that exits {RESUME_EXIT} after saving a "
+                      f"checkpoint runs up to 10 more times)")
+    return count
+
+
+def snapshot_wanted(env):
+    """DQ_SNAPSHOT: 1 (run the job from a copy of its directory taken at
+    submit), 0 or unset (from the directory itself)."""
+    raw = env.get("DQ_SNAPSHOT", "").strip()
+    if raw not in ("", "0", "1"):
+        raise Failure(f"DQ_SNAPSHOT={raw!r}: say DQ_SNAPSHOT=1 (run the job from a copy of "
+                      f"the directory's files taken now) or 0 (from the directory itself)")
+    return raw == "1"
 
 
 # Queue (jobs/queue/<user>/) ##################################################
@@ -3388,6 +3498,164 @@ def drop_from_index(cfg, job_id):
             pass
 
 
+# Snapshots (DQ_SNAPSHOT) #####################################################
+
+# DQ_SNAPSHOT=1: the job runs from a copy of its directory taken at submit,
+# so that edits made after dq-submit do not reach it while it waits.  In a
+# git repository the copy holds what git knows of (`git ls-files -cmo
+# --exclude-standard`: tracked files as they are now, and new ones it does
+# not ignore), from the repository's top, so that the job's relative paths
+# (../data, a sibling package) reach the same files; outside one, the
+# submit directory's whole tree.  Regular files and symlinks only (no
+# FIFOs or devices), with their modes.  The copy lies in the directory of
+# the job that took it (jobs/backend/<id>/snapshot): a sweep's jobs, a
+# job's retries and resumes, and dq-restart all run from that one copy (a
+# resumed run finds there the checkpoint its last run wrote).
+
+SNAPSHOT_GIT_TIMEOUT = 60       # seconds git may take to list a big repository
+
+
+def git_files(cwd):
+    """(top, its files as relative paths) of the git repository holding
+    cwd, or None: not in one (or no git to ask)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(("git",) + args, cwd=cwd, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=SNAPSHOT_GIT_TIMEOUT)
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or not top.stdout.strip():
+            return None
+        top = os.fsdecode(top.stdout.rstrip(b"\n"))
+        listed = git("-C", top, "ls-files", "-z", "-cmo", "--exclude-standard")
+    except FileNotFoundError:
+        return None
+    except subprocess.TimeoutExpired:
+        raise Failure(f"DQ_SNAPSHOT: git took over {SNAPSHOT_GIT_TIMEOUT}s to list the files "
+                      f"of the repository holding {cwd}; submit without DQ_SNAPSHOT") from None
+    if listed.returncode != 0:
+        why = (listed.stderr.decode("utf-8", "replace").strip().splitlines() or ["?"])[-1]
+        raise Failure(f"DQ_SNAPSHOT: 'git ls-files' failed in {top}: {why}")
+    # (-m lists a modified file a second time)
+    return top, sorted({os.fsdecode(p) for p in listed.stdout.split(b"\0") if p})
+
+
+def tree_files(top, skip=(), avoid=None):
+    """Every file under top (relative paths, a symlink to a directory as a
+    link), leaving out directories named in `skip` and the directory
+    `avoid` (a path under top)."""
+    out = []
+
+    def cannot(e):
+        raise Failure(f"DQ_SNAPSHOT: cannot read {e.filename}: {e.strerror}")
+    for d, dirs, files in os.walk(top, onerror=cannot):
+        dirs[:] = sorted(x for x in dirs if x not in skip and os.path.join(d, x) != avoid)
+        links = [x for x in dirs if os.path.islink(os.path.join(d, x))]
+        out += [os.path.relpath(os.path.join(d, x), top) for x in sorted(files) + links]
+    return out
+
+
+def relative_inside(path, top):
+    """path relative to top (both resolved), or None if it lies outside."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(top))
+    return None if rel == ".." or rel.startswith("../") else rel
+
+
+class SnapshotPlan:
+    """What a snapshot copies, listed and sized at submit, before any job
+    is written (so a snapshot over snapshot_max queues nothing); `take`
+    copies it once the job's directory exists."""
+
+    def __init__(self, cfg, cwd, script):
+        import stat
+        found = git_files(cwd)
+        self.git = found is not None
+        self.top, names = found if found else (cwd, None)
+        # Never the data root itself, should it lie in the tree
+        root = relative_inside(cfg.root, self.top)
+        if names is None:
+            names = tree_files(cwd, avoid=os.path.join(cwd, root) if root else None)
+        elif root:
+            names = [n for n in names if n != root and not n.startswith(root + "/")]
+        self.cwd = relative_inside(cwd, self.top) or "."
+        script_dir = relative_inside(os.path.dirname(script), self.top)
+        self.script = None if script_dir is None else \
+            os.path.normpath(os.path.join(script_dir, os.path.basename(script)))
+        if self.script and self.script not in names:
+            names.append(self.script)       # the job's own script, even if git ignores it
+        self.entries, self.files, self.bytes = [], 0, 0
+        while names:
+            rel = names.pop()
+            path = os.path.join(self.top, rel)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue        # deleted, still in git's index
+            except OSError as e:
+                raise Failure(f"DQ_SNAPSHOT: cannot read {path}: {e.strerror}") from None
+            if stat.S_ISDIR(st.st_mode):    # a git submodule: its files
+                names += [os.path.join(rel, x) for x in tree_files(path, skip=(".git",))]
+                continue
+            if stat.S_ISREG(st.st_mode) and not os.access(path, os.R_OK):
+                raise Failure(f"DQ_SNAPSHOT: cannot read {path}: permission denied; make it "
+                              f"readable, or leave it out of the directory")
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                self.entries.append(rel)
+                self.files += 1
+                self.bytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        self.entries.sort()
+        if self.bytes > cfg.snapshot_max:
+            raise Failure(
+                f"DQ_SNAPSHOT: the snapshot of {self.top} would be {fmt_bytes(self.bytes)} "
+                f"({self.files:,} files), over snapshot_max ({fmt_bytes(cfg.snapshot_max)}, "
+                f"in {cfg.path}); " +
+                ("keep big files out of git (.gitignore them)" if self.git else
+                 "submit from a smaller directory") + ", or submit without DQ_SNAPSHOT")
+
+    def take(self, cfg, job_id):
+        """Copy the files into job_id's directory (as the submitting user:
+        it is their job directory), under a temporary name renamed once
+        complete: a snapshot is never half there.  Returns job.json's
+        `snapshot`.  Copying that fails on the data root's side raises
+        OSError (a full disk), on the source's a Failure naming the file."""
+        import shutil
+        job_dir = cfg.job_dir(job_id)
+        tmp, final = os.path.join(job_dir, ".snapshot.tmp"), os.path.join(job_dir, "snapshot")
+        os.mkdir(tmp, 0o755)
+        files = size = 0
+        made = {tmp}
+        for rel in self.entries:
+            src, dst = os.path.join(self.top, rel), os.path.join(tmp, rel)
+            parent = os.path.dirname(dst)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            try:
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                else:       # its contents, mode (the executable bits) and times
+                    shutil.copy2(src, dst, follow_symlinks=False)
+                    size += os.lstat(dst).st_size
+                files += 1
+            except FileNotFoundError as e:
+                if e.filename == src:
+                    continue        # removed since it was listed
+                raise
+            except (OSError, shutil.Error) as e:
+                if isinstance(e, OSError) and (e.errno in SPACE_ERRORS or
+                                               str(e.filename or "").startswith(tmp)):
+                    raise
+                raise Failure(f"DQ_SNAPSHOT: cannot copy {src}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        os.makedirs(os.path.join(tmp, self.cwd), exist_ok=True)    # (if no file lies in it)
+        os.sync()       # all of it on disk before it counts as there
+        os.rename(tmp, final)
+        return {"job": job_id, "top": self.top, "cwd": self.cwd, "script": self.script,
+                "files": files, "bytes": size, "git": self.git}
+
+
 # Creating jobs ###############################################################
 
 def next_number(cfg):
@@ -3406,9 +3674,12 @@ def next_number(cfg):
 
 def prepare_job(cfg, env, deps=True):
     """What a job's DQ_* variables ask, checked before anything is written:
-    {env, gpus, need, time_limit, priority, after, after_any}."""
+    {env, gpus, need, time_limit, priority, after, after_any, snapshot}
+    (snapshot: True if DQ_SNAPSHOT asks for one; the caller replaces it
+    with a SnapshotPlan, or the snapshot a run again reuses)."""
     want = wanted_gpus(env)
     retry_limit(env)
+    resume_limit(env)
     requeue_limit(env)
     mail_address(cfg, env, me())
     mail_on(env)
@@ -3417,15 +3688,15 @@ def prepare_job(cfg, env, deps=True):
     job_signal(env, limit)
     return {"env": env, "gpus": want, "need": job_needs(env, want),
             "time_limit": limit, "priority": job_priority(env),
-            "after": after, "after_any": after_any}
+            "after": after, "after_any": after_any, "snapshot": snapshot_wanted(env)}
 
 
-def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of, retries,
-                sweep):
+def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, chain, sweep):
     """create_jobs' writes, once the IDs are claimed."""
     now = time.time()
     host = os.uname().nodename
     entries = []
+    taken = {}      # SnapshotPlan -> its snapshot: one copy for the jobs that share it
     for i, (job_id, job) in enumerate(zip(ids, jobs)):
         env = dict(job["env"], DQ_SWEEP=ids[0], DQ_SWEEP_INDEX=str(i)) if sweep else job["env"]
         spec = {"id": job_id, "user": user, "script": script, "cwd": cwd, "env": env,
@@ -3435,8 +3706,14 @@ def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_o
         for key in ("after", "after_any"):
             if job[key]:
                 spec[key] = job[key]
-        if retry_of:
-            spec["retry_of"], spec["retries"] = retry_of, retries
+        spec.update(chain or {})
+        snap = job.get("snapshot")
+        if isinstance(snap, SnapshotPlan):
+            if snap not in taken:
+                taken[snap] = snap.take(cfg, job_id)
+            snap = taken[snap]
+        if isinstance(snap, dict):
+            spec["snapshot"] = snap
         spec.update(job.get("spec", {}))     # (dq-shell: interactive, args)
         write_json(os.path.join(cfg.job_dir(job_id), "job.json"), spec,
                    durable=len(jobs) == 1)
@@ -3463,8 +3740,7 @@ def _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_o
     return ids
 
 
-def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=None, retries=0,
-                sweep=False):
+def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, chain=None, sweep=False):
     """Take the next numbers from the counter under the global lock, then
     claim each with a mkdir (the directory claims the id), then write the
     jobs (prepare_job).  The counter only grows; an id whose directory
@@ -3474,7 +3750,9 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=No
     of the lock and two os.sync() for a whole sweep (an fsync per file took
     0.5 ms each).  `sweep`: its jobs get DQ_SWEEP (the first ID) and
     DQ_SWEEP_INDEX, and the first job's directory a list of them
-    (sweep.json)."""
+    (sweep.json).  `chain`: job.json fields saying which run a run again
+    follows (see run_again).  A job's SnapshotPlan is taken into the
+    directory of the first job that has it."""
     user = me()
     ensure_layout(cfg)
     ids = []
@@ -3493,11 +3771,12 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=No
             except FileExistsError:
                 pass        # (after a rollback) taken: more numbers, next round
     try:
-        return _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, retry_of,
-                           retries, sweep)
-    except OSError:
-        # A full data root: no half-written job stays behind (its number
-        # stays taken: the counter moved past it).
+        return _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, chain,
+                           sweep)
+    except (OSError, Failure):
+        # A full data root, a snapshot that could not be copied: no
+        # half-written job (or snapshot) stays behind (its number stays
+        # taken: the counter moved past it).
         import shutil
         for job_id in ids:
             drop_from_index(cfg, job_id)
@@ -3505,16 +3784,30 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, retry_of=No
         raise
 
 
-def create_job(cfg, script, cwd, job, restart_of=None, requeues=0, retry_of=None, retries=0):
-    return create_jobs(cfg, script, cwd, [job], restart_of, requeues, retry_of, retries)[0]
+def create_job(cfg, script, cwd, job, restart_of=None, requeues=0, chain=None):
+    return create_jobs(cfg, script, cwd, [job], restart_of, requeues, chain)[0]
 
 
 def again_job(cfg, job):
-    """prepare_job for a job's new run (requeue, retry): its variables and
-    time limit as submitted; its dependencies were met."""
+    """prepare_job for a job's new run (requeue, retry, resume): its
+    variables, time limit and snapshot as submitted; its dependencies were
+    met."""
     again = prepare_job(cfg, job.spec.get("env", {}), deps=False)
     again["time_limit"] = job.spec.get("time_limit")
+    again["snapshot"] = job.spec.get("snapshot")
     return again
+
+
+# How a job runs again by itself at its end, as a new job: (the job.json
+# field naming the run it follows, the count of such runs along its chain
+# so far, the limit its variable sets).  Each new run carries every count,
+# so "up to N times" holds across the whole chain, however the kinds mix.
+RUN_AGAIN = {"retry": ("retry_of", "retries", retry_limit),      # DQ_RETRY: it failed
+             "resume": ("resume_of", "resumes", resume_limit)}   # DQ_RESUME: it exited 75
+
+
+def chain_counts(job):
+    return {count: job.spec.get(count, 0) for _, count, _ in RUN_AGAIN.values()}
 
 
 def requeue(cfg, job):
@@ -3529,26 +3822,30 @@ def requeue(cfg, job):
     if done >= limit or job.spec.get("interactive"):    # nobody waits at a terminal for it
         return None
     return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
-                      restart_of=job.id, requeues=done + 1)
+                      restart_of=job.id, requeues=done + 1, chain=chain_counts(job))
 
 
-def retry(cfg, job):
-    """DQ_RETRY=N: a failed job (not killed, not timed out) is queued again,
-    up to N times in all.  Returns the new ID or None."""
-    limit = retry_limit(job.spec.get("env", {}))
-    done = job.spec.get("retries", 0)
-    if done >= limit or job.spec.get("interactive"):    # nobody waits at a terminal for it
+def run_again(cfg, job, kind):
+    """DQ_RETRY=N (kind 'retry': a failed job, not killed, not timed out)
+    and DQ_RESUME=N ('resume': a job that exited 75) queue the job again,
+    up to N times in all: same script, directory, variables and snapshot.
+    Returns the new ID, or None (none left, or it could not be written)."""
+    of, count, limit = RUN_AGAIN[kind]
+    if job.spec.get("interactive"):     # a dq-shell: nobody waits at a terminal for it
         return None
     try:
+        if job.spec.get(count, 0) >= limit(job.spec.get("env", {})):
+            return None
+        chain = dict(chain_counts(job), **{of: job.id, count: job.spec.get(count, 0) + 1})
         return create_job(cfg, job.spec["script"], job.spec["cwd"], again_job(cfg, job),
-                          retry_of=job.id, retries=done + 1)
+                          chain=chain)
     except OSError as e:
         if e.errno in SPACE_ERRORS:
             raise       # the wrapper tries again once there is room
-        warn(f"cannot retry {job.id}: {e}")
+        warn(f"cannot {kind} {job.id}: {e}")
         return None
     except Failure as e:
-        warn(f"cannot retry {job.id}: {e}")
+        warn(f"cannot {kind} {job.id}: {e}")
         return None
 
 
@@ -4785,6 +5082,8 @@ def job_env(job, gpus, deadline=None):
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env["DQ_JOB_ID"] = job.id
     env["DQ_DEADLINE"] = str(int(deadline)) if deadline else ""
+    if job.spec.get("snapshot"):    # it runs in its copy: where results may go instead
+        env["DQ_SUBMIT_DIR"] = job.spec["cwd"]
     return env
 
 
@@ -4871,23 +5170,44 @@ def hand_over(cfg, host, gpus, job_id, shared=False):
         spawn_scheduler(cfg)
 
 
-def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host):
-    """record_end (and DQ_RETRY's new job) as the job ended, trying again,
-    backing off, while the data root is full: the session stays, the lease
-    is renewed (a utime needs no space), so no pass counts it lost.  True
-    if this wrote the end, False if it had one (dq-kill's), None if the
-    lease failed meanwhile (the data root is gone from this host)."""
-    again, retried, delay, said = None, False, 0.5, False
+def next_run(cfg, job, state, checkpointed):
+    """At a job's end, the run after it, if any: (its ID, 'resume' or
+    'retry') when DQ_RESUME (it exited 75: checkpointed) or DQ_RETRY (it
+    failed) queued one, else (None, None).  An exit 75 with no resume left
+    is a failure like any other, which DQ_RETRY may retry."""
+    if checkpointed:
+        again = run_again(cfg, job, "resume")
+        if again:
+            return again, "resume"
+    if state == "failed":
+        again = run_again(cfg, job, "retry")
+        if again:
+            return again, "retry"
+    return None, None
+
+
+def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host,
+                          checkpointed=False):
+    """record_end (and the new job of DQ_RESUME or DQ_RETRY, see next_run)
+    as the job ended, trying again, backing off, while the data root is
+    full: the session stays, the lease is renewed (a utime needs no space),
+    so no pass counts it lost.  A job resumed ends `resumed`.  True if this
+    wrote the end, False if it had one (dq-kill's), None if the lease
+    failed meanwhile (the data root is gone from this host)."""
+    again, kind, asked, delay, said = None, None, False, 0.5, False
     ended = time.time()     # recorded as it happened, however late
     while True:
         try:
             log.flush_lost()
             # (not after a dq-kill: it writes end.json before it kills)
-            if not retried and state == "failed" and \
-                    not os.path.exists(os.path.join(job.dir, "end.json")):
-                again = retry(cfg, job)
-            retried = True
-            why = reason + f"; retried as {again}" if again else reason
+            if not asked and not os.path.exists(os.path.join(job.dir, "end.json")):
+                again, kind = next_run(cfg, job, state, checkpointed)
+            asked = True
+            why = reason
+            if kind == "resume":
+                state, why = "resumed", f"{reason}; resumed as {again}"
+            elif kind == "retry":
+                why = f"{reason}; retried as {again}"
             # The next job first; the fsync and the count can wait until it runs.
             return record_end(cfg, job, state, why, code, sig, host, durable=False,
                               requeued_as=again, ended=ended)
@@ -5293,10 +5613,10 @@ def cmd__run(cfg, argv):
     timer = TimeLimit(job, cfg.kill_grace, run["started"])
     signal.signal(POKE, lambda *a: timer.notice())
     lease.on_request = timer.notice
-    script, cwd = job.spec["script"], job.spec["cwd"]
+    script, cwd = run_paths(cfg, job)     # (DQ_SNAPSHOT: in its snapshot)
     log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
     watch = GpuWatch(cfg, job, gpus, share and share[0], log)
-    state, code, sig, reason = "failed", None, None, None
+    state, code, sig, reason, checkpointed = "failed", None, None, None, False
     if not os.path.isdir(cwd):
         reason = f"working directory {cwd} does not exist on {host}"
     elif not os.access(script, os.X_OK):
@@ -5305,6 +5625,10 @@ def cmd__run(cfg, argv):
         try:
             rc = run_in_pty([script] + job.spec.get("args", []), cwd,
                             job_env(job, gpus, timer.deadline), log, on_start, timer)
+            # Exit 75 asks DQ_RESUME for another run (also in answer to the
+            # time limit's TERM: it saved a checkpoint in kill_grace), not
+            # when dq stopped it for going over its DQ_MEM.
+            checkpointed = rc == RESUME_EXIT
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 code, reason = 128 - rc, f"killed by {sig}"
@@ -5322,7 +5646,7 @@ def cmd__run(cfg, argv):
                 state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
                     f"reached ({reason or 'it exited with status 0'})"
             elif watch.killed:
-                state, reason = "failed", watch.killed
+                state, reason, checkpointed = "failed", watch.killed, False
             elif state == "failed" and gpus:
                 oom = cuda_oom(job_log(job))
                 if oom:
@@ -5337,7 +5661,8 @@ def cmd__run(cfg, argv):
         msg = f"dq: {job_id}: {reason}\n".encode()
         log.write(msg)
         _write_all(2, msg)
-    ours = record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host)
+    ours = record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host,
+                                 checkpointed)
     if ours is None:
         return lease.give_up(log)
     log.close()
@@ -5442,12 +5767,14 @@ def may_place_now(cfg, seen, want, need=None):
 SUBMIT_POLL_MAX_AGE = 30
 
 
-def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
+def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False, snapshot=None):
     """Queue jobs (one per env; `sweep`: as one sweep) and start them at once
     where GPUs are free.  When the last polls (under 30 s old) show nothing
     free for them, submitting polls no host and runs no pass: the jobs just
     join the queue, and their owner's dq-schedule loop (or the end of a
-    running job) places them.  Every job is checked before any is written."""
+    running job) places them.  Every job is checked before any is written.
+    Those with DQ_SNAPSHOT share one snapshot of cwd, or `snapshot` (job.json's,
+    dq-restart's: the run restarted runs from its own again)."""
     jobs = [prepare_job(cfg, env) for env in envs]
     ensure_layout(cfg)      # who may not use the data root learns it first
     shapes = {(j["gpus"], need_shape(j["need"])): j for j in jobs}
@@ -5470,6 +5797,13 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False):
         for j in shapes.values():
             check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
                              for h, s in polls.items()}, j["gpus"], j["need"])
+    if snapshot is not None:
+        for j in jobs:
+            j["snapshot"] = snapshot
+    elif any(j["snapshot"] for j in jobs):      # listed and sized now, copied once
+        plan = SnapshotPlan(cfg, cwd, script)
+        for j in jobs:
+            j["snapshot"] = plan if j["snapshot"] else None
     ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
     for job_id in ids:
         print(f"Job ID: '{job_id}'", flush=True)
@@ -5731,6 +6065,10 @@ def cmd_restart(cfg, argv):
                           f"(dq-kill it first)")
         if job.spec.get("interactive"):
             raise Failure(f"job {job.id} was a dq-shell; start a new one with dq-shell")
+        snap = job.spec.get("snapshot")
+        if snap and not os.path.isdir(snapshot_dir(cfg, snap)):
+            raise Failure(f"job {job.id} ran from a snapshot that is gone "
+                          f"({snapshot_dir(cfg, snap)}); dq-submit it again to take a new one")
     # Dependencies on jobs restarted here go to their new runs.
     again = {}
     for job in sorted(jobs, key=lambda j: j.n):
@@ -5740,8 +6078,10 @@ def cmd_restart(cfg, argv):
             if env.get(var):
                 env[var] = ",".join(again.get(full_id(cfg, i), i)
                                     for i in env[var].split(",") if i.strip())
+        # (the same snapshot, if it had one: the code it ran, not today's)
         again[job.id] = submit_and_place(cfg, job.spec["script"], job.spec["cwd"], [env],
-                                         restart_of=job.id)[0]
+                                         restart_of=job.id,
+                                         snapshot=job.spec.get("snapshot"))[0]
     return 0
 
 
@@ -5846,8 +6186,8 @@ def cmd_top(cfg, argv):
 
 def cmd_wait(cfg, argv):
     p = parser("wait", "Wait until jobs have ended, printing a line for each as it ends "
-               "(a job run\nagain by DQ_RETRY or DQ_REQUEUE counts when its last run "
-               "ends).\nExit status: 0 all ended done, 1 some did not, 2 the timeout "
+               "(a job run\nagain by DQ_RETRY, DQ_RESUME or DQ_REQUEUE counts when its last "
+               "run ends).\nExit status: 0 all ended done, 1 some did not, 2 the timeout "
                "passed first.")
     id_arguments(p)
     p.add_argument("-t", "--timeout", type=seconds_type, metavar="SECONDS",
@@ -5907,6 +6247,18 @@ def script_text(j):
         return j["script"]
     args = j.get("args") or []
     return "[shell] " + (shlex.join(args[3:]) if args[:2] == ["-c", 'exec "$@"'] else j["script"])
+
+
+def with_snapshot_column(headers, rows, listed):
+    """A Snapshot column before Script (DQ_SNAPSHOT: the files and bytes of
+    the copy each job runs from), when a job listed has one."""
+    if not any(j["snapshot"] for j in listed):
+        return headers, rows
+    at = headers.index("Script")
+    words = [f"{j['snapshot']['files']} files {fmt_bytes(j['snapshot']['bytes'])}"
+             if j["snapshot"] else "-" for j in listed]
+    return (headers[:at] + ["Snapshot"] + headers[at:],
+            [row[:at] + (w,) + row[at:] for row, w in zip(rows, words)])
 
 
 def active_jobs(cfg, who, places=None, ids=None):
@@ -6029,7 +6381,8 @@ def cmd_jobs(cfg, argv):
         print(f"Jobs in queue: {len(queued)}")
         rows = [(j["id"], fmt_duration(now - j["submitted"]), j["reason"] or "-", script_text(j),
                  env_text(j["env"])) for j in queued]
-        print_table(["JobID", "Wait", "Reason", "Script", "Env"], rows)
+        print_table(*with_snapshot_column(["JobID", "Wait", "Reason", "Script", "Env"], rows,
+                                          queued))
         return 0
     if args.view == "complete":
         done = completed_jobs(cfg, who, max(0, args.last))
@@ -6044,8 +6397,8 @@ def cmd_jobs(cfg, argv):
             state = j["state"] + (f" -> {j['requeued_as']}" if j["requeued_as"] else "")
             rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), state,
                          exit_text, fmt_duration(runtime), script_text(j), env_text(j["env"])))
-        print_table(["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"],
-                    rows)
+        print_table(*with_snapshot_column(
+            ["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"], rows, done))
         for j in done:
             for what, error in sorted(j["notify"].items()):
                 print(f"{j['id']}: {what} failed: {error}")
@@ -6069,7 +6422,7 @@ def cmd_jobs(cfg, argv):
         headers.insert(3, "Mem")
         rows = [row[:3] + (gpu_use_text(j["gpu_use"], j["mem_mib"]) if j["gpus"] else "-",)
                 + row[3:] for row, j in zip(rows, running)]
-    print_table(headers, rows)
+    print_table(*with_snapshot_column(headers, rows, running))
     for j in running:
         if j.get("reason"):
             print(f"{j['id']} on {j['host']}: {j['reason']}")

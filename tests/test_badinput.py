@@ -431,6 +431,9 @@ BAD_ARGS = [
     ("submit", ["ok.sh"], {"DQ_REQUEUE": "yes"}, ["DQ_REQUEUE='yes'", "0 to 1000",
                                                   "DQ_REQUEUE=1"]),
     ("submit", ["ok.sh"], {"DQ_REQUEUE": "-1"}, ["DQ_REQUEUE='-1'"]),
+    ("submit", ["ok.sh"], {"DQ_RESUME": "0"}, ["DQ_RESUME='0'", "1 to 1000", "exits 75"]),
+    ("submit", ["ok.sh"], {"DQ_RESUME": "many"}, ["DQ_RESUME='many'"]),
+    ("submit", ["ok.sh"], {"DQ_SNAPSHOT": "yes"}, ["DQ_SNAPSHOT='yes'", "DQ_SNAPSHOT=1"]),
     ("submit", ["ok.sh"], {"DQ_MAIL": "1"}, ["DQ_MAIL=1", "mail_domain"]),
     ("submit", ["ok.sh"], {"DQ_MAIL": "me"}, ["DQ_MAIL='me'", "not a mail address"]),
     ("submit", ["ok.sh"], {"DQ_MAIL": "a@b", "DQ_MAIL_ON": "sometimes"}, ["DQ_MAIL_ON"]),
@@ -636,6 +639,8 @@ def test_bad_config_number(root, key, value):
     ("[dq]\nmax_jobs_per_gpu = many\n", ["'max_jobs_per_gpu'", "1 to 1000"]),
     ("[dq]\nshare_foreign = perhaps\n", ["'share_foreign'", "yes or no"]),
     ("[dq]\nmem_overuse = shout\n", ["'mem_overuse'", "warn or kill"]),
+    ("[dq]\nsnapshot_max = lots\n", ["'snapshot_max'", "snapshot_max = 200M"]),
+    ("[dq]\nsnapshot_max = -1G\n", ["'snapshot_max'", "a size"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
@@ -647,7 +652,8 @@ def test_bad_order_and_limits(root, text, needles):
                                   "multiplex = no", "lock_timeout = 1000000",
                                   "sample_interval = 0", "share_margin = 1.5%",
                                   "share_margin = 512M", "max_jobs_per_gpu = 1",
-                                  "share_foreign = no", "mem_overuse = kill"])
+                                  "share_foreign = no", "mem_overuse = kill",
+                                  "snapshot_max = 1.5G"])
 def test_good_config_numbers_are_taken(root, text):
     write(root.p("dq.conf"), f"[dq]\n{text}\n")
     r = root.run("jobs")

@@ -434,6 +434,13 @@ def test_kill_grace_reads_durations():
             dq.grace_seconds(bad)
 
 
+def test_file_sizes_read_back_as_sizes():
+    for n, text in [(0, "0B"), (512, "512B"), (3481, "3.4K"), (5 * 2 ** 20, "5M"),
+                    (200 * 2 ** 20, "200M"), (int(1.5 * 2 ** 30), "1.5G")]:
+        assert dq.fmt_bytes(n) == text
+        assert n < 2 ** 20 or dq.size_mib("snapshot_max", text) == n // 2 ** 20
+
+
 def test_readme_example_config_parses(tmp_path, monkeypatch):
     readme = open(os.path.join(os.path.dirname(dq.DQ_PY), "README.md")).read()
     block = readme.split("    [dq]\n", 1)[1].split("\n\n", 1)[0]
