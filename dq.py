@@ -6704,6 +6704,8 @@ def cmd_shell(cfg, argv):
     if not env.get("DQ_TIME", "").strip():
         job["time_limit"] = cfg.shell_time
     job["spec"] = {"interactive": True, "args": extra}
+    if job["snapshot"]:     # DQ_SNAPSHOT=1: a shell in a copy of this directory
+        job["snapshot"] = SnapshotPlan(cfg, cwd, script)
     ensure_layout(cfg)
     polls = poll_hosts(cfg)
     check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)

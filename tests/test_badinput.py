@@ -639,6 +639,7 @@ def test_bad_config_number(root, key, value):
     ("[dq]\nmax_jobs_per_gpu = many\n", ["'max_jobs_per_gpu'", "1 to 1000"]),
     ("[dq]\nshare_foreign = perhaps\n", ["'share_foreign'", "yes or no"]),
     ("[dq]\nmem_overuse = shout\n", ["'mem_overuse'", "warn or kill"]),
+    ("[dq]\nshell_time = forever\n", ["shell_time='forever'", "not a duration"]),
     ("[dq]\nsnapshot_max = lots\n", ["'snapshot_max'", "snapshot_max = 200M"]),
     ("[dq]\nsnapshot_max = -1G\n", ["'snapshot_max'", "a size"]),
 ])

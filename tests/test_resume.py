@@ -128,3 +128,33 @@ def test_bad_resume_values_are_refused(cluster, dq):
         ({"DQ_RESUME": value}, [f"DQ_RESUME={value!r}", "1 to 1000", "exits 75"])
         for value in ("0", "-1", "x", "1.5", "1001")])
     assert not os.listdir(os.path.join(dq.root, "jobs", "backend"))
+
+
+# The README's pattern, in shell: a long run in slices of DQ_TIME, each
+# warned by DQ_SIGNAL before its limit, saving its step and exiting 75.
+SLICED = """step=$(cat ckpt 2>/dev/null || echo 0)
+echo "run of $DQ_JOB_ID starts at step $step, deadline $DQ_DEADLINE"
+trap 'echo $step > ckpt; echo "saved step $step"; exit 75' USR1
+while [ $step -lt 10 ]; do step=$((step+1)); sleep 1; done
+echo "finished at step $step"
+"""
+
+
+def test_a_long_run_in_slices_with_dq_signal_and_dq_resume(cluster, dq):
+    configure(dq, ["node1"])
+    d, path = script(cluster, ALICE, "sliced.sh", SLICED, subdir="sliced")
+    first, _ = submit(dq, "node1", ALICE, path, env={
+        "DQ_TIME": "8s", "DQ_SIGNAL": "USR1@4s", "DQ_RESUME": "5"})
+    r = dq.run("node2", ALICE, "wait", first, "-t", "90", timeout=120)
+    runs = chain_of(dq, path)
+    assert r.returncode == 0, r.stdout + r.stderr + str([(j["state"], j["reason"]) for j in runs])
+    # three slices of about four steps each: resumed, resumed, done
+    assert [j["state"] for j in runs] == ["resumed", "resumed", "done"], runs
+    logs = [log_of(dq, j["id"]) for j in runs]
+    assert "starts at step 0" in logs[0] and "saved step" in logs[0]
+    saved = [int(log.split("saved step ")[1].split()[0]) for log in logs[:2]]
+    assert 2 <= saved[0] <= 5 and saved[0] + 2 <= saved[1] <= saved[0] + 5, saved
+    assert f"starts at step {saved[1]}" in logs[2] and "finished at step 10" in logs[2]
+    for j, log in zip(runs, logs):    # each run's deadline: its start plus DQ_TIME
+        deadline = int(log.split("deadline ")[1].split()[0])
+        assert abs(deadline - (j["started"] + 8)) <= 1, (deadline, j["started"])
