@@ -7274,10 +7274,10 @@ function desc(j) {
                                                                : j.script) : j.script;
   return j.desc ? what + " (" + j.desc + ")" : what;
 }
-function memText(j) {     // as dq-jobs' Mem column: used now / booked, OVER past it
+function memText(j) {     // a sharing job's GPU memory: used now / booked, OVER past it
+  if (!j.mem_mib) return "";
   const u = j.gpu_use, used = u && u.mem_mib !== null ? gb(u.mem_mib) + "G" : "-";
-  if (!j.gpus.length || !u && !j.mem_mib) return "-";
-  return (u && u.over ? "OVER " : "") + used + (j.mem_mib ? "/" + gb(j.mem_mib) + "G" : "");
+  return " " + (u && u.over ? "OVER " : "") + used + "/" + gb(j.mem_mib) + "G";
 }
 function render(s) {
   const now = s.at;
@@ -7342,9 +7342,9 @@ function render(s) {
   });
   table("users", ["User", "GPUs", "Running", "Queued"],
         s.users.map(u => [u.user, u.gpus, u.running, u.queued]));
-  table("running", ["Job", "User", "Host/GPU", "GPU mem", "Runtime", "Left", "Script"],
-        s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(",") +
-          (j.reason ? " (" + j.reason + ")" : ""), memText(j), dur(now - j.started),
+  table("running", ["Job", "User", "Host/GPU", "Runtime", "Left", "Script"],
+        s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(",") + memText(j) +
+          (j.reason ? " (" + j.reason + ")" : ""), dur(now - j.started),
           j.time_limit ? dur(j.started + j.time_limit - now) : "-", desc(j)]));
   table("queue", ["Job", "User", "GPUs", "Wait", "Reason", "Script"],
         s.queue.map(j => [j.id, j.user, j.gpus_wanted, dur(now - j.submitted), j.reason,

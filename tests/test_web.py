@@ -290,7 +290,7 @@ SHARE_A, SHARE_B, HAND = (0, 114, 178), (86, 180, 233), (153, 153, 153)
 
 
 def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
-    configure(dq, ["node1"], poll_interval=0.5)
+    configure(dq, ["node1"], poll_interval=0.5, sample_interval=1)
     cluster.set_gpus("node1", 1)
     cluster.hold_gpu("node1", BOB, 0, memory_mb=8192)      # 8G by hand
     _, path = script(cluster, ALICE, "share.sh", "exec fake-cuda --hold 60 --mem 4000\n")
@@ -298,7 +298,8 @@ def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
     a, _ = submit(dq, "node1", ALICE, path, env={"DQ_MEM": "16G"})
     b, _ = submit(dq, "node1", BOB, other, env={"DQ_MEM": "8G"})
     for j, user in ((a, ALICE), (b, BOB)):
-        wait_state(dq, j, "running", user=user)
+        wait_until(lambda: (wait_state(dq, j, "running", user=user)["gpu_use"] or {}).get(
+            "mem_mib"), timeout=15, what=f"a sample of {j}'s GPU use")
     port = free_port()
     p = dq.popen("node1", ALICE, "web", "--port", port)
     url = f"http://127.0.0.1:{port}/"
@@ -320,6 +321,9 @@ def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
             assert f"dq job {a} ({ALICE}) uses 3.9 of 16 GB booked" in gpu["text"], gpu
             assert f"dq job {b} ({BOB}) uses 2.0 of 8.0 GB booked" in gpu["text"], gpu
             assert f"{BOB} fake-cuda (by hand, pid" in gpu["text"], gpu
+            # the running table: each job's GPU memory, used now of booked
+            rows = {r[0]: r for r in br.eval(SEEN)["running"]}
+            assert rows[a][2] == "node1/0 3.9G/16G" and rows[b][2] == "node1/0 2.0G/8.0G", rows
             # the bar: 16/80, 8/80 and 8/80 of its width, in that order, each
             # drawn in its colour (pixels of a screenshot of it)
             parts, width = gpu["parts"], gpu["bar"]["width"]
