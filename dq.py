@@ -6701,6 +6701,9 @@ def cmd_shell(cfg, argv):
     env = {k: v for k, v in os.environ.items()
            if k.startswith("DQ_") and k not in OWN_VARS + SWEEP_VARS}
     job = prepare_job(cfg, env)
+    if not args.command and not sys.stdin.isatty():
+        raise Failure("a shell needs a terminal, and stdin is not one; give the command to "
+                      "run (dq-shell CMD...), or queue a script with dq-submit")
     if not env.get("DQ_TIME", "").strip():
         job["time_limit"] = cfg.shell_time
     job["spec"] = {"interactive": True, "args": extra}
@@ -6735,6 +6738,12 @@ def cmd_shell(cfg, argv):
         return 130
     if running.state() != "running":     # over before it could be attached: its output
         say(f"{job_id} ended {running.state()} before this terminal was attached", end=True)
+        return shell_ended(running)
+    if not sys.stdin.isatty():      # nothing to attach: its output once it ends
+        while running.state() == "running":
+            time.sleep(SHELL_STATUS_EVERY)
+            running = load_job(cfg, job_id, quiet=True) or running
+            running._end = running._lost = None
         return shell_ended(running)
     say(f"{job_id} runs on {running.run['host']} (GPU "
         f"{fmt_gpus(running.run.get('gpus', []))}); Ctrl-a d detaches", end=True)

@@ -114,7 +114,7 @@ def test_a_command_instead_of_the_shell_and_its_exit_status(cluster, dq, termina
 def test_now_fails_at_once_when_every_gpu_is_busy(cluster, dq):
     one_busy_gpu(cluster, dq)
     t0 = time.monotonic()
-    r = dq.run("node1", ALICE, "shell", "--now", cwd=cluster.user_dir(ALICE, "project"))
+    r = dq.run("node1", ALICE, "shell", "--now", "true", cwd=cluster.user_dir(ALICE, "project"))
     assert time.monotonic() - t0 < 10
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stderr.splitlines()
@@ -148,7 +148,12 @@ def test_bad_shell_options_and_restart_are_refused(cluster, dq):
     # a shell that ended is not restarted (nobody would be at its terminal)
     r = dq.run("node1", ALICE, "shell", "echo", "over at once")
     assert r.returncode == 0 and r.stdout == "over at once\n", r
-    [j] = jobs(dq, view="complete")
+    # without a terminal: a command's output once it ends; no shell
+    r = dq.run("node1", ALICE, "shell", "sh", "-c", "sleep 2; echo late; exit 4")
+    assert r.returncode == 4 and r.stdout.startswith("late\n"), r     # (then dq's last line)
+    r = dq.run("node1", ALICE, "shell")
+    assert r.returncode == 1 and "needs a terminal" in r.stderr and len(r.stderr.splitlines()) == 1
+    j = jobs(dq, view="complete")[0]
     r = dq.run("node1", ALICE, "restart", j["id"])
     assert r.returncode == 1 and "was a dq-shell" in r.stderr
     data = json.loads(dq.run("node1", ALICE, "jobs", "complete", "--json").stdout)
