@@ -1505,6 +1505,17 @@ def seen_models(seen):
     return [(None, None)] * seen["gpus"]
 
 
+def seen_gpu_type(cfg, host, gpus):
+    """nvidia-smi's name of these GPUs of host (the first one's), as the
+    last full poll saw them (hosts.json), or None: a job's wrapper records
+    it in run.json, reading a file rather than asking nvidia-smi again."""
+    seen = load_hosts(cfg)["seen"].get(host) or {}
+    names = {row[0]: row[3] for row in (seen.get("table") or {}).get("gpus", [])
+             if len(row) == 4}
+    name = names.get(gpus[0]) if gpus else None
+    return name if is_str(name) else None
+
+
 def seen_host(h, seen):
     """A HostState of what the last poll of h saw (its hosts.json entry,
     None if it has none), for the planner."""
@@ -2354,7 +2365,10 @@ RUN_FIELDS = {
     "mem": (lambda v: is_int(v, 1), "MiB booked (DQ_MEM)", False),
     "share": (lambda v: is_share(v), "a share of a GPU", False),
     # its wrapper acts on dq-kill --grace (not one of a dq from before it)
-    "grace": (lambda v: v is True, "true", False)}
+    "grace": (lambda v: v is True, "true", False),
+    # nvidia-smi's name of its GPUs, from the last full poll of its host
+    # (hosts.json), for dq-report's --by gpu-type; absent where unknown
+    "gpu_type": (is_str, "a GPU name", False)}
 
 # dq-kill --grace's request, jobs/backend/<id>/grace.json: written once
 # (exclusively) by the owner's dq-kill, acted on by the job's wrapper alone
@@ -2455,13 +2469,31 @@ GPU_USE_FIELDS = {
     "util_sum": (is_int, "percentages summed over samples", False),
     "util_peak": (is_int, "a percentage", False),
     "last": (lambda v: isinstance(v, list), "a list of samples", False),
-    "over": (optional(lambda v: isinstance(v, dict)), "when it went over its booking", False)}
+    "over": (optional(lambda v: isinstance(v, dict)), "when it went over its booking", False),
+    # GPU-seconds its GPUs were sampled at 0% utilisation (see GpuWatch.record)
+    "idle_gpu_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) and v >= 0, "GPU-seconds, 0 or more", False)}
 
 
 def read_gpu_use(job_dir):
     """A job's gpu.json (see GpuWatch), or None (none yet, or corrupt)."""
     data = read_json(os.path.join(job_dir, "gpu.json"), None, None, skip_newer=True)
     return data if data and bad_field(data, GPU_USE_FIELDS) is None else None
+
+
+def gpu_use_summary(use):
+    """What a job's gpu.json says in short, for listings and the history:
+    mean and peak utilisation (%) and memory (MiB, on the one of its GPUs
+    where it used most), idle GPU-seconds, how many samples; None without
+    samples."""
+    if not use or not use["samples"]:
+        return None
+    n = use["samples"]
+    return {"samples": n, "util_mean": round(use.get("util_sum", 0) / n, 1),
+            "util_peak": use.get("util_peak", 0),
+            "mem_mean_mib": round(use.get("mem_sum", 0) / n),
+            "mem_peak_mib": use.get("peak_mem_mib", 0),
+            "idle_gpu_s": round(use.get("idle_gpu_s", 0), 1)}
 
 
 def snapshot_dir(cfg, snap):
@@ -2610,7 +2642,8 @@ class Job:
             "interactive": bool(self.spec.get("interactive")),
             "args": self.spec.get("args", []),
             "mem_mib": self.run.get("mem") or (placement or {}).get("mem") or self.booking(),
-            "gpu_use": read_gpu_use(self.dir) if state == "running" and gpus else None,
+            # its GPU use (GpuWatch's gpu.json), running and ended jobs alike
+            "gpu_use": read_gpu_use(self.dir) if state != "queued" and gpus else None,
         }
 
     def booking(self):
@@ -2948,11 +2981,190 @@ def user_counters(cfg, user):
     return counters
 
 
+# The history: jobs/done/<user>.history, one JSON line per ended job of
+# the user (HISTORY_FIELDS), appended by whoever records the end (always
+# the owner: its wrapper, its dq-kill, its pass) under the user's counter
+# lock; lab-readable, for dq-report.  Lines follow each other in the order
+# they were written (`logged`), so a report of the last days seeks to them
+# (history_offset) instead of reading years.  Missing: rebuilt from the job
+# directories (rebuild_history), like the counters.  It lives beside the
+# counters, in jobs/done, so an upgraded install needs no new directory.
+HISTORY = ".history"
+HISTORY_FORMAT = 1
+# How far out of order `logged` may be: hosts' clocks disagree a little,
+# and a wrapper appends a moment after the end it records.
+HISTORY_SLACK = 3600
+
+HISTORY_FIELDS = {
+    "format": (lambda v: is_int(v, 1), "a format version", True),
+    "id": (lambda v: is_id_list([v]), "a job ID", True),
+    "state": (lambda v: v in END_STATES, " or ".join(END_STATES), True),
+    "host": (optional(is_str), "a host name", False),
+    "gpus": (lambda v: is_int(v, 0, MAX_GPUS), "a number of GPUs", True),
+    "share": (is_share, "a share of a GPU", False),
+    "gpu_type": (optional(is_str), "a GPU name", False),
+    "submitted": (optional(is_time), "a time in seconds", False),
+    "started": (optional(is_time), "a time in seconds", False),
+    "ended": (is_time, "a time in seconds", True),
+    "logged": (is_time, "a time in seconds", True),
+    "util_mean": (optional(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+                  "a percentage", False),
+    "util_peak": (optional(is_int), "a percentage", False),
+    "mem_mean_mib": (optional(is_int), "MiB", False),
+    "mem_peak_mib": (optional(is_int), "MiB", False),
+    "idle_gpu_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) and v >= 0, "GPU-seconds", False)}
+
+
+def history_path(cfg, user):
+    return cfg.p("jobs", "done", user + HISTORY)
+
+
+def history_record(job, logged=None):
+    """The history's line for an ended job: what dq-report needs of it."""
+    end = job.end or {"state": "lost"}
+    ended = end.get("ended") if is_time(end.get("ended")) else \
+        job.lost_marker().get("ended") if is_time(job.lost_marker().get("ended")) else None
+    started = job.run.get("started")
+    ended = ended or started or job.spec.get("submitted") or time.time()
+    use = gpu_use_summary(read_gpu_use(job.dir)) if job.run.get("gpus") else None
+    share = job.run.get("share", 1)
+    rec = {"format": HISTORY_FORMAT, "id": job.id, "state": job.state(),
+           "host": job.run.get("host") or end.get("host"),
+           "gpus": len(job.run.get("gpus") or []), "share": share,
+           "gpu_type": job.run.get("gpu_type"), "submitted": job.spec.get("submitted"),
+           "started": started, "ended": ended, "logged": logged or ended}
+    if use:     # idle GPU-seconds, like GPU-hours, count a sharing job's share
+        rec.update(use, idle_gpu_s=round(use["idle_gpu_s"] * share, 1))
+        del rec["samples"]
+    return rec
+
+
+def history_line(rec):
+    return json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def write_history(cfg, user, records):
+    """The user's whole history, oldest line first (atomically, as write_json)."""
+    path = history_path(cfg, user)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(history_line(r) for r in sorted(records, key=lambda r: r["logged"]))
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def rebuild_history(cfg, user, save):
+    """The user's history from their job directories (every one that has
+    ended): once, when the file is missing; saved if `save` (the owner
+    alone writes it)."""
+    records = []
+    for job_id in all_job_ids(cfg):
+        if job_id.endswith("-" + user) and \
+                os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
+            job = load_job(cfg, job_id, quiet=True)
+            if job is not None:
+                records.append(history_record(job))
+    if save:
+        try:
+            write_history(cfg, user, records)
+        except OSError as e:
+            warn(f"cannot write {history_path(cfg, user)}: {e.strerror}")
+    return records
+
+
+def append_history(cfg, job):
+    """Add an ended job to its owner's history (under the counter lock);
+    a missing history is rebuilt, this job with it."""
+    path = history_path(cfg, job.owner)
+    if not os.path.exists(path):
+        rebuild_history(cfg, job.owner, save=True)
+        return
+    with open(path, "a", encoding="utf-8") as f:     # one write: one line
+        f.write(history_line(history_record(job, time.time())))
+
+
+def history_offset(f, size, since):
+    """A line start in an open history (binary) before which every line was
+    logged before `since`: a binary search on `logged` (in write order, see
+    HISTORY), reading ~log2(size) lines.  A line it cannot read sends it
+    left (reading more, never less)."""
+    lo, hi = 0, size        # lo: a line start, every line before it early
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        f.seek(mid)
+        f.readline()        # to the next line start
+        start = f.tell()
+        try:
+            logged = json.loads(f.readline())["logged"]
+            early = is_time(logged) and logged < since
+        except (ValueError, KeyError, TypeError, RecursionError):
+            early = False
+        if early and start < hi:
+            lo = start
+        else:
+            hi = mid
+    return lo
+
+
+def read_history(cfg, user, since=None):
+    """The records of user's jobs that ended from `since` on (None: all),
+    without reading the lines logged long before.  A line that is not one
+    of dq's is skipped, one warning per file; a missing file is rebuilt
+    from the job directories (and saved when it is the caller's own)."""
+    path = history_path(cfg, user)
+    if not os.path.exists(path):
+        if user != me():
+            records = rebuild_history(cfg, user, save=False)
+        else:
+            with Lock(cfg.p("jobs", "done", user + ".lock"), mode=0o644):
+                records = None if os.path.exists(path) else rebuild_history(cfg, user, True)
+        if records is not None:
+            return [r for r in records if since is None or r["ended"] >= since]
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if since is not None and size > 65536:
+                f.seek(history_offset(f, size, since - HISTORY_SLACK))
+            data = f.read()
+    except OSError as e:
+        warn(f"cannot read {path}: {e.strerror}; dq-report leaves {user}'s jobs out")
+        return []
+    records, bad = [], 0
+    for line in data.splitlines():
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and bad_field(rec, HISTORY_FIELDS) is None \
+                and rec["format"] <= HISTORY_FORMAT
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            bad += line.strip() != b""
+        elif since is None or rec["ended"] >= since:
+            records.append(rec)
+    if bad:
+        warn(f"skipped {bad} line(s) of {path} that are not dq's history (or are of a newer "
+             f"dq); remove the file and dq rebuilds it from the job directories")
+    return records
+
+
 def count_done(cfg, job):
     """Count an ended job in its owner's counters (jobs/done/<user>): how
-    many ended, and their GPU-seconds for fair share."""
+    many ended, and their GPU-seconds for fair share; and add it to the
+    owner's history (dq-report)."""
     try:
         with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
+            try:
+                append_history(cfg, job)
+            except OSError as e:
+                warn(f"cannot add {job.id} to {history_path(cfg, job.owner)}: "
+                     f"{e.strerror}; remove the file and dq rebuilds it")
             counters = stored_counters(cfg, job.owner)
             if counters is None:
                 user_counters(cfg, job.owner)   # counts this job too, and saves
@@ -4934,6 +5146,11 @@ def cmd_schedule(cfg, argv):
 # (GPU_USE_FIELDS).  A sharing job (DQ_MEM) over its booking (see
 # over_booking) is flagged there and in its log, and with mem_overuse =
 # kill stopped: TERM, KILL after kill_grace, ended failed with the reason.
+# It counts idle GPU-seconds too (idle_gpu_s): each of its GPUs that a
+# sample finds at 0% utilisation counts idle for the time since the last
+# sample.  0% whether or not a process of the job holds the GPU: a job
+# that loaded CUDA and waits (a context open, no kernel running) wastes
+# the GPU as much as one that never touched it.
 SMI_UTIL_QUERY = ("nvidia-smi --query-gpu=index,uuid,utilization.gpu "
                   "--format=csv,noheader,nounits")
 GPU_USE_KEEP = 6        # samples kept in gpu.json
@@ -4949,7 +5166,7 @@ class GpuWatch:
         self.killed = None      # the reason, once mem_overuse = kill stopped the job
         self.use = {"at": time.time(), "samples": 0, "booked_mib": booked, "mem_mib": None,
                     "peak_mem_mib": 0, "mem_sum": 0, "util": None, "util_sum": 0,
-                    "util_peak": 0, "last": [], "over": None}
+                    "util_peak": 0, "last": [], "over": None, "idle_gpu_s": 0}
         self._ours = {}         # pid -> is it one of the job's processes?
 
     def start(self, pgid):
@@ -4989,7 +5206,8 @@ class GpuWatch:
 
     def sample(self, subprocess):
         """(MiB the job uses on the one of its GPUs where it uses most, or
-        None if nvidia-smi does not say; the mean utilisation of its GPUs)."""
+        None if nvidia-smi does not say; the mean utilisation of its GPUs;
+        how many of them are at 0%)."""
         t = smi_timeout(self.cfg)
 
         def smi(cmd):
@@ -5010,10 +5228,15 @@ class GpuWatch:
                     mem[uuids[uuid]] += used
         known = [u for u in util.values() if u is not None]
         return (max(mem.values()) if mem else None,
-                round(sum(known) / len(known)) if known else None)
+                round(sum(known) / len(known)) if known else None,
+                sum(1 for u in known if u == 0))
 
-    def record(self, mem, util):
+    def record(self, mem, util, idle=0):
         use, now = self.use, time.time()
+        # idle since the last sample (at most a few intervals: a host that
+        # slept or a stalled nvidia-smi is no evidence of idling)
+        since = min(max(0.0, now - use["at"]), 3 * max(1, self.cfg.sample_interval))
+        use["idle_gpu_s"] = round(use.get("idle_gpu_s", 0) + idle * since, 1)
         use["at"], use["samples"] = now, use["samples"] + 1
         use["mem_mib"], use["util"] = mem, util
         if mem is not None:
@@ -5578,6 +5801,9 @@ def cmd__run(cfg, argv):
            "started": time.time(), "grace": True}
     if share:
         run.update(mem=share[0], share=share[1])
+    gpu_type = seen_gpu_type(cfg, host, gpus)
+    if gpu_type:
+        run["gpu_type"] = gpu_type
     run_json = os.path.join(job.dir, "run.json")
     lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
     write_json(run_json, run, durable=False)     # durable once the job runs, below
