@@ -6466,6 +6466,15 @@ def gpu_use_text(use, booked):
     return ("OVER " if use and use.get("over") else "") + text
 
 
+def gpu_use_short(use):
+    """An ended job's GPU use in dq-jobs complete: '45% 3.1G' (mean
+    utilisation, peak memory), '-' without samples."""
+    summary = gpu_use_summary(use)
+    if not summary:
+        return "-"
+    return f"{summary['util_mean']:.0f}% {fmt_mib(summary['mem_peak_mib'])}"
+
+
 def script_text(j):
     """What a job runs, as the listings show it: a dq-shell's is marked
     [shell], with its command (else the login shell it runs)."""
@@ -6623,8 +6632,12 @@ def cmd_jobs(cfg, argv):
             state = j["state"] + (f" -> {j['requeued_as']}" if j["requeued_as"] else "")
             rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), state,
                          exit_text, fmt_duration(runtime), script_text(j), env_text(j["env"])))
-        print_table(*with_snapshot_column(
-            ["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"], rows, done))
+        headers = ["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"]
+        if any(j["gpu_use"] for j in done):     # mean utilisation, peak memory
+            headers.insert(6, "GPU%")
+            rows = [row[:6] + (gpu_use_short(j["gpu_use"]),) + row[6:]
+                    for row, j in zip(rows, done)]
+        print_table(*with_snapshot_column(headers, rows, done))
         for j in done:
             for what, error in sorted(j["notify"].items()):
                 print(f"{j['id']}: {what} failed: {error}")
@@ -6657,6 +6670,206 @@ def cmd_jobs(cfg, argv):
             print(f"{j['id']} on {j['host']}: used {fmt_mib(over['mem_mib'])} of GPU memory, "
                   f"over its DQ_MEM={fmt_mib(j['mem_mib'])}")
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
+    return 0
+
+
+# Usage reports (dq-report) ###################################################
+
+# dq-report answers "who used how many GPU-hours, and how many of them did
+# nothing?" from the users' histories (see HISTORY), never from the job
+# directories.  A job counts (jobs, end states, waits) in the window its
+# end time falls in; its GPU-hours (GPUs x share x runtime) and idle
+# GPU-hours are clipped to the window, and with --by day or week split by
+# the hours it ran on each local day or week.  Running jobs are not in it.
+REPORT_BY = {"user": "user", "host": "host", "gpu-type": "gpu_type", "day": "day",
+             "week": "week"}
+REPORT_STATES = ("done", "failed", "killed", "lost", "timeout")
+REPORT_COLUMNS = ("jobs",) + REPORT_STATES + ("gpu_hours", "idle_gpu_hours", "wait_median_s",
+                                              "wait_p95_s")
+REPORT_DATE_FORMS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M")
+
+
+def report_time(option, text, now):
+    """--since/--until: a time back from now (7d, 12h, 1h30m) or a local
+    date (YYYY-MM-DD) or date and time (YYYY-MM-DDTHH:MM)."""
+    for form in REPORT_DATE_FORMS:
+        try:
+            return time.mktime(time.strptime(text.strip(), form))
+        except (ValueError, OverflowError):
+            pass
+    try:
+        return now - duration(option, text, option)
+    except Failure:
+        raise Failure(f"{option} {text!r} is neither a time back from now nor a date; e.g. "
+                      f"{option} 7d, {option} 12h, {option} 2026-11-01 or {option} "
+                      f"2026-11-01T09:30 (local time)")
+
+
+def period_start(t, by):
+    """The local midnight that starts t's day (by day) or week (Monday)."""
+    tm = time.localtime(t)
+    back = tm.tm_wday if by == "week" else 0
+    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday - back, 0, 0, 0, 0, 0, -1))
+
+
+def next_period(start, by):
+    """The local midnight a day (or a week) after `start` (mktime counts
+    the days, so a day with a clock change lasts its 23 or 25 hours)."""
+    tm = time.localtime(start)
+    days = 7 if by == "week" else 1
+    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday + days, 0, 0, 0, 0, 0, -1))
+
+
+def period_key(t, by):
+    """'2026-11-24' (by day) or '2026-W48' (by ISO week) of local time t."""
+    return time.strftime("%G-W%V" if by == "week" else "%Y-%m-%d", time.localtime(t))
+
+
+def split_by_period(start, end, by):
+    """[(key, seconds)]: the time from start to end on each local day (or
+    week) it spans."""
+    out, t = [], start
+    while t < end:
+        stop = min(end, next_period(period_start(t, by), by))
+        out.append((period_key(t, by), stop - t))
+        t = stop
+    return out
+
+
+def percentile(values, p):
+    """The p-th percentile (0-100) of values, linearly between the two
+    nearest ranks (the median of 1, 2, 3, 4 is 2.5); None for none."""
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    i = int(k)
+    j = min(i + 1, len(values) - 1)
+    return values[i] + (values[j] - values[i]) * (k - i)
+
+
+def report_rows(records, by, since, until):
+    """(rows, total) of dq-report: one dict per group, sorted by the group's
+    key (REPORT_BY[by]), and the same for all of them (key 'total')."""
+    field = REPORT_BY[by]
+
+    def new_group():
+        return dict(dict.fromkeys(REPORT_COLUMNS[:6], 0), gpu_s=0.0, idle_s=0.0, waits=[])
+    groups, everything = {}, new_group()
+
+    def group(key):
+        if key not in groups:
+            groups[key] = new_group()
+        return groups[key]
+    for r in records:
+        if field == "user":
+            key = r["id"].split("-", 1)[1]
+        elif field in ("host", "gpu_type"):
+            key = r.get(field) or "unknown"
+        else:
+            key = period_key(r["ended"], by)
+        if since <= r["ended"] < until:
+            for g in (group(key), everything):
+                g["jobs"] += 1
+                if r["state"] in REPORT_STATES:
+                    g[r["state"]] += 1
+                if r.get("started") and r.get("submitted"):
+                    g["waits"].append(max(0.0, r["started"] - r["submitted"]))
+        started = r.get("started")
+        if not started or not r["gpus"]:
+            continue
+        runtime = max(0.0, r["ended"] - started)
+        lo, hi = max(started, since), min(r["ended"], until)
+        if hi <= lo:
+            continue
+        weight = r["gpus"] * r.get("share", 1)
+        idle_rate = r.get("idle_gpu_s", 0) / runtime if runtime else 0.0
+        pieces = split_by_period(lo, hi, by) if field in ("day", "week") else [(key, hi - lo)]
+        for k, seconds in pieces:
+            for g in (group(k), everything):
+                g["gpu_s"] += weight * seconds
+                g["idle_s"] += min(idle_rate, weight) * seconds
+
+    def row(g):
+        out = {c: g[c] for c in REPORT_COLUMNS[:6]}
+        median, p95 = percentile(g["waits"], 50), percentile(g["waits"], 95)
+        out.update(gpu_hours=round(g["gpu_s"] / 3600, 4),
+                   idle_gpu_hours=round(g["idle_s"] / 3600, 4),
+                   wait_median_s=None if median is None else round(median, 1),
+                   wait_p95_s=None if p95 is None else round(p95, 1))
+        return out
+    rows = [dict({field: k}, **row(groups[k])) for k in sorted(groups)]
+    return rows, dict({field: "total"}, **row(everything))
+
+
+def history_users(cfg):
+    """Users with a history or a counter in jobs/done (one listing)."""
+    try:
+        names = os.listdir(cfg.p("jobs", "done"))
+    except FileNotFoundError:
+        return []
+    users = set()
+    for name in names:
+        if name.startswith(".") or name.endswith(".lock"):
+            continue
+        user = name[:-len(HISTORY)] if name.endswith(HISTORY) else name
+        if is_user_name(user):
+            users.add(user)
+    return sorted(users)
+
+
+def cmd_report(cfg, argv):
+    p = parser("report", "GPU-hours, idle GPU-hours, job counts and waits of the jobs that "
+               "ended,\nper user (default), host, GPU type, day or week.  Anyone may run it.\n\n"
+               "A job counts in the window its end falls in; its GPU-hours (GPUs x runtime,\n"
+               "a sharing job's booked share of its GPUs) are clipped to the window, and\n"
+               "--by day/week splits them by the hours it ran on each day (local time).\n"
+               "Idle GPU-hours: the part of them its GPUs were sampled at 0% utilisation.")
+    p.add_argument("--since", default="7d", metavar="WHEN",
+                   help="from: a time back (7d, 12h) or a local date, YYYY-MM-DD or "
+                        "YYYY-MM-DDTHH:MM (default 7d)")
+    p.add_argument("--until", metavar="WHEN", help="to (default now); same forms")
+    p.add_argument("--by", default="user", choices=list(REPORT_BY),
+                   help="one row per user (default), host, GPU type, local day or ISO week")
+    p.add_argument("-u", "--user", help="only the jobs of USER")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a list of row objects")
+    out.add_argument("--csv", action="store_true", help="print CSV with a header line")
+    args = parse(p, argv)
+    now = time.time()
+    since = report_time("--since", args.since, now)
+    until = now if args.until is None else report_time("--until", args.until, now)
+    if until <= since:
+        raise Failure(f"--until {args.until} is not after --since {args.since}; e.g. "
+                      f"--since 2026-11-01 --until 2026-11-08")
+    if args.user is not None and not is_user_name(args.user):
+        raise Failure(f"--user {args.user!r} is not a user name (e.g. --user {me()})")
+    users = [args.user] if args.user else history_users(cfg)
+    records = [r for user in users for r in read_history(cfg, user, since)]
+    rows, total = report_rows(records, args.by, since, until)
+    field = REPORT_BY[args.by]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if args.csv:
+        import csv
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow((field,) + REPORT_COLUMNS)
+        for r in rows:
+            w.writerow(["" if r[c] is None else r[c] for c in (field,) + REPORT_COLUMNS])
+        return 0
+
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+    print(f"Jobs that ended from {when(since)} to {when(until)} (local time)"
+          + (f", of {args.user}" if args.user else ""))
+    print_table([{"gpu-type": "GPU type"}.get(args.by, args.by.capitalize()), "Jobs", "Done", "Failed", "Killed",
+                 "Lost", "Timeout", "GPU-h", "Idle GPU-h", "Wait p50", "Wait p95"],
+                [(r[field],) + tuple(r[c] for c in REPORT_COLUMNS[:6])
+                 + (f"{r['gpu_hours']:.2f}", f"{r['idle_gpu_hours']:.2f}")
+                 + tuple("-" if r[c] is None else fmt_duration(r[c])
+                         for c in ("wait_median_s", "wait_p95_s"))
+                 for r in rows + [total]])
     return 0
 
 
@@ -7790,6 +8003,7 @@ COMMANDS = {
     "shell": cmd_shell,
     "users": cmd_users,
     "on-all": cmd_on_all,
+    "report": cmd_report,
 }
 
 INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_grace": cmd__grace,
