@@ -34,6 +34,8 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-shell [CMD...]       a shell (or CMD) on a GPU, through the queue, in this terminal
   dq-users                every process on every GPU, by dq or by hand
   dq-on-all CMD...        run a command on every host
+  dq-report [--since 7d] [--by user|host|gpu-type|day|week]   GPU-hours,
+                          idle GPU-hours, end states and waits of ended jobs
 
 Files: everything lives in the data root, the directory holding dq.py (after
 resolving symlinks) or $DQ_ROOT:
@@ -47,6 +49,7 @@ resolving symlinks) or $DQ_ROOT:
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
+  jobs/done/<user>.history  one JSON line per ended job of user (dq-report)
   jobs/lost/<id>          written by whoever finds a job's host lost it
   sched/<user>.lock       held by that user's dq-schedule loop
   drain/<admin>           the hosts that admin drained (dq-drain)
@@ -65,8 +68,8 @@ room on shared ones to queued jobs, then starts the caller's own placed jobs
 in screen sessions.  In its session the job's wrapper (Job wrapper) runs the
 script, samples its GPU use (GPU use), records its end (Ended jobs and usage
 counters) and hands its GPUs over to the next jobs at once (another pass).
-dq-kill (Steering jobs) ends a job early; the listings (Job listings, Job
-output, Cluster views, Web view) only read.
+dq-kill (Steering jobs) ends a job early; the listings (Job listings, Usage
+reports, Job output, Cluster views, Web view) only read.
 
 Where to change what (the name, then the section it is in):
 
@@ -83,6 +86,8 @@ Where to change what (the name, then the section it is in):
   what a snapshot copies      SnapshotPlan                [Snapshots]
   dq.conf keys and defaults   Config                      [Configuration]
   dq-jobs' columns            cmd_jobs                    [Job listings]
+  what the history keeps      history_record              [Ended jobs]
+  dq-report's rows, windows   report_rows, report_time    [Usage reports]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
   how every table looks       print_table                 [Errors and output]
   how durations read          fmt_duration, duration      [Values]
@@ -3129,7 +3134,11 @@ def read_history(cfg, user, since=None):
             return [r for r in records if since is None or r["ended"] >= since]
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            if user_of_uid(st.st_uid) != user:     # its owner alone writes it
+                warn(f"ignoring {path}: it belongs to {user_of_uid(st.st_uid)}, not {user}")
+                return []
             if since is not None and size > 65536:
                 f.seek(history_offset(f, size, since - HISTORY_SLACK))
             data = f.read()
@@ -6773,10 +6782,10 @@ def report_rows(records, by, since, until):
                 g["jobs"] += 1
                 if r["state"] in REPORT_STATES:
                     g[r["state"]] += 1
-                if r.get("started") and r.get("submitted"):
+                if r.get("started") is not None and r.get("submitted") is not None:
                     g["waits"].append(max(0.0, r["started"] - r["submitted"]))
         started = r.get("started")
-        if not started or not r["gpus"]:
+        if started is None or not r["gpus"]:
             continue
         runtime = max(0.0, r["ended"] - started)
         lo, hi = max(started, since), min(r["ended"], until)
