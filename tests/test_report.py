@@ -135,7 +135,7 @@ def test_report_of_real_and_synthetic_jobs(cluster, dq):
 
 def rec(i, user="u", started=1000.0, ended=4600.0, gpus=1, **kw):
     return dict({"format": 1, "id": f"{i}-{user}", "state": "done", "host": "h", "gpus": gpus,
-                 "share": 1, "gpu_type": None, "submitted": (started or ended) - 10 * i,
+                 "share": 1, "gpu_type": None, "submitted": (ended if started is None else started) - 10 * i,
                  "started": started, "ended": ended, "logged": ended}, **kw)
 
 
@@ -172,7 +172,7 @@ def test_rows_group_clip_to_the_window_and_total():
     assert by["b"]["jobs"] == 2 and by["b"]["killed"] == 1 and by["b"]["gpu_hours"] == 0.2778
     assert by["b"]["wait_median_s"] == 30 and by["b"]["wait_p95_s"] == 30
     # c ended after it: no count, and nothing of it ran inside
-    assert by["c"]["jobs"] == 0 and by["c"]["gpu_hours"] == 0
+    assert "c" not in by
     assert total["user"] == "total" and total["jobs"] == 4 and total["gpu_hours"] == 2.7778
     assert total["wait_median_s"] == 15
     assert [r["host"] for r in dqpy.report_rows(records, "host", 0, 1e10)[0]] == ["h"]
