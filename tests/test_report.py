@@ -42,12 +42,14 @@ def check_row(row, want):
 
 def synthetic_history(dq, user, now):
     """A week of history of user, written with dq's own writer: a 2-GPU job
-    from 22:00 to 03:00 over last night but two, and one job a day."""
+    from 22:00 to 03:00 over the night two days ago, and a job at noon on
+    each of the 5 days before today and yesterday."""
     night = dqpy.period_start(now - 2 * 86400, "day")
     records = [{"format": 1, "id": f"{900 + i}-{user}", "state": "done", "host": "node9",
                 "gpus": 1, "share": 1, "gpu_type": "Old GPU", "submitted": t - 60,
                 "started": t, "ended": t + 1800, "logged": t + 1800, "idle_gpu_s": 900}
-               for i, t in enumerate(range(int(now) - 6 * 86400, int(now) - 86400, 86400))]
+               for i, t in enumerate(dqpy.period_start(now - k * 86400, "day") + 12 * 3600
+                                     for k in range(2, 7))]
     records.append({"format": 1, "id": f"990-{user}", "state": "timeout", "host": "node9",
                     "gpus": 2, "share": 1, "gpu_type": "Old GPU", "submitted": night - 3 * 3600,
                     "started": night - 2 * 3600, "ended": night + 3 * 3600,
@@ -103,8 +105,10 @@ def test_report_of_real_and_synthetic_jobs(cluster, dq):
     days = {r["day"]: r for r in json.loads(report(dq, BOB, "--by", "day", "--user", DAN,
                                                    "--json").stdout)}
     before, after = dqpy.period_key(night - 1, "day"), dqpy.period_key(night, "day")
-    assert abs(days[before]["gpu_hours"] - 2 * 2) < 0.001 and days[before]["jobs"] == 0
-    assert days[after]["timeout"] == 1 and abs(days[after]["gpu_hours"] - 2 * 3) < 0.001
+    assert abs(days[before]["gpu_hours"] - (2 * 2 + 0.5)) < 0.001 and days[before]["jobs"] == 1
+    assert days[after]["timeout"] == 1 and days[after]["jobs"] == 2 and \
+        abs(days[after]["gpu_hours"] - (2 * 3 + 0.5)) < 0.001
+    assert len(days) == 5
     types = {r["gpu_type"] for r in json.loads(report(dq, BOB, "--by", "gpu-type",
                                                       "--json").stdout)}
     assert "Old GPU" in types and types & {"NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 3090"}
@@ -174,7 +178,7 @@ def test_rows_group_clip_to_the_window_and_total():
     # c ended after it: no count, and nothing of it ran inside
     assert "c" not in by
     assert total["user"] == "total" and total["jobs"] == 4 and total["gpu_hours"] == 2.7778
-    assert total["wait_median_s"] == 15
+    assert total["wait_median_s"] == 20
     assert [r["host"] for r in dqpy.report_rows(records, "host", 0, 1e10)[0]] == ["h"]
 
 
