@@ -34,6 +34,8 @@ Commands (each is a symlink to this file; `python3 dq.py CMD ...` works too):
   dq-shell [CMD...]       a shell (or CMD) on a GPU, through the queue, in this terminal
   dq-users                every process on every GPU, by dq or by hand
   dq-on-all CMD...        run a command on every host
+  dq-report [--since 7d] [--by user|host|gpu-type|day|week]   GPU-hours,
+                          idle GPU-hours, end states and waits of ended jobs
 
 Files: everything lives in the data root, the directory holding dq.py (after
 resolving symlinks) or $DQ_ROOT:
@@ -47,6 +49,7 @@ resolving symlinks) or $DQ_ROOT:
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
   jobs/done/<user>        how many of user's jobs have ended, their recent GPU use
+  jobs/done/<user>.history  one JSON line per ended job of user (dq-report)
   jobs/lost/<id>          written by whoever finds a job's host lost it
   sched/<user>.lock       held by that user's dq-schedule loop
   drain/<admin>           the hosts that admin drained (dq-drain)
@@ -65,8 +68,8 @@ room on shared ones to queued jobs, then starts the caller's own placed jobs
 in screen sessions.  In its session the job's wrapper (Job wrapper) runs the
 script, samples its GPU use (GPU use), records its end (Ended jobs and usage
 counters) and hands its GPUs over to the next jobs at once (another pass).
-dq-kill (Steering jobs) ends a job early; the listings (Job listings, Job
-output, Cluster views, Web view) only read.
+dq-kill (Steering jobs) ends a job early; the listings (Job listings, Usage
+reports, Job output, Cluster views, Web view) only read.
 
 Where to change what (the name, then the section it is in):
 
@@ -83,6 +86,8 @@ Where to change what (the name, then the section it is in):
   what a snapshot copies      SnapshotPlan                [Snapshots]
   dq.conf keys and defaults   Config                      [Configuration]
   dq-jobs' columns            cmd_jobs                    [Job listings]
+  what the history keeps      history_record              [Ended jobs]
+  dq-report's rows, windows   report_rows, report_time    [Usage reports]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
   how every table looks       print_table                 [Errors and output]
   how durations read          fmt_duration, duration      [Values]
@@ -1505,6 +1510,17 @@ def seen_models(seen):
     return [(None, None)] * seen["gpus"]
 
 
+def seen_gpu_type(cfg, host, gpus):
+    """nvidia-smi's name of these GPUs of host (the first one's), as the
+    last full poll saw them (hosts.json), or None: a job's wrapper records
+    it in run.json, reading a file rather than asking nvidia-smi again."""
+    seen = load_hosts(cfg)["seen"].get(host) or {}
+    names = {row[0]: row[3] for row in (seen.get("table") or {}).get("gpus", [])
+             if len(row) == 4}
+    name = names.get(gpus[0]) if gpus else None
+    return name if is_str(name) else None
+
+
 def seen_host(h, seen):
     """A HostState of what the last poll of h saw (its hosts.json entry,
     None if it has none), for the planner."""
@@ -2354,7 +2370,10 @@ RUN_FIELDS = {
     "mem": (lambda v: is_int(v, 1), "MiB booked (DQ_MEM)", False),
     "share": (lambda v: is_share(v), "a share of a GPU", False),
     # its wrapper acts on dq-kill --grace (not one of a dq from before it)
-    "grace": (lambda v: v is True, "true", False)}
+    "grace": (lambda v: v is True, "true", False),
+    # nvidia-smi's name of its GPUs, from the last full poll of its host
+    # (hosts.json), for dq-report's --by gpu-type; absent where unknown
+    "gpu_type": (is_str, "a GPU name", False)}
 
 # dq-kill --grace's request, jobs/backend/<id>/grace.json: written once
 # (exclusively) by the owner's dq-kill, acted on by the job's wrapper alone
@@ -2455,13 +2474,31 @@ GPU_USE_FIELDS = {
     "util_sum": (is_int, "percentages summed over samples", False),
     "util_peak": (is_int, "a percentage", False),
     "last": (lambda v: isinstance(v, list), "a list of samples", False),
-    "over": (optional(lambda v: isinstance(v, dict)), "when it went over its booking", False)}
+    "over": (optional(lambda v: isinstance(v, dict)), "when it went over its booking", False),
+    # GPU-seconds its GPUs were sampled at 0% utilisation (see GpuWatch.record)
+    "idle_gpu_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) and v >= 0, "GPU-seconds, 0 or more", False)}
 
 
 def read_gpu_use(job_dir):
     """A job's gpu.json (see GpuWatch), or None (none yet, or corrupt)."""
     data = read_json(os.path.join(job_dir, "gpu.json"), None, None, skip_newer=True)
     return data if data and bad_field(data, GPU_USE_FIELDS) is None else None
+
+
+def gpu_use_summary(use):
+    """What a job's gpu.json says in short, for listings and the history:
+    mean and peak utilisation (%) and memory (MiB, on the one of its GPUs
+    where it used most), idle GPU-seconds, how many samples; None without
+    samples."""
+    if not use or not use["samples"]:
+        return None
+    n = use["samples"]
+    return {"samples": n, "util_mean": round(use.get("util_sum", 0) / n, 1),
+            "util_peak": use.get("util_peak", 0),
+            "mem_mean_mib": round(use.get("mem_sum", 0) / n),
+            "mem_peak_mib": use.get("peak_mem_mib", 0),
+            "idle_gpu_s": round(use.get("idle_gpu_s", 0), 1)}
 
 
 def snapshot_dir(cfg, snap):
@@ -2610,7 +2647,8 @@ class Job:
             "interactive": bool(self.spec.get("interactive")),
             "args": self.spec.get("args", []),
             "mem_mib": self.run.get("mem") or (placement or {}).get("mem") or self.booking(),
-            "gpu_use": read_gpu_use(self.dir) if state == "running" and gpus else None,
+            # its GPU use (GpuWatch's gpu.json), running and ended jobs alike
+            "gpu_use": read_gpu_use(self.dir) if state != "queued" and gpus else None,
         }
 
     def booking(self):
@@ -2948,11 +2986,202 @@ def user_counters(cfg, user):
     return counters
 
 
+# The history: jobs/done/<user>.history, one JSON line per ended job of
+# the user (history_record), appended by whoever records the end (always
+# the owner: its wrapper, its dq-kill, its pass) under the user's counter
+# lock; lab-readable, for dq-report.  Lines follow each other in the order
+# they were written (`logged`), so a report of the last days seeks to them
+# (history_offset) instead of reading years.  Missing: rebuilt from the job
+# directories (rebuild_history), like the counters.  It lives beside the
+# counters, in jobs/done, so an upgraded install needs no new directory.
+HISTORY = ".history"
+HISTORY_FORMAT = 1
+# How far out of order `logged` may be: hosts' clocks disagree a little,
+# and a wrapper appends a moment after the end it records.
+HISTORY_SLACK = 3600
+
+def history_ok(rec):
+    """Is a parsed history line one dq-report can use?  (By hand, not with
+    bad_field: a report of a busy month checks ~10,000 lines.)"""
+    num = (int, float)      # not bool: type(True) is bool
+    try:
+        return (rec["format"].__class__ is int and rec["format"] <= HISTORY_FORMAT
+                and rec["id"].__class__ is str and "-" in rec["id"]
+                and rec["state"] in END_STATES
+                and rec["gpus"].__class__ is int and 0 <= rec["gpus"] <= MAX_GPUS
+                and rec["ended"].__class__ in num and 0 <= rec["ended"] <= 1e12
+                and rec["logged"].__class__ in num
+                and all(rec.get(k) is None or (rec[k].__class__ in num and 0 <= rec[k] <= 1e12)
+                        for k in ("started", "submitted"))
+                and all(rec.get(k) is None or rec[k].__class__ is str for k in ("host", "gpu_type"))
+                and rec.get("share", 1).__class__ in num and 0 < rec.get("share", 1) <= 1
+                and rec.get("idle_gpu_s", 0).__class__ in num and rec.get("idle_gpu_s", 0) >= 0)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def history_path(cfg, user):
+    return cfg.p("jobs", "done", user + HISTORY)
+
+
+def history_record(job, logged=None):
+    """The history's line for an ended job: what dq-report needs of it
+    (history_ok checks it): format, id, state, host, gpus (a count), share
+    (of each GPU, 1 unless DQ_MEM), gpu_type (or null), submitted, started
+    (null: it never ran), ended, logged (when written), and its GPU use in
+    short (gpu_use_summary: util_mean, util_peak, mem_mean_mib,
+    mem_peak_mib, idle_gpu_s; absent without samples)."""
+    end = job.end or {"state": "lost"}
+    ended = end.get("ended") if is_time(end.get("ended")) else \
+        job.lost_marker().get("ended") if is_time(job.lost_marker().get("ended")) else None
+    started = job.run.get("started")
+    ended = ended or started or job.spec.get("submitted") or time.time()
+    use = gpu_use_summary(read_gpu_use(job.dir)) if job.run.get("gpus") else None
+    share = job.run.get("share", 1)
+    rec = {"format": HISTORY_FORMAT, "id": job.id, "state": job.state(),
+           "host": job.run.get("host") or end.get("host"),
+           "gpus": len(job.run.get("gpus") or []), "share": share,
+           "gpu_type": job.run.get("gpu_type"), "submitted": job.spec.get("submitted"),
+           "started": started, "ended": ended, "logged": logged or ended}
+    if use:     # idle GPU-seconds, like GPU-hours, count a sharing job's share
+        rec.update(use, idle_gpu_s=round(use["idle_gpu_s"] * share, 1))
+        del rec["samples"]
+    return rec
+
+
+def history_line(rec):
+    return json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def write_history(cfg, user, records):
+    """The user's whole history, oldest line first (atomically, as write_json)."""
+    path = history_path(cfg, user)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(history_line(r) for r in sorted(records, key=lambda r: r["logged"]))
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def rebuild_history(cfg, user, save):
+    """The user's history from their job directories (every one that has
+    ended): once, when the file is missing; saved if `save` (the owner
+    alone writes it)."""
+    records = []
+    for job_id in all_job_ids(cfg):
+        if job_id.endswith("-" + user) and \
+                os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")):
+            job = load_job(cfg, job_id, quiet=True)
+            if job is not None:
+                records.append(history_record(job))
+    if save:
+        try:
+            write_history(cfg, user, records)
+        except OSError as e:
+            warn(f"cannot write {history_path(cfg, user)}: {e.strerror}")
+    return records
+
+
+def append_history(cfg, job):
+    """Add an ended job to its owner's history (under the counter lock);
+    a missing history is rebuilt, this job with it."""
+    path = history_path(cfg, job.owner)
+    if not os.path.exists(path):
+        rebuild_history(cfg, job.owner, save=True)
+        return
+    with open(path, "a", encoding="utf-8") as f:     # one write: one line
+        f.write(history_line(history_record(job, time.time())))
+
+
+def history_offset(f, size, since):
+    """A line start in an open history (binary) before which every line was
+    logged before `since`: a binary search on `logged` (in write order, see
+    HISTORY), reading ~log2(size) lines.  A line it cannot read sends it
+    left (reading more, never less)."""
+    lo, hi = 0, size        # lo: a line start, every line before it early
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        f.seek(mid)
+        f.readline()        # to the next line start
+        start = f.tell()
+        try:
+            logged = json.loads(f.readline())["logged"]
+            early = is_time(logged) and logged < since
+        except (ValueError, KeyError, TypeError, RecursionError):
+            early = False
+        if early and start < hi:
+            lo = start
+        else:
+            hi = mid
+    return lo
+
+
+def read_history(cfg, user, since=None):
+    """The records of user's jobs that ended from `since` on (None: all),
+    without reading the lines logged long before.  A line that is not one
+    of dq's is skipped, one warning per file; a missing file is rebuilt
+    from the job directories (and saved when it is the caller's own)."""
+    path = history_path(cfg, user)
+    if not os.path.exists(path):
+        if user != me():
+            records = rebuild_history(cfg, user, save=False)
+        else:
+            with Lock(cfg.p("jobs", "done", user + ".lock"), mode=0o644):
+                records = None if os.path.exists(path) else rebuild_history(cfg, user, True)
+        if records is not None:
+            return [r for r in records if since is None or r["ended"] >= since]
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            if user_of_uid(st.st_uid) != user:     # its owner alone writes it
+                warn(f"ignoring {path}: it belongs to {user_of_uid(st.st_uid)}, not {user}")
+                return []
+            if since is not None and size > 65536:
+                f.seek(history_offset(f, size, since - HISTORY_SLACK))
+            data = f.read()
+    except OSError as e:
+        warn(f"cannot read {path}: {e.strerror}; dq-report leaves {user}'s jobs out")
+        return []
+    lines = [line for line in data.splitlines() if line.strip()]
+    try:        # all at once, in C; line by line only when one is broken
+        parsed = json.loads(b"[" + b",".join(lines) + b"]")
+    except (ValueError, RecursionError):
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(json.loads(line))
+            except (ValueError, RecursionError):
+                parsed.append(None)
+    records, bad = [], 0
+    for rec in parsed:
+        if not history_ok(rec):
+            bad += 1
+        elif since is None or rec["ended"] >= since:
+            records.append(rec)
+    if bad:
+        warn(f"skipped {bad} line(s) of {path} that are not dq's history (or are of a newer "
+             f"dq); remove the file and dq rebuilds it from the job directories")
+    return records
+
+
 def count_done(cfg, job):
     """Count an ended job in its owner's counters (jobs/done/<user>): how
-    many ended, and their GPU-seconds for fair share."""
+    many ended, and their GPU-seconds for fair share; and add it to the
+    owner's history (dq-report)."""
     try:
         with Lock(cfg.p("jobs", "done", job.owner + ".lock"), mode=0o644):
+            try:
+                append_history(cfg, job)
+            except OSError as e:
+                warn(f"cannot add {job.id} to {history_path(cfg, job.owner)}: "
+                     f"{e.strerror}; remove the file and dq rebuilds it")
             counters = stored_counters(cfg, job.owner)
             if counters is None:
                 user_counters(cfg, job.owner)   # counts this job too, and saves
@@ -4934,6 +5163,11 @@ def cmd_schedule(cfg, argv):
 # (GPU_USE_FIELDS).  A sharing job (DQ_MEM) over its booking (see
 # over_booking) is flagged there and in its log, and with mem_overuse =
 # kill stopped: TERM, KILL after kill_grace, ended failed with the reason.
+# It counts idle GPU-seconds too (idle_gpu_s): each of its GPUs that a
+# sample finds at 0% utilisation counts idle for the time since the last
+# sample.  0% whether or not a process of the job holds the GPU: a job
+# that loaded CUDA and waits (a context open, no kernel running) wastes
+# the GPU as much as one that never touched it.
 SMI_UTIL_QUERY = ("nvidia-smi --query-gpu=index,uuid,utilization.gpu "
                   "--format=csv,noheader,nounits")
 GPU_USE_KEEP = 6        # samples kept in gpu.json
@@ -4949,7 +5183,7 @@ class GpuWatch:
         self.killed = None      # the reason, once mem_overuse = kill stopped the job
         self.use = {"at": time.time(), "samples": 0, "booked_mib": booked, "mem_mib": None,
                     "peak_mem_mib": 0, "mem_sum": 0, "util": None, "util_sum": 0,
-                    "util_peak": 0, "last": [], "over": None}
+                    "util_peak": 0, "last": [], "over": None, "idle_gpu_s": 0}
         self._ours = {}         # pid -> is it one of the job's processes?
 
     def start(self, pgid):
@@ -4989,7 +5223,8 @@ class GpuWatch:
 
     def sample(self, subprocess):
         """(MiB the job uses on the one of its GPUs where it uses most, or
-        None if nvidia-smi does not say; the mean utilisation of its GPUs)."""
+        None if nvidia-smi does not say; the mean utilisation of its GPUs;
+        how many of them are at 0%)."""
         t = smi_timeout(self.cfg)
 
         def smi(cmd):
@@ -5010,10 +5245,15 @@ class GpuWatch:
                     mem[uuids[uuid]] += used
         known = [u for u in util.values() if u is not None]
         return (max(mem.values()) if mem else None,
-                round(sum(known) / len(known)) if known else None)
+                round(sum(known) / len(known)) if known else None,
+                sum(1 for u in known if u == 0))
 
-    def record(self, mem, util):
+    def record(self, mem, util, idle=0):
         use, now = self.use, time.time()
+        # idle since the last sample (at most a few intervals: a host that
+        # slept or a stalled nvidia-smi is no evidence of idling)
+        since = min(max(0.0, now - use["at"]), 3 * max(1, self.cfg.sample_interval))
+        use["idle_gpu_s"] = round(use.get("idle_gpu_s", 0) + idle * since, 1)
         use["at"], use["samples"] = now, use["samples"] + 1
         use["mem_mib"], use["util"] = mem, util
         if mem is not None:
@@ -5578,6 +5818,9 @@ def cmd__run(cfg, argv):
            "started": time.time(), "grace": True}
     if share:
         run.update(mem=share[0], share=share[1])
+    gpu_type = seen_gpu_type(cfg, host, gpus)
+    if gpu_type:
+        run["gpu_type"] = gpu_type
     run_json = os.path.join(job.dir, "run.json")
     lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
     write_json(run_json, run, durable=False)     # durable once the job runs, below
@@ -6240,6 +6483,15 @@ def gpu_use_text(use, booked):
     return ("OVER " if use and use.get("over") else "") + text
 
 
+def gpu_use_short(use):
+    """An ended job's GPU use in dq-jobs complete: '45% 3.1G' (mean
+    utilisation, peak memory), '-' without samples."""
+    summary = gpu_use_summary(use)
+    if not summary:
+        return "-"
+    return f"{summary['util_mean']:.0f}% {fmt_mib(summary['mem_peak_mib'])}"
+
+
 def script_text(j):
     """What a job runs, as the listings show it: a dq-shell's is marked
     [shell], with its command (else the login shell it runs)."""
@@ -6397,8 +6649,12 @@ def cmd_jobs(cfg, argv):
             state = j["state"] + (f" -> {j['requeued_as']}" if j["requeued_as"] else "")
             rows.append((j["id"], j["host"] or "-", fmt_gpus(j["gpus"]), state,
                          exit_text, fmt_duration(runtime), script_text(j), env_text(j["env"])))
-        print_table(*with_snapshot_column(
-            ["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"], rows, done))
+        headers = ["JobID", "Host", "GPU", "State", "Exit", "Runtime", "Script", "Env"]
+        if any(j["gpu_use"] for j in done):     # mean utilisation, peak memory
+            headers.insert(6, "GPU%")
+            rows = [row[:6] + (gpu_use_short(j["gpu_use"]),) + row[6:]
+                    for row, j in zip(rows, done)]
+        print_table(*with_snapshot_column(headers, rows, done))
         for j in done:
             for what, error in sorted(j["notify"].items()):
                 print(f"{j['id']}: {what} failed: {error}")
@@ -6431,6 +6687,206 @@ def cmd_jobs(cfg, argv):
             print(f"{j['id']} on {j['host']}: used {fmt_mib(over['mem_mib'])} of GPU memory, "
                   f"over its DQ_MEM={fmt_mib(j['mem_mib'])}")
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
+    return 0
+
+
+# Usage reports (dq-report) ###################################################
+
+# dq-report answers "who used how many GPU-hours, and how many of them did
+# nothing?" from the users' histories (see HISTORY), never from the job
+# directories.  A job counts (jobs, end states, waits) in the window its
+# end time falls in; its GPU-hours (GPUs x share x runtime) and idle
+# GPU-hours are clipped to the window, and with --by day or week split by
+# the hours it ran on each local day or week.  Running jobs are not in it.
+REPORT_BY = {"user": "user", "host": "host", "gpu-type": "gpu_type", "day": "day",
+             "week": "week"}
+REPORT_STATES = ("done", "failed", "killed", "lost", "timeout")
+REPORT_COLUMNS = ("jobs",) + REPORT_STATES + ("gpu_hours", "idle_gpu_hours", "wait_median_s",
+                                              "wait_p95_s")
+REPORT_DATE_FORMS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M")
+
+
+def report_time(option, text, now):
+    """--since/--until: a time back from now (7d, 12h, 1h30m) or a local
+    date (YYYY-MM-DD) or date and time (YYYY-MM-DDTHH:MM)."""
+    for form in REPORT_DATE_FORMS:
+        try:
+            return time.mktime(time.strptime(text.strip(), form))
+        except (ValueError, OverflowError):
+            pass
+    try:
+        return now - duration(option, text, option)
+    except Failure:
+        raise Failure(f"{option} {text!r} is neither a time back from now nor a date; e.g. "
+                      f"{option} 7d, {option} 12h, {option} 2026-11-01 or {option} "
+                      f"2026-11-01T09:30 (local time)")
+
+
+def period_start(t, by):
+    """The local midnight that starts t's day (by day) or week (Monday)."""
+    tm = time.localtime(t)
+    back = tm.tm_wday if by == "week" else 0
+    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday - back, 0, 0, 0, 0, 0, -1))
+
+
+def next_period(start, by):
+    """The local midnight a day (or a week) after `start` (mktime counts
+    the days, so a day with a clock change lasts its 23 or 25 hours)."""
+    tm = time.localtime(start)
+    days = 7 if by == "week" else 1
+    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday + days, 0, 0, 0, 0, 0, -1))
+
+
+def period_key(t, by):
+    """'2026-11-24' (by day) or '2026-W48' (by ISO week) of local time t."""
+    return time.strftime("%G-W%V" if by == "week" else "%Y-%m-%d", time.localtime(t))
+
+
+def split_by_period(start, end, by):
+    """[(key, seconds)]: the time from start to end on each local day (or
+    week) it spans."""
+    out, t = [], start
+    while t < end:
+        stop = min(end, next_period(period_start(t, by), by))
+        out.append((period_key(t, by), stop - t))
+        t = stop
+    return out
+
+
+def percentile(values, p):
+    """The p-th percentile (0-100) of values, linearly between the two
+    nearest ranks (the median of 1, 2, 3, 4 is 2.5); None for none."""
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    i = int(k)
+    j = min(i + 1, len(values) - 1)
+    return values[i] + (values[j] - values[i]) * (k - i)
+
+
+def report_rows(records, by, since, until):
+    """(rows, total) of dq-report: one dict per group, sorted by the group's
+    key (REPORT_BY[by]), and the same for all of them (key 'total')."""
+    field = REPORT_BY[by]
+
+    def new_group():
+        return dict(dict.fromkeys(REPORT_COLUMNS[:6], 0), gpu_s=0.0, idle_s=0.0, waits=[])
+    groups, everything = {}, new_group()
+
+    def group(key):
+        if key not in groups:
+            groups[key] = new_group()
+        return groups[key]
+    for r in records:
+        if field == "user":
+            key = r["id"].split("-", 1)[1]
+        elif field in ("host", "gpu_type"):
+            key = r.get(field) or "unknown"
+        else:
+            key = period_key(r["ended"], by)
+        if since <= r["ended"] < until:
+            for g in (group(key), everything):
+                g["jobs"] += 1
+                if r["state"] in REPORT_STATES:
+                    g[r["state"]] += 1
+                if r.get("started") is not None and r.get("submitted") is not None:
+                    g["waits"].append(max(0.0, r["started"] - r["submitted"]))
+        started = r.get("started")
+        if started is None or not r["gpus"]:
+            continue
+        runtime = max(0.0, r["ended"] - started)
+        lo, hi = max(started, since), min(r["ended"], until)
+        if hi <= lo:
+            continue
+        weight = r["gpus"] * r.get("share", 1)
+        idle_rate = r.get("idle_gpu_s", 0) / runtime if runtime else 0.0
+        pieces = split_by_period(lo, hi, by) if field in ("day", "week") else [(key, hi - lo)]
+        for k, seconds in pieces:
+            for g in (group(k), everything):
+                g["gpu_s"] += weight * seconds
+                g["idle_s"] += min(idle_rate, weight) * seconds
+
+    def row(g):
+        out = {c: g[c] for c in REPORT_COLUMNS[:6]}
+        median, p95 = percentile(g["waits"], 50), percentile(g["waits"], 95)
+        out.update(gpu_hours=round(g["gpu_s"] / 3600, 4),
+                   idle_gpu_hours=round(g["idle_s"] / 3600, 4),
+                   wait_median_s=None if median is None else round(median, 1),
+                   wait_p95_s=None if p95 is None else round(p95, 1))
+        return out
+    rows = [dict({field: k}, **row(groups[k])) for k in sorted(groups)]
+    return rows, dict({field: "total"}, **row(everything))
+
+
+def history_users(cfg):
+    """Users with a history or a counter in jobs/done (one listing)."""
+    try:
+        names = os.listdir(cfg.p("jobs", "done"))
+    except FileNotFoundError:
+        return []
+    users = set()
+    for name in names:
+        if name.startswith(".") or name.endswith(".lock"):
+            continue
+        user = name[:-len(HISTORY)] if name.endswith(HISTORY) else name
+        if is_user_name(user):
+            users.add(user)
+    return sorted(users)
+
+
+def cmd_report(cfg, argv):
+    p = parser("report", "GPU-hours, idle GPU-hours, job counts and waits of the jobs that "
+               "ended,\nper user (default), host, GPU type, day or week.  Anyone may run it.\n\n"
+               "A job counts in the window its end falls in; its GPU-hours (GPUs x runtime,\n"
+               "a sharing job's booked share of its GPUs) are clipped to the window, and\n"
+               "--by day/week splits them by the hours it ran on each day (local time).\n"
+               "Idle GPU-hours: the part of them its GPUs were sampled at 0% utilisation.")
+    p.add_argument("--since", default="7d", metavar="WHEN",
+                   help="from: a time back (7d, 12h) or a local date, YYYY-MM-DD or "
+                        "YYYY-MM-DDTHH:MM (default 7d)")
+    p.add_argument("--until", metavar="WHEN", help="to (default now); same forms")
+    p.add_argument("--by", default="user", choices=list(REPORT_BY),
+                   help="one row per user (default), host, GPU type, local day or ISO week")
+    p.add_argument("-u", "--user", help="only the jobs of USER")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a list of row objects")
+    out.add_argument("--csv", action="store_true", help="print CSV with a header line")
+    args = parse(p, argv)
+    now = time.time()
+    since = report_time("--since", args.since, now)
+    until = now if args.until is None else report_time("--until", args.until, now)
+    if until <= since:
+        raise Failure(f"--until {args.until} is not after --since {args.since}; e.g. "
+                      f"--since 2026-11-01 --until 2026-11-08")
+    if args.user is not None and not is_user_name(args.user):
+        raise Failure(f"--user {args.user!r} is not a user name (e.g. --user {me()})")
+    users = [args.user] if args.user else history_users(cfg)
+    records = [r for user in users for r in read_history(cfg, user, since)]
+    rows, total = report_rows(records, args.by, since, until)
+    field = REPORT_BY[args.by]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if args.csv:
+        import csv
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow((field,) + REPORT_COLUMNS)
+        for r in rows:
+            w.writerow(["" if r[c] is None else r[c] for c in (field,) + REPORT_COLUMNS])
+        return 0
+
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+    print(f"Jobs that ended from {when(since)} to {when(until)} (local time)"
+          + (f", of {args.user}" if args.user else ""))
+    print_table([{"gpu-type": "GPU type"}.get(args.by, args.by.capitalize()), "Jobs", "Done", "Failed", "Killed",
+                 "Lost", "Timeout", "GPU-h", "Idle GPU-h", "Wait p50", "Wait p95"],
+                [(r[field],) + tuple(r[c] for c in REPORT_COLUMNS[:6])
+                 + (f"{r['gpu_hours']:.2f}", f"{r['idle_gpu_hours']:.2f}")
+                 + tuple("-" if r[c] is None else fmt_duration(r[c])
+                         for c in ("wait_median_s", "wait_p95_s"))
+                 for r in rows + [total]])
     return 0
 
 
@@ -7573,6 +8029,7 @@ COMMANDS = {
     "shell": cmd_shell,
     "users": cmd_users,
     "on-all": cmd_on_all,
+    "report": cmd_report,
 }
 
 INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_grace": cmd__grace,

@@ -28,7 +28,9 @@ _dq() {
         --each) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
         --sweep) COMPREPLY=($(compgen -W "$("$dqpy" _complete ids 2>/dev/null)" -- "$cur"))
                  return 0 ;;
-        --port|--bind|-t|--timeout|-n|--last|-r|--reason|-u|--user|--grid|--grace) return 0 ;;
+        --port|--bind|-t|--timeout|-n|--last|-r|--reason|-u|--user|--grid|--grace|--since|--until)
+            return 0 ;;
+        --by) COMPREPLY=($(compgen -W "user host gpu-type day week" -- "$cur")); return 0 ;;
     esac
     case $cur in
         DQ_HOSTS=*|DQ_EXCLUDE=*)
@@ -51,4 +53,4 @@ _dq() {
 
 complete -o default -o bashdefault -F _dq dq-submit dq-jobs dq-kill dq-restart dq-hold \
     dq-release dq-top dq-drain dq-wait dq-free dq-schedule dq-tail dq-head dq-logs dq-grep \
-    dq-attach dq-shell dq-users dq-on-all dq-doctor dq-web
+    dq-attach dq-shell dq-users dq-on-all dq-doctor dq-web dq-report

@@ -37,7 +37,7 @@ USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 SMI_MODES = ("ok", "fail", "hang", "missing", "nodevices", "na")
 DEFAULT_MODEL = ("NVIDIA H100 80GB HBM3", 81559)     # what nvidia-smi says of an H100
 DQ_COMMANDS = ("submit", "jobs", "kill", "hold", "release", "restart", "free", "schedule",
-               "tail", "head", "logs", "grep", "attach", "shell", "users", "on-all")
+               "tail", "head", "logs", "grep", "attach", "shell", "users", "on-all", "report")
 REQUIRED_TOOLS = ("unshare", "nsenter", "setpriv", "/usr/sbin/sshd", "ssh",
                   "ssh-keygen", "screen", "useradd", "usermod", "/usr/bin/python3")
 

@@ -552,7 +552,7 @@ def test_run_refuses_a_job_it_cannot_run(root, job_id, needle):
 # Every user command: in the overview, with --help and --version
 COMMANDS = ["submit", "jobs", "kill", "hold", "release", "top", "drain", "wait", "doctor",
             "web", "restart", "free", "schedule", "tail", "head", "logs", "grep", "attach",
-            "shell", "users", "on-all"]
+            "shell", "users", "on-all", "report"]
 
 
 def test_no_command_prints_the_overview(root):
