@@ -13,8 +13,8 @@ import time
 
 from lib import (ALICE, BOB, PY, Row, check, dq_module, ensure_users, failed, fmt_s, hold_all,
                  job_files, job_id_of, median, new_install, next_id, percentile,
-                 queue_file_name, read_json, release, run_timed, synth_jobs, times, wait_for,
-                 write_conf, write_script)
+                 queue_file_name, read_json, release, rmtree, run_timed, synth_jobs, Timed, times,
+                 wait_for, write_conf, write_script)
 from dqtest import MODELS
 
 SIZES = {
@@ -24,14 +24,18 @@ SIZES = {
                  b9_queue=10000, b9_users=50, b9_passes=7, b9_n=10,
                  b10_jobs=1000, b10_n=5, b11_viewers=50, b11_seconds=15,
                  b12_nodes=4, b12_jobs=128, b12_seconds=10,
-                 b13_queue=10000, b13_users=50, b13_passes=7, b14_seconds=20, b14_n=3),
+                 b13_queue=10000, b13_users=50, b13_passes=7, b14_seconds=20, b14_n=3,
+                 b15_files=2000, b15_mb=50, b15_n=5, b15_sweep=100,
+                 b16_n=5, b16_grace=5, b17_n=5),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
                   b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
                   b9_queue=1000, b9_users=50, b9_passes=2, b9_n=2,
                   b10_jobs=100, b10_n=1, b11_viewers=5, b11_seconds=3,
                   b12_nodes=2, b12_jobs=16, b12_seconds=3,
-                  b13_queue=1000, b13_users=50, b13_passes=2, b14_seconds=4, b14_n=1),
+                  b13_queue=1000, b13_users=50, b13_passes=2, b14_seconds=4, b14_n=1,
+                  b15_files=200, b15_mb=4, b15_n=1, b15_sweep=20,
+                  b16_n=1, b16_grace=2, b17_n=1),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -1342,6 +1346,448 @@ def bench_sampling(ctx):
                 f"({' + '.join(f'{1000 * v:.1f}' for v in smi.values())})")]
 
 
+# 15-17: snapshots, dq-kill --grace, dq-shell (issue 20) ######################
+
+def write_tree(top, files, user):
+    """Write {relative path: bytes} under top, files and directories owned
+    by user (as if they had written them); executable where the name ends
+    in .sh."""
+    pw = pwd.getpwnam(user)
+    made = set()
+    for rel, data in files.items():
+        path = os.path.join(top, rel)
+        parent = os.path.dirname(path)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            d = parent
+            while d != top and d not in made:
+                os.chown(d, pw.pw_uid, pw.pw_gid)
+                made.add(d)
+                d = os.path.dirname(d)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            if rel.endswith(".sh"):
+                os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+
+
+def lab_repo(nfiles, mb):
+    """A lab-typical repository's files, {path: bytes}: nfiles in all, about
+    mb MB, 70% of it in five larger files (data and weights that are
+    committed), the rest source files of 0.2-1.8x the average size in
+    packages of 20; the job script scripts/train.sh.  Deterministic."""
+    import random
+    rnd = random.Random(20)
+    total = mb * 1000 * 1000
+    big = [int(total * 0.7 * w) for w in (0.34, 0.29, 0.17, 0.11, 0.09)]
+    files = {f"data/shard{i}.bin" if i < 3 else f"weights/init{i}.pt": rnd.randbytes(b)
+             for i, b in enumerate(big)}
+    files["scripts/train.sh"] = b"#!/bin/sh\ntrue\n"
+    files[".gitignore"] = b"*.ckpt\nruns/\n__pycache__/\n"
+    nsmall = nfiles - len(files)
+    avg = (total - sum(big)) / nsmall
+    for i in range(nsmall):
+        size = int(avg * rnd.uniform(0.2, 1.8))
+        lines, n = [], 0
+        j = 0
+        while n < size:
+            line = f"def f{i}_{j}(x, y={rnd.randrange(10 ** 6)}):\n    return x * y + {j}\n"
+            lines.append(line)
+            n += len(line)
+            j += 1
+        files[f"src/pkg{i // 20:03d}/mod{i % 20:02d}.py"] = "".join(lines)[:size].encode()
+    return files
+
+
+# Copies the files git lists (repository top, destination) with Python's
+# shutil.copy2, as dq's snapshot does, then syncs.
+COPY2 = r"""
+import os, shutil, subprocess, sys
+top, dest = sys.argv[1], sys.argv[2]
+names = subprocess.run(["git", "-C", top, "ls-files", "-z", "-cmo", "--exclude-standard"],
+                       stdout=subprocess.PIPE, check=True).stdout.split(b"\0")
+made = set()
+for rel in sorted({os.fsdecode(n) for n in names if n}):
+    dst = os.path.join(dest, rel)
+    parent = os.path.dirname(dst)
+    if parent not in made:
+        os.makedirs(parent, exist_ok=True)
+        made.add(parent)
+    shutil.copy2(os.path.join(top, rel), dst, follow_symlinks=False)
+os.sync()
+"""
+
+
+def bench_snapshot(ctx):
+    """Issue 20: dq-submit with DQ_SNAPSHOT=1 (a copy of the repository's
+    files into the job's directory) against the same submit without; a
+    sweep with one shared snapshot against the same sweep without."""
+    c = ctx.cluster(4)
+    nfiles, mb, n = ctx.size["b15_files"], ctx.size["b15_mb"], ctx.size["b15_n"]
+    nsweep = ctx.size["b15_sweep"]
+    say("holding every GPU (the jobs queue: the submit alone is timed)")
+    held = hold_all(c, c.hosts, GPUS)      # noqa: F841 -- killed by the reset afterwards
+    dq = new_install(c, "b15-snapshot")
+    repo = c.user_dir(ALICE, "b15-repo")
+    refs = c.user_dir(ALICE, "b15-ref")
+    try:
+        return _bench_snapshot(c, dq, repo, refs, nfiles, mb, n, nsweep)
+    finally:
+        rmtree(repo)
+        rmtree(refs)
+
+
+def _bench_snapshot(c, dq, repo, refs, nfiles, mb, n, nsweep):
+    say(f"a git repository of {nfiles} files, ~{mb} MB, as {ALICE}")
+    t = time.monotonic()
+    files = lab_repo(nfiles, mb)
+    write_tree(repo, files, ALICE)
+    git = ["git", "-c", "user.name=b", "-c", "user.email=b@example.org"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "v1"]):
+        c.run("node1", ALICE, git + args, cwd=repo, timeout=300, check=True)
+    # what a working tree has besides: edits not committed, new files git
+    # does not ignore (both copied), an ignored checkpoint (not copied)
+    edits = {rel: files[rel] + b"# edited\n"
+             for rel in [r for r in sorted(files) if r.startswith("src/")][:10]}
+    new = {f"src/new/scratch{i}.py": b"print('new')\n" * (50 + i) for i in range(10)}
+    ignored = {"runs/last.ckpt": bytes(min(mb, 8) * 1000 * 1000)}
+    write_tree(repo, dict(edits, **new, **ignored), ALICE)
+    made_s = time.monotonic() - t
+    want_files = len(files) + len(new)
+    want_bytes = sum(len(v) for v in dict(files, **edits, **new).values())
+    script = os.path.join(repo, "scripts", "train.sh")
+    sub = [dq.path("submit"), script]
+    plain = {"argv": sub, "cwd": repo}
+    snap = dict(plain, env={"DQ_SNAPSHOT": "1"})
+    # the same files copied at disk speed: git's list, cp -a, sync (what
+    # dq does: list, copy with modes and times, sync before the rename)
+    copy = {"argv": ["/bin/sh", "-c", 'mkdir -p "$1" && cd "$0" && git ls-files -z -cmo '
+                     '--exclude-standard | sort -zu | xargs -0 cp -a --parents -t "$1" && sync',
+                     repo, "DEST"]}
+    # and by Python's shutil.copy2 (what dq copies each file with), file by
+    # file from git's list, then sync: the floor of a copy in Python
+    py = {"argv": [PY, "-S", "-c", COPY2, repo, "DEST"]}
+    values = ",".join(f"0.{i:03d}" for i in range(1, nsweep + 1))
+    grid = {"argv": [dq.path("submit"), "--grid", f"DQ_LR={values}", script], "cwd": repo,
+            "keep": 1 << 20}
+    # The copy's cost (the kernel's, creating files) drifts by 3x over a
+    # run on this VM: every round times all six, one after the other.
+    say(f"{n + 1} rounds of: a submit without DQ_SNAPSHOT, one with, 'git ls-files | cp -a; "
+        f"sync' and a Python copy2 loop of the same files, dq-submit --grid of {nsweep} "
+        f"jobs without and with DQ_SNAPSHOT=1")
+    items = []
+    for i in range(n + 1):
+        items += [plain, snap, dict(copy, argv=copy["argv"][:-1] + [os.path.join(refs, str(i))]),
+                  dict(py, argv=py["argv"][:-1] + [os.path.join(refs, f"py{i}")]),
+                  grid, dict(grid, env={"DQ_SNAPSHOT": "1"})]
+    res = run_timed(c, "node1", ALICE, items, timeout=1200)
+    for t in res:
+        if t.rc != 0:
+            raise failed("dq-submit / cp", t)
+    p_res, s_res, c_res, y_res, gp, gs = (res[k::6] for k in range(6))
+    ids = submitted_ids(p_res + s_res)
+    snap_ids = ids[len(p_res):]
+    job = job_files(dq, snap_ids[-1])[0]
+    got = job.get("snapshot") or {}
+    if (got.get("files"), got.get("bytes"), got.get("git")) != (want_files, want_bytes, True):
+        raise RuntimeError(f"the snapshot of {snap_ids[-1]} has {got.get('files')} files, "
+                           f"{got.get('bytes')} bytes (git: {got.get('git')}); expected "
+                           f"{want_files} files, {want_bytes} bytes from git")
+    sdir = os.path.join(dq.root, "jobs", "backend", snap_ids[-1], "snapshot")
+    if not os.path.isfile(os.path.join(sdir, "scripts", "train.sh")) or \
+            os.path.exists(os.path.join(sdir, "runs")):
+        raise RuntimeError(f"{sdir} lacks the script or holds the ignored checkpoint")
+    pl, sn, cp = (median([t.wall for t in r[1:]]) for r in (p_res, s_res, c_res))
+    extra = sn - pl
+    sweep_ids = JOB_ID_RE.findall(gs[-1].out)
+    if len(sweep_ids) != nsweep:
+        raise RuntimeError(f"the sweep printed {len(sweep_ids)} job ids, not {nsweep}")
+    shared = {(job_files(dq, i)[0].get("snapshot") or {}).get("job") for i in sweep_ids}
+    copies = [i for i in sweep_ids if os.path.isdir(os.path.join(dq.root, "jobs", "backend", i,
+                                                                 "snapshot"))]
+    if shared != {sweep_ids[0]} or copies != [sweep_ids[0]]:
+        raise RuntimeError(f"a sweep's jobs should share one snapshot, the first job's "
+                           f"({sweep_ids[0]}): they name {sorted(shared, key=str)[:3]}, "
+                           f"copies in {copies[:3]}")
+    wp, ws = median([t.wall for t in gp[1:]]), median([t.wall for t in gs[1:]])
+    goal_sweep = 1.2 * wp + extra
+    r = dq.run("node1", ALICE, "jobs", "summary", "--json", timeout=120)
+    queued = json.loads(r.stdout)["queued"]
+    size_mb = want_bytes / 1e6
+    big = sorted((len(v) for k, v in files.items() if k.startswith(("data/", "weights/"))),
+                 reverse=True)
+    nsrc = sum(1 for k in files if k.startswith("src/"))
+    src_bytes = sum(len(v) for k, v in files.items() if k.startswith("src/"))
+
+    def cpu(runs):
+        return median([t.cpu for t in runs[1:]])
+    rounds = ", ".join(f"{fmt_s(a.wall - b.wall)} / {fmt_s(c.wall)}"
+                       for a, b, c in zip(s_res[1:], p_res[1:], c_res[1:]))
+    sweeps = ", ".join(f"{fmt_s(a.wall)} / {fmt_s(b.wall)}" for a, b in zip(gs[1:], gp[1:]))
+    return [
+        Row(15, f"dq-submit with DQ_SNAPSHOT=1, a git repository of {want_files} files, "
+                f"{size_mb:.0f} MB (median)", "<= plain + 1.5 x cp",
+            f"{fmt_s(sn)} (plain {fmt_s(pl)}, cp {fmt_s(cp)})", check(extra <= 1.5 * cp),
+            f"every GPU held, so the jobs queue; {n} of each after a cold one (plain "
+            f"{fmt_s(p_res[0].wall)}, snapshot {fmt_s(s_res[0].wall)}), in rounds, as "
+            f"{ALICE} on node1 in the repository's top; the snapshot adds {fmt_s(extra)} "
+            f"(each round, the snapshot's extra / cp: {rounds}) "
+            f"({size_mb / max(extra, 1e-9):.0f} MB/s; CPU {cpu(s_res):.2f} / {cpu(p_res):.2f} "
+            f"CPU-s with / without); cp = 'git ls-files -z -cmo --exclude-standard | sort -zu "
+            f"| xargs -0 cp -a --parents; sync' of the same files (CPU {cpu(c_res):.2f} "
+            f"CPU-s); Python's shutil.copy2 file by file from git's list, then sync: "
+            f"{fmt_s(median([t.wall for t in y_res[1:]]))} ({cpu(y_res):.2f} CPU-s); "
+            f"the repository: {len(files)} committed files ({len(big)} larger ones "
+            f"of {', '.join(f'{b / 1e6:.1f}' for b in big)} MB, random bytes; {nsrc} source "
+            f"files of {src_bytes / nsrc / 1e3:.1f} kB on average), 10 of them edited, "
+            f"{len(new)} new untracked files, an ignored "
+            f"{len(ignored['runs/last.ckpt']) / 1e6:.0f} MB checkpoint (checked: not "
+            f"copied); the snapshot checked to hold {want_files} files, {want_bytes:,} bytes; "
+            f"repository made in {made_s:.1f} s"),
+        Row(15, f"dq-submit --grid of {nsweep} jobs with DQ_SNAPSHOT=1 (one shared copy), "
+                f"median", "<= 1.2 x without + one copy",
+            f"{fmt_s(ws)} (goal {fmt_s(goal_sweep)}; without {fmt_s(wp)})",
+            check(ws <= goal_sweep),
+            f"{n} of each after a cold one ({fmt_s(gp[0].wall)} / {fmt_s(gs[0].wall)}), in "
+            f"the same rounds as the single submits; one copy = the single submit's extra "
+            f"above ({fmt_s(extra)}); each round with / without: "
+            f"{sweeps}; the "
+            f"sweep's {nsweep} jobs checked to name one snapshot, the first job's, and to have "
+            f"one copy; CPU {median([t.cpu for t in gs[1:]]):.2f} / "
+            f"{median([t.cpu for t in gp[1:]]):.2f} CPU-s; {queued} jobs queued at the end"),
+    ]
+
+
+def first_float(path):
+    """The first line of a file as a number (a job's `date +%s.%N`), or None."""
+    try:
+        with open(path) as f:
+            return float(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
+def bench_grace(ctx):
+    """Issue 20: dq-kill --grace on a running job: how soon its warning
+    arrives, and how soon after the grace's end its GPU runs the next job."""
+    c = ctx.cluster(4)
+    n, grace = ctx.size["b16_n"], ctx.size["b16_grace"]
+    dq = new_install(c, "b16-grace")
+    d = c.user_dir(ALICE, "b16")
+    say("node2's GPUs 1-3 held by hand: the jobs (DQ_HOSTS=node2) take turns on GPU 0")
+    for g in (1, 2, 3):
+        c.hold_gpu("node2", BOB, g)
+    # The job traps the warning (USR1, its DQ_SIGNAL) and goes on; it
+    # traps the TERM at the grace's end and exits.  `wait` returns at once
+    # on a trapped signal (the sleep gets it too: every process of the job).
+    body = (f"trap 'date +%s.%N > {d}/$DQ_JOB_ID.warn' USR1\n"
+            f"trap 'date +%s.%N > {d}/$DQ_JOB_ID.term; exit 0' TERM\n"
+            "date +%s.%N\n"
+            "while :; do sleep 3600 & wait $!; done\n")
+    _, path = write_script(c, ALICE, "b16.sh", body, subdir="b16")
+    env = {"DQ_HOSTS": "node2", "DQ_SIGNAL": "USR1"}
+    say(f"{n + 1} jobs of {ALICE} submitted (one runs, the rest wait); {n} times "
+        f"'dq-kill --grace {grace}s' of the running one, from node1")
+    res = run_timed(c, "node1", ALICE, submit_items(dq, path, n + 1, env=env))
+    ids = submitted_ids(res)
+    if "Executing" not in res[0].out:
+        raise RuntimeError(f"{ids[0]} did not start at submit: {res[0].out!r} {res[0].err!r}")
+    logs = [job_files(dq, i)[3] for i in ids]
+    kills = []
+    for i in range(n):
+        wait_for(lambda: first_float(logs[i]) is not None, 30, 0.05, f"{ids[i]} to run")
+        # a different moment of the job's life each time (its wrapper looks
+        # at its clock every 0.5 s while the job is silent)
+        time.sleep(0.2 + (0.37 * i) % 1)
+        [t] = run_timed(c, "node1", ALICE, [{"argv": [dq.path("kill"), "--grace", f"{grace}s",
+                                                      ids[i]]}])
+        if t.rc != 0:
+            raise failed("dq-kill --grace", t)
+        wait_for(lambda: first_float(logs[i + 1]) is not None, grace + 30, 0.05,
+                 f"{ids[i + 1]} to start after {ids[i]}'s grace")
+        kills.append(t)
+    warn_lat, term_late, term_to_end, end_to_next, due_to_next, cmd_to_next = \
+        [], [], [], [], [], []
+    for i, t in enumerate(kills):
+        job, run, end, _ = job_files(dq, ids[i])
+        nrun = job_files(dq, ids[i + 1])[1]
+        warned = first_float(os.path.join(d, ids[i] + ".warn"))
+        termed = first_float(os.path.join(d, ids[i] + ".term"))
+        nxt = first_float(logs[i + 1])
+        if end.get("state") != "killed" or "--grace" not in (end.get("reason") or ""):
+            raise RuntimeError(f"{ids[i]} ended {end.get('state')}: {end.get('reason')}")
+        if warned is None or termed is None:
+            raise RuntimeError(f"{ids[i]}'s traps wrote no warning ({warned}) or TERM ({termed})")
+        if (run.get("host"), nrun.get("host"), run.get("gpus"), nrun.get("gpus")) != \
+                ("node2", "node2", [0], [0]):
+            raise RuntimeError(f"{ids[i]} and {ids[i + 1]} should have run on node2 GPU 0: "
+                               f"{run.get('host')}/{run.get('gpus')}, {nrun.get('host')}/"
+                               f"{nrun.get('gpus')}")
+        warn_lat.append(warned - t.t0)
+        term_late.append(termed - (warned + grace))
+        term_to_end.append(end["ended"] - termed)
+        end_to_next.append(nxt - end["ended"])
+        due_to_next.append(nxt - (warned + grace))
+        cmd_to_next.append(nxt - (t.t0 + grace))
+    c.run("node1", ALICE, [dq.path("kill"), ids[n]], timeout=60)
+    w, g = median(warn_lat), median(due_to_next)
+    return [
+        Row(16, f"dq-kill --grace {grace}s of a running job: the command to the job's "
+                f"warning (median)", "< 0.5 s", fmt_s(w), check(w < 0.5),
+            f"{n} jobs (DQ_SIGNAL=USR1, each the next of {ALICE}'s queue to run on node2's "
+            f"one free GPU) killed from node1 (dq-kill pokes the wrapper over ssh); the job's "
+            f"'trap ... USR1' writes the time; each {', '.join(fmt_s(x) for x in warn_lat)}; "
+            f"dq-kill itself took median {fmt_s(median([t.wall for t in kills]))}"),
+        Row(16, f"dq-kill --grace {grace}s: the grace's end (warning + {grace} s) to the next "
+                f"queued job's script start (median)", "< 0.5 s", fmt_s(g), check(g < 0.5),
+            f"each {', '.join(fmt_s(x) for x in due_to_next)}; of which the TERM came after "
+            f"the grace's end (the job's TERM trap) {', '.join(fmt_s(x) for x in term_late)}; "
+            f"the trap's exit to end.json median {fmt_s(median(term_to_end))}; end.json to the "
+            f"next job's first line (the hand-over) median {fmt_s(median(end_to_next))}; from "
+            f"the command + {grace} s: median {fmt_s(median(cmd_to_next))}; every job ended "
+            f"killed with a --grace reason"),
+    ]
+
+
+# Runs inside the node as the test user: each command on a terminal of its
+# own (a pty of 24 x 80, TERM=xterm), as a person would type it; when the
+# terminal first shows `mark`, and when the command ends.
+PTY_RUN = r"""
+import fcntl, json, os, pty, select, struct, sys, termios, time
+res = []
+for item in json.loads(sys.argv[1]):
+    t0 = time.time()
+    pid, fd = pty.fork()
+    if pid == 0:
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        os.chdir(item["cwd"])
+        os.execvp(item["argv"][0], item["argv"])
+    buf, seen, mark = b"", None, item["mark"].encode()
+    while True:
+        r, _, _ = select.select([fd], [], [], 60)
+        if not r:
+            os.kill(pid, 9)
+            break
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            break
+        buf += data
+        if seen is None and mark in buf:
+            seen = time.time()
+    _, status = os.waitpid(pid, 0)
+    res.append({"t0": t0, "seen": seen, "t1": time.time(),
+                "rc": os.waitstatus_to_exitcode(status),
+                "out": buf[-4000:].decode(errors="replace")})
+    time.sleep(item.get("sleep", 0))
+print(json.dumps(res))
+"""
+
+
+def bench_shell(ctx):
+    """Issue 20: dq-shell --now on a free cluster.  Non-interactively (the
+    command ends before a terminal could attach, so dq-shell prints its
+    output): how soon the job starts, how soon dq-shell returns, against
+    dq-submit followed by dq-wait of the same one-line job.  On a terminal:
+    how soon the job's output shows there (dq-shell attached)."""
+    c = ctx.cluster(4)
+    n = ctx.size["b17_n"]
+    dq = new_install(c, "b17-shell")
+    d, path = write_script(c, ALICE, "b17.sh", "date +%s.%N\n", subdir="b17")
+    shell = {"argv": [dq.path("shell"), "--now", "date", "+%s.%N"], "cwd": d, "sleep": 1.0}
+    sub_wait = {"argv": ["/bin/sh", "-c", 'out=$("$0" "$2") || exit; echo "$out"; '
+                         'id=$(echo "$out" | sed -n "s/^Job ID: .\\(.*\\).$/\\1/p"); '
+                         'exec "$1" "$id"', dq.path("submit"), dq.path("wait"), path],
+                "cwd": d, "sleep": 1.0}
+    say(f"{n + 1} of 'dq-shell --now date +%s.%N' and of dq-submit + dq-wait of a script "
+        f"'date +%s.%N', interleaved, 1 s apart, as {ALICE} on node1 (the first pair cold)")
+    res = run_timed(c, "node1", ALICE, [sub_wait, shell] * (n + 1), timeout=600)
+    for t in res:
+        if t.rc != 0:
+            raise failed("dq-shell / dq-submit + dq-wait", t)
+    # On a terminal: the job prints its time, then a mark the command line
+    # does not contain (R42Y), and runs on for 3 s, so that dq-shell
+    # attaches the terminal to it (ssh -t HOST screen -r) and screen shows it.
+    job_cmd = "date +%s.%N; echo R$((6*7))Y; sleep 3"
+    say(f"{n + 1} of 'dq-shell --now sh -c \"{job_cmd}\"' on a terminal")
+    spec = [{"argv": [dq.path("shell"), "--now", "sh", "-c", job_cmd], "cwd": d,
+             "mark": "R42Y", "sleep": 1.0}] * (n + 1)
+    r = c.run("node1", ALICE, [PY, "-c", PTY_RUN, json.dumps(spec)], env={"TERM": "xterm"},
+              timeout=120 + 10 * n)
+    if r.returncode != 0:
+        raise RuntimeError(f"the terminal harness failed: {r.stderr[-2000:]}")
+    tty = [Timed(x) for x in json.loads(r.stdout)]
+    for t in tty:
+        if t.rc != 0 or t.seen is None or "detaches" not in t.out:
+            raise RuntimeError(f"dq-shell on a terminal (exit {t.rc}) should attach and show "
+                               f"R42Y: {t.out[-600:]!r}")
+    r = dq.run("node1", ALICE, "jobs", "complete", "--json", "-n", str(6 * n + 20), timeout=120)
+    done = json.loads(r.stdout)
+
+    def job_of(t):
+        mine = [j for j in done if t.t0 <= j["submitted"] <= t.t1]
+        if len(mine) != 1 or mine[0]["state"] != "done":
+            raise RuntimeError(f"expected one job done submitted within a run: {mine}")
+        return mine[0]
+    out = {}
+    for tag, runs in (("submit", res[0::2]), ("shell", res[1::2]), ("tty", tty)):
+        first, ended, wall, hosts, seen = [], [], [], [], []
+        for t in runs:
+            j = job_of(t)
+            line = first_float(job_files(dq, j["id"])[3])
+            if line is None:
+                raise RuntimeError(f"{j['id']} wrote no time to its log")
+            if tag == "shell":
+                try:
+                    printed = float(t.out.split()[0])
+                except (ValueError, IndexError):
+                    raise RuntimeError(f"dq-shell printed no job output: {t.out!r} "
+                                       f"{t.err!r}") from None
+                if abs(printed - line) > 1e-6:
+                    raise RuntimeError(f"dq-shell printed {printed}, the log says {line}")
+            first.append(line - t.t0)
+            ended.append(j["ended"] - t.t0)
+            wall.append(t.t1 - t.t0)
+            hosts.append(j["host"])
+            if tag == "tty":
+                seen.append(t.seen - t.t0)
+        out[tag] = {"first": first, "ended": ended, "wall": wall, "hosts": hosts, "seen": seen}
+    sh, sw, tt = out["shell"], out["submit"], out["tty"]
+    s1, w1 = median(sh["first"][1:]), median(sh["wall"][1:])
+    b1, bw = median(sw["first"][1:]), median(sw["wall"][1:])
+    a1 = median(tt["seen"][1:])
+    return [
+        Row(17, "dq-shell --now with a free GPU: the command's start to the job's first "
+                "output line in its log (median)", "< 1.5 s", fmt_s(s1), check(s1 < 1.5),
+            f"{n} runs after a cold one ({fmt_s(sh['first'][0])}), 4 free nodes, as {ALICE} on "
+            f"node1, 'dq-shell --now date +%s.%N' (the job's first line is its time); "
+            f"dq-submit of a script of the same line: {fmt_s(b1)} (cold "
+            f"{fmt_s(sw['first'][0])}); hosts {' '.join(sorted(set(sh['hosts'] + sw['hosts'])))}"),
+        Row(17, "dq-shell --now on a terminal, a free GPU: the command's start to the job's "
+                "output on the terminal, attached (median)", "< 1.5 s", fmt_s(a1),
+            check(a1 < 1.5),
+            f"{n} runs after a cold one ({fmt_s(tt['seen'][0])}); 'dq-shell --now sh -c "
+            f"\"{job_cmd}\"' on a pty (24 x 80, TERM=xterm): dq-shell says it runs, attaches "
+            f"(ssh -t HOST screen -r) and screen draws the window; the job had started (its "
+            f"log's first line) median {fmt_s(median(tt['first'][1:]))} after the command; "
+            f"each {', '.join(fmt_s(x) for x in tt['seen'][1:])}; dq-shell returned when the "
+            f"job ended, median {fmt_s(median(tt['wall'][1:]))} after its start"),
+        Row(17, "dq-shell --now of a one-line command, to its return (job ended) / dq-submit "
+                "+ dq-wait of the same (median)", "<= 1.2x",
+            f"{w1 / bw:.2f}x ({fmt_s(w1)} / {fmt_s(bw)})", check(w1 <= 1.2 * bw),
+            f"stdin not a terminal, so dq-shell prints the job's output (checked: the time in "
+            f"its log) instead of attaching; the job's end.json came median "
+            f"{fmt_s(median(sh['ended'][1:]))} / {fmt_s(median(sw['ended'][1:]))} after the "
+            f"command's start; each dq-shell {', '.join(fmt_s(x) for x in sh['wall'][1:])}; "
+            f"each dq-submit + dq-wait {', '.join(fmt_s(x) for x in sw['wall'][1:])}"),
+    ]
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
@@ -1349,5 +1795,7 @@ CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          9: ("deep queue of many users", bench_deep), 10: ("sweep submit", bench_sweep),
          11: ("dq-web viewers", bench_web), 12: ("GPU sharing: packing", bench_pack),
          13: ("deep queue with sharing jobs", bench_deep_shared),
-         14: ("GPU sampling cost", bench_sampling)}
-ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 5]   # 7 reads what 1 measured; 5 needs its own cluster
+         14: ("GPU sampling cost", bench_sampling), 15: ("snapshot submit", bench_snapshot),
+         16: ("dq-kill --grace", bench_grace), 17: ("dq-shell --now", bench_shell)}
+# 7 reads what 1 measured; 5 needs its own cluster
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 5]
