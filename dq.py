@@ -3095,8 +3095,19 @@ def append_history(cfg, job):
     if not os.path.exists(path):
         rebuild_history(cfg, job.owner, save=True)
         return
-    with open(path, "a", encoding="utf-8") as f:     # one write: one line
-        f.write(history_line(history_record(job, time.time())))
+    data = history_line(history_record(job, time.time())).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)        # one write: one line
+        except OSError:
+            written = None
+        if written != len(data):    # a full disk: no torn line is left behind
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        os.close(fd)
 
 
 def history_offset(f, size, since):
@@ -7101,8 +7112,10 @@ def wait_reason_of(cfg, job):
 
 
 def wait_for_start(cfg, job, say):
-    """Until the job runs (or ends): say where it is when that changes."""
-    said = None
+    """Until the job runs (or ends): say where it is when that changes.
+    Looks often at first (a job placed at once starts within a fraction of
+    a second), then every SHELL_STATUS_EVERY seconds."""
+    said, pause = None, 0.05
     while True:
         job = load_job(cfg, job.id, quiet=True) or job
         state = job.state()
@@ -7114,7 +7127,8 @@ def wait_for_start(cfg, job, say):
         if line != said:
             say(line)
             said = line
-        time.sleep(SHELL_STATUS_EVERY)
+        time.sleep(pause)
+        pause = min(pause * 2, SHELL_STATUS_EVERY)
 
 
 def shell_ended(job, attached=False):
@@ -7196,8 +7210,10 @@ def cmd_shell(cfg, argv):
         say(f"{job_id} ended {running.state()} before this terminal was attached", end=True)
         return shell_ended(running)
     if not sys.stdin.isatty():      # nothing to attach: its output once it ends
+        pause = 0.05
         while running.state() == "running":
-            time.sleep(SHELL_STATUS_EVERY)
+            time.sleep(pause)
+            pause = min(pause * 2, SHELL_STATUS_EVERY)
             running = load_job(cfg, job_id, quiet=True) or running
             running._end = running._lost = None
         return shell_ended(running)

@@ -403,7 +403,7 @@ def test_install_dq_with_a_stub(cluster):
     assert lines[3] == "ssh = " + cluster.ssh_command
     assert os.path.exists(os.path.join(root, "made-by-dqalice"))
     assert sorted(os.listdir(d.bin)) == sorted("dq-" + c for c in (
-        "submit jobs kill hold release restart free schedule tail head logs grep attach shell "
+        "submit jobs kill hold release restart free schedule tail head logs grep attach shell report "
         "users on-all").split())
 
 

@@ -25,7 +25,11 @@ def json_files_valid(root):
                 continue
             try:
                 with open(path) as f:
-                    json.load(f)
+                    if path.endswith(".history"):     # JSON lines, each whole
+                        for line in f:
+                            json.loads(line)
+                    else:
+                        json.load(f)
             except ValueError as e:
                 bad.append((path, str(e)))
     return bad
