@@ -78,6 +78,7 @@ Where to change what (the name, then the section it is in):
   who goes first, backfill    plan                        [Planning]
   when a GPU takes a sharer   gpu_room, pack              [GPU sharing]
   a job's GPU use samples     GpuWatch                    [GPU use]
+  when a job counts as idle   GpuWatch                    [GPU use]
   CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
