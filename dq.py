@@ -78,6 +78,7 @@ Where to change what (the name, then the section it is in):
   who goes first, backfill    plan                        [Planning]
   when a GPU takes a sharer   gpu_room, pack              [GPU sharing]
   a job's GPU use samples     GpuWatch                    [GPU use]
+  when a job counts as idle   GpuWatch                    [GPU use]
   CUDA out-of-memory texts    OOM_PATTERNS                [GPU use]
   a user's own job order      order_key                   [Planning]
   other DQ_* variables        prepare_job                 [Creating jobs]
@@ -763,7 +764,8 @@ class Config:
     KEYS = {"hosts", "ssh", "multiplex", "python", "cpu_slots", "order", "admins",
             "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
             "smtp", "mail_domain", "share_margin", "max_jobs_per_gpu", "share_foreign",
-            "mem_overuse", "shell_time", "snapshot_max", "lock_stats"} | set(NUMBERS)
+            "mem_overuse", "shell_time", "snapshot_max", "lock_stats", "idle_after",
+            "idle_kill", "shell_idle_after"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
     OVERUSE = ("warn", "kill")
 
@@ -839,6 +841,12 @@ class Config:
         # dq-shell's jobs without DQ_TIME: a forgotten shell frees its GPU
         self.shell_time = duration(f"{self.path}: shell_time", sect.get("shell_time", "4h"),
                                    "shell_time")
+        # Idle GPUs (see GpuWatch.idle_check): how long a job's GPUs may
+        # sit unused before it is flagged idle (dq-shell's: shell_idle_after),
+        # and how long after that it is stopped; 0 (or none): never.
+        for key, default in (("idle_after", "30m"), ("shell_idle_after", "1h"),
+                             ("idle_kill", "0")):
+            setattr(self, key, self._duration_or_off(sect, key, default))
         # Mail at a job's end (DQ_MAIL): the lab's SMTP server, and the
         # domain of users' own addresses (DQ_MAIL=1).
         self.smtp = sect.get("smtp", "localhost:25").strip()
@@ -906,6 +914,17 @@ class Config:
             raise Failure(f"{self.path}: {where} {key!r} must be a whole number of GPUs, "
                           f"0 or more (not {raw!r}), e.g. '{key} = 8'")
         return count
+
+    def _duration_or_off(self, sect, key, default):
+        """A duration in seconds, or 0 for '0' or 'off' (never)."""
+        raw = sect.get(key, default).strip()
+        if raw.lower() in ("0", "off"):
+            return 0
+        try:
+            return duration(f"{self.path}: {key}", raw, key)
+        except Failure:
+            raise Failure(f"{self.path}: '{key}' must be a duration, or 0 for never (not "
+                          f"{raw!r}), e.g. '{key} = 30m' or '{key} = 2h'") from None
 
     def gpu_limit(self, user):
         """The most GPUs user's jobs may hold at once, or None."""
@@ -2477,7 +2496,10 @@ GPU_USE_FIELDS = {
     "over": (optional(lambda v: isinstance(v, dict)), "when it went over its booking", False),
     # GPU-seconds its GPUs were sampled at 0% utilisation (see GpuWatch.record)
     "idle_gpu_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v) and v >= 0, "GPU-seconds, 0 or more", False)}
+                   and math.isfinite(v) and v >= 0, "GPU-seconds, 0 or more", False),
+    # flagged idle (idle_after), and since when its GPUs sat unused (see GpuWatch)
+    "idle": (lambda v: isinstance(v, bool), "true or false", False),
+    "idle_since": (optional(is_time), "a time in seconds", False)}
 
 
 def read_gpu_use(job_dir):
@@ -4765,6 +4787,17 @@ def run_hook(cfg, job, hook):
     return {"error": why} if why else {"ran": time.time()}
 
 
+def record_notify(job, record):
+    """Add to the job's notify.json (its end's mail and hook; the idle mail
+    of GpuWatch, written while it runs)."""
+    path = os.path.join(job.dir, "notify.json")
+    try:
+        old = read_json(path, {}, {})
+        write_json(path, dict(old if isinstance(old, dict) else {}, **record))
+    except OSError as e:
+        warn(f"cannot write {path}: {e.strerror}")
+
+
 def notify_end(cfg, job):
     """Mail and hook for an ended job, each within cfg.timeout; failures go
     to the job's notify.json (and a warning)."""
@@ -4779,10 +4812,7 @@ def notify_end(cfg, job):
         record["hook"] = run_hook(cfg, job, hook)
     record = {k: v for k, v in record.items() if v}
     if record:
-        try:
-            write_json(os.path.join(job.dir, "notify.json"), record)
-        except OSError as e:
-            warn(f"cannot write {job.dir}/notify.json: {e.strerror}")
+        record_notify(job, record)
     for what, r in record.items():
         if r.get("error"):
             warn(f"{job.id}: {what} failed: {r['error']}")
@@ -5179,6 +5209,17 @@ def cmd_schedule(cfg, argv):
 # sample.  0% whether or not a process of the job holds the GPU: a job
 # that loaded CUDA and waits (a context open, no kernel running) wastes
 # the GPU as much as one that never touched it.
+#
+# A job is flagged idle (gpu.json's `idle`, from `idle_since`, the sample
+# that began the stretch) once all its GPUs have been at 0% utilisation
+# with no process of the job on them for idle_after (dq-shell's:
+# shell_idle_after) -- stricter than idle_gpu_s: a job holding a CUDA
+# context may be between phases (loading data, writing a checkpoint, a
+# breakpoint), and idle_kill must not stop it for that.  Flagged, it gets
+# a line in its log and one mail (DQ_MAIL; once per job, a failure goes to
+# notify.json); with idle_kill it is stopped that much later (TERM, KILL
+# after kill_grace) and ends `killed` with the reason.  A sample with any
+# use, or a GPU whose utilisation nvidia-smi does not say, ends the stretch.
 SMI_UTIL_QUERY = ("nvidia-smi --query-gpu=index,uuid,utilization.gpu "
                   "--format=csv,noheader,nounits")
 GPU_USE_KEEP = 6        # samples kept in gpu.json
@@ -5186,15 +5227,22 @@ GPU_USE_KEEP = 6        # samples kept in gpu.json
 class GpuWatch:
     """The sampling thread of a job's wrapper (see the section's comment)."""
 
-    def __init__(self, cfg, job, gpus, booked, log):
+    def __init__(self, cfg, job, gpus, booked, log, host=None):
         self.cfg, self.job_id, self.gpus, self.booked, self.log = cfg, job.id, gpus, booked, log
+        self.job, self.host = job, host
         self.path = os.path.join(job.dir, "gpu.json")
         self.pgid = None
         self.stopped = False
-        self.killed = None      # the reason, once mem_overuse = kill stopped the job
+        self.killed = None      # the reason, once dq stopped the job (mem_overuse, idle_kill)
+        self.kill_state = "failed"      # how it then ends
+        # idle_after, or shell_idle_after for a dq-shell (the key, seconds; 0: never)
+        self.idle_key = "shell_idle_after" if job.spec.get("interactive") else "idle_after"
+        self.idle_after = getattr(cfg, self.idle_key)
+        self.mailed = False     # the idle mail, once per job
         self.use = {"at": time.time(), "samples": 0, "booked_mib": booked, "mem_mib": None,
                     "peak_mem_mib": 0, "mem_sum": 0, "util": None, "util_sum": 0,
-                    "util_peak": 0, "last": [], "over": None, "idle_gpu_s": 0}
+                    "util_peak": 0, "last": [], "over": None, "idle_gpu_s": 0,
+                    "idle": False, "idle_since": None}
         self._ours = {}         # pid -> is it one of the job's processes?
 
     def start(self, pgid):
@@ -5235,7 +5283,8 @@ class GpuWatch:
     def sample(self, subprocess):
         """(MiB the job uses on the one of its GPUs where it uses most, or
         None if nvidia-smi does not say; the mean utilisation of its GPUs;
-        how many of them are at 0%)."""
+        how many of them are at 0%; whether a process of the job is on one
+        of them)."""
         t = smi_timeout(self.cfg)
 
         def smi(cmd):
@@ -5247,9 +5296,10 @@ class GpuWatch:
             if len(f) == 3 and whole_number(f[0]) in self.gpus:
                 uuids[f[1]] = int(f[0])
                 util[int(f[0])] = whole_number(f[2])
-        mem = dict.fromkeys(self.gpus, 0)
+        mem, held = dict.fromkeys(self.gpus, 0), False
         for uuid, pid, used in parse_smi_apps(smi(SMI_APPS)):
             if uuid in uuids and pid is not None and self.mine(pid):
+                held = True
                 if used is None:
                     mem = None
                 elif mem is not None:
@@ -5257,10 +5307,54 @@ class GpuWatch:
         known = [u for u in util.values() if u is not None]
         return (max(mem.values()) if mem else None,
                 round(sum(known) / len(known)) if known else None,
-                sum(1 for u in known if u == 0))
+                sum(1 for u in known if u == 0), held)
 
-    def record(self, mem, util, idle=0):
-        use, now = self.use, time.time()
+    def idle_check(self, unused, now):
+        """Bring gpu.json's idle flag up to date with a sample (unused: all
+        the job's GPUs at 0%, no process of the job on them).  'flag' when
+        the job has just become idle, 'kill' once idle_kill is due, else
+        None."""
+        use = self.use
+        if not self.idle_after or not unused:
+            use["idle"], use["idle_since"] = False, None
+            return None
+        if use.get("idle_since") is None:
+            use["idle_since"] = now
+        idle_for = now - use["idle_since"]
+        if idle_for < self.idle_after:
+            return None
+        if not use["idle"]:
+            use["idle"] = True
+            return "flag"
+        if self.cfg.idle_kill and idle_for >= self.idle_after + self.cfg.idle_kill:
+            return "kill"
+        return None
+
+    def mail_idle(self):
+        """The owner's mail (DQ_MAIL) that the job went idle; what went
+        wrong goes to notify.json as `idle_mail` (see notify_end)."""
+        try:
+            to = mail_address(self.cfg, self.job.spec.get("env", {}), self.job.owner)
+            if not to:
+                return
+            kill = f" dq stops it in {fmt_duration(self.cfg.idle_kill)} if it stays idle " \
+                f"(idle_kill).\n" if self.cfg.idle_kill else ""
+            where = f"{self.host or '?'}/{fmt_gpus(self.gpus)}"
+            result = send_mail(
+                self.cfg, to, f"dq: {self.job_id} idle on {where}",
+                f"Job {self.job_id} ({self.job.spec.get('script')}) has held GPU {where} "
+                f"for {fmt_duration(self.idle_after)} without using it: 0% utilisation and "
+                f"no process of the job on it ({self.idle_key} in {self.cfg.path}).\n"
+                f"Others may be waiting for it: dq-kill {self.job_id} if it is of no "
+                f"use.\n" + kill)
+        except Exception as e:      # whatever smtplib or the network says
+            result = {"error": f"{type(e).__name__}: {e}".strip()}
+        record_notify(self.job, {"idle_mail": result})
+        if result.get("error"):
+            warn(f"{self.job_id}: idle mail failed: {result['error']}")
+
+    def record(self, mem, util, idle=0, held=False, now=None):
+        use, now = self.use, time.time() if now is None else now
         # idle since the last sample (at most a few intervals: a host that
         # slept or a stalled nvidia-smi is no evidence of idling)
         since = min(max(0.0, now - use["at"]), 3 * max(1, self.cfg.sample_interval))
@@ -5285,10 +5379,29 @@ class GpuWatch:
             _write_all(2, msg)
         elif over:
             use["over"]["mem_mib"] = max(use["over"]["mem_mib"], mem)
+        idle_now = self.idle_check(idle == len(self.gpus) and not held, now)
+        if idle_now == "flag":
+            msg = (f"\ndq: {self.job_id}: idle: its GPUs have been at 0% with no process of "
+                   f"it on them for {fmt_duration(now - use['idle_since'])} "
+                   f"({self.idle_key} {fmt_duration(self.idle_after)})" +
+                   (f"; stopping it in {fmt_duration(self.cfg.idle_kill)} (idle_kill)"
+                    if self.cfg.idle_kill else "") + "\n").encode()
+            self.log.write(msg)
+            _write_all(2, msg)
         try:
             write_json(self.path, use, durable=False, compact=True)
         except OSError:
             pass        # a full data root: the next sample tries again
+        if idle_now == "flag" and not self.mailed and self.job.spec.get("env", {}).get("DQ_MAIL"):
+            self.mailed = True      # in a thread of its own: the samples go on
+            _thread.start_new_thread(self.mail_idle, ())
+        if idle_now == "kill" and self.killed is None:
+            self.killed = (f"idle: no GPU use for {fmt_duration(now - use['idle_since'])} "
+                           f"({self.idle_key} {fmt_duration(self.idle_after)} + idle_kill "
+                           f"{fmt_duration(self.cfg.idle_kill)})")
+            self.kill_state = "killed"
+            signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
+            kill_stragglers(self.job_id, self.pgid, time.monotonic() + self.cfg.kill_grace)
         if over and self.cfg.mem_overuse == "kill" and self.killed is None:
             self.killed = (f"used {fmt_mib(mem)} of GPU memory, DQ_MEM={fmt_mib(self.booked)}; "
                            f"stopped by dq (mem_overuse = kill)")
@@ -5869,7 +5982,7 @@ def cmd__run(cfg, argv):
     lease.on_request = timer.notice
     script, cwd = run_paths(cfg, job)     # (DQ_SNAPSHOT: in its snapshot)
     log = JobLog(os.open(job_log(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-    watch = GpuWatch(cfg, job, gpus, share and share[0], log)
+    watch = GpuWatch(cfg, job, gpus, share and share[0], log, host)
     state, code, sig, reason, checkpointed = "failed", None, None, None, False
     if not os.path.isdir(cwd):
         reason = f"working directory {cwd} does not exist on {host}"
@@ -5900,7 +6013,7 @@ def cmd__run(cfg, argv):
                 state, reason = "timeout", f"time limit {fmt_duration(timer.limit)} " \
                     f"reached ({reason or 'it exited with status 0'})"
             elif watch.killed:
-                state, reason, checkpointed = "failed", watch.killed, False
+                state, reason, checkpointed = watch.kill_state, watch.killed, False
             elif state == "failed" and gpus:
                 oom = cuda_oom(job_log(job))
                 if oom:
@@ -6487,11 +6600,28 @@ def cmd_wait(cfg, argv):
 
 # Job listings ################################################################
 
-def gpu_use_text(use, booked):
-    """'3.1G/8G' (used now / booked), '3.1G', 'OVER 30.1G/8G', or '-/8G'."""
+def idle_for(use, now):
+    """Seconds a running job has been flagged idle for (its GPUs unused
+    since idle_since, see GpuWatch), or None if it is not."""
+    if not use or not use.get("idle") or not use.get("idle_since"):
+        return None
+    return max(0.0, now - use["idle_since"])
+
+
+def idle_kill_in(cfg, j, now):
+    """Seconds until idle_kill stops a job flagged idle (if it stays so)."""
+    after = cfg.shell_idle_after if j.get("interactive") else cfg.idle_after
+    return max(0.0, j["gpu_use"]["idle_since"] + after + cfg.idle_kill - now)
+
+
+def gpu_use_text(use, booked, now=None):
+    """'3.1G/8G' (used now / booked), '3.1G', 'OVER 30.1G/8G', or '-/8G';
+    'IDLE 35m -' for a job flagged idle (35m: since its GPUs were last used)."""
     used = use.get("mem_mib") if use else None
     text = ("-" if used is None else fmt_mib(used)) + (f"/{fmt_mib(booked)}" if booked else "")
-    return ("OVER " if use and use.get("over") else "") + text
+    idle = idle_for(use, now) if now is not None else None
+    return ("OVER " if use and use.get("over") else "") + \
+        (f"IDLE {fmt_duration(idle)} " if idle is not None else "") + text
 
 
 def gpu_use_short(use):
@@ -6687,7 +6817,8 @@ def cmd_jobs(cfg, argv):
                 for row, j in zip(rows, running)]
     if any(j["mem_mib"] or j["gpu_use"] for j in running):    # GPU memory: used/booked
         headers.insert(3, "Mem")
-        rows = [row[:3] + (gpu_use_text(j["gpu_use"], j["mem_mib"]) if j["gpus"] else "-",)
+        rows = [row[:3] + (gpu_use_text(j["gpu_use"], j["mem_mib"], now) if j["gpus"]
+                           else "-",)
                 + row[3:] for row, j in zip(rows, running)]
     print_table(*with_snapshot_column(headers, rows, running))
     for j in running:
@@ -6697,6 +6828,12 @@ def cmd_jobs(cfg, argv):
         if over and j["mem_mib"]:
             print(f"{j['id']} on {j['host']}: used {fmt_mib(over['mem_mib'])} of GPU memory, "
                   f"over its DQ_MEM={fmt_mib(j['mem_mib'])}")
+        idle = idle_for(j["gpu_use"], now)
+        if idle is not None:
+            print(f"{j['id']} on {j['host']}: idle: GPU {fmt_gpus(j['gpus'])} unused (0%, no "
+                  f"process of the job) for {fmt_duration(idle)}" +
+                  (f"; dq stops it in {fmt_duration(idle_kill_in(cfg, j, now))} (idle_kill)"
+                   if cfg.idle_kill else ""))
     print(f"Jobs in queue: {len(queued)} (run 'dq-jobs queue' to inspect)")
     return 0
 
@@ -7293,6 +7430,26 @@ def sharing_rows(host, rows, places):
     return sorted(rows + extra, key=lambda r: r["gpu"])
 
 
+def idle_rows(cfg, host, rows, places, now):
+    """dq-users' rows of a host with `idle_s` (how long the row's job has
+    been flagged idle, see GpuWatch; else None), and a row for each GPU of
+    an idle job: it runs no process there, yet holds the GPU."""
+    idle = {}
+    for job_id, p in places.items():
+        if p["host"] == host and p["gpus"] and p["state"] == Placements.RUNNING:
+            since = idle_for(read_gpu_use(cfg.job_dir(job_id)), now)
+            if since is not None:
+                idle[job_id] = since
+    seen = {(r["job"], r["gpu"]) for r in rows}
+    extra = [{"host": host, "gpu": g, "mem_mb": None, "pid": None, "user": places[job_id]["user"],
+              "process": "-", "stat": "-", "job": job_id,
+              "booked_mib": places[job_id].get("mem")}
+             for job_id in sorted(idle) for g in places[job_id]["gpus"] if (job_id, g) not in seen]
+    for r in rows + extra:
+        r["idle_s"] = round(idle[r["job"]]) if r["job"] in idle else None
+    return sorted(rows + extra, key=lambda r: r["gpu"])
+
+
 def cmd_users(cfg, argv):
     p = parser("users", "List every process on every GPU of the cluster, started by dq or "
                "by hand.")
@@ -7311,14 +7468,16 @@ def cmd_users(cfg, argv):
         st, host_rows = gpu_users(h, results[h], started)
         if st.error:
             warn(f"{h}: {st.error}")
-        rows += sharing_rows(h, host_rows, places)
+        rows += idle_rows(cfg, h, sharing_rows(h, host_rows, places), places, time.time())
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     table = [(f"{r['host']}:", r["gpu"], f"{r['mem_mb']}-MB" if r["mem_mb"] is not None
               else "?" if r["pid"] is not None else "-", fmt_mib(r["booked_mib"]) if r["booked_mib"] else "-", r["user"],
               r["process"], r["pid"] if r["pid"] is not None else "-", r["stat"],
-              f"({STATE_WORDS.get(r['stat'], 'unknown')})" if r["pid"] else "", r["job"] or "")
+              f"({STATE_WORDS.get(r['stat'], 'unknown')})" if r["pid"] else "",
+              (r["job"] or "") + (f" IDLE {fmt_duration(r['idle_s'])}"
+                                  if r["idle_s"] is not None else ""))
              for r in rows]
     print_table(["Host", "GPU", "Mem", "Booked", "User", "Process", "PID", "Status", "",
                  "Job"], table)
@@ -7755,6 +7914,10 @@ function desc(j) {
                                                                : j.script) : j.script;
   return j.desc ? what + " (" + j.desc + ")" : what;
 }
+function idleText(j, now) {   // a job flagged idle (idle_after): for how long
+  const u = j.gpu_use;
+  return u && u.idle && u.idle_since ? " IDLE " + dur(now - u.idle_since) : "";
+}
 function memText(j) {     // a sharing job's GPU memory: used now / booked, OVER past it
   if (!j.mem_mib) return "";
   const u = j.gpu_use, used = u && u.mem_mib !== null ? gb(u.mem_mib) + "G" : "-";
@@ -7825,6 +7988,7 @@ function render(s) {
         s.users.map(u => [u.user, u.gpus, u.running, u.queued]));
   table("running", ["Job", "User", "Host/GPU", "Runtime", "Left", "Script"],
         s.running.map(j => [j.id, j.user, j.host + "/" + j.gpus.join(",") + memText(j) +
+          idleText(j, now) +
           (j.reason ? " (" + j.reason + ")" : ""), dur(now - j.started),
           j.time_limit ? dur(j.started + j.time_limit - now) : "-", desc(j)]));
   table("queue", ["Job", "User", "GPUs", "Wait", "Reason", "Script"],

@@ -642,6 +642,9 @@ def test_bad_config_number(root, key, value):
     ("[dq]\nshell_time = forever\n", ["shell_time='forever'", "not a duration"]),
     ("[dq]\nsnapshot_max = lots\n", ["'snapshot_max'", "snapshot_max = 200M"]),
     ("[dq]\nsnapshot_max = -1G\n", ["'snapshot_max'", "a size"]),
+    ("[dq]\nidle_after = soon\n", ["'idle_after'", "idle_after = 30m", "0 for never"]),
+    ("[dq]\nidle_kill = -1\n", ["'idle_kill'", "idle_kill = 30m"]),
+    ("[dq]\nshell_idle_after = 1h30\n", ["'shell_idle_after'", "shell_idle_after = 30m"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
@@ -654,7 +657,8 @@ def test_bad_order_and_limits(root, text, needles):
                                   "sample_interval = 0", "share_margin = 1.5%",
                                   "share_margin = 512M", "max_jobs_per_gpu = 1",
                                   "share_foreign = no", "mem_overuse = kill",
-                                  "snapshot_max = 1.5G"])
+                                  "snapshot_max = 1.5G", "idle_after = 0",
+                                  "idle_kill = 15m", "shell_idle_after = off"])
 def test_good_config_numbers_are_taken(root, text):
     write(root.p("dq.conf"), f"[dq]\n{text}\n")
     r = root.run("jobs")
