@@ -576,21 +576,17 @@ def is_share(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
 
 
-def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=False):
-    """Write atomically: temp file in the same directory, fsync, rename.  With
-    `exclusive`, fail with FileExistsError if `path` exists (link, not rename).
-    `durable=False` skips the fsync, for caches that are rebuilt anyway.
-    `compact`: one line, for the state files rewritten at every job change
-    (json's C encoder; an indented dump runs in Python)."""
-    data = dict(data, format=FORMAT)
+def write_atomically(path, fill, mode=0o644, exclusive=False, durable=True):
+    """Write a file atomically: fill(file) writes the text to a temp file
+    in the same directory (fsynced unless not `durable`), which then
+    replaces path (or, `exclusive`, is linked there: FileExistsError if
+    path exists)."""
     tmp = os.path.join(os.path.dirname(path),
                        f".tmp-{os.path.basename(path)}-{os.getpid()}-{_thread.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True, **({"separators": (",", ":")} if compact
-                                                  else {"indent": 1}))
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fill(f)
             f.flush()
             os.fchmod(f.fileno(), mode)
             if durable:
@@ -604,6 +600,21 @@ def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=Fa
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+
+
+def write_json(path, data, mode=0o644, exclusive=False, durable=True, compact=False):
+    """Write atomically: temp file in the same directory, fsync, rename.  With
+    `exclusive`, fail with FileExistsError if `path` exists (link, not rename).
+    `durable=False` skips the fsync, for caches that are rebuilt anyway.
+    `compact`: one line, for the state files rewritten at every job change
+    (json's C encoder; an indented dump runs in Python)."""
+    data = dict(data, format=FORMAT)
+
+    def fill(f):
+        json.dump(data, f, sort_keys=True, **({"separators": (",", ":")} if compact
+                                              else {"indent": 1}))
+        f.write("\n")
+    write_atomically(path, fill, mode, exclusive, durable)
 
 
 def sync_file(path):
@@ -3077,18 +3088,8 @@ def history_line(rec):
 
 def write_history(cfg, user, records):
     """The user's whole history, oldest line first (atomically, as write_json)."""
-    path = history_path(cfg, user)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(history_line(r) for r in sorted(records, key=lambda r: r["logged"]))
-            os.fchmod(f.fileno(), 0o644)
-        os.replace(tmp, path)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    write_atomically(history_path(cfg, user), lambda f: f.writelines(
+        history_line(r) for r in sorted(records, key=lambda r: r["logged"])), durable=False)
 
 
 def rebuild_history(cfg, user, save):
@@ -4525,25 +4526,26 @@ def reconcile(cfg, places, polls, now):
 
 # Job processes ###############################################################
 
+def job_owns(job_id, pgid, pid):
+    """Does process pid belong to the job: in its process group, or
+    carrying DQ_JOB_ID=<id> (it may have left the group with setsid)?
+    Raises OSError for a process that is gone or not ours to read."""
+    if pgid > 1 and os.getpgid(pid) == pgid:
+        return True
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f"DQ_JOB_ID={job_id}".encode() in f.read().split(b"\0")
+
+
 def job_processes(job_id, pgid):
-    """PIDs of ours on this host that belong to the job: its process group,
-    and whatever still carries DQ_JOB_ID=<id> (it may have left the group
-    with setsid)."""
-    marker = f"DQ_JOB_ID={job_id}".encode()
+    """PIDs of ours on this host that belong to the job (job_owns)."""
     found = set()
     for pid in os.listdir("/proc"):
         if whole_number(pid) in (None, os.getpid()):
             continue
         try:
-            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-                continue
-            if pgid > 1 and os.getpgid(int(pid)) == pgid:
+            if os.stat(f"/proc/{pid}").st_uid == os.getuid() and job_owns(job_id, pgid, int(pid)):
                 found.add(int(pid))
-                continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.add(int(pid))
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue
     return found
 
@@ -4576,6 +4578,13 @@ def kill_stragglers(job_id, pgid, kill_at):
     return pids
 
 
+def stop_processes(job_id, pgid, grace):
+    """TERM every process of the job, KILL what is left after `grace`
+    seconds; the PIDs that needed the KILL."""
+    signal_all(job_processes(job_id, pgid), signal.SIGTERM)
+    return kill_stragglers(job_id, pgid, time.monotonic() + grace)
+
+
 def cmd__kill(cfg, argv):
     """Internal, on the job's host as its owner: kill the job's process
     group, then every process still carrying DQ_JOB_ID=<id> (it may have
@@ -4584,8 +4593,7 @@ def cmd__kill(cfg, argv):
     internal_args(argv, "_kill JOB_ID PGID", "run by dq-kill on the job's host",
                   (full_job_id, lambda a: whole_number(a) is not None))
     job_id, pgid = argv[0], int(argv[1])
-    signal_all(job_processes(job_id, pgid), signal.SIGTERM)
-    pids = kill_stragglers(job_id, pgid, time.monotonic() + cfg.kill_grace)
+    pids = stop_processes(job_id, pgid, cfg.kill_grace)
     import subprocess
     try:
         subprocess.run(["screen", "-S", session_name(job_id), "-X", "quit"],
@@ -4781,8 +4789,7 @@ def run_hook(cfg, job, hook):
         why = f"{hook} did not finish within {fmt_duration(cfg.timeout)}; killed"
     except OSError as e:
         why = f"{hook}: {e.strerror}"
-    signal_all(job_processes(job.id, p.pid), signal.SIGTERM)
-    kill_stragglers(job.id, p.pid, time.monotonic() + cfg.kill_grace)
+    stop_processes(job.id, p.pid, cfg.kill_grace)
     p.wait()
     return {"error": why} if why else {"ran": time.time()}
 
@@ -5267,17 +5274,12 @@ class GpuWatch:
                 self.record(*got)
 
     def mine(self, pid):
-        """Is pid the job's: in its process group, or carrying its
-        DQ_JOB_ID (see job_processes)?"""
+        """Is pid the job's (job_owns)?  Asked once per PID."""
         if pid not in self._ours:
             try:
-                ours = os.getpgid(pid) == self.pgid
-                if not ours:
-                    with open(f"/proc/{pid}/environ", "rb") as f:
-                        ours = f"DQ_JOB_ID={self.job_id}".encode() in f.read().split(b"\0")
+                self._ours[pid] = job_owns(self.job_id, self.pgid, pid)
             except OSError:
-                ours = False
-            self._ours[pid] = ours
+                self._ours[pid] = False
         return self._ours[pid]
 
     def sample(self, subprocess):
@@ -5396,17 +5398,18 @@ class GpuWatch:
             self.mailed = True      # in a thread of its own: the samples go on
             _thread.start_new_thread(self.mail_idle, ())
         if idle_now == "kill" and self.killed is None:
-            self.killed = (f"idle: no GPU use for {fmt_duration(now - use['idle_since'])} "
-                           f"({self.idle_key} {fmt_duration(self.idle_after)} + idle_kill "
-                           f"{fmt_duration(self.cfg.idle_kill)})")
-            self.kill_state = "killed"
-            signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
-            kill_stragglers(self.job_id, self.pgid, time.monotonic() + self.cfg.kill_grace)
+            self.end_job("killed", f"idle: no GPU use for {fmt_duration(now - use['idle_since'])} "
+                                f"({self.idle_key} {fmt_duration(self.idle_after)} + idle_kill "
+                                f"{fmt_duration(self.cfg.idle_kill)})")
         if over and self.cfg.mem_overuse == "kill" and self.killed is None:
-            self.killed = (f"used {fmt_mib(mem)} of GPU memory, DQ_MEM={fmt_mib(self.booked)}; "
-                           f"stopped by dq (mem_overuse = kill)")
-            signal_all(job_processes(self.job_id, self.pgid), signal.SIGTERM)
-            kill_stragglers(self.job_id, self.pgid, time.monotonic() + self.cfg.kill_grace)
+            self.end_job("failed", f"used {fmt_mib(mem)} of GPU memory, "
+                                f"DQ_MEM={fmt_mib(self.booked)}; stopped by dq (mem_overuse = kill)")
+
+    def end_job(self, state, reason):
+        """End the job for what the samples showed: it ends `state`, with
+        `reason` (see cmd__run)."""
+        self.kill_state, self.killed = state, reason
+        stop_processes(self.job_id, self.pgid, self.cfg.kill_grace)
 
 
 # What a failed job's last lines say when CUDA ran out of memory: one entry

@@ -65,6 +65,17 @@ def parallel(calls):
     return results
 
 
+def ended_done(dq, ids):
+    """The jobs' dq-jobs complete entries, in the order of ids; an error
+    if one of them did not end done."""
+    r = dq.run("node1", ALICE, "jobs", "complete", "--json", "-a", timeout=120)
+    done = {j["id"]: j for j in json.loads(r.stdout)}
+    bad = [i for i in ids if done.get(i, {}).get("state") != "done"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} jobs did not end 'done', e.g. {done.get(bad[0])}")
+    return [done[i] for i in ids]
+
+
 def submit_items(dq, path, n, sleep=0.0, env=None):
     return [{"argv": [dq.path("submit"), path], "cwd": os.path.dirname(path),
              "sleep": sleep, "env": env or {}}] * n
@@ -157,12 +168,7 @@ def bench_idle(ctx):
                     for i in ids)
         raise RuntimeError(f"{e} ({ended} ended)") from None
     cpu_run, wall_run = cpu_seconds() - cpu0, time.time() - t_release
-    r = dq.run("node1", ALICE, "jobs", "complete", "--json", "-a", timeout=120)
-    done = {j["id"]: j for j in json.loads(r.stdout)}
-    bad = [i for i in ids if done.get(i, {}).get("state") != "done"]
-    if bad:
-        raise RuntimeError(f"{len(bad)} jobs did not end 'done', e.g. {done.get(bad[0])}")
-    jobs = [done[i] for i in ids]
+    jobs = ended_done(dq, ids)
     if os.environ.get("BENCH_DUMP"):        # development: the jobs, for a closer look
         with open(os.environ["BENCH_DUMP"], "w") as f:
             json.dump({"jobs": jobs, "release": t_release}, f)
@@ -956,12 +962,7 @@ def b12_run(c, hosts, name, njobs, secs, env):
             raise RuntimeError(f"{e} ({ended()} ended)") from None
     finally:
         trace.stop()
-    r = dq.run("node1", ALICE, "jobs", "complete", "--json", "-a", timeout=120)
-    done = {j["id"]: j for j in json.loads(r.stdout)}
-    bad = [i for i in ids if done.get(i, {}).get("state") != "done"]
-    if bad:
-        raise RuntimeError(f"{len(bad)} jobs did not end 'done', e.g. {done.get(bad[0])}")
-    jobs = [done[i] for i in ids]
+    jobs = ended_done(dq, ids)
     t_sub = min(t.t0 for t in flat)
     script_in, wrap_in, wrap_out, wrap_cpu, samples, booked = [], [], [], [], 0, set()
     for j in jobs:
