@@ -7838,6 +7838,9 @@ WEB_PAGE = """<!DOCTYPE html>
 <span id="updated"></span></header>
 <main>
 <section id="hosts-section"><h2>GPUs</h2><div id="hosts"></div></section>
+<section id="history-section"><h2>GPUs in use, by user</h2><div id="charts">loading...</div>
+</section>
+<section><h2>This week</h2><table id="week"></table></section>
 <section><h2>Users</h2><table id="users"></table></section>
 <section><h2>Running</h2><table id="running"></table></section>
 <section><h2>Queue</h2><table id="queue"></table></section>
@@ -7855,7 +7858,19 @@ header{display:flex;flex-wrap:wrap;gap:1em;align-items:baseline;padding:.5em 1em
 header h1{margin:0;font-size:1.4em}#updated{opacity:.8;font-size:.9em}
 main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,36em),1fr));
  gap:1em;padding:1em}
-#hosts-section{grid-column:1/-1}
+#hosts-section,#history-section{grid-column:1/-1}
+#charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30em),1fr));gap:1em}
+.chart{margin:0;background:#fff;border:1px solid #ccc;border-radius:6px;padding:.5em .7em}
+.chart figcaption{font-weight:bold}
+.plot{display:grid;grid-template-columns:auto 1fr;gap:0 .4em}
+.plot svg{width:100%;height:9em;display:block;background:#f4f4f4}
+.axis{font-size:.8em;color:#444;display:flex;justify-content:space-between}
+.ymax{font-size:.8em;color:#444;align-self:start}
+.legend{list-style:none;padding:0;margin:.4em 0 0;display:flex;flex-wrap:wrap;gap:.2em 1em}
+.legend li{display:flex;align-items:center;gap:.3em}
+.swatch{width:.9em;height:.9em;border:1px solid #0003;flex:none}
+.spark{width:100%;height:1.2em;display:block;background:#f4f4f4}
+.spark polyline{fill:none;stroke:#D55E00;stroke-width:1.5;vector-effect:non-scaling-stroke}
 #hosts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,22em),1fr));gap:.8em}
 h2{font-size:1.1em;margin:.2em 0 .5em}
 .host{background:#fff;border:1px solid #ccc;border-radius:6px;padding:.5em .7em}
@@ -7863,14 +7878,15 @@ h2{font-size:1.1em;margin:.2em 0 .5em}
 .host.down{border:2px dashed #D55E00}.host.drained{border:2px dotted #E69F00}
 .tag{font-size:.8em;padding:0 .4em;border-radius:3px;color:#fff;background:#D55E00}
 .tag.drained{background:#E69F00;color:#000}
-.gpu{display:grid;grid-template-columns:2em 1fr;gap:.1em .4em;margin:.3em 0;align-items:center}
+.gpu{display:grid;grid-template-columns:2em 1fr 4.5em;gap:.1em .4em;margin:.3em 0;
+ align-items:end}
 .idx{font-weight:bold;text-align:right}
 .bar{height:.9em;background:#e5e5e5;border-radius:3px;overflow:hidden;display:flex}
 .bar>div{height:100%;background:#0072B2}
 .bar>.share.s1{background:#56B4E9}.bar>.share{border-right:1px solid #fff;box-sizing:border-box}
 .bar>.hand{background:#999}
 .gpu.free .bar>div{background:#009E73}
-.who{grid-column:2;font-size:.85em;color:#444;overflow-wrap:anywhere}
+.who{grid-column:2/-1;font-size:.85em;color:#444;overflow-wrap:anywhere}
 .free-word{color:#006e50;font-weight:bold}
 table{border-collapse:collapse;width:100%;background:#fff;font-size:.9em}
 th,td{text-align:left;padding:.2em .5em;border-bottom:1px solid #eee;vertical-align:top;
@@ -7926,8 +7942,103 @@ function memText(j) {     // a sharing job's GPU memory: used now / booked, OVER
   const u = j.gpu_use, used = u && u.mem_mib !== null ? gb(u.mem_mib) + "G" : "-";
   return " " + (u && u.over ? "OVER " : "") + used + "/" + gb(j.mem_mib) + "G";
 }
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs) {
+  const e = document.createElementNS(SVG, tag);
+  Object.entries(attrs || {}).forEach(([k, v]) => e.setAttribute(k, v));
+  return e;
+}
+const SPARK = 1800;     // seconds a sparkline spans (dq-web's WEB_SPARK)
+function spark(points, now) {   // a GPU's utilisation over the last half hour
+  const s = svg("svg", {"class": "spark", viewBox: "0 0 100 100",
+                        preserveAspectRatio: "none", role: "img"});
+  const known = points.filter(p => p[1] !== null);
+  const t = svg("title");
+  t.textContent = known.length ? "utilisation, last 30 min: now " +
+    known[known.length - 1][1] + "%, peak " + Math.max(...known.map(p => p[1])) + "%"
+    : "utilisation: not known yet";
+  s.setAttribute("aria-label", t.textContent);
+  s.appendChild(t);
+  if (known.length) {
+    const xy = p => (100 - 100 * Math.min(SPARK, now - p[0]) / SPARK).toFixed(1) + "," +
+                    (98 - 0.96 * p[1]).toFixed(1);
+    const pts = known.map(xy);
+    if (pts.length === 1) pts.unshift("0," + pts[0].split(",")[1]);
+    s.appendChild(svg("polyline", {points: pts.join(" ")}));
+  }
+  return s;
+}
+// Okabe-Ito: one colour per user, the same in both charts
+const PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
+                 "#CC79A7", "#000000"];
+let totalGpus = 0;
+function hours(h) { return h.toFixed(2); }
+function chart(name, title, c, colour) {
+  const fig = el("figure", "chart");
+  fig.id = "chart-" + name;
+  fig.appendChild(el("figcaption", null, title));
+  const stack = c.steps ? c.users.reduce((acc, u) => acc.map((v, i) => v + u.gpus[i]),
+                                         new Array(c.steps).fill(0)) : [];
+  const top = Math.max(1, totalGpus, Math.ceil(Math.max(0, ...stack)));
+  const plot = el("div", "plot");
+  plot.appendChild(el("span", "ymax", top + " GPUs"));
+  const box = el("div");
+  const s = svg("svg", {viewBox: "0 0 " + c.steps + " 100", preserveAspectRatio: "none",
+                        role: "img", "aria-label": title + ": GPUs in use, stacked by user"});
+  const base = new Array(c.steps).fill(0);
+  c.users.forEach(u => {
+    let up = "", down = "";
+    for (let i = 0; i < c.steps; i++) {
+      const y0 = 100 - 100 * base[i] / top, y1 = 100 - 100 * (base[i] + u.gpus[i]) / top;
+      up += (i ? " L" : "M") + i + " " + y1.toFixed(2) + " L" + (i + 1) + " " + y1.toFixed(2);
+      down = " L" + (i + 1) + " " + y0.toFixed(2) + " L" + i + " " + y0.toFixed(2) + down;
+      base[i] += u.gpus[i];
+    }
+    const path = svg("path", {d: up + down + " Z", fill: colour(u.user), "data-user": u.user});
+    const t = svg("title");
+    t.textContent = u.user + ": " + hours(u.gpu_hours) + " GPU-hours";
+    path.appendChild(t);
+    s.appendChild(path);
+  });
+  box.appendChild(s);
+  const axis = el("div", "axis");
+  axis.appendChild(el("span", null, new Date(c.start * 1000).toLocaleString([],
+    {weekday: "short", hour: "2-digit", minute: "2-digit"})));
+  axis.appendChild(el("span", null, "now"));
+  box.appendChild(axis);
+  plot.appendChild(box);
+  fig.appendChild(plot);
+  const legend = el("ul", "legend");
+  if (!c.users.length) legend.appendChild(el("li", null, "no GPU in use"));
+  c.users.forEach(u => {
+    const li = el("li"), sw = el("span", "swatch");
+    sw.style.background = colour(u.user);
+    li.appendChild(sw);
+    li.appendChild(el("span", null, u.user + " " + hours(u.gpu_hours) + " GPU-h"));
+    if (u.others) li.title = u.others.join(", ");
+    legend.appendChild(li);
+  });
+  fig.appendChild(legend);
+  return fig;
+}
+function renderHistory(h) {
+  const colours = {};
+  let next = 0;
+  [h.charts["7d"], h.charts["24h"]].forEach(c => c.users.forEach(u => {
+    if (!(u.user in colours)) colours[u.user] = u.others ? "#999999" :
+      PALETTE[next++ % (PALETTE.length - 1)];
+  }));
+  const charts = document.getElementById("charts");
+  charts.replaceChildren(chart("24h", "Last 24 hours", h.charts["24h"], u => colours[u]),
+                         chart("7d", "Last 7 days", h.charts["7d"], u => colours[u]));
+  const rows = h.week.map(r => [r.user, r.jobs, hours(r.gpu_hours), hours(r.idle_gpu_hours)]);
+  if (h.week.length) rows.push(["total", h.week_total.jobs, hours(h.week_total.gpu_hours),
+                                hours(h.week_total.idle_gpu_hours)]);
+  table("week", ["User", "Jobs", "GPU-h", "Idle GPU-h"], rows);
+}
 function render(s) {
   const now = s.at;
+  totalGpus = s.total_gpus;
   document.title = "dq: " + s.free_gpus + " of " + s.total_gpus + " GPUs free";
   document.getElementById("summary").textContent =
     s.free_gpus + " of " + s.total_gpus + " GPUs free, " + s.running.length + " running, " +
@@ -7970,6 +8081,7 @@ function render(s) {
       }
       info.appendChild(bar);
       row.appendChild(info);
+      row.appendChild(spark(g.util_recent || [], now));
       const who = el("div", "who");
       if (g.free) who.appendChild(el("span", "free-word", "free"));
       else if (!g.processes.length && g.job && !g.bookings.length)
@@ -8016,8 +8128,18 @@ async function update() {
     document.getElementById("updated").textContent = "no answer from dq-web (" + e + ")";
   }
 }
-update();
+async function updateHistory() {
+  try {
+    const r = await fetch("api/history", {cache: "no-store"});
+    if (!r.ok) throw new Error(r.status);
+    renderHistory(await r.json());
+  } catch (e) {
+    document.getElementById("charts").textContent = "no history from dq-web (" + e + ")";
+  }
+}
+update().then(updateHistory);
 setInterval(update, 5000);
+setInterval(updateHistory, 60000);
 """
 
 
@@ -8103,22 +8225,136 @@ def web_state(cfg, polls=0):
             "completed": completed_jobs(cfg, None, last=15)[::-1]}
 
 
+# Each GPU's utilisation over the last WEB_SPARK seconds, from dq-web's own
+# polls (one point per WEB_SPARK_STEP at most), for the page's sparklines.
+WEB_SPARK, WEB_SPARK_STEP = 1800, 15
+
+
 class WebState:
     def __init__(self, cfg):
         import threading
         self.cfg, self.lock = cfg, threading.Lock()
         self.data, self.made, self.polls = None, 0.0, 0
+        self.util = {}      # (host, GPU index) -> [[time, % or None], ...]
 
     def get(self):
         with self.lock:     # one poll at a time; those waiting get its answer
             if self.data is None or time.monotonic() - self.made >= WEB_CACHE:
-                self.data = json.dumps(web_state(self.cfg, self.polls + 1)).encode()
+                state = web_state(self.cfg, self.polls + 1)
+                self.remember_util(state)
+                self.data = json.dumps(state).encode()
                 self.made, self.polls = time.monotonic(), self.polls + 1
             return self.data
 
+    def remember_util(self, state):
+        """Add this poll's utilisation to each GPU's recent points and give
+        each GPU in `state` its points (util_recent: [[time, %], ...])."""
+        at, keep = state["at"], set()
+        for h in state["hosts"]:
+            for g in h["gpus"]:
+                key = (h["host"], g["index"])
+                keep.add(key)
+                points = self.util.setdefault(key, [])
+                if not points or at - points[-1][0] >= WEB_SPARK_STEP:
+                    points.append([round(at, 1), g["utilization"]])
+                else:       # within a step: the newest value stands for it
+                    points[-1][1] = g["utilization"]
+                while points and points[0][0] < at - WEB_SPARK:
+                    points.pop(0)
+                g["util_recent"] = list(points)
+        for key in set(self.util) - keep:      # a GPU that is gone
+            del self.util[key]
 
-def make_web_handler(state):
+
+# The page's history (/api/history): GPUs in use over the last day and week,
+# stacked by user, and the week's table, from the users' histories (as
+# dq-report reads them) plus the jobs running now.  Made at most once per
+# WEB_HISTORY_CACHE seconds, for every viewer.
+WEB_HISTORY_CACHE = 60.0
+# (name, span, step): 96 quarter-hours, 84 two-hour steps
+WEB_HISTORY_CHARTS = (("24h", 86400, 900), ("7d", 7 * 86400, 7200))
+WEB_HISTORY_USERS = 7      # users drawn one by one (Okabe-Ito has 8 colours); the rest: others
+
+
+def gpus_in_use(intervals, start, step, steps):
+    """[{user: mean GPUs in use in each step}] from (user, start, end,
+    weight) intervals, each spread over the steps it overlaps."""
+    series = {}
+    end_all = start + step * steps
+    for user, lo, hi, weight in intervals:
+        lo, hi = max(lo, start), min(hi, end_all)
+        if hi <= lo:
+            continue
+        row = series.get(user)
+        if row is None:
+            row = series[user] = [0.0] * steps
+        i = int((lo - start) // step)
+        while lo < hi and i < steps:
+            stop = min(hi, start + (i + 1) * step)
+            row[i] += weight * (stop - lo) / step
+            lo, i = stop, i + 1
+    return series
+
+
+def web_history(cfg, made=0):
+    """/api/history: for each chart (WEB_HISTORY_CHARTS) its start, step
+    and each user's mean GPUs in use per step (the top WEB_HISTORY_USERS
+    users by GPU-hours in the chart, the rest summed as "others"), and the
+    week's rows as `dq-report --since 7d --by user --json` gives them."""
+    now = time.time()
+    longest = max(span for _, span, _ in WEB_HISTORY_CHARTS)
+    records = [r for user in history_users(cfg) for r in read_history(cfg, user, now - longest)]
+    intervals = [(r["id"].split("-", 1)[1], r["started"], r["ended"],
+                  r["gpus"] * r.get("share", 1))
+                 for r in records if r.get("started") is not None and r["gpus"]]
+    places = Placements.read(cfg)
+    for j in active_jobs(cfg, None, places, sorted(places)):
+        if j["state"] == "running" and j["started"] and j["gpus"]:
+            intervals.append((j["user"], j["started"], now,
+                              len(j["gpus"]) * places[j["id"]].get("share", 1)))
+    charts = {}
+    for name, span, step in WEB_HISTORY_CHARTS:
+        steps = span // step
+        start = now - steps * step
+        series = gpus_in_use(intervals, start, step, steps)
+        hours = {u: sum(v) * step / 3600 for u, v in series.items()}
+        ranked = sorted(series, key=lambda u: (-hours[u], u))
+        users = [{"user": u, "gpu_hours": round(hours[u], 4), "gpus": [round(x, 3) for x in
+                                                                       series[u]]}
+                 for u in ranked[:WEB_HISTORY_USERS]]
+        rest = ranked[WEB_HISTORY_USERS:]
+        if rest:
+            users.append({"user": "others", "others": rest,
+                          "gpu_hours": round(sum(hours[u] for u in rest), 4),
+                          "gpus": [round(sum(series[u][i] for u in rest), 3)
+                                   for i in range(steps)]})
+        charts[name] = {"start": start, "step": step, "steps": steps, "users": users}
+    week_since = now - 7 * 86400
+    rows, total = report_rows([r for r in records if r["ended"] >= week_since], "user",
+                              week_since, now)
+    return {"format": FORMAT, "at": now, "made": made, "charts": charts, "week": rows,
+            "week_total": total}
+
+
+class WebHistory:
+    """/api/history, made at most once per WEB_HISTORY_CACHE seconds."""
+
+    def __init__(self, cfg):
+        import threading
+        self.cfg, self.lock = cfg, threading.Lock()
+        self.data, self.at, self.made = None, 0.0, 0
+
+    def get(self):
+        with self.lock:
+            if self.data is None or time.monotonic() - self.at >= WEB_HISTORY_CACHE:
+                self.data = json.dumps(web_history(self.cfg, self.made + 1)).encode()
+                self.at, self.made = time.monotonic(), self.made + 1
+            return self.data
+
+
+def make_web_handler(state, history):
     from http.server import BaseHTTPRequestHandler
+    apis = {"/api/state": state, "/api/history": history}
     pages = {"/": ("text/html; charset=utf-8", WEB_PAGE.encode()),
              "/style.css": ("text/css; charset=utf-8", WEB_CSS.encode()),
              "/app.js": ("text/javascript; charset=utf-8", WEB_JS.encode())}
@@ -8128,9 +8364,9 @@ def make_web_handler(state):
 
         def do_GET(self):
             path = self.path.split("?", 1)[0]
-            if path == "/api/state":
+            if path in apis:
                 try:
-                    body, kind = state.get(), "application/json"
+                    body, kind = apis[path].get(), "application/json"
                 except Exception as e:      # a poll that failed: say so, keep serving
                     return self.reply(500, "text/plain; charset=utf-8",
                                       f"dq-web: {type(e).__name__}: {e}\n".encode())
@@ -8174,7 +8410,8 @@ def cmd_web(cfg, argv):
     ensure_layout(cfg)
     from http.server import ThreadingHTTPServer
     try:
-        server = ThreadingHTTPServer((args.bind, args.port), make_web_handler(WebState(cfg)))
+        server = ThreadingHTTPServer((args.bind, args.port), make_web_handler(
+            WebState(cfg), WebHistory(cfg)))
     except OSError as e:
         raise Failure(f"cannot listen on {args.bind}:{args.port}: {e.strerror}; choose "
                       f"another with --port or --bind") from None

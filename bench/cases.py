@@ -26,7 +26,7 @@ SIZES = {
                  b12_nodes=4, b12_jobs=128, b12_seconds=10,
                  b13_queue=10000, b13_users=50, b13_passes=7, b14_seconds=20, b14_n=3,
                  b15_files=2000, b15_mb=50, b15_n=5, b15_sweep=100,
-                 b16_n=5, b16_grace=5, b17_n=5),
+                 b16_n=5, b16_grace=5, b17_n=5, b18_jobs=100000, b18_small=1000, b18_n=5),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
                   b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
@@ -35,7 +35,7 @@ SIZES = {
                   b12_nodes=2, b12_jobs=16, b12_seconds=3,
                   b13_queue=1000, b13_users=50, b13_passes=2, b14_seconds=4, b14_n=1,
                   b15_files=200, b15_mb=4, b15_n=1, b15_sweep=20,
-                  b16_n=1, b16_grace=2, b17_n=1),
+                  b16_n=1, b16_grace=2, b17_n=1, b18_jobs=2000, b18_small=200, b18_n=1),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -1789,6 +1789,105 @@ def bench_shell(ctx):
     ]
 
 
+
+# 18: dq-report and the wall page's history (issue 21) #######################
+
+def b18_histories(dq, njobs, users, now, days=30):
+    """njobs ended jobs of `users` over the last `days` days, written as the
+    users' history files (with dq's own writer, owned by each user, as their
+    wrappers leave them): a lab's mix of sizes, end states, shared GPUs and
+    sampled GPU use.  Returns the records."""
+    import random
+    mod = dq_module()
+    rnd = random.Random(18)
+    per = {u: [] for u in users}
+    states = ["done"] * 14 + ["failed"] * 3 + ["killed", "timeout", "lost"]
+    for i in range(njobs):
+        user = users[i % len(users)]
+        ended = now - rnd.uniform(60, days * 86400 - 3600)     # not at the edges
+        runtime = rnd.choice((60, 600, 3600, 4 * 3600, 12 * 3600)) * rnd.uniform(0.5, 1.5)
+        started = ended - runtime
+        gpus = rnd.choice((1, 1, 1, 2, 4, 8))
+        rec = {"format": 1, "id": f"{i + 1}-{user}", "state": rnd.choice(states),
+               "host": f"node{rnd.randint(1, 40)}", "gpus": gpus,
+               "share": rnd.choice((1, 1, 1, 0.25)) if gpus == 1 else 1,
+               "gpu_type": rnd.choice(MODELS)[0],
+               "submitted": started - rnd.expovariate(1 / 300), "started": started,
+               "ended": ended, "logged": ended + rnd.uniform(0, 2),
+               "util_mean": round(rnd.uniform(0, 100), 1), "util_peak": rnd.randint(0, 100),
+               "mem_mean_mib": rnd.randint(0, 80000), "mem_peak_mib": rnd.randint(0, 80000),
+               "idle_gpu_s": round(rnd.uniform(0, 0.3) * runtime * gpus, 1)}
+        if not mod.history_ok(rec):
+            raise RuntimeError(f"the benchmark wrote a history line dq would skip: {rec}")
+        per[user].append(rec)
+    cfg = type("Cfg", (), {"p": lambda self, *parts: os.path.join(dq.root, *parts)})()
+    os.makedirs(os.path.join(dq.root, "jobs", "done"), exist_ok=True)
+    for user, records in per.items():
+        mod.write_history(cfg, user, records)
+        pw = pwd.getpwnam(user)
+        os.chown(mod.history_path(cfg, user), pw.pw_uid, pw.pw_gid)
+    return [r for rs in per.values() for r in rs]
+
+
+def bench_report(ctx):
+    """Issue 21: dq-report --since 30d and dq-web's /api/history read the
+    users' histories: with 100,000 ended jobs of 50 users, and against 1,000."""
+    import urllib.request
+    c = ctx.cluster(4)
+    big, small, n = ctx.size["b18_jobs"], ctx.size["b18_small"], ctx.size["b18_n"]
+    users = b9_users(50)
+    ensure_users(users)
+    now = time.time()
+    report = {}
+    for size in (small, big):
+        dq = new_install(c, f"b18-{size}", hosts=["node1"])
+        b18_histories(dq, size, users, now)
+        argv = [dq.path("report"), "--since", "30d", "--json"]
+        ts = times(c, "node1", ALICE, argv, n + 1, keep=1 << 20)
+        rows = json.loads(ts[-1].out)
+        if sum(r["jobs"] for r in rows) != size or len(rows) != len(users):
+            raise RuntimeError(f"dq-report --since 30d counted {sum(r['jobs'] for r in rows)} "
+                               f"jobs of {len(rows)} users, not {size} of {len(users)}")
+        report[size] = (median([t.wall for t in ts[1:]]), dq)
+    dq = report[big][1]
+    port = 18000 + os.getpid() % 1000
+    url = f"http://127.0.0.1:{port}/"
+    made, cached = [], []
+
+    def fetch(path):
+        t = time.monotonic()
+        with urllib.request.urlopen(url + path, timeout=60) as r:
+            body = r.read()
+        return time.monotonic() - t, body
+    for _ in range(n):          # a fresh dq-web each time: its first answer is made
+        proc = dq.popen("node1", ALICE, "web", "--port", port)
+        try:
+            wait_for(lambda: _web_up(lambda: fetch("style.css")), 20, what="dq-web to answer")
+            took, body = fetch("api/history")
+            h = json.loads(body)
+            if h["made"] != 1 or sum(r["jobs"] for r in h["week"]) == 0:
+                raise RuntimeError(f"/api/history: made {h['made']}, {len(h['week'])} rows")
+            made.append(took)
+            cached.append(fetch("api/history")[0])
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    t_big, t_small = report[big][0], report[small][0]
+    return [Row(18, f"dq-report --since 30d, {big:,} ended jobs of 50 users (median)", "< 0.5 s",
+                fmt_s(t_big), check(t_big < 0.5),
+                f"as dqalice on node1, {n} runs after a first; the histories written as dq "
+                f"writes them, 30 days of jobs of 1 min to 18 h on 1-8 GPUs"),
+            Row(18, f"dq-report --since 30d, {big:,} / {small:,} ended jobs", "<= 1.5x",
+                f"{t_big / t_small:.2f}x ({fmt_s(t_big)} / {fmt_s(t_small)})",
+                check(t_big <= 1.5 * t_small),
+                "the command's whole run (Python's start, ~0.1 s, included)"),
+            Row(18, f"dq-web /api/history, {big:,} ended jobs (median, made)", "< 0.3 s",
+                fmt_s(median(made)), check(median(made) < 0.3),
+                f"the first answer of a fresh dq-web ({n} runs): the two charts and the "
+                f"week's table from the histories; the next answers come from its "
+                f"once-a-minute copy: median {fmt_s(median(cached))}")]
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
@@ -1797,6 +1896,7 @@ CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          11: ("dq-web viewers", bench_web), 12: ("GPU sharing: packing", bench_pack),
          13: ("deep queue with sharing jobs", bench_deep_shared),
          14: ("GPU sampling cost", bench_sampling), 15: ("snapshot submit", bench_snapshot),
-         16: ("dq-kill --grace", bench_grace), 17: ("dq-shell --now", bench_shell)}
+         16: ("dq-kill --grace", bench_grace), 17: ("dq-shell --now", bench_shell),
+         18: ("dq-report and /api/history", bench_report)}
 # 7 reads what 1 measured; 5 needs its own cluster
-ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 5]
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 5]

@@ -115,3 +115,38 @@ def planner_rules(**kw):
                               max_jobs_per_gpu=8, share_foreign=True)
     c.__dict__.update(kw)
     return c
+
+
+def dq_py():
+    """dq.py itself, imported (for its writers and pure functions)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import dq
+    return dq
+
+
+def synthetic_history(dq, user, now, recent=()):
+    """A week of history of user, written with dq's own writer: a 2-GPU job
+    from 22:00 to 03:00 over the night two days ago, and a job at noon on
+    each of the 5 days before today and yesterday; plus a done job for each
+    (hours ago it started, hours ago it ended, GPUs) in `recent`."""
+    night = dq_py().period_start(now - 2 * 86400, "day")
+    records = [{"format": 1, "id": f"{900 + i}-{user}", "state": "done", "host": "node9",
+                "gpus": 1, "share": 1, "gpu_type": "Old GPU", "submitted": t - 60,
+                "started": t, "ended": t + 1800, "logged": t + 1800, "idle_gpu_s": 900}
+               for i, t in enumerate(dq_py().period_start(now - k * 86400, "day") + 12 * 3600
+                                     for k in range(2, 7))]
+    records.append({"format": 1, "id": f"990-{user}", "state": "timeout", "host": "node9",
+                    "gpus": 2, "share": 1, "gpu_type": "Old GPU", "submitted": night - 3 * 3600,
+                    "started": night - 2 * 3600, "ended": night + 3 * 3600,
+                    "logged": night + 3 * 3600})
+    for i, (start, end, gpus) in enumerate(recent):
+        records.append({"format": 1, "id": f"{950 + i}-{user}", "state": "done",
+                        "host": "node9", "gpus": gpus, "share": 1, "gpu_type": "Old GPU",
+                        "submitted": now - start * 3600 - 10, "started": now - start * 3600,
+                        "ended": now - end * 3600, "logged": now - end * 3600})
+    cfg = type("Cfg", (), {"p": lambda self, *parts: os.path.join(dq.root, *parts)})()
+    dq_py().write_history(cfg, user, records)
+    pw = pwd.getpwnam(user)
+    os.chown(dq_py().history_path(cfg, user), pw.pw_uid, pw.pw_gid)
+    return night

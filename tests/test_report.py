@@ -11,7 +11,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dq as dqpy  # noqa: E402
-from dqtest import ALICE, BOB, DAN, configure, jobs, script, submit, wait_until  # noqa: E402
+from dqtest import ALICE, BOB, DAN, configure, jobs, script, submit, synthetic_history, \
+    wait_until  # noqa: E402
 
 FAST = dict(poll_interval=0.5, sample_interval=1)
 
@@ -38,27 +39,6 @@ def check_row(row, want):
     assert abs(float(row["gpu_hours"]) - want["gpu_hours"]) < 0.001, (row, want)
     for k in ("wait_median_s", "wait_p95_s"):
         assert abs(float(row[k]) - want[k]) <= 0.1, (k, row, want)
-
-
-def synthetic_history(dq, user, now):
-    """A week of history of user, written with dq's own writer: a 2-GPU job
-    from 22:00 to 03:00 over the night two days ago, and a job at noon on
-    each of the 5 days before today and yesterday."""
-    night = dqpy.period_start(now - 2 * 86400, "day")
-    records = [{"format": 1, "id": f"{900 + i}-{user}", "state": "done", "host": "node9",
-                "gpus": 1, "share": 1, "gpu_type": "Old GPU", "submitted": t - 60,
-                "started": t, "ended": t + 1800, "logged": t + 1800, "idle_gpu_s": 900}
-               for i, t in enumerate(dqpy.period_start(now - k * 86400, "day") + 12 * 3600
-                                     for k in range(2, 7))]
-    records.append({"format": 1, "id": f"990-{user}", "state": "timeout", "host": "node9",
-                    "gpus": 2, "share": 1, "gpu_type": "Old GPU", "submitted": night - 3 * 3600,
-                    "started": night - 2 * 3600, "ended": night + 3 * 3600,
-                    "logged": night + 3 * 3600})
-    cfg = type("Cfg", (), {"p": lambda self, *parts: os.path.join(dq.root, *parts)})()
-    dqpy.write_history(cfg, user, records)
-    pw = pwd.getpwnam(user)
-    os.chown(dqpy.history_path(cfg, user), pw.pw_uid, pw.pw_gid)
-    return night
 
 
 def test_report_of_real_and_synthetic_jobs(cluster, dq):

@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 
 from browser import CHROMIUM, Browser, png_pixels
-from dqtest import ALICE, BOB, configure, free_port, script, submit, wait_state, wait_until
+from dqtest import ALICE, BOB, configure, free_port, job, jobs, script, submit, \
+    synthetic_history, wait_state, wait_until
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 EVIL = "<b>bold</b><img src=x onerror=alert(1)>"
@@ -45,7 +46,8 @@ SEEN = r"""(() => {
     r => [...r.cells].map(c => c.textContent));
   const cut = [], scrolled = [];
   const texts = [...document.querySelectorAll('header *, main *')].filter(
-    e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()));
+    e => !e.closest('svg') &&       // an SVG's <title> is a tooltip, not text on the page
+         [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()));
   for (const e of texts) {
     const r = e.getBoundingClientRect(), why = [];
     if (r.width < 1 || r.height < 1) why.push('not shown');
@@ -336,6 +338,153 @@ def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
                 assert pixels(br, inner).most_common(1)[0][0] == colour, (q, colour)
         finally:
             br.close()
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+# The history part of the wall page (issue 21), as a person sees it: the two
+# charts with their areas (one per user) and legends, the week's table, each
+# GPU's sparkline, and the colours actually drawn in each chart.
+HISTORY_SEEN = r"""(() => {
+  const box = e => { const r = e.getBoundingClientRect();
+    return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height}; };
+  const charts = {};
+  document.querySelectorAll('#charts .chart').forEach(c => {
+    charts[c.id] = {caption: c.querySelector('figcaption').textContent, box: box(c),
+      svg: box(c.querySelector('svg')),
+      areas: [...c.querySelectorAll('svg path')].map(p => ({
+        user: p.dataset.user, fill: p.getAttribute('fill'),
+        title: p.querySelector('title').textContent, box: box(p)})),
+      legend: [...c.querySelectorAll('.legend li')].map(li => ({
+        text: li.textContent, colour: li.querySelector('.swatch') ?
+          getComputedStyle(li.querySelector('.swatch')).backgroundColor : null}))};
+  });
+  return {charts: charts,
+    week: [...document.querySelectorAll('#week tr')].slice(1).map(
+      r => [...r.cells].map(c => c.textContent)),
+    sparks: [...document.querySelectorAll('#hosts .gpu')].map(g => {
+      const s = g.querySelector('svg.spark');
+      return s ? {label: s.getAttribute('aria-label'), box: box(s),
+                  line: !!s.querySelector('polyline')} : null; }),
+    running: [...document.querySelectorAll('#running tr')].slice(1).map(
+      r => [...r.cells].map(c => c.textContent))};
+})()"""
+OKABE_ITO = {"#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
+             "#000000"}
+
+
+def hex_rgb(colour):
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def test_the_wall_page_shows_who_used_the_gpus(cluster, dq):
+    """A week of history of two users (synthetic, written as dq writes it)
+    plus their real jobs today: the page's charts have one area per user,
+    named in the legend, the week's table says what dq-report says, each
+    GPU has its utilisation sparkline, and an idle job is marked IDLE."""
+    configure(dq, ["node1", "node2"], poll_interval=0.5, sample_interval=1, idle_after="4s")
+    cluster.set_gpus("node1", 2)
+    cluster.set_gpus("node2", 2)
+    now = time.time()
+    synthetic_history(dq, ALICE, now, recent=[(5, 1, 1)])
+    synthetic_history(dq, BOB, now, recent=[(8, 3, 2)])
+    _, quick = script(cluster, ALICE, "quick.sh", "exec fake-cuda --hold 2 --mem 1000\n")
+    _, busy = script(cluster, BOB, "busy.sh", "exec fake-cuda --hold 120 --mem 3000 --util 80\n")
+    _, nap = script(cluster, ALICE, "nap.sh", "sleep 120\n")
+    done, _ = submit(dq, "node1", ALICE, quick)
+    wait_state(dq, done, "done", timeout=30)
+    running, _ = submit(dq, "node1", BOB, busy, env={"DQ_HOSTS": "node2"})
+    idle, _ = submit(dq, "node1", ALICE, nap, env={"DQ_HOSTS": "node1"})
+    wait_state(dq, running, "running", user=BOB)
+    wait_until(lambda: (job(dq, idle)["gpu_use"] or {}).get("idle"), timeout=30,
+               what=f"{idle} flagged idle")
+    port = free_port()
+    p = dq.popen("node1", ALICE, "web", "--port", port)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until(lambda: _answers(url), timeout=20, what="dq-web to answer")
+        status, body = get(url + "api/history")
+        assert status == 200
+        h = json.loads(body)
+        # made once a minute for every viewer
+        again = json.loads(get(url + "api/history")[1])
+        assert (again["made"], again["at"]) == (h["made"], h["at"]) == (1, h["at"])
+        report = json.loads(dq.run("node1", BOB, "report", "--since", "7d", "--by", "user",
+                                   "--json", check=True).stdout)
+        assert h["week"] == report, (h["week"], report)
+        assert [r["user"] for r in report] == [ALICE, BOB]
+        for name in ("24h", "7d"):
+            assert {u["user"] for u in h["charts"][name]["users"]} == {ALICE, BOB}, name
+        # the week's GPU-hours in the 7-day chart: the ended jobs' (as in
+        # the report) and the running ones' so far
+        spans = {j["id"]: time.time() - j["started"] for j in jobs(dq)
+                 if j["state"] == "running"}
+        for u in h["charts"]["7d"]["users"]:
+            mine = [r for r in report if r["user"] == u["user"]][0]["gpu_hours"]
+            run_h = sum(s for i, s in spans.items() if i.endswith("-" + u["user"])) / 3600
+            assert mine <= u["gpu_hours"] <= mine + run_h + 0.01, (u["user"], u["gpu_hours"])
+        if not CHROMIUM:
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        shots = tempfile.mkdtemp(dir=cluster.base)
+        b = Browser()
+        try:
+            for name, (width, height) in (("laptop", (1280, 1000)), ("phone", (390, 844)),
+                                          ("wall", (3840, 2160))):
+                b.open(url, width, height)
+                wait_until(lambda: b.eval(RENDERED) and b.eval(
+                    "document.querySelectorAll('#charts .chart').length === 2"),
+                    timeout=30, what=f"the page with its history at {name}")
+                seen, hist = b.eval(SEEN), b.eval(HISTORY_SEEN)
+                with open(os.path.join(shots, name + ".png"), "wb") as f:
+                    f.write(b.screenshot())
+                where = f"{name} ({width}px)"
+                # nothing cut off, nothing out of the window
+                assert seen["cut"] == [], (where, seen["cut"])
+                assert seen["page_width"] <= width, (where, seen["page_width"])
+                charts = hist["charts"]
+                assert [c["caption"] for c in charts.values()] == \
+                    ["Last 24 hours", "Last 7 days"], where
+                colours = {}
+                for cid, c in charts.items():
+                    assert c["box"]["x"] >= 0 and c["box"]["x"] + c["box"]["width"] <= width, \
+                        (where, cid, c["box"])
+                    assert c["svg"]["width"] >= 200 and c["svg"]["height"] >= 80, (where, c)
+                    # one area per user, in an Okabe-Ito colour, named in the legend
+                    assert sorted(a["user"] for a in c["areas"]) == [ALICE, BOB], (where, c)
+                    for a in c["areas"]:
+                        assert a["fill"] in OKABE_ITO, (where, a)
+                        assert colours.setdefault(a["user"], a["fill"]) == a["fill"], \
+                            (where, "a user's colour differs between the charts")
+                        assert a["title"].startswith(a["user"] + ": "), a
+                    legend = {li["text"].split(" ")[0]: li for li in c["legend"]}
+                    assert set(legend) == {ALICE, BOB}, (where, c["legend"])
+                    for u, li in legend.items():
+                        assert li["text"].endswith(" GPU-h"), li
+                        assert li["colour"] == rgb(hex_rgb(colours[u])), (where, li)
+                    # each user's colour is drawn in the chart (a screenshot of it)
+                    drawn = pixels(b, c["svg"])
+                    for u in (ALICE, BOB):
+                        assert drawn[hex_rgb(colours[u])] > 20, (where, cid, u)
+                assert colours[ALICE] != colours[BOB]
+                # the week's table: dq-report's rows, then a total
+                assert hist["week"][:-1] == [
+                    [r["user"], str(r["jobs"]), f"{r['gpu_hours']:.2f}",
+                     f"{r['idle_gpu_hours']:.2f}"] for r in report], (where, hist["week"])
+                assert hist["week"][-1][0] == "total", where
+                # a sparkline beside every GPU's bar; the busy GPU's is drawn
+                assert len(hist["sparks"]) == 4 and all(hist["sparks"]), (where, hist["sparks"])
+                assert all(s["box"]["width"] >= 30 and s["box"]["x"] + s["box"]["width"] <= width
+                           for s in hist["sparks"]), (where, hist["sparks"])
+                assert any(s["line"] and "now 80%" in s["label"] for s in hist["sparks"]), \
+                    (where, hist["sparks"])
+                # the job whose GPU sits unused is marked IDLE; the busy one is not
+                rows = {r[0]: r for r in hist["running"]}
+                assert " IDLE " in rows[idle][2] and "IDLE" not in rows[running][2], (where, rows)
+        finally:
+            b.close()
+        if os.environ.get("DQ_WEB_SCREENSHOT"):     # to refresh docs/dq-web-history.png
+            shutil.copy(os.path.join(shots, "laptop.png"), os.path.join(DOCS, "dq-web-history.png"))
     finally:
         p.terminate()
         p.wait(10)
