@@ -14,8 +14,7 @@ world-readable), so stop() and Cluster.stop() remove all of it:
     state/                          slurmctld's StateSaveLocation
     spool/nodeN/                    each slurmd's SlurmdSpoolDir
     log/                            slurmctld.log, slurmd-nodeN.log, *.out,
-                                    jobcomp.txt (jobcomp/filetxt; mode 0666 so
-                                    that `sacct -c` also works as a test user)
+                                    jobcomp.txt (jobcomp/filetxt, for `sacct -c`)
     dev/fakegpu0..K                 GRES "devices" (mknod c 1 3, i.e. /dev/null)
 
 - munged: a private one (`munged -F --socket=<base>/slurm/munge/munge.socket`
@@ -44,11 +43,19 @@ world-readable), so stop() and Cluster.stop() remove all of it:
   MinJobAge=10, SlurmdTimeout=10, ReturnToService=2; no accounting daemon
   (accounting_storage/none; `sacct -c` reads jobcomp.txt).
 
-Timings (2-core Debian 12 VM, slurm-wlm 22.05.8; see test_slurm_cluster.py
-which prints them with -s): start (munged, ctld, 4 slurmd, all idle) ~0.3 s;
-stop ~0.3 s; sbatch round trip ~15 ms; submit to script start mostly
-0.1-1 s (batch_sched_delay=0: allocation on submit, the launch follows);
-reset() with nothing to do ~50 ms.
+Timings (2-core Debian 12 VM, slurm-wlm 22.05.8; `pytest -s
+tests/test_slurm_cluster.py` prints some; the whole file takes ~21 s):
+    start: munged + slurmctld + 4 slurmd up, all nodes idle     0.07-0.11 s
+    start: until the main scheduler has run once (the default)   ~3.0 s
+    stop (cancel the jobs, TERM the daemons, all gone)          0.10-0.16 s
+    sbatch round trip                                           ~12 ms
+    submit to script start                 0.04-1.0 s (next 1 s scheduler tick;
+                                           the launch itself takes ~20 ms)
+    scancel of a running job to the queued job done              0.07 s
+    dependency: 1 s parent submitted, to its afterok child done  ~2.9 s
+    reset() with nothing to do                                  ~15 ms
+    Cluster.reset() + reset() after Cluster.kill_node            0.33 s
+    start_slurmd after kill_slurmd (node responding again)       0.02 s
 
 Interplay with Cluster
 ----------------------
@@ -66,22 +73,55 @@ Interplay with Cluster
 
 Pitfalls met
 ------------
+- slurmctld's main scheduler first runs ~3 s after slurmctld starts, then on
+  a 1 s tick (batch_sched_delay=0 only removes the default 3 s batching): a
+  job submitted earlier waits for it. start() waits for that first run; it
+  is the "SchedulerParameters=..." line in slurmctld.log (read only past the
+  old end of the log: a restart in the same dir appends to it).
 - Every client needs SLURM_CONF (no /etc/slurm/slurm.conf here); without it:
   "fetch_config: DNS SRV lookup failed ... Could not establish a
-  configuration source". run() and .env set it; jobs inherit it.
+  configuration source". run() and .env set it; jobs inherit it (srun
+  inside a batch job works).
 - slurmd started by `nsenter -p` is nsenter's *child*: nsenter must fork to
   enter a pid namespace. Its host pid is looked up among nsenter's children;
   signals go to it, not to nsenter.
-- slurmd, slurmctld stopped with SIGTERM leave running slurmstepds (and
-  their jobs) behind: stop() cancels all jobs first, then kills remaining
-  slurmstepds in our nodes' pid namespaces.
-- processes started under setsid survive a killed test run; start() kills
+- A SIGTERMed or killed slurmd leaves its running slurmstepds and their jobs
+  behind (a restarted slurmd takes them over: the job completes normally).
+  stop() cancels all jobs first, then kills remaining slurmstepds in our
+  nodes' pid namespaces. slurmctld's child slurmscriptd exits with it.
+- setsid'ed daemons survive a killed test run (no atexit); start() kills
   stale daemons whose command line names a dq-cluster base dir whose owner
-  is gone (Cluster's own stale cleanup only knows sshd/unshare).
-- the spool dir of each node is made before slurmd starts (else "Domain
+  is gone (Cluster's own stale cleanup only kills sshd/unshare, which takes
+  the slurmds with the nodes, but not slurmctld or munged).
+- `sacct -c` works only as root (root_run): slurmctld fchmods jobcomp.txt to
+  0644 and sacct opens it for writing ("sacct: fatal: open ...jobcomp.txt:
+  Permission denied" as a user), like on a real cluster without slurmdbd.
+- Slurm's GPU count per node is fixed at start (the node's configured count):
+  Cluster.set_gpus changes only what nvidia-smi reports.
+- A job's daemonized children (screen -dmS) escape proctrack/linuxproc and
+  outlive the job and scancel; Cluster.reset()/kill_user_processes kill them.
+- The node's /run is the host's (only /run/screen and /run/fakegpu are
+  private), so the system /run/munge socket would be reachable too; a private
+  munged with its own socket and key avoids sharing one with anything else on
+  the machine (AuthInfo=socket=... serves auth/munge and cred/munge).
+- The spool dir of each node is made before slurmd starts (else "Domain
   socket directory ... No such file or directory").
-- harmless log noise: "mpi/pmix_v4: ... can not load PMIx library",
-  "Node configuration differs from hardware".
+- Harmless log noise: "mpi/pmix_v4: ... can not load PMIx library", "Could
+  not open ... state file" on the first start, "Node configuration differs
+  from hardware" (CPUs=8 on 2 cores, allowed by config_overrides).
+
+Use
+---
+    s = SlurmCluster(cluster, nodes=None, cpus=8, conf=None).start()  # or `with`
+    s.conf, s.env                    # slurm.conf path, {"SLURM_CONF": path}
+    s.run(host, user, cmd)           # Cluster.run with SLURM_CONF set
+    s.sbatch(host, user, *args, cwd=None) -> job id   (--parsable)
+    s.root_run(cmd)                  # client command as root, host namespaces
+    s.squeue(fmt="%i %T %r"), s.squeue_ids(), s.job_state(id), s.wait_state(id, states)
+    s.node_states(), s.wait_idle()
+    s.kill_slurmd(host, sig=SIGKILL), s.start_slurmd(host), s.slurmd_pid(host)
+    s.cancel_all(), s.reset(), s.stop(), s.logs()
+In tests: the session fixture `slurm` (tests/conftest.py).
 """
 import atexit
 import os
@@ -335,9 +375,6 @@ class SlurmCluster:
             os.chmod(os.path.join(self.dir, d), 0o755)
         for host in self.nodes:
             os.makedirs(os.path.join(self.dir, "spool", host), mode=0o755, exist_ok=True)
-        jobcomp = os.path.join(self.logdir, "jobcomp.txt")
-        open(jobcomp, "a").close()
-        os.chmod(jobcomp, 0o666)     # `sacct -c` opens it for writing, even as a user
         most = max([self.cluster._node(h).gpus_configured for h in self.nodes] + [0])
         for i in range(most):
             dev = os.path.join(self.dir, "dev", "fakegpu%d" % i)
@@ -412,6 +449,10 @@ class SlurmCluster:
             time.sleep(0.01)
 
     def _start_ctld(self, deadline):
+        try:        # a restart in the same dir appends to the old log
+            self._ctld_log_start = os.path.getsize(os.path.join(self.logdir, "slurmctld.log"))
+        except OSError:
+            self._ctld_log_start = 0
         log = open(os.path.join(self.logdir, "slurmctld.out"), "ab")
         try:
             self._ctld = subprocess.Popen(
@@ -435,7 +476,7 @@ class SlurmCluster:
         """slurmctld logs its SchedulerParameters when the main scheduler
         first runs (~3 s after it starts); until then no batch job starts."""
         log = os.path.join(self.logdir, "slurmctld.log")
-        while "SchedulerParameters=" not in (_read(log, "") or ""):
+        while "SchedulerParameters=" not in (_read(log, "") or "")[self._ctld_log_start:]:
             if self._ctld.poll() is not None or time.monotonic() > deadline:
                 raise ClusterError("slurmctld's scheduler did not run\n" + self._tail(log))
             time.sleep(0.02)

@@ -3,13 +3,7 @@ fixture): jobs run inside the chosen node's namespaces with GPUs, queueing,
 scancel, arrays, dependencies, node failures. `pytest -s` prints timings."""
 import os
 import pwd
-import shlex
-import signal
 import time
-
-import pytest
-
-from cluster import ClusterError
 
 
 def wait_for(pred, timeout=20, what="condition"):
