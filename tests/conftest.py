@@ -5,11 +5,16 @@
   dqbob and dqdan.
 - `dq` (function): a fresh dq install on that cluster (see DQInstall).
 - `small_dq` (function): the same on the cluster's small filesystem, to fill.
+- `slurm` (session, started on first use): a real Slurm cluster on the
+  session cluster (tests/slurmcluster.py: slurmctld, one slurmd inside each
+  node, a private munged); partition `gpu` with all nodes.
 After every test that used the cluster, it is reset (test-user processes
-killed, dead nodes rebooted, fake GPUs restored) so tests are independent.
+killed, dead nodes rebooted, fake GPUs restored) so tests are independent;
+after one that used `slurm`, all jobs are cancelled, slurmd's restarted and
+nodes resumed too.
 
-Cluster tests skip when not root or a needed tool is missing, except with
-CI=true, where they fail: CI must run them all.
+Cluster (and Slurm) tests skip when not root or a needed tool is missing,
+except with CI=true, where they fail: CI must run them all.
 """
 import os
 import re
@@ -19,20 +24,26 @@ import pytest
 
 from cluster import Cluster, DQInstall, install_dq, unavailable_reason
 from dqtest import MODELS
+from slurmcluster import SlurmCluster, slurm_unavailable_reason
 
-_session = {"cluster": None, "installs": 0}
+_session = {"cluster": None, "installs": 0, "slurm": None}
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cluster: uses the namespace test cluster (root, unshare, sshd, screen, ssh)")
+    config.addinivalue_line(
+        "markers", "slurm: uses the real Slurm cluster on the test cluster (slurmctld, slurmd, munge)")
 
 
 def pytest_collection_modifyitems(items):
     """Mark tests using the cluster so `-m "not cluster"` deselects them."""
     for item in items:
-        if {"cluster", "dq"} & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if {"cluster", "dq", "slurm"} & names:
             item.add_marker(pytest.mark.cluster)
+        if "slurm" in names:
+            item.add_marker(pytest.mark.slurm)
 
 
 def _unavailable(reason):
@@ -56,12 +67,32 @@ def cluster():
         c.stop()
 
 
+@pytest.fixture(scope="session")
+def slurm(cluster):
+    """A SlurmCluster on the session cluster: started by the first test that
+    asks for it, stopped at the end of the session."""
+    reason = slurm_unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    s = SlurmCluster(cluster).start()
+    _session["slurm"] = s
+    try:
+        yield s
+    finally:
+        _session["slurm"] = None
+        s.stop()
+
+
 @pytest.fixture(autouse=True)
 def _reset_cluster_after_test(request):
     yield
     c = _session["cluster"]
-    if c is not None and {"cluster", "dq"} & set(request.fixturenames):
+    names = set(request.fixturenames)
+    if c is not None and {"cluster", "dq", "slurm"} & names:
         c.reset()
+    s = _session["slurm"]
+    if s is not None and "slurm" in names:
+        s.reset()
 
 
 @pytest.fixture
