@@ -144,6 +144,7 @@ HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 OWN_VARS = ("DQ_ROOT", "DQ_DEBUG", "DQ_JOB_ID", "DQ_DEADLINE", "DQ_LOCK_STATS", "DQ_CRASH_AT")
 
 LOCAL_HOST = None   # the host name (as in dq.conf) of this machine, when known
+SLURM_HOST = "(slurm)"      # run_scripts' name for "Slurm's commands, here"
 
 DEBUG = bool(os.environ.get("DQ_DEBUG"))
 LOCK_STATS = os.environ.get("DQ_LOCK_STATS")     # a file; for bench/
@@ -776,8 +777,10 @@ class Config:
             "max_gpus_per_user", "time_limit", "max_time", "fairshare_halflife",
             "smtp", "mail_domain", "share_margin", "max_jobs_per_gpu", "share_foreign",
             "mem_overuse", "shell_time", "snapshot_max", "lock_stats", "idle_after",
-            "idle_kill", "shell_idle_after"} | set(NUMBERS)
+            "idle_kill", "shell_idle_after", "backend", "slurm_partition", "slurm_account",
+            "slurm_args", "slurm_conf"} | set(NUMBERS)
     ORDERS = ("fairshare", "fifo")
+    BACKENDS = ("ssh", "slurm")
     OVERUSE = ("warn", "kill")
 
     def __init__(self):
@@ -905,6 +908,31 @@ class Config:
         except Failure:
             raise Failure(f"{self.path}: 'snapshot_max' must be a size (not {raw!r}), e.g. "
                           f"'snapshot_max = 200M' or 'snapshot_max = 2G'") from None
+        # Who places and starts jobs: dq itself over ssh, or Slurm (see
+        # "Slurm back end"), with these of its settings.
+        self.backend = sect.get("backend", "ssh").strip().lower()
+        if self.backend not in self.BACKENDS:
+            raise Failure(f"{self.path}: 'backend' must be ssh or slurm, not "
+                          f"{self.backend!r}, e.g. 'backend = slurm'")
+        for key in ("slurm_partition", "slurm_account"):
+            value = sect.get(key, "").strip() or None
+            if value and not re.fullmatch(r"[A-Za-z0-9_.,+-]+", value):
+                raise Failure(f"{self.path}: '{key}' must be a Slurm name (not {value!r}), "
+                              f"e.g. '{key} = gpu'")
+            setattr(self, key, value)
+        try:
+            self.slurm_args = shlex.split(sect.get("slurm_args", ""))
+        except ValueError as e:
+            raise Failure(f"{self.path}: 'slurm_args': {e}; give sbatch options as in a "
+                          f"shell, e.g. 'slurm_args = --qos=normal'") from None
+        bad = [a for a in self.slurm_args if not a.startswith("-")]
+        if bad:
+            raise Failure(f"{self.path}: 'slurm_args': {bad[0]!r} is not an sbatch option; "
+                          f"e.g. 'slurm_args = --qos=normal --mem=16G'")
+        self.slurm_conf = sect.get("slurm_conf", "").strip() or None
+        if self.slurm_conf and not os.path.isabs(self.slurm_conf):
+            raise Failure(f"{self.path}: 'slurm_conf' must be an absolute path (not "
+                          f"{self.slurm_conf!r}), e.g. 'slurm_conf = /etc/slurm/slurm.conf'")
         global LOCK_STATS
         LOCK_STATS = LOCK_STATS or sect.get("lock_stats")     # bench/ sets it
 
@@ -1005,7 +1033,7 @@ def wrap_script(script):
 def shell_argv(cfg, host):
     """The command that runs a /bin/sh script (on stdin) on host: here
     without ssh when host is this machine, else over ssh."""
-    if cfg.local or host == LOCAL_HOST:
+    if cfg.local or host in (LOCAL_HOST, SLURM_HOST):
         return ["/bin/sh", "-s"]
     return ssh_argv(cfg, host) + ["/bin/sh -s"]
 
@@ -4034,8 +4062,10 @@ def create_jobs(cfg, script, cwd, jobs, restart_of=None, requeues=0, chain=None,
             except FileExistsError:
                 pass        # (after a rollback) taken: more numbers, next round
     try:
-        return _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, chain,
-                           sweep)
+        _write_jobs(cfg, user, ids, script, cwd, jobs, restart_of, requeues, chain, sweep)
+        if is_slurm(cfg):       # (see "Slurm back end", below)
+            submit_to_slurm(cfg, ids)
+        return ids
     except (OSError, Failure):
         # A full data root, a snapshot that could not be copied: no
         # half-written job (or snapshot) stays behind (its number stays
@@ -5194,6 +5224,9 @@ def cmd_schedule(cfg, argv):
     p.add_argument("--forever", action="store_true", help="never exit (service mode)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     args = parse(p, argv)
+    if is_slurm(cfg):           # Slurm places; dq only keeps its books
+        return slurm_loop(cfg, quiet=args.quiet) if not args.once else \
+            (slurm_reconcile(cfg) and 0)
     if args.once:
         res = schedule_pass(cfg)
         if not args.quiet:
@@ -5439,14 +5472,17 @@ def cuda_oom(log_path):
 def job_env(job, gpus, deadline=None):
     """What the job runs with: ours without dq's variables, then its DQ_*
     variables, its GPUs, DQ_JOB_ID and DQ_DEADLINE (the epoch second of its
-    time limit, rounded down; empty without one)."""
+    time limit, rounded down; empty without one).  On Slurm the GPUs are
+    CUDA_VISIBLE_DEVICES as Slurm set it (it may count from 0 in the job's
+    cgroup)."""
     env = clean_env()
     for k in list(env):
         if k.startswith("DQ_"):
             del env[k]
+    slurm_cuda = env.get("CUDA_VISIBLE_DEVICES") if is_slurm(job.cfg) and gpus else None
     env.update(job.spec.get("env", {}))
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"   # else CUDA counts fastest first
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    env["CUDA_VISIBLE_DEVICES"] = slurm_cuda or ",".join(map(str, gpus))
     env["DQ_JOB_ID"] = job.id
     env["DQ_DEADLINE"] = str(int(deadline)) if deadline else ""
     if job.spec.get("snapshot"):    # it runs in its copy: where results may go instead
@@ -5955,7 +5991,8 @@ def cmd__run(cfg, argv):
     # may come through long after it timed out and the job went back to
     # the queue (and maybe elsewhere).  run.json first, then this read:
     # see Placements._restore_started.
-    p = Placements.read(cfg).get(job_id)
+    p = Placements.read(cfg).get(job_id) if not is_slurm(cfg) else {
+        "host": host, "gpus": gpus, "state": Placements.RUNNING}   # Slurm's placing
     if not p or (p["host"], p["gpus"], p["state"]) not in (
             (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
         for path in (run_json, lease.path):
@@ -6037,13 +6074,482 @@ def cmd__run(cfg, argv):
         return lease.give_up(log)
     log.close()
     drop_from_index(cfg, job.id)
-    hand_over(cfg, host, gpus, job.id, bool(share))
+    if not is_slurm(cfg):       # (on Slurm, Slurm hands the GPUs over)
+        hand_over(cfg, host, gpus, job.id, bool(share))
     lease.stop()
     if ours:
         finish_end(cfg, job)
     if wants_notice(cfg, job):
         notify_end(cfg, job)    # after the hand-over: it never delays the next job
     return 0
+
+
+# Slurm back end ##############################################################
+
+# backend = slurm in dq.conf: Slurm decides where and when jobs run, and
+# dq stays the front end.  dq-submit writes the job as always (job.json, its
+# jobs/active entry), then hands it to sbatch (submit_to_slurm): the batch
+# step, on the node Slurm chose, runs `dq.py _slurm JOB` (cmd__slurm), which
+# runs dq's own wrapper (`_run`, as in a screen session of the ssh back end)
+# in a screen session, so the log, run.json, end.json, dq-tail, dq-attach,
+# DQ_SIGNAL/DQ_TIME to the second, DQ_RETRY/DQ_RESUME, mail and hooks are
+# what they are with ssh.  The job's Slurm ID is in its slurm.json.
+#
+# What Slurm does instead of dq: placement, fair share, limits, priorities
+# (dq's planner, dq-schedule's passes and placements.json are not used).
+# Each DQ_* variable is one entry of SLURM_VARS: the sbatch options that
+# honour it, or a Failure saying why Slurm cannot (refused at submit, never
+# dropped).  Queued jobs' reasons come from squeue (SLURM_REASONS).  A job
+# Slurm dropped without dq's wrapper recording its end (cancelled by an
+# admin, its DQ_AFTER job failed, its node died) is found by its owner's
+# dq-jobs, dq-wait or dq-schedule (slurm_reconcile) and recorded.
+#
+# Every Slurm command runs through run_scripts (a /bin/sh here, with
+# cfg.timeout and the --debug echo), with SLURM_CONF from dq.conf's
+# slurm_conf when it is set.  dq reads Slurm's stable text forms
+# (--parsable, -o formats), never --json (its shape changes by release).
+SLURM_FILE = "slurm.json"   # in the job's directory: {"format", "id": "123" or "123_4"}
+SLURM_ARRAY = "slurm-array.json"    # a job array's first job: {"jobs": [its dq IDs]}
+# Slurm counts time limits in whole minutes and enforces them on a ~30 s
+# tick; dq's wrapper enforces DQ_TIME (and DQ_SIGNAL's warning) to the
+# second itself, and Slurm's limit, this much later, is only the backstop.
+SLURM_TIME_SLACK = 60
+
+
+def is_slurm(cfg):
+    return getattr(cfg, "backend", "ssh") == "slurm"
+
+
+def slurm_call(cfg, argv, stdin=None, timeout=None):
+    """Run one Slurm command here, through run_scripts; its Result.
+    stdin: text for the command's standard input (sbatch's batch script)."""
+    line = " ".join(q(a) for a in argv)
+    if cfg.slurm_conf:
+        line = f"SLURM_CONF={q(cfg.slurm_conf)} {line}"
+    if stdin is not None:
+        line += f" <<'DQ_SLURM_EOF'\n{stdin.rstrip()}\nDQ_SLURM_EOF"
+    return run_scripts(cfg, [(SLURM_HOST, line + "\n")], timeout)[0]
+
+
+def slurm_must(cfg, argv, what, stdin=None):
+    """slurm_call that must work: its stdout, or a Failure naming `what`
+    and Slurm's own message (e.g. 'sbatch: error: Invalid partition')."""
+    res = slurm_call(cfg, argv, stdin)
+    if res.rc == 127:
+        raise Failure(f"{what}: {argv[0]} is not installed here (backend = slurm in "
+                      f"{cfg.path}: run dq where Slurm's client commands are)")
+    if not res.ok:
+        raise Failure(f"{what}: {res.why()}")
+    return res.out
+
+
+class SlurmNode:
+    """One Slurm node as sinfo -N sees it: name, state, gres (e.g.
+    'gpu:a100:4(S:0)', 'shard:80'), features."""
+
+    def __init__(self, name, state, gres, features):
+        self.name, self.state = name, state
+        self.gres = [] if gres in ("", "(null)") else gres.split(",")
+        self.features = [] if features in ("", "(null)") else features.split(",")
+
+    def gres_types(self, kind="gpu"):
+        """{type or None: count} of this node's gres `kind`."""
+        out = {}
+        for g in self.gres:
+            parts = g.split("(")[0].split(":")
+            if parts[0] != kind or len(parts) < 2:
+                continue
+            kind_type = parts[1] if len(parts) == 3 else None
+            count = whole_number(parts[-1])
+            if count is not None:
+                out[kind_type] = out.get(kind_type, 0) + count
+        return out
+
+
+def slurm_nodes(cfg):
+    """{name: SlurmNode} of the cluster (one sinfo)."""
+    out = slurm_must(cfg, ["sinfo", "-h", "-N", "-o", "%N|%T|%G|%f"], "cannot list Slurm's nodes")
+    nodes = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 4 and fields[0]:
+            node = nodes.get(fields[0])
+            if node is None:        # a node in two partitions is listed twice
+                nodes[fields[0]] = SlurmNode(*fields)
+    return nodes
+
+
+def slurm_hosts_args(var, patterns, nodes, exclude):
+    """DQ_HOSTS / DQ_EXCLUDE with dq's patterns matched against Slurm's node
+    names.  DQ_HOSTS means 'one of these' and sbatch's --nodelist 'all of
+    these', so several hosts become an --exclude of all the others."""
+    matched = sorted(n for n in nodes if matches_host(patterns, n))
+    if not matched and not exclude:
+        raise Failure(f"{var}={','.join(patterns)} matches none of Slurm's nodes "
+                      f"({', '.join(sorted(nodes)[:8]) or 'none'}); name them as "
+                      f"sinfo -N does")
+    if exclude:
+        return [f"--exclude={','.join(matched)}"] if matched else []
+    if len(matched) == 1:
+        return [f"--nodelist={matched[0]}"]
+    others = sorted(set(nodes) - set(matched))
+    return [f"--exclude={','.join(others)}"] if others else []
+
+
+def slurm_gpu_type(cfg, want, text, nodes):
+    """DQ_GPU_TYPE: a gres type ('gpu:TYPE:N') where the nodes' GPUs have
+    types, else a node feature (--constraint); the first that contains the
+    text, as dq's own rule (case-insensitive).  ([gres options], type)."""
+    types = sorted({t for n in nodes.values() for t in n.gres_types() if t})
+    for t in types:
+        if text.lower() in t.lower():
+            return [], t
+    features = sorted({f for n in nodes.values() for f in n.features})
+    for f in features:
+        if text.lower() in f.lower():
+            return [f"--constraint={f}"], None
+    raise Failure(f"DQ_GPU_TYPE={text}: Slurm's GPUs have no such type (gres types: "
+                  f"{', '.join(types) or 'none'}; node features: {', '.join(features) or 'none'})"
+                  f"; drop DQ_GPU_TYPE, or name one of those")
+
+
+def slurm_dependency(cfg, env, var, kind):
+    """DQ_AFTER (afterok) / DQ_AFTER_ANY (afterany): the Slurm IDs of the
+    jobs not ended yet (an ended one either let the job go, or dq cancels
+    it at submit, as with ssh).  [options]."""
+    ids = []
+    for dep in job_dependencies(cfg, {var: env[var]})[0 if kind == "afterok" else 1]:
+        state, last = final_state(cfg, dep)
+        if state is not None:
+            if kind == "afterok" and state != "done":
+                raise Failure(f"{var}: {dep} ended {state}; this job would never start")
+            continue
+        sid = slurm_id(cfg, last or dep)
+        if sid is None:
+            raise Failure(f"{var}: {dep} is not a Slurm job (it was queued before "
+                          f"backend = slurm); wait for it to end, or drop {var}")
+        ids.append(sid)
+    return [f"--dependency={kind}:{':'.join(ids)}"] if ids else []
+
+
+def _slurm_time(cfg, spec):
+    limit = spec.get("time_limit")
+    if not limit:
+        return []
+    minutes = math.ceil((limit + cfg.kill_grace + SLURM_TIME_SLACK) / 60)
+    return [f"--time={minutes}"]
+
+
+def _slurm_priority(env):
+    p = job_priority(env)
+    if p > 0:
+        raise Failure(f"DQ_PRIORITY={p}: on Slurm only an operator may raise a job's "
+                      f"priority; use dq-top to move a job to the front of your own, or a "
+                      f"negative DQ_PRIORITY to let others go first")
+    return [f"--nice={-p}"] if p < 0 else []
+
+
+def _slurm_gres(cfg, spec, nodes_of):
+    """DQ_GPUS (with DQ_GPU_TYPE's type) and DQ_MEM: --gres."""
+    env, gpus = spec.get("env", {}), spec.get("gpus", 1)
+    extra, gtype = [], None
+    if env.get("DQ_GPU_TYPE", "").strip():
+        extra, gtype = slurm_gpu_type(cfg, gpus, env["DQ_GPU_TYPE"].strip(), nodes_of())
+    if env.get("DQ_MEM", "").strip():
+        mib = booking_mib(env["DQ_MEM"])
+        if not any(n.gres_types("shard") for n in nodes_of().values()):
+            raise Failure("DQ_MEM: this Slurm cluster has no GPU shards (gres shard) to "
+                          "share GPUs by; drop DQ_MEM for a whole GPU, or ask your admins "
+                          "for shards (README: dq on Slurm)")
+        # one shard per GiB of GPU memory (the README's advice for gres.conf)
+        return extra + [f"--gres=shard:{gpus * math.ceil(mib / 1024)}"]
+    if gpus == 0:
+        return extra
+    return extra + [f"--gres=gpu:{gtype + ':' if gtype else ''}{gpus}"]
+
+
+# DQ_* variable -> (sbatch options that honour it, from (cfg, spec,
+# nodes_of)), or a Failure saying why Slurm cannot.  Variables not listed
+# are dq's own business, in the wrapper or at the job's end (DQ_DESC,
+# DQ_MAIL, DQ_SIGNAL, DQ_RETRY, DQ_RESUME, DQ_REQUEUE, DQ_SNAPSHOT, ...).
+SLURM_VARS = {
+    "DQ_GPUS": _slurm_gres,
+    "DQ_TIME": lambda cfg, spec, nodes_of: _slurm_time(cfg, spec),
+    "DQ_AFTER": lambda cfg, spec, nodes_of: slurm_dependency(
+        cfg, spec["env"], "DQ_AFTER", "afterok") if spec["env"].get("DQ_AFTER") else [],
+    "DQ_AFTER_ANY": lambda cfg, spec, nodes_of: slurm_dependency(
+        cfg, spec["env"], "DQ_AFTER_ANY", "afterany") if spec["env"].get("DQ_AFTER_ANY")
+        else [],
+    "DQ_HOSTS": lambda cfg, spec, nodes_of: slurm_hosts_args(
+        "DQ_HOSTS", host_patterns("DQ_HOSTS", spec["env"]["DQ_HOSTS"]), nodes_of(), False)
+        if spec["env"].get("DQ_HOSTS", "").strip() else [],
+    "DQ_EXCLUDE": lambda cfg, spec, nodes_of: slurm_hosts_args(
+        "DQ_EXCLUDE", host_patterns("DQ_EXCLUDE", spec["env"]["DQ_EXCLUDE"]), nodes_of(), True)
+        if spec["env"].get("DQ_EXCLUDE", "").strip() else [],
+    "DQ_GPU_MEM": lambda cfg, spec, nodes_of: _refuse_on_slurm(
+        "DQ_GPU_MEM", "Slurm has no request for a GPU's memory size; name the GPUs with "
+        "DQ_GPU_TYPE instead") if spec["env"].get("DQ_GPU_MEM", "").strip() else [],
+    "DQ_PRIORITY": lambda cfg, spec, nodes_of: _slurm_priority(spec["env"]),
+    "DQ_DESC": lambda cfg, spec, nodes_of: [
+        "--job-name=" + (spec["env"].get("DQ_DESC") or os.path.basename(spec["script"]))[:100]],
+}
+
+
+def _refuse_on_slurm(var, why):
+    raise Failure(f"{var}: {why} (backend = slurm)")
+
+
+def slurm_options(cfg, spec, nodes_of):
+    """The sbatch options for one job (job.json's spec), every DQ_*
+    variable honoured or refused (SLURM_VARS); dq.conf's slurm_partition,
+    slurm_account and slurm_args first."""
+    opts = ["--parsable", "--no-requeue", "--kill-on-invalid-dep=yes", "--export=ALL",
+            "--open-mode=append"]
+    if cfg.slurm_partition:
+        opts.append(f"--partition={cfg.slurm_partition}")
+    if cfg.slurm_account:
+        opts.append(f"--account={cfg.slurm_account}")
+    opts += cfg.slurm_args
+    for var, options in SLURM_VARS.items():
+        opts += options(cfg, spec, nodes_of)
+    return opts
+
+
+def slurm_id(cfg, job_id):
+    """The Slurm ID of a dq job (slurm.json), or None."""
+    data = read_json(os.path.join(cfg.job_dir(job_id), SLURM_FILE), None, None)
+    sid = data.get("id") if isinstance(data, dict) else None
+    return sid if isinstance(sid, str) and re.fullmatch(r"[0-9]+(_[0-9]+)?", sid) else None
+
+
+def slurm_batch_script(cfg, first, array):
+    """The batch script: dq's _slurm on the node Slurm chose."""
+    args = ["_slurm", "--array", first] if array else ["_slurm", first]
+    return f"#!/bin/sh\nexec {dq_command(cfg, *args)}\n"
+
+
+def submit_to_slurm(cfg, ids):
+    """sbatch the jobs just written (create_jobs): one sbatch per job, or one
+    job array for the jobs of a sweep that ask Slurm the same; each job's
+    Slurm ID goes to its slurm.json.  A Failure (a variable Slurm cannot
+    honour, sbatch's refusal) leaves no job behind in Slurm: those already
+    sent are cancelled, and create_jobs removes them all."""
+    nodes = []
+
+    def nodes_of():         # one sinfo, and only when a variable needs it
+        if not nodes:
+            nodes.append(slurm_nodes(cfg))
+        return nodes[0]
+    groups = {}
+    for job_id in ids:
+        job = load_job(cfg, job_id)
+        if job.spec.get("interactive"):
+            raise Failure("dq-shell does not run on Slurm yet (backend = slurm); use "
+                          "srun --pty bash for a shell on a GPU")
+        key = tuple(slurm_options(cfg, job.spec, nodes_of))
+        groups.setdefault(key, []).append(job)
+    sent = []
+    try:
+        for opts, jobs in groups.items():
+            first = jobs[0]
+            out = os.path.join(first.dir, "slurm.out")
+            argv = ["sbatch"] + list(opts) + [f"--output={out}", f"--chdir={first.dir}"]
+            if len(jobs) > 1:
+                write_json(os.path.join(first.dir, SLURM_ARRAY),
+                           {"jobs": [j.id for j in jobs]}, durable=False)
+                argv.append(f"--array=0-{len(jobs) - 1}")
+            text = slurm_must(cfg, argv, f"sbatch refused {first.id}",
+                              slurm_batch_script(cfg, first.id, len(jobs) > 1))
+            sid = text.strip().split(";")[0]
+            if not re.fullmatch(r"[0-9]+", sid):
+                raise Failure(f"sbatch said {text.strip()!r}, not a job ID")
+            sent.append(sid)
+            for i, job in enumerate(jobs):
+                write_json(os.path.join(job.dir, SLURM_FILE),
+                           {"format": FORMAT, "id": f"{sid}_{i}" if len(jobs) > 1 else sid},
+                           durable=len(ids) == 1)
+    except (Failure, OSError):
+        if sent:
+            slurm_call(cfg, ["scancel"] + sent)
+        raise
+
+
+def squeue_jobs(cfg, user=None):
+    """{Slurm ID: (state, reason)} of the jobs Slurm has pending or running
+    (of `user`, or everybody's), array tasks one by one."""
+    argv = ["squeue", "-h", "-r", "-o", "%i|%T|%r"] + (["-u", user] if user else [])
+    out = slurm_must(cfg, argv, "cannot ask Slurm for its queue")
+    jobs = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 3:
+            jobs[fields[0]] = (fields[1], fields[2])
+    return jobs
+
+
+# Slurm's reasons for a pending job, in dq's words (Slurm's own word is kept
+# beside them: "GPUs busy (Slurm: Resources)").
+SLURM_REASONS = {
+    "Resources": "GPUs busy", "Priority": "other jobs first",
+    "Dependency": "waiting for its DQ_AFTER jobs",
+    "DependencyNeverSatisfied": "its DQ_AFTER job failed",
+    "JobHeldUser": "held", "JobHeldAdmin": "held by an admin",
+    "BeginTime": "not before its start time", "None": "not looked at by Slurm yet",
+    "ReqNodeNotAvail": "its hosts are not available", "PartitionDown": "partition down",
+    "PartitionNodeLimit": "asks more than its partition has",
+    "QOSMaxGRESPerUser": "at your GPU limit", "AssocGrpGRES": "at your group's GPU limit",
+    "QOSMaxJobsPerUserLimit": "at your job limit", "Licenses": "waiting for licenses",
+}
+
+
+def slurm_reason(state, reason):
+    if state != "PENDING":
+        return "starting" if state in ("CONFIGURING", "RUNNING", "COMPLETING") else \
+            f"Slurm: {state}"
+    words = SLURM_REASONS.get(reason) or (
+        "at a limit" if "Limit" in reason or reason.startswith(("QOS", "Assoc")) else None)
+    return f"{words} (Slurm: {reason})" if words else f"Slurm: {reason}"
+
+
+def slurm_queue_reasons(cfg, queued):
+    """Each queued job's `reason`, from squeue."""
+    seen = squeue_jobs(cfg)
+    for j in queued:
+        sid = slurm_id(cfg, j["id"])
+        if sid in seen:
+            j["reason"] = slurm_reason(*seen[sid])
+        elif sid:
+            j["reason"] = "ending in Slurm"
+        else:
+            j["reason"] = "not in Slurm yet"
+        j["slurm_id"] = sid
+
+
+def slurm_out_tail(job):
+    """The last line Slurm wrote about the job's batch step (slurm.out)."""
+    try:
+        with open(os.path.join(job.dir, "slurm.out"), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()
+                     if ln.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
+def slurm_reconcile(cfg):
+    """The caller's jobs that Slurm no longer has, but whose end dq has not
+    recorded: a job that never ran ends `cancelled` (its DQ_AFTER job
+    failed, or Slurm or an admin cancelled it), one that ran ends `lost`
+    (its node or its wrapper died; DQ_REQUEUE runs it again).  Returns how
+    many of the caller's jobs are still queued or running."""
+    user = me()
+    mine = [j for j in active_ids(cfg, user)]
+    if not mine:
+        return 0
+    seen = squeue_jobs(cfg, user)
+    left = 0
+    for job_id in mine:
+        job = load_job(cfg, job_id, quiet=True)
+        if job is None:
+            continue
+        sid = slurm_id(cfg, job_id)
+        if job.end:
+            drop_from_index(cfg, job_id)
+            continue
+        if sid is None or sid in seen:
+            left += 1
+            continue
+        job._run = None         # it may have started since we looked
+        if job.run:
+            again = requeue(cfg, job)
+            reason = (f"its Slurm job {sid} ended without dq's wrapper recording an end "
+                      f"(its node died, or Slurm killed it)")
+            if record_end(cfg, job, "lost", reason + (f"; requeued as {again}" if again else
+                                                      ""), requeued_as=again):
+                notify_later(cfg, job)
+        else:
+            why = slurm_out_tail(job)
+            dep = next((d for d in job.spec.get("after", [])
+                        if final_state(cfg, d)[0] not in (None, "done")), None)
+            reason = (f"dependency {dep} ended {final_state(cfg, dep)[0]}" if dep else
+                      f"Slurm dropped its job {sid} before it ran" +
+                      (f": {why}" if why else " (scancel?)"))
+            if record_end(cfg, job, "cancelled", reason):
+                notify_later(cfg, job)
+        drop_from_index(cfg, job_id)
+    return left
+
+
+def slurm_loop(cfg, quiet=False):
+    """dq-schedule with backend = slurm: no placing (Slurm's), only the
+    owner's bookkeeping (slurm_reconcile) every watch_interval while they
+    have jobs queued or running."""
+    ensure_layout(cfg)
+    lock = loop_lock(cfg)
+    if not lock.acquire(blocking=False):
+        return 0
+    try:
+        while True:
+            try:
+                if not slurm_reconcile(cfg):
+                    return 0
+            except (Failure, OSError) as e:
+                if not quiet:
+                    warn(str(e))
+            time.sleep(cfg.watch_interval)
+    finally:
+        lock.release()
+
+
+def slurm_cancel(cfg, job, grace=None):
+    """scancel a dq job's Slurm job (after dq-kill recorded its end); its
+    Result.  With grace: first its DQ_SIGNAL's warning through Slurm
+    (scancel --signal), dq's wrapper doing the rest (grace.json)."""
+    sid = slurm_id(cfg, job.id)
+    if sid is None:
+        return Result(SLURM_HOST, 0, "", "", 0.0)
+    return slurm_call(cfg, ["scancel", sid])
+
+
+def cmd__slurm(cfg, argv):
+    """Internal: the batch step of a dq job on Slurm's node.  Runs dq's
+    wrapper in a screen session (screen -D -m: it stays in the foreground,
+    so Slurm's job lasts as long as the session) with the GPUs Slurm gave."""
+    array = argv[:1] == ["--array"]
+    internal_args(argv[1:] if array else argv, "_slurm [--array] JOB_ID",
+                  "the batch script of a dq job on Slurm", (full_job_id,))
+    job_id = argv[-1]
+    if array:
+        listing = read_json(os.path.join(cfg.job_dir(job_id), SLURM_ARRAY), {}, {})
+        index = whole_number(os.environ.get("SLURM_ARRAY_TASK_ID", ""))
+        jobs = listing.get("jobs") if isinstance(listing, dict) else None
+        if index is None or not isinstance(jobs, list) or index >= len(jobs):
+            raise Failure(f"{job_id}: no job for array task "
+                          f"{os.environ.get('SLURM_ARRAY_TASK_ID')!r} in its {SLURM_ARRAY}")
+        job_id = jobs[index]
+    host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
+    # The GPUs' indexes as nvidia-smi counts them (SLURM_JOB_GPUS; with
+    # ConstrainDevices, CUDA_VISIBLE_DEVICES counts from 0 in the job's
+    # cgroup, and the wrapper passes that on to the script as it is).
+    gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or ""
+    if not re.fullmatch(r"([0-9]+(,[0-9]+)*)?", gpus):
+        gpus = ""
+    env = clean_env()
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    argv = ["screen", "-D", "-m", "-S", session_name(job_id)] + \
+        dq_argv(cfg.python, "_run", job_id, host, gpus, "-")
+    debug(shlex.join(argv))
+    # scancel's TERM is for the job (its wrapper records the end), not us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        pid = os.posix_spawnp("screen", argv, env, setsigdef=(signal.SIGTERM,))
+    except OSError as e:
+        raise Failure(f"cannot start screen on {host}: {e.strerror}") from None
+    os.waitpid(pid, 0)
+    # Slurm's view of how it ended, for its dependencies (afterok): done or not
+    end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), {}, {}) or {}
+    return 0 if end.get("state") == "done" else 1
 
 
 # Submitting ##################################################################
@@ -6147,6 +6653,8 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False, snaps
     dq-restart's: the run restarted runs from its own again)."""
     jobs = [prepare_job(cfg, env) for env in envs]
     ensure_layout(cfg)      # who may not use the data root learns it first
+    if is_slurm(cfg):
+        return submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot)
     shapes = {(j["gpus"], need_shape(j["need"])): j for j in jobs}
     seen = cached_hosts(cfg, max(SUBMIT_POLL_MAX_AGE, 3 * cfg.poll_interval))
     queue_only = seen is not None and not any(
@@ -6201,6 +6709,29 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False, snaps
         print(f"{len(waiting)} jobs are queued; they start as GPUs free up (see dq-jobs "
               f"queue)", file=sys.stderr)
     if not scheduler_running(cfg):
+        spawn_scheduler(cfg)
+    return ids
+
+
+def submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot):
+    """submit_and_place with backend = slurm: write the jobs and sbatch
+    them (create_jobs does both); Slurm starts them."""
+    if snapshot is not None:
+        for j in jobs:
+            j["snapshot"] = snapshot
+    elif any(j["snapshot"] for j in jobs):
+        plan = SnapshotPlan(cfg, cwd, script)
+        for j in jobs:
+            j["snapshot"] = plan if j["snapshot"] else None
+    ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
+    for job_id in ids:
+        print(f"Job ID: '{job_id}'", flush=True)
+    sids = [slurm_id(cfg, job_id) for job_id in ids]
+    arrays = sorted({s.split("_")[0] for s in sids if s})
+    print(f"{ids[0] if len(ids) == 1 else f'{len(ids)} jobs'} queued in Slurm as "
+          f"{'job' if len(arrays) == 1 else 'jobs'} {', '.join(arrays)} (see dq-jobs queue)",
+          file=sys.stderr)
+    if not scheduler_running(cfg):      # its bookkeeping loop (slurm_loop)
         spawn_scheduler(cfg)
     return ids
 
@@ -6377,6 +6908,17 @@ def kill_job(cfg, job, grace=None, state="killed", reason="killed by dq-kill", s
         return 1
     if job.state() not in ("queued", "running"):
         return not_active()
+    if is_slurm(cfg):
+        if not record_end(cfg, job, state, reason, host=job.run.get("host")):
+            return not_active()
+        say(f"Removing {job.id} from the queue" if not job.run else
+            f"Killing {job.id} on {job.run.get('host')} ...")
+        r = slurm_cancel(cfg, job)
+        drop_from_index(cfg, job.id)
+        if not r.ok:
+            warn(f"scancel of {job.id} (Slurm job {slurm_id(cfg, job.id)}) failed: "
+                 f"{r.why()}; it is recorded killed, and its wrapper stops it")
+        return 0 if r.ok else 1
     with Placements.locked(cfg) as places:
         place = places.get(job.id)
         # Recorded first: the wrapper then knows the end was a kill, and a
@@ -6499,6 +7041,13 @@ def set_held(cfg, jobs, held):
                 continue
             rewrite_entry(cfg, job.id, dict(info, held=True) if held else
                           {k: v for k, v in info.items() if k != "held"})
+        if is_slurm(cfg) and slurm_id(cfg, job.id):
+            res = slurm_call(cfg, ["scontrol", verb, slurm_id(cfg, job.id)])
+            if not res.ok:
+                rewrite_entry(cfg, job.id, info)
+                print(f"{PROG}: error: scontrol {verb} {job.id}: {res.why()}", file=sys.stderr)
+                status = 1
+                continue
         print(f"{'Holding' if held else 'Releasing'} {job.id}")
     return status
 
@@ -6547,6 +7096,13 @@ def cmd_top(cfg, argv):
                       file=sys.stderr)
                 status = 1
                 continue
+            if is_slurm(cfg) and slurm_id(cfg, job.id):
+                res = slurm_call(cfg, ["scontrol", "top", slurm_id(cfg, job.id)])
+                if not res.ok:
+                    print(f"{PROG}: error: scontrol top {job.id}: {res.why()} (Slurm allows "
+                          f"it with SchedulerParameters=enable_user_top)", file=sys.stderr)
+                    status = 1
+                    continue
             rewrite_entry(cfg, job.id, dict(info, top=mark + i))
             moved.insert(0, job.id)
     for job_id in moved:
@@ -6567,7 +7123,14 @@ def cmd_wait(cfg, argv):
     total, status = len(pending), 0
     deadline = time.monotonic() + args.timeout if args.timeout else None
     tty, pause = sys.stderr.isatty(), 0.05
+    checked = time.monotonic()
     while True:
+        if is_slurm(cfg) and time.monotonic() - checked > 2:
+            checked = time.monotonic()
+            try:            # jobs Slurm dropped end (slurm_reconcile)
+                slurm_reconcile(cfg)
+            except Failure as e:
+                warn(str(e))
         for job_id in list(pending):
             state, last = final_state(cfg, job_id)
             if state is None:
@@ -6674,7 +7237,10 @@ def active_jobs(cfg, who, places=None, ids=None):
 
 def queue_reasons(cfg, queued, places):
     """Set each queued job's `reason`: the planner's own (plan, in explain
-    mode, on the whole queue) from what the last polls saw."""
+    mode, on the whole queue) from what the last polls saw; on Slurm,
+    squeue's."""
+    if is_slurm(cfg):
+        return slurm_queue_reasons(cfg, queued)
     now = time.time()
     waits_on = {}
     for j in queued:
@@ -6741,11 +7307,14 @@ def cmd_jobs(cfg, argv):
     who = None if args.all else (args.user or me())
     ensure_layout(cfg)
     now = time.time()
+    if is_slurm(cfg):
+        slurm_reconcile(cfg)    # our jobs that Slurm dropped: ended now
     places = Placements.read(cfg)
     ids = active_ids(cfg, who)
     if any(i.endswith("-" + me()) for i in ids) and not scheduler_running(cfg):
         spawn_scheduler(cfg)    # e.g. a dq-submit was killed before it started one
-    if args.view == "summary" or args.view == "active" and not args.json:
+    if (args.view == "summary" or args.view == "active" and not args.json) \
+            and not is_slurm(cfg):      # (on Slurm, no placements: read every job)
         # Counts need no job read: an entry not placed is queued (a deep
         # queue costs a listing, not a read per job); running jobs are read.
         active = active_jobs(cfg, who, places, [i for i in ids if i in places])
@@ -8452,8 +9021,8 @@ COMMANDS = {
     "report": cmd_report,
 }
 
-INTERNAL = {"_run": cmd__run, "_kill": cmd__kill, "_grace": cmd__grace,
-            "_notify": cmd__notify, "_complete": cmd__complete, "_layout": cmd__layout}
+INTERNAL = {"_run": cmd__run, "_slurm": cmd__slurm, "_kill": cmd__kill,
+            "_grace": cmd__grace, "_notify": cmd__notify, "_complete": cmd__complete, "_layout": cmd__layout}
 
 
 def overview():

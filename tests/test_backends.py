@@ -1,0 +1,293 @@
+"""The core of dq on both back ends (issue 22): the same commands, as a
+user runs them, against dq's own ssh scheduling and against a real Slurm
+(slurmctld and a slurmd inside each simulated node, tests/slurmcluster.py).
+One parametrized fixture, `engine`, gives each test a dq install on one back
+end; the tests assert what a user sees, whichever runs the jobs."""
+import json
+import os
+import re
+import time
+
+import pytest
+
+from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state, \
+    wait_until
+
+HOSTS = ["node1", "node2", "node3", "node4"]
+
+
+class Engine:
+    """A dq install on one back end: `name` is ssh or slurm."""
+
+    def __init__(self, name, dq, slurm=None):
+        self.name, self.dq, self.slurm = name, dq, slurm
+        self.cluster = dq.cluster
+
+    def configure(self, hosts=HOSTS, **opts):
+        if self.name == "slurm":
+            opts = dict(dict(backend="slurm", slurm_conf=self.slurm.conf), **opts)
+        configure(self.dq, hosts, **opts)
+
+
+@pytest.fixture(params=["ssh", "slurm"])
+def engine(request, cluster, dq):
+    slurm = request.getfixturevalue("slurm") if request.param == "slurm" else None
+    e = Engine(request.param, dq, slurm)
+    e.configure()
+    return e
+
+
+def test_a_job_runs_with_its_env_cwd_and_gpu(engine):
+    dq, c = engine.dq, engine.cluster
+    d, path = script(c, ALICE, "env.sh", 'echo "host=$(hostname) cwd=$(pwd) '
+                     'cuda=$CUDA_VISIBLE_DEVICES lr=$DQ_LR id=$DQ_JOB_ID"\n'
+                     'nvidia-smi -L | head -1\n')
+    job_id, r = submit(dq, "node1", ALICE, path, env={"DQ_LR": "0.1", "DQ_GPUS": "2"})
+    assert job_id, r.stderr
+    j = wait_state(dq, job_id, "done", timeout=40)
+    out = log_of(dq, job_id)
+    m = re.search(r"host=(\S+) cwd=(\S+) cuda=(\S*) lr=(\S*) id=(\S+)", out)
+    assert m, out
+    host, cwd, cuda, lr, jid = m.groups()
+    assert (cwd, lr, jid) == (d, "0.1", job_id), out
+    assert host == j["host"] and len(cuda.split(",")) == 2, (out, j)
+    assert sorted(j["gpus"]) == sorted(int(g) for g in cuda.split(",")), (out, j)
+    assert "GPU " in out, out
+    if engine.name == "slurm":      # it went through Slurm, as a Slurm job
+        with open(os.path.join(dq.root, "jobs", "backend", job_id, "slurm.json")) as f:
+            assert re.fullmatch(r"[0-9]+", json.load(f)["id"])
+
+
+def slurm_id(engine, job_id):
+    with open(os.path.join(engine.dq.root, "jobs", "backend", job_id, "slurm.json")) as f:
+        return json.load(f)["id"]
+
+
+def spans(dq, ids, user=ALICE):
+    """{job: (host, gpus, started, ended)} of ended jobs, from dq-jobs."""
+    done = {j["id"]: j for j in jobs(dq, user=user, view="complete")}
+    return {i: (done[i]["host"], done[i]["gpus"], done[i]["started"], done[i]["ended"])
+            for i in ids}
+
+
+def test_the_queue_fills_every_gpu_and_never_one_twice(engine):
+    """20 one-GPU jobs of two users on 16 GPUs: all run, no GPU ever holds
+    two at once, and the four that wait have a reason."""
+    dq, c = engine.dq, engine.cluster
+    ids = []
+    for user in (ALICE, BOB):
+        _, path = script(c, user, "hold.sh", "exec fake-cuda --hold 8 --mem 1000\n")
+        for _ in range(10):
+            job_id, r = submit(dq, "node1", user, path)
+            ids.append((job_id, user))
+
+    def sixteen_running():
+        active = jobs(dq)
+        running = [j for j in active if j["state"] == "running"]
+        return active if len(running) == 16 else None
+    active = wait_until(sixteen_running, 30, 0.3, "16 running")
+    queued = [j for j in active if j["state"] == "queued"]
+    assert len(queued) == 4 and all(j["reason"] for j in queued), queued
+    if engine.name == "slurm":
+        assert all("(Slurm: " in j["reason"] for j in queued), queued
+    for job_id, user in ids:
+        wait_state(dq, job_id, "done", timeout=60, user=user)
+    got = {}
+    for user in (ALICE, BOB):
+        got.update(spans(dq, [i for i, u in ids if u == user], user))
+    by_gpu = {}
+    for job_id, (host, gpus, start, end) in got.items():
+        assert len(gpus) == 1, (job_id, gpus)
+        by_gpu.setdefault((host, gpus[0]), []).append((start, end, job_id))
+    assert len(by_gpu) == 16, sorted(by_gpu)
+    for gpu, runs in by_gpu.items():
+        runs.sort()
+        for (s1, e1, a), (s2, e2, b) in zip(runs, runs[1:]):
+            assert s2 >= e1 - 0.05, (gpu, a, b, e1, s2)
+
+
+def test_kill_a_running_and_a_queued_job(engine):
+    dq, c = engine.dq, engine.cluster
+    engine.configure(["node2"])
+    _, path = script(c, ALICE, "long.sh", "exec fake-cuda --hold 120 --mem 1000\n")
+    env = {"DQ_GPUS": "4", "DQ_HOSTS": "node2"}
+    running, _ = submit(dq, "node1", ALICE, path, env=env)
+    wait_state(dq, running, "running", timeout=30)
+    queued, _ = submit(dq, "node1", ALICE, path, env=env)
+    wait_until(lambda: [j for j in jobs(dq, view="queue") if j["id"] == queued], 10)
+    r = dq.run("node1", ALICE, "kill", queued)
+    assert r.returncode == 0 and "Removing" in r.stdout, r.stdout + r.stderr
+    r = dq.run("node1", ALICE, "kill", running)
+    assert r.returncode == 0 and "Killing" in r.stdout, r.stdout + r.stderr
+    for j in (queued, running):
+        assert wait_state(dq, j, "killed", timeout=20)["state"] == "killed"
+    # nothing of it is left on the GPUs, and nothing else started there
+    wait_until(lambda: not c.gpu_processes("node2"), 20, 0.2, "node2's GPUs to empty")
+    time.sleep(1)
+    assert not c.gpu_processes("node2")
+    assert job(dq, queued)["started"] is None
+    if engine.name == "slurm":
+        wait_until(lambda: not engine.slurm.squeue_ids(), 20, 0.2, "Slurm's queue to empty")
+    # a killed job cannot be killed again
+    r = dq.run("node1", ALICE, "kill", running)
+    assert r.returncode == 1 and "not active" in r.stderr
+
+
+def test_restart_tail_and_attach(engine):
+    dq, c = engine.dq, engine.cluster
+    _, path = script(c, ALICE, "count.sh",
+                     'for i in 1 2 3; do echo "tick $i"; done; sleep "${DQ_NAP:-0}"\n')
+    first, _ = submit(dq, "node1", ALICE, path)
+    wait_state(dq, first, "done", timeout=30)
+    r = dq.run("node1", ALICE, "tail", first)
+    assert r.returncode == 0 and r.stdout.split() == ["tick", "1", "tick", "2", "tick", "3"], \
+        r.stdout
+    r = dq.run("node1", ALICE, "restart", first)
+    assert r.returncode == 0, r.stderr
+    again = re.search(r"'([0-9]+-[a-z]+)'", r.stdout).group(1)
+    assert again != first
+    wait_state(dq, again, "done", timeout=30)
+    assert "tick 3" in log_of(dq, again)
+    # a running job's screen session, on its host, where dq-attach finds it
+    nap, _ = submit(dq, "node1", ALICE, path, env={"DQ_NAP": "60"})
+    j = wait_state(dq, nap, "running", timeout=30)
+    wait_until(lambda: f"dq-{nap}" in c.run(j["host"], ALICE, "screen -ls").stdout, 10, 0.2,
+               "its screen session")
+    r = dq.run("node1", BOB, "attach", nap)
+    assert r.returncode == 1 and "belongs to" in r.stderr
+    dq.run("node1", ALICE, "kill", nap)
+    r = dq.run("node1", ALICE, "attach", nap)
+    assert r.returncode == 1 and "not running" in r.stderr
+
+
+def test_a_sweep(engine):
+    dq, c = engine.dq, engine.cluster
+    _, path = script(c, ALICE, "lr.sh", 'echo "lr=$DQ_LR i=$DQ_SWEEP_INDEX"\n')
+    r = dq.run("node1", ALICE, "submit", "--grid", "DQ_LR=0.1,0.01,0.001", path,
+               cwd=os.path.dirname(path))
+    assert r.returncode == 0, r.stderr
+    ids = re.findall(r"^Job ID: '([0-9]+-[a-z]+)'$", r.stdout, re.M)
+    assert len(ids) == 3
+    for i, (job_id, lr) in enumerate(zip(ids, ("0.1", "0.01", "0.001"))):
+        wait_state(dq, job_id, "done", timeout=30)
+        assert f"lr={lr} i={i}" in log_of(dq, job_id)
+    if engine.name == "slurm":      # one job array
+        sids = [slurm_id(engine, j) for j in ids]
+        assert [s.split("_")[1] for s in sids] == ["0", "1", "2"], sids
+        assert len({s.split("_")[0] for s in sids}) == 1, sids
+
+
+def test_after_and_its_cancel(engine):
+    dq, c = engine.dq, engine.cluster
+    _, ok = script(c, ALICE, "ok.sh", "sleep 2; date +%s.%N\n")
+    _, bad = script(c, ALICE, "bad.sh", "sleep 1; exit 3\n")
+    _, after = script(c, ALICE, "after.sh", "date +%s.%N\n")
+    a, _ = submit(dq, "node1", ALICE, ok)
+    b, _ = submit(dq, "node1", ALICE, after, env={"DQ_AFTER": a})
+    f, _ = submit(dq, "node1", ALICE, bad)
+    g, _ = submit(dq, "node1", ALICE, after, env={"DQ_AFTER": f})
+    wait_state(dq, b, "done", timeout=40)
+    assert float(log_of(dq, b).split()[0]) >= float(log_of(dq, a).split()[0])
+    wait_state(dq, f, "failed", timeout=30)
+    try:
+        j = wait_state(dq, g, "cancelled", timeout=40)
+    except AssertionError:
+        if engine.slurm:
+            print(engine.slurm.squeue("%i %T %r"), job(dq, g))
+            print(dq.run("node1", ALICE, "jobs", "--json", "-a").stdout)
+        raise
+    assert f in j["reason"] and j["started"] is None, j
+
+
+def test_a_time_limit(engine):
+    dq, c = engine.dq, engine.cluster
+    _, path = script(c, ALICE, "slow.sh", "exec sleep 100\n")
+    job_id, _ = submit(dq, "node1", ALICE, path, env={"DQ_TIME": "3s"})
+    j = wait_state(dq, job_id, ("timeout", "failed", "killed"), timeout=40)
+    assert j["state"] == "timeout" and "time limit 3s" in j["reason"], j
+    assert j["ended"] - j["started"] < 3 + 5 + 2, j      # kill_grace 5 s at most
+
+
+def test_listings(engine):
+    dq, c = engine.dq, engine.cluster
+    engine.configure(["node3"])
+    _, path = script(c, ALICE, "hold.sh", "exec fake-cuda --hold 60 --mem 1000\n")
+    env = {"DQ_GPUS": "4", "DQ_HOSTS": "node3", "DQ_DESC": "big one"}
+    running, _ = submit(dq, "node1", ALICE, path, env=env)
+    wait_state(dq, running, "running", timeout=30)
+    queued, _ = submit(dq, "node1", ALICE, path, env=env)
+    r = dq.run("node1", ALICE, "jobs", "summary", "--json")
+    assert json.loads(r.stdout)["active"] == 1 and json.loads(r.stdout)["queued"] == 1
+    [q] = wait_until(lambda: [j for j in jobs(dq, view="queue")
+                              if (j["reason"] or "").startswith("GPUs busy")], 20, 0.3,
+                     "its reason")
+    assert q["id"] == queued and q["desc"] == "big one", q
+    r = dq.run("node1", ALICE, "jobs")
+    assert r.returncode == 0 and running in r.stdout and "node3" in r.stdout, r.stdout
+    r = dq.run("node1", ALICE, "jobs", "queue")
+    assert queued in r.stdout and "GPUs busy" in r.stdout, r.stdout
+    for j in (queued, running):
+        dq.run("node1", ALICE, "kill", j)
+    r = dq.run("node1", ALICE, "jobs", "complete", "--json")
+    assert {j["id"] for j in json.loads(r.stdout)} >= {queued, running}
+
+
+# ---------------------------------------------------------------- Slurm only
+
+def slurm_engine(request, cluster, dq):
+    e = Engine("slurm", dq, request.getfixturevalue("slurm"))
+    e.configure()
+    return e
+
+
+@pytest.fixture
+def on_slurm(request, cluster, dq):
+    return slurm_engine(request, cluster, dq)
+
+
+def test_what_slurm_cannot_honour_is_refused(on_slurm):
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "x.sh", "true\n")
+    for env, needles in (({"DQ_GPU_MEM": "40G"}, ["DQ_GPU_MEM", "DQ_GPU_TYPE"]),
+                         ({"DQ_MEM": "8G"}, ["DQ_MEM", "shards"]),
+                         ({"DQ_PRIORITY": "5"}, ["DQ_PRIORITY", "dq-top"]),
+                         ({"DQ_HOSTS": "gpu9"}, ["DQ_HOSTS=gpu9", "node1"]),
+                         ({"DQ_GPU_TYPE": "A100"}, ["DQ_GPU_TYPE=A100", "gres types"]),
+                         ({"DQ_GPUS": "8"}, ["sbatch", "node configuration"])):
+        r = dq.run("node1", ALICE, "submit", path, env=env, cwd=os.path.dirname(path))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (env, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), (env, lines)
+    assert jobs(dq) == [] and not on_slurm.slurm.squeue_ids()
+
+
+def test_hosts_hold_and_release_through_slurm(on_slurm):
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "h.sh", "hostname\n")
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_HOSTS": "node2,node4", "DQ_GPUS": "4"})
+    b, _ = submit(dq, "node1", ALICE, path, env={"DQ_EXCLUDE": "node[1-3]"})
+    for j in (a, b):
+        wait_state(dq, j, "done", timeout=30)
+    assert job(dq, a)["host"] in ("node2", "node4") and job(dq, b)["host"] == "node4"
+    held, _ = submit(dq, "node1", ALICE, path, env={"DQ_AFTER": a})
+    r = dq.run("node1", ALICE, "hold", held)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: [j for j in jobs(dq, view="queue") if "held" in (j["reason"] or "")],
+               10, 0.3, "held in Slurm's words")
+    time.sleep(2)
+    assert job(dq, held)["state"] == "queued"
+    assert dq.run("node1", ALICE, "release", held).returncode == 0
+    wait_state(dq, held, "done", timeout=30)
+
+
+def test_a_job_slurm_cancels_is_recorded(on_slurm):
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "long.sh", "exec sleep 100\n")
+    first, _ = submit(dq, "node1", ALICE, path)
+    q, _ = submit(dq, "node1", ALICE, path, env={"DQ_AFTER": first})
+    wait_state(dq, first, "running", timeout=20)
+    r = on_slurm.slurm.root_run(["scancel", slurm_id(on_slurm, q)])     # an admin's
+    assert r.returncode == 0, r.stderr
+    j = wait_state(dq, q, "cancelled", timeout=20)
+    assert "Slurm" in j["reason"], j
+    dq.run("node1", ALICE, "kill", first)
