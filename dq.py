@@ -1721,7 +1721,7 @@ def cmd_drain(cfg, argv):
     if not args.host:
         if args.undo or args.reason:
             raise Failure("name the hosts, e.g. dq-drain node3 -r 'new disk'")
-        drains = read_drains(cfg)
+        drains = slurm_drains(cfg) if is_slurm(cfg) else read_drains(cfg)
         if args.json:
             print(json.dumps([dict(host=h, **d) for h, d in sorted(drains.items())], indent=1))
             return 0
@@ -1729,12 +1729,16 @@ def cmd_drain(cfg, argv):
             print("No host is drained")
             return 0
         print_table(["Host", "Since", "By", "Reason"],
-                    [(h, time.strftime("%Y-%m-%d %H:%M", time.localtime(d["since"])), d["by"],
+                    [(h, time.strftime("%Y-%m-%d %H:%M", time.localtime(d["since"]))
+                      if d["since"] else "-", d["by"],
                       d["reason"] or "-") for h, d in sorted(drains.items())])
         return 0
     if args.undo and args.reason:
         raise Failure("--undo takes no reason")
-    set_drained(cfg, args.host, not args.undo, args.reason.strip())
+    if is_slurm(cfg):
+        slurm_drain(cfg, args.host, not args.undo, args.reason.strip())
+    else:
+        set_drained(cfg, args.host, not args.undo, args.reason.strip())
     for h in args.host:
         print(f"{'Undrained' if args.undo else 'Drained'} {h}" +
               (f" ({args.reason.strip()})" if args.reason.strip() and not args.undo else ""))
@@ -6512,6 +6516,107 @@ def slurm_cancel(cfg, job, grace=None):
     return slurm_call(cfg, ["scancel", sid])
 
 
+def expand_hostlist(text):
+    """Slurm's host list 'node[1-3,7],gpu9' -> ['node1', 'node2', 'node3',
+    'node7', 'gpu9']."""
+    out = []
+    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?", text or ""):
+        if not ranges:
+            out.append(name)
+            continue
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            out += [f"{name}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def slurm_gpus_in_use(cfg):
+    """{node: {GPU indexes}} that Slurm's running jobs hold (scontrol -d
+    show job: 'Nodes=node2 CPU_IDs=0 Mem=0 GRES=gpu:3(IDX:0-2)')."""
+    out = slurm_must(cfg, ["scontrol", "-d", "-o", "show", "job"],
+                     "cannot ask Slurm for its jobs")
+    used = {}
+    for nodes, gres in re.findall(r" Nodes=(\S+) CPU_IDs=\S+ Mem=\S+ GRES=(\S*)", out):
+        for node in expand_hostlist(nodes):
+            used.setdefault(node, set()).update(gres_indexes(gres)[1])
+    return used
+
+
+def gres_indexes(text, kind="gpu"):
+    """(count, {indexes}) of gres `kind` in Gres/GresUsed text such as
+    'gpu:4', 'gpu:a100:2(IDX:0,2-3)', 'gpu:0,shard:8(...)'."""
+    count, idx = 0, set()
+    for part in re.split(r",(?![^(]*\))", text or ""):
+        m = re.match(r"([a-z_]+)(?::(?:\(null\)|[^:(]+))?:([0-9]+)(?:\(([^)]*)\))?",
+                     part.strip())
+        if not m or m.group(1) != kind:
+            continue
+        count += int(m.group(2))
+        for r in re.findall(r"[0-9]+(?:-[0-9]+)?", (m.group(3) or "").partition("IDX:")[2]):
+            lo, _, hi = r.partition("-")
+            idx.update(range(int(lo), int(hi or lo) + 1))
+    return count, idx
+
+
+SLURM_UNUSABLE = ("DRAIN", "DOWN", "FAIL", "MAINT", "NOT_RESPONDING", "POWER")
+
+
+def slurm_free(cfg):
+    """dq-free's rows with backend = slurm: each node's GPUs that Slurm has
+    not allocated, and its drain (Slurm's own, with its reason)."""
+    out = slurm_must(cfg, ["sinfo", "-h", "-N", "-O", "NodeList:|,StateLong:|,Gres:|,Reason:|"],
+                     "cannot ask Slurm for its nodes")
+    used = slurm_gpus_in_use(cfg)
+    rows, seen = [], set()
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) < 4 or not fields[0] or fields[0] in seen:
+            continue
+        node, state, gres, reason = fields[:4]
+        seen.add(node)
+        total = gres_indexes(gres)[0]
+        unusable = any(s in state.upper() for s in SLURM_UNUSABLE)
+        drained = {"reason": None if reason == "none" else reason, "by": None,
+                   "since": None} if unusable else None
+        free = [] if unusable else [i for i in range(total) if i not in used.get(node, ())]
+        rows.append({"host": node, "free": free, "gpus": total, "error": None,
+                     "drained": drained, "slurm_state": state,
+                     "free_gpus": [{"index": i, "name": None, "memory_total_mib": None,
+                                    "free_mem_mib": 0} for i in free], "shared_gpus": []})
+    return rows
+
+
+def slurm_drain(cfg, hosts, drain, reason):
+    """dq-drain with backend = slurm: scontrol update (Slurm lets only its
+    operators; others get its refusal in one line)."""
+    for h in hosts:
+        argv = ["scontrol", "update", f"nodename={h}",
+                f"state={'drain' if drain else 'resume'}"]
+        if drain:
+            argv.append(f"reason={reason or 'dq-drain by ' + me()}")
+        res = slurm_call(cfg, argv)
+        if not res.ok:
+            raise Failure(f"scontrol could not {'drain' if drain else 'resume'} {h}: "
+                          f"{res.why()}" + (" (only Slurm's operators may)" if "user id"
+                                             in res.why().lower() else ""))
+
+
+def slurm_drains(cfg):
+    """{node: {reason, by, since}} of Slurm's drained and down nodes (sinfo -R)."""
+    out = slurm_must(cfg, ["sinfo", "-h", "-R", "-N", "-o", "%N|%E|%u|%H"],
+                     "cannot ask Slurm for its drained nodes")
+    drains = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 4 and fields[0]:
+            try:
+                since = time.mktime(time.strptime(fields[3], "%Y-%m-%dT%H:%M:%S"))
+            except ValueError:
+                since = None
+            drains[fields[0]] = {"reason": fields[1], "by": fields[2], "since": since}
+    return drains
+
+
 def cmd__slurm(cfg, argv):
     """Internal: the batch step of a dq job on Slurm's node.  Runs dq's
     wrapper in a screen session (screen -D -m: it stays in the foreground,
@@ -8101,13 +8206,13 @@ def cmd_free(cfg, argv):
     p.add_argument("--json", action="store_true", help="print JSON")
     args = parse(p, argv)
     ensure_layout(cfg)
-    polls = poll_hosts(cfg, with_ps=False)
+    out = slurm_free(cfg) if is_slurm(cfg) else []
+    polls = poll_hosts(cfg, with_ps=False) if not out else {}
     places = Placements.read(cfg)
     reserved = reserved_by_host(places)
-    drained = read_drains(cfg)
-    rooms = share_rooms(polls, places, cfg, [h for h in cfg.hosts if not polls[h].error])
-    out = []
-    for h in cfg.hosts:
+    drained = read_drains(cfg) if not out else {}
+    rooms = share_rooms(polls, places, cfg, [h for h in polls if not polls[h].error])
+    for h in cfg.hosts if not out else []:
         s = polls[h]
         if s.error:
             warn(f"{h}: {s.error}")

@@ -291,3 +291,34 @@ def test_a_job_slurm_cancels_is_recorded(on_slurm):
     j = wait_state(dq, q, "cancelled", timeout=20)
     assert "Slurm" in j["reason"], j
     dq.run("node1", ALICE, "kill", first)
+
+
+def test_free_and_drain_through_slurm(on_slurm, cluster):
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "hold.sh", "exec fake-cuda --hold 60 --mem 1000\n")
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_HOSTS": "node2", "DQ_GPUS": "3"})
+    j = wait_state(dq, a, "running", timeout=20)
+    r = dq.run("node1", BOB, "free", "--json")
+    assert r.returncode == 0, r.stderr
+    free = {h["host"]: h for h in json.loads(r.stdout)}
+    assert sorted(free) == HOSTS
+    assert free["node1"]["free"] == [0, 1, 2, 3] and free["node2"]["gpus"] == 4
+    assert free["node2"]["free"] == [g for g in range(4) if g not in j["gpus"]], (free, j)
+    # only Slurm's operators may drain: a user gets Slurm's refusal in one line
+    r = dq.run("node1", ALICE, "drain", "node3", "-r", "fan")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "scontrol" in r.stderr and "operators" in r.stderr, r.stderr
+    # root is one: the node drains in Slurm, with the reason, and dq says so
+    r = on_slurm.cluster.run("node1", "root", [dq.path("drain"), "node3", "-r", "new fan"])
+    assert r.returncode == 0, r.stderr
+    r = dq.run("node1", ALICE, "drain", "--json")
+    assert [(d["host"], d["reason"]) for d in json.loads(r.stdout)] == [("node3", "new fan")]
+    assert "node3: drained (new fan)" in dq.run("node1", ALICE, "free").stdout
+    _, quick = script(c, ALICE, "q.sh", "hostname\n")
+    b, _ = submit(dq, "node1", ALICE, quick, env={"DQ_HOSTS": "node3"})
+    time.sleep(2)
+    assert job(dq, b)["state"] == "queued"
+    r = on_slurm.cluster.run("node1", "root", [dq.path("drain"), "--undo", "node3"])
+    assert r.returncode == 0, r.stderr
+    assert wait_state(dq, b, "done", timeout=30)["host"] == "node3"
+    dq.run("node1", ALICE, "kill", a)
