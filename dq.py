@@ -3145,10 +3145,12 @@ def rebuild_history(cfg, user, save):
 
 def append_history(cfg, job):
     """Add an ended job to its owner's history (under the counter lock);
-    a missing history is rebuilt, this job with it."""
+    a missing history is rebuilt, this job with it.  Then the day summary
+    (DAYS) is made anew if the history has outgrown it."""
     path = history_path(cfg, job.owner)
     if not os.path.exists(path):
         rebuild_history(cfg, job.owner, save=True)
+        refresh_days(cfg, job.owner)
         return
     data = history_line(history_record(job, time.time())).encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -3163,6 +3165,7 @@ def append_history(cfg, job):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     finally:
         os.close(fd)
+    refresh_days(cfg, job.owner)
 
 
 def history_offset(f, size, since):
@@ -3215,6 +3218,13 @@ def read_history(cfg, user, since=None):
     except OSError as e:
         warn(f"cannot read {path}: {e.strerror}; dq-report leaves {user}'s jobs out")
         return []
+    return history_records(data, path, since)
+
+
+def history_records(data, path, since=None, quiet=False):
+    """The records in a piece of a history (bytes, whole lines) that ended
+    from `since` on; a line that is not one of dq's is skipped, with one
+    warning (unless `quiet`)."""
     lines = [line for line in data.splitlines() if line.strip()]
     try:        # all at once, in C; line by line only when one is broken
         parsed = json.loads(b"[" + b",".join(lines) + b"]")
@@ -3231,10 +3241,192 @@ def read_history(cfg, user, since=None):
             bad += 1
         elif since is None or rec["ended"] >= since:
             records.append(rec)
-    if bad:
+    if bad and not quiet:
         warn(f"skipped {bad} line(s) of {path} that are not dq's history (or are of a newer "
              f"dq); remove the file and dq rebuilds it from the job directories")
     return records
+
+
+# Day summaries: jobs/done/<user>.days, so that a report of a month reads
+# a few lines per user, not every job of the month.  Made from the whole
+# history, from scratch, by its owner alone (append_history; the owner's
+# dq-report) whenever the history has grown more than DAYS_TAIL bytes past
+# what the summary covers (`through`): the lines after it (the tail) are
+# read as records.  Lab-readable; safe to delete (dq-report then reads the
+# records, and the owner's next job end or report makes it again).
+#
+# Line 1, the header: format, ino (the history's inode: a history written
+# anew is another file), through (bytes of the history it covers), tz
+# (days_tz: what local midnights depend on), index ([day, offset of its
+# totals line, offset of its detail line], offsets from the end of the
+# header).  Then two lines per local day that has any data, in day order:
+#   totals: cumulative over every day up to and including this one, so a
+#     window of whole days is the difference of two lines: day, n ([jobs,
+#     then REPORT_STATES' counts] of the jobs that ended), gpu_s and idle_s
+#     (split by the hours jobs ran on each day, as report_rows does), waits
+#     ([[count of bucket 0, 1, ...], [sum of bucket 0, 1, ...]], see
+#     wait_bucket: ~300 buckets for waits up to a day);
+#   detail: the day alone, for a window that starts or ends inside it: day,
+#     r0 ([jobs running, their GPUs, their idle GPUs] at its midnight), ev
+#     (flat [s after midnight, then the same three, ...] after each start
+#     or end, in time order), ends (flat [s after midnight, index in
+#     REPORT_STATES or -1, wait or -1, ...] of the jobs that ended on it,
+#     in time order), so a part of the day is found by bisection.
+# Numbers are compact lists, not objects, and rounded (waits to the ms,
+# starts and ends in ev to the ms, GPUs to 1e-6): they are what a report
+# parses.  The ends' times are t - midnight, exact in floating point
+# (Sterbenz), so a job ends inside a window by the summary exactly when
+# it does by its record.
+DAYS = ".days"
+DAYS_FORMAT = 1
+DAYS_TAIL = 65536       # ~200 lines: the most a report reads as records
+
+
+def days_path(cfg, user):
+    return cfg.p("jobs", "done", user + DAYS)
+
+
+def days_tz():
+    """What local midnights depend on: a summary made under another time
+    zone is not used (its days are other days)."""
+    return [time.timezone, time.altzone, list(time.tzname)]
+
+
+def wait_bucket(wait):
+    """A wait's bucket in a summary: 0 under 10 ms, then 16 per doubling
+    (each 4.4% wide).  Each keeps count and sum: a percentile of summed
+    days is good to a bucket, and exact where its waits are all equal."""
+    return 0 if wait < 0.01 else 1 + int(16 * math.log2(wait / 0.01))
+
+
+def day_summaries(records):
+    """[(day, totals, detail)] of a history's records (see DAYS), the
+    lines as dicts, in day order."""
+    days = {}       # midnight -> [ends, events, gpu_s, idle_s, counts, waits]
+    state_index = {s: i for i, s in enumerate(REPORT_STATES)}
+
+    def of(t):
+        day = period_start(t, "day")
+        if day not in days:
+            days[day] = [[], [], 0.0, 0.0, [0] * (1 + len(REPORT_STATES)), {}]
+        return day, days[day]
+    for r in records:
+        ended, started, submitted = r["ended"], r.get("started"), r.get("submitted")
+        day, d = of(ended)
+        state = state_index.get(r["state"], -1)
+        wait = -1
+        if started is not None and submitted is not None:
+            wait = max(0.0, started - submitted)
+            bucket = d[5].setdefault(wait_bucket(wait), [0, 0.0])
+            bucket[0] += 1
+            bucket[1] += wait
+        d[0].append((ended - day, state, round(wait, 3)))
+        d[4][0] += 1
+        if state >= 0:
+            d[4][1 + state] += 1
+        if started is None or not r["gpus"] or ended <= started:
+            continue
+        weight = r["gpus"] * r.get("share", 1)
+        idle = min(r.get("idle_gpu_s", 0) / (ended - started), weight)
+        for t, sign in ((started, 1), (ended, -1)):
+            day, d = of(t)
+            d[1].append((t - day, sign * weight, sign * idle))
+        t = started
+        while t < ended:
+            day, d = of(t)
+            stop = min(ended, next_period(day, "day"))
+            d[2] += weight * (stop - t)
+            d[3] += idle * (stop - t)
+            t = stop
+    out, running = [], [0, 0.0, 0.0]
+    n, gpu_s, idle_s, waits = [0] * (1 + len(REPORT_STATES)), 0.0, 0.0, {}
+    for day in sorted(days):
+        ends, evs, day_gpu, day_idle, counts, day_waits = days[day]
+        n = [a + b for a, b in zip(n, counts)]
+        gpu_s += day_gpu
+        idle_s += day_idle
+        for b, (c, total) in day_waits.items():
+            w = waits.setdefault(b, [0, 0.0])
+            w[0] += c
+            w[1] += total
+        top = range(max(waits) + 1 if waits else 0)
+        ev = []
+        out.append((day, {"day": day, "n": n, "gpu_s": round(gpu_s, 3),
+                          "idle_s": round(idle_s, 3),
+                          "waits": [[waits[b][0] if b in waits else 0 for b in top],
+                                    [round(waits[b][1], 3) if b in waits else 0 for b in top]]},
+                    {"day": day, "r0": [running[0], round(running[1], 6), round(running[2], 6)],
+                     "ev": ev, "ends": [x for e in sorted(ends) for x in e]}))
+        for t, w, i in sorted(evs):
+            running[0] += 1 if w > 0 else -1
+            running[1] += w
+            running[2] += i
+            if running[0] <= 0:     # no drift from sums of +-0.3
+                running = [0, 0.0, 0.0]
+            ev += [round(t, 3), running[0], round(running[1], 6), round(running[2], 6)]
+    return out
+
+
+def write_days(cfg, user):
+    """Summarize user's whole history into jobs/done/<user>.days (see
+    DAYS), atomically; by its owner.  OSError if it cannot."""
+    with open(history_path(cfg, user), "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    if user_of_uid(st.st_uid) != user:
+        return
+    through = data.rfind(b"\n") + 1     # whole lines: one being appended is tail
+    lines, index, offset = [], [], 0
+    for day, totals, detail in day_summaries(history_records(data[:through], None, quiet=True)):
+        a, b = (json.dumps(x, separators=(",", ":")) + "\n" for x in (totals, detail))
+        index.append([day, offset, offset + len(a)])    # ASCII: characters are bytes
+        lines += [a, b]
+        offset += len(a) + len(b)
+    head = json.dumps({"format": DAYS_FORMAT, "ino": st.st_ino, "through": through,
+                       "tz": days_tz(), "index": index}, separators=(",", ":")) + "\n"
+    write_atomically(days_path(cfg, user), lambda f: f.writelines([head] + lines),
+                     durable=False)
+
+
+def open_days(cfg, user, history_st):
+    """(open file, header) of user's summary if it is one to use with the
+    history whose os.stat is history_st, else None: written by the user,
+    of this format, of this history file (inode), covering no more than
+    it holds (a truncated history is another), under this time zone."""
+    try:
+        f = open(days_path(cfg, user), "rb")
+    except OSError:
+        return None
+    try:
+        if user_of_uid(os.fstat(f.fileno()).st_uid) == user:
+            head = json.loads(f.readline())
+            through = head["through"]
+            if (head["format"] == DAYS_FORMAT and head["ino"] == history_st.st_ino
+                    and through.__class__ is int and 0 <= through <= history_st.st_size
+                    and head["tz"] == days_tz() and head["index"].__class__ is list):
+                return f, head
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        pass
+    f.close()
+    return None
+
+
+def refresh_days(cfg, user):
+    """Make user's summary anew (the owner alone calls this) when the
+    history holds more than DAYS_TAIL bytes it does not cover.  Never
+    fails: without a summary dq-report reads the records, only slower."""
+    try:
+        st = os.stat(history_path(cfg, user))
+        if st.st_size <= DAYS_TAIL:
+            return
+        opened = open_days(cfg, user, st)
+        if opened is not None:
+            opened[0].close()
+            if st.st_size - opened[1]["through"] <= DAYS_TAIL:
+                return
+        write_days(cfg, user)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        pass
 
 
 def count_done(cfg, job):
@@ -7590,20 +7782,49 @@ def percentile(values, p):
     return values[i] + (values[j] - values[i]) * (k - i)
 
 
-def report_rows(records, by, since, until):
-    """(rows, total) of dq-report: one dict per group, sorted by the group's
-    key (REPORT_BY[by]), and the same for all of them (key 'total')."""
-    field = REPORT_BY[by]
+def counted_percentiles(pairs, *ps):
+    """percentile() of values given as (value, how many times), sorted,
+    for each p of ps: linearly between the two nearest ranks."""
+    from bisect import bisect_right
+    from itertools import accumulate
+    if not pairs:
+        return [None for p in ps]
+    values, counts = zip(*pairs)
+    ranks = list(accumulate(counts))        # ranks[m]: how many up to values[m]
+    out = []
+    for p in ps:
+        k = (ranks[-1] - 1) * p / 100
+        i = int(k)
+        j = min(i + 1, ranks[-1] - 1)
+        vi, vj = values[bisect_right(ranks, i)], values[bisect_right(ranks, j)]
+        out.append(vi + (vj - vi) * (k - i))
+    return out
 
+
+class Tally:
+    """dq-report's sums, one group per row (REPORT_BY[by]) and all of them:
+    from records (add_record) or from day summaries (add_delta).  Waits are
+    kept exact from records, and as buckets from summaries (counts and sums,
+    by wait_bucket); a bucket stands for its mean, count times."""
+
+    def __init__(self, by, since, until):
+        self.by, self.field, self.since, self.until = by, REPORT_BY[by], since, until
+        self.groups, self.everything = {}, self.new_group()
+
+    @staticmethod
     def new_group():
-        return dict(dict.fromkeys(REPORT_COLUMNS[:6], 0), gpu_s=0.0, idle_s=0.0, waits=[])
-    groups, everything = {}, new_group()
+        return dict(dict.fromkeys(REPORT_COLUMNS[:6], 0), gpu_s=0.0, idle_s=0.0, waits=[],
+                    buckets=[])
 
-    def group(key):
-        if key not in groups:
-            groups[key] = new_group()
-        return groups[key]
-    for r in records:
+    def group(self, key):
+        if key not in self.groups:
+            self.groups[key] = self.new_group()
+        return self.groups[key]
+
+    def add_record(self, r):
+        """A history record: counted if it ended in the window, its
+        GPU-seconds clipped to it (and split by day or week)."""
+        field, by, since, until = self.field, self.by, self.since, self.until
         if field == "user":
             key = r["id"].split("-", 1)[1]
         elif field in ("host", "gpu_type"):
@@ -7611,7 +7832,7 @@ def report_rows(records, by, since, until):
         else:
             key = period_key(r["ended"], by)
         if since <= r["ended"] < until:
-            for g in (group(key), everything):
+            for g in (self.group(key), self.everything):
                 g["jobs"] += 1
                 if r["state"] in REPORT_STATES:
                     g[r["state"]] += 1
@@ -7619,29 +7840,231 @@ def report_rows(records, by, since, until):
                     g["waits"].append(max(0.0, r["started"] - r["submitted"]))
         started = r.get("started")
         if started is None or not r["gpus"]:
-            continue
+            return
         runtime = max(0.0, r["ended"] - started)
         lo, hi = max(started, since), min(r["ended"], until)
         if hi <= lo:
-            continue
+            return
         weight = r["gpus"] * r.get("share", 1)
         idle_rate = r.get("idle_gpu_s", 0) / runtime if runtime else 0.0
         pieces = split_by_period(lo, hi, by) if field in ("day", "week") else [(key, hi - lo)]
         for k, seconds in pieces:
-            for g in (group(k), everything):
+            for g in (self.group(k), self.everything):
                 g["gpu_s"] += weight * seconds
                 g["idle_s"] += min(idle_rate, weight) * seconds
 
-    def row(g):
-        out = {c: g[c] for c in REPORT_COLUMNS[:6]}
-        median, p95 = percentile(g["waits"], 50), percentile(g["waits"], 95)
-        out.update(gpu_hours=round(g["gpu_s"] / 3600, 4),
-                   idle_gpu_hours=round(g["idle_s"] / 3600, 4),
-                   wait_median_s=None if median is None else round(median, 1),
-                   wait_p95_s=None if p95 is None else round(p95, 1))
-        return out
-    rows = [dict({field: k}, **row(groups[k])) for k in sorted(groups)]
-    return rows, dict({field: "total"}, **row(everything))
+    def add_delta(self, key, delta):
+        """A day summary's sums of a part of the window (DaySummary.span)."""
+        n, gpu_s, idle_s, waits, counts, sums = delta
+        for g in (self.group(key), self.everything):
+            g["jobs"] += n[0]
+            for state, c in zip(REPORT_STATES, n[1:]):
+                g[state] += c
+            g["gpu_s"] += gpu_s
+            g["idle_s"] += idle_s
+            g["waits"] += waits
+            if counts:
+                g["buckets"].append((counts, sums))     # summed in rows()
+
+    def rows(self):
+        """(rows, total) of dq-report: one dict per group, sorted by key."""
+        def row(g):
+            out = {c: g[c] for c in REPORT_COLUMNS[:6]}
+            if g["buckets"]:
+                from itertools import zip_longest
+                counts, sums = g["buckets"][0] if len(g["buckets"]) == 1 else (
+                    [sum(b) for b in zip_longest(*lists, fillvalue=0)]
+                    for lists in zip(*g["buckets"]))
+                pairs = sorted([(w, 1) for w in g["waits"]] +
+                               [(total / c, c) for c, total in zip(counts, sums) if c > 0])
+                median, p95 = counted_percentiles(pairs, 50, 95)
+            else:
+                median, p95 = percentile(g["waits"], 50), percentile(g["waits"], 95)
+            out.update(gpu_hours=round(g["gpu_s"] / 3600, 4),
+                       idle_gpu_hours=round(g["idle_s"] / 3600, 4),
+                       wait_median_s=None if median is None else round(median, 1),
+                       wait_p95_s=None if p95 is None else round(p95, 1))
+            return out
+        field = self.field
+        rows = [dict({field: k}, **row(self.groups[k])) for k in sorted(self.groups)]
+        return rows, dict({field: "total"}, **row(self.everything))
+
+
+def report_rows(records, by, since, until):
+    """(rows, total) of dq-report from history records: one dict per group,
+    sorted by the group's key (REPORT_BY[by]), and the same for all of them
+    (key 'total')."""
+    tally = Tally(by, since, until)
+    for r in records:
+        tally.add_record(r)
+    return tally.rows()
+
+
+class DaySummary:
+    """A user's day summary (see DAYS), open for one report: the lines it
+    needs, read by seeking through the header's index.  Anything wrong in
+    a line raises ValueError, TypeError, KeyError or IndexError: then the
+    report reads that user's records instead."""
+
+    def __init__(self, f, head):
+        self.f, self.base = f, f.tell()
+        self.days = [e[0] for e in head["index"]]
+        self.index = head["index"]
+        self.cache = {}
+
+    def line(self, pos, which):
+        """The totals (which=1) or detail (2) line of the pos-th day."""
+        if (pos, which) not in self.cache:
+            self.f.seek(self.base + self.index[pos][which])
+            data = json.loads(self.f.readline())
+            if data["day"] != self.days[pos]:
+                raise ValueError("a line out of place")
+            self.cache[pos, which] = data
+        return self.cache[pos, which]
+
+    def before(self, t):
+        """The position of the last day before t (-1: none)."""
+        import bisect
+        return bisect.bisect_left(self.days, t) - 1
+
+    def span(self, a, b):
+        """The sums of [a, b): (counts, gpu_s, idle_s, exact waits, and the
+        waits' buckets: counts, sums), or None when nothing of it falls
+        there.  Whole days: the difference of two totals lines; the part of
+        a day at either end from that day's detail line."""
+        n, acc, waits, buckets = [0] * (1 + len(REPORT_STATES)), [0.0, 0.0], [], [[], []]
+        seen = False
+        first = period_start(a, "day")
+        full_from = a if first == a else next_period(first, "day")
+        full_to = period_start(b, "day")
+        if full_from < full_to:
+            seen |= self.whole(full_from, full_to, n, acc, buckets)
+        if a < min(full_from, b):
+            seen |= self.part(first, a, min(full_from, b), n, acc, waits)
+        if full_from <= full_to < b:
+            seen |= self.part(full_to, full_to, b, n, acc, waits)
+        return (n, acc[0], acc[1], waits) + tuple(buckets) if seen else None
+
+    def whole(self, lo, hi, n, acc, buckets):
+        """Add the days from midnight lo to midnight hi."""
+        pa, pb = self.before(lo), self.before(hi)
+        if pa == pb:
+            return False
+        top = self.line(pb, 1)
+        low = self.line(pa, 1) if pa >= 0 else {"n": [0] * len(n), "gpu_s": 0.0,
+                                                 "idle_s": 0.0, "waits": [[], []]}
+        if len(top["n"]) != len(n):
+            raise ValueError("counts of another length")
+        for i, (x, y) in enumerate(zip(top["n"], low["n"])):
+            n[i] += x - y
+        acc[0] += top["gpu_s"] - low["gpu_s"]
+        acc[1] += top["idle_s"] - low["idle_s"]
+        (counts, sums), (was, had) = top["waits"], low["waits"]
+        if not len(counts) == len(sums) >= len(was) == len(had):
+            raise ValueError("waits of other lengths")
+        buckets[0] = [a - b for a, b in zip(counts, was)] + counts[len(was):]
+        buckets[1] = [a - b for a, b in zip(sums, had)] + sums[len(had):]
+        return True
+
+    def part(self, day, lo, hi, n, acc, waits):
+        """Add [lo, hi), a part of the day that starts at midnight `day`."""
+        pos = self.before(day) + 1
+        if pos >= len(self.days) or self.days[pos] != day:
+            return False
+        d = self.line(pos, 2)
+        from bisect import bisect_left, bisect_right
+        lo, hi = lo - day, hi - day     # exact, as the line's times
+        seen = False
+        ends = d["ends"]
+        times = ends[0::3]
+        i, j = bisect_left(times, lo), bisect_left(times, hi)
+        if i < j:
+            seen = True
+            n[0] += j - i
+            for state in ends[3 * i + 1:3 * j:3]:
+                if state >= 0:
+                    n[1 + state] += 1
+            waits += [w for w in ends[3 * i + 2:3 * j:3] if w >= 0]
+        ev = d["ev"]
+        times = ev[0::4]
+        k = bisect_right(times, lo)     # the state from lo on: after these
+        running, w, idle = ev[4 * k - 3:4 * k] if k else d["r0"]
+        t = lo
+        for k in range(k, len(times) + 1):
+            at = times[k] if k < len(times) and times[k] < hi else hi
+            if running > 0 and at > t:
+                seen = True
+                acc[0] += w * (at - t)
+                acc[1] += idle * (at - t)
+            if at >= hi:
+                break
+            t = at
+            running, w, idle = ev[4 * k + 1:4 * k + 4]
+        return seen
+
+
+def summary_report(cfg, user, tally):
+    """Add user's part of the report from their day summary and the
+    history's tail (the records it does not cover); False, having added
+    nothing, if there is no summary to use (then the records are read)."""
+    path = history_path(cfg, user)
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return False
+    with f:
+        st = os.fstat(f.fileno())
+        if user_of_uid(st.st_uid) != user:
+            return False
+        opened = open_days(cfg, user, st)
+        if opened is None:
+            return False
+        days, head = opened
+        with days:
+            by, since, until = tally.by, tally.since, tally.until
+            if by == "user":
+                spans = [(user, since, until)]
+            else:
+                spans, t = [], period_start(since, by)
+                while t < until:
+                    after = next_period(t, by)
+                    spans.append((period_key(t, by), max(since, t), min(until, after)))
+                    t = after
+            try:
+                summary = DaySummary(days, head)
+                deltas = [(key, summary.span(a, b)) for key, a, b in spans]
+            except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+                    RecursionError):
+                return False
+        try:
+            f.seek(head["through"])
+            tail = f.read()
+        except OSError:
+            return False
+    for key, delta in deltas:
+        if delta is not None:
+            tally.add_delta(key, delta)
+    for r in history_records(tail, path, since):
+        tally.add_record(r)
+    return True
+
+
+def user_report(cfg, users, by, since, until):
+    """dq-report's (rows, total) of users' jobs: from each user's day
+    summary where there is one to use (by user, day or week), else from
+    the records of the window.  The caller's own summary is made anew
+    first if their history has outgrown it (refresh_days)."""
+    tally = Tally(by, since, until)
+    summaries = by in ("user", "day", "week")
+    mine = me()
+    for user in users:
+        if summaries and user == mine:
+            refresh_days(cfg, user)
+        if summaries and summary_report(cfg, user, tally):
+            continue
+        for r in read_history(cfg, user, since):
+            tally.add_record(r)
+    return tally.rows()
 
 
 def history_users(cfg):
@@ -7652,7 +8075,7 @@ def history_users(cfg):
         return []
     users = set()
     for name in names:
-        if name.startswith(".") or name.endswith(".lock"):
+        if name.startswith(".") or name.endswith((".lock", DAYS)):
             continue
         user = name[:-len(HISTORY)] if name.endswith(HISTORY) else name
         if is_user_name(user):
@@ -7687,8 +8110,7 @@ def cmd_report(cfg, argv):
     if args.user is not None and not is_user_name(args.user):
         raise Failure(f"--user {args.user!r} is not a user name (e.g. --user {me()})")
     users = [args.user] if args.user else history_users(cfg)
-    records = [r for user in users for r in read_history(cfg, user, since)]
-    rows, total = report_rows(records, args.by, since, until)
+    rows, total = user_report(cfg, users, args.by, since, until)
     field = REPORT_BY[args.by]
     if args.json:
         print(json.dumps(rows, indent=1))

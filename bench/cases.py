@@ -1796,7 +1796,9 @@ def b18_histories(dq, njobs, users, now, days=30):
     """njobs ended jobs of `users` over the last `days` days, written as the
     users' history files (with dq's own writer, owned by each user, as their
     wrappers leave them): a lab's mix of sizes, end states, shared GPUs and
-    sampled GPU use.  Returns the records."""
+    sampled GPU use; and each user's day summary where their history is
+    past DAYS_TAIL, made by dq's own builder, as append_history would have.
+    Returns the records."""
     import random
     mod = dq_module()
     rnd = random.Random(18)
@@ -1826,6 +1828,10 @@ def b18_histories(dq, njobs, users, now, days=30):
         mod.write_history(cfg, user, records)
         pw = pwd.getpwnam(user)
         os.chown(mod.history_path(cfg, user), pw.pw_uid, pw.pw_gid)
+        # and the day summary the owner's append_history would have made
+        if os.path.getsize(mod.history_path(cfg, user)) > mod.DAYS_TAIL:
+            mod.write_days(cfg, user)
+            os.chown(mod.days_path(cfg, user), pw.pw_uid, pw.pw_gid)
     return [r for rs in per.values() for r in rs]
 
 
