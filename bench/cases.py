@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import sys
 import threading
 import time
@@ -1856,16 +1857,16 @@ def bench_report(ctx):
                                f"jobs of {len(rows)} users, not {size} of {len(users)}")
         report[size] = (median([t.wall for t in ts[1:]]), dq)
     dq = report[big][1]
-    port = 18000 + os.getpid() % 1000
-    url = f"http://127.0.0.1:{port}/"
     made, cached = [], []
+    for i in range(n):      # a fresh dq-web each time (its own port): its first answer is made
+        port = 18000 + (os.getpid() + i) % 1000
+        url = f"http://127.0.0.1:{port}/"
 
-    def fetch(path):
-        t = time.monotonic()
-        with urllib.request.urlopen(url + path, timeout=60) as r:
-            body = r.read()
-        return time.monotonic() - t, body
-    for _ in range(n):          # a fresh dq-web each time: its first answer is made
+        def fetch(path):
+            t = time.monotonic()
+            with urllib.request.urlopen(url + path, timeout=60) as r:
+                body = r.read()
+            return time.monotonic() - t, body
         proc = dq.popen("node1", ALICE, "web", "--port", port)
         try:
             wait_for(lambda: _web_up(lambda: fetch("style.css")), 20, what="dq-web to answer")
@@ -1876,7 +1877,7 @@ def bench_report(ctx):
             made.append(took)
             cached.append(fetch("api/history")[0])
         finally:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)     # dq-web too, not only nsenter
             proc.wait(10)
     t_big, t_small = report[big][0], report[small][0]
     return [Row(18, f"dq-report --since 30d, {big:,} ended jobs of 50 users (median)", "< 0.5 s",
