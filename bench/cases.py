@@ -27,7 +27,8 @@ SIZES = {
                  b12_nodes=4, b12_jobs=128, b12_seconds=10,
                  b13_queue=10000, b13_users=50, b13_passes=7, b14_seconds=20, b14_n=3,
                  b15_files=2000, b15_mb=50, b15_n=5, b15_sweep=100,
-                 b16_n=5, b16_grace=5, b17_n=5, b18_jobs=100000, b18_small=1000, b18_n=5),
+                 b16_n=5, b16_grace=5, b17_n=5, b18_jobs=100000, b18_small=1000, b18_n=5,
+                 b19_n=10, b19_queue=1000),
     "smoke": dict(b1_nodes=2, b1_jobs=16, b2_n=3, b3_n=4, b3_queue=1000, b3_per=3,
                   b4_small=100, b4_big=2000, b4_n=3, b5_nodes=8, b5_n=2,
                   b6_bytes=64 << 20, b6_n=1, b8_queue=1000, b8_n=2,
@@ -36,7 +37,8 @@ SIZES = {
                   b12_nodes=2, b12_jobs=16, b12_seconds=3,
                   b13_queue=1000, b13_users=50, b13_passes=2, b14_seconds=4, b14_n=1,
                   b15_files=200, b15_mb=4, b15_n=1, b15_sweep=20,
-                  b16_n=1, b16_grace=2, b17_n=1, b18_jobs=2000, b18_small=200, b18_n=1),
+                  b16_n=1, b16_grace=2, b17_n=1, b18_jobs=2000, b18_small=200, b18_n=1,
+                  b19_n=2, b19_queue=50),
 }
 JOB_SECONDS = 2
 GPUS = 4
@@ -1895,6 +1897,61 @@ def bench_report(ctx):
                 f"once-a-minute copy: median {fmt_s(median(cached))}")]
 
 
+
+# 19: dq on Slurm (issue 22) ###################################################
+
+def bench_slurm(ctx):
+    """Issue 22: dq-submit against a bare sbatch --wrap, and dq-jobs against
+    squeue with many queued jobs, on a real Slurm (tests/slurmcluster.py:
+    slurmctld plus a slurmd in each node).  Slurm's partition is set down,
+    so that every job stays queued and only the commands are timed."""
+    from slurmcluster import SlurmCluster, slurm_unavailable_reason
+    reason = slurm_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"no Slurm to measure: {reason}")
+    c = ctx.cluster(4)
+    n, queue = ctx.size["b19_n"], ctx.size["b19_queue"]
+    slurm = SlurmCluster(c).start()
+    try:
+        dq = new_install(c, "b19-slurm", backend="slurm", slurm_conf=slurm.conf)
+        r = slurm.root_run(["scontrol", "update", f"partitionname={slurm.partition}",
+                            "state=down"])
+        if r.returncode != 0:
+            raise RuntimeError(f"cannot set the partition down: {r.stderr}")
+        _, path = write_script(c, ALICE, "b19.sh", "true\n", subdir="b19")
+        env = {"SLURM_CONF": slurm.conf}
+        subs = times(c, "node1", ALICE, [dq.path("submit"), path], n + 1,
+                     cwd=os.path.dirname(path))
+        bare = times(c, "node1", ALICE, ["sbatch", "--parsable", "--gres=gpu:1",
+                                         "--wrap", path], n + 1, env=env,
+                     cwd=os.path.dirname(path))
+        t_dq, t_bare = median([t.wall for t in subs[1:]]), median([t.wall for t in bare[1:]])
+        # a deep queue: one sweep (a job array) of `queue` jobs
+        r = times(c, "node1", ALICE, [dq.path("submit"), "--grid",
+                                      "DQ_I=" + ",".join(map(str, range(queue))), path], 1,
+                  cwd=os.path.dirname(path), timeout=600)
+        jobs_t = times(c, "node1", ALICE, [dq.path("jobs"), "queue", "-a"], n + 1,
+                       keep=1 << 22)
+        squeue_t = times(c, "node1", ALICE, ["squeue", "-a"], n + 1, env=env, keep=1 << 22)
+        listed = sum(1 for ln in jobs_t[-1].out.splitlines() if re.match(r"^[0-9]+-", ln))
+        if listed < queue:
+            raise RuntimeError(f"dq-jobs queue listed {listed} jobs, not {queue}+")
+        t_jobs, t_squeue = median([t.wall for t in jobs_t[1:]]), \
+            median([t.wall for t in squeue_t[1:]])
+    finally:
+        slurm.stop()
+    return [Row(19, "dq-submit on Slurm / bare sbatch --wrap (median)", "<= 1.2x",
+                f"{t_dq / t_bare:.2f}x ({fmt_s(t_dq)} / {fmt_s(t_bare)})",
+                check(t_dq <= 1.2 * t_bare),
+                f"as dqalice on node1, {n} of each after a first; dq-submit writes the job "
+                f"and runs sbatch (through /bin/sh); Python's start is most of the "
+                f"difference"),
+            Row(19, f"dq-jobs queue -a / squeue -a, {queue:,} queued jobs (median)", "report",
+                f"{t_jobs / t_squeue:.2f}x ({fmt_s(t_jobs)} / {fmt_s(t_squeue)})", "INFO",
+                f"one sweep of {queue:,} jobs (a job array) queued in a down partition; "
+                f"dq-jobs reads each job's files and asks squeue once for the reasons")]
+
+
 CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          2: ("placement latency", bench_place), 3: ("submit cost", bench_submit),
          4: ("history vs views", bench_history), 6: ("big logs", bench_logs),
@@ -1904,6 +1961,6 @@ CASES = {1: ("idle GPUs", bench_idle), 7: ("lock hold times", bench_lock),
          13: ("deep queue with sharing jobs", bench_deep_shared),
          14: ("GPU sampling cost", bench_sampling), 15: ("snapshot submit", bench_snapshot),
          16: ("dq-kill --grace", bench_grace), 17: ("dq-shell --now", bench_shell),
-         18: ("dq-report and /api/history", bench_report)}
+         18: ("dq-report and /api/history", bench_report), 19: ("dq on Slurm", bench_slurm)}
 # 7 reads what 1 measured; 5 needs its own cluster
-ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 5]
+ORDER = [1, 7, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 5]

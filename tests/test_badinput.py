@@ -645,6 +645,12 @@ def test_bad_config_number(root, key, value):
     ("[dq]\nidle_after = soon\n", ["'idle_after'", "idle_after = 30m", "0 for never"]),
     ("[dq]\nidle_kill = -1\n", ["'idle_kill'", "idle_kill = 30m"]),
     ("[dq]\nshell_idle_after = 1h30\n", ["'shell_idle_after'", "shell_idle_after = 30m"]),
+    ("[dq]\nbackend = pbs\n", ["'backend'", "ssh or slurm", "backend = slurm"]),
+    ("[dq]\nslurm_partition = gpu;rm\n", ["'slurm_partition'", "slurm_partition = gpu"]),
+    ("[dq]\nslurm_account = my lab\n", ["'slurm_account'", "a Slurm name"]),
+    ("[dq]\nslurm_args = --qos 'x\n", ["'slurm_args'", "slurm_args = --qos=normal"]),
+    ("[dq]\nslurm_args = qos=normal\n", ["'slurm_args'", "not an sbatch option"]),
+    ("[dq]\nslurm_conf = etc/slurm.conf\n", ["'slurm_conf'", "absolute path"]),
 ])
 def test_bad_order_and_limits(root, text, needles):
     write(root.p("dq.conf"), text)
@@ -658,7 +664,8 @@ def test_bad_order_and_limits(root, text, needles):
                                   "share_margin = 512M", "max_jobs_per_gpu = 1",
                                   "share_foreign = no", "mem_overuse = kill",
                                   "snapshot_max = 1.5G", "idle_after = 0",
-                                  "idle_kill = 15m", "shell_idle_after = off"])
+                                  "idle_kill = 15m", "shell_idle_after = off",
+                                  "backend = ssh", "backend = SSH"])
 def test_good_config_numbers_are_taken(root, text):
     write(root.p("dq.conf"), f"[dq]\n{text}\n")
     r = root.run("jobs")
