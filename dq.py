@@ -807,7 +807,10 @@ class Config:
         for h in self.hosts:
             if not HOST_RE.match(h):
                 raise Failure(f"{self.path}: bad host name {h!r} in 'hosts'")
-        self.local = not self.hosts
+        # backend = slurm without hosts: Slurm's nodes (need_hosts), not this machine
+        self.slurm_nodes_as_hosts = not self.hosts and \
+            sect.get("backend", "").strip().lower() == "slurm"
+        self.local = not self.hosts and not self.slurm_nodes_as_hosts
         self.admin_names = sect.get("admins", "").replace(",", " ").split()
         for u in self.admin_names:
             if not is_user_name(u):
@@ -1262,6 +1265,179 @@ def spawn_detached(what, *args):
         warn(f"cannot {what}: {e.strerror}")
 
 
+# Slurm commands ##############################################################
+
+# backend = slurm (see "Slurm back end" for what it changes): Slurm's client
+# commands, run here through run_scripts (cfg.timeout, the --debug echo), with
+# SLURM_CONF from dq.conf's slurm_conf when it is set, and what dq reads of
+# Slurm's nodes: their GPUs (gres), what its jobs hold, drains.  dq reads
+# Slurm's stable text forms (--parsable, -o/-O formats), never --json (its
+# shape changes between releases).
+
+def is_slurm(cfg):
+    return getattr(cfg, "backend", "ssh") == "slurm"
+
+
+def slurm_call(cfg, argv, stdin=None, timeout=None):
+    """Run one Slurm command here, through run_scripts; its Result.
+    stdin: text for the command's standard input (sbatch's batch script)."""
+    line = " ".join(q(a) for a in argv)
+    if cfg.slurm_conf:
+        line = f"SLURM_CONF={q(cfg.slurm_conf)} {line}"
+    if stdin is not None:
+        line += f" <<'DQ_SLURM_EOF'\n{stdin.rstrip()}\nDQ_SLURM_EOF"
+    return run_scripts(cfg, [(SLURM_HOST, line + "\n")], timeout)[0]
+
+
+def slurm_must(cfg, argv, what, stdin=None):
+    """slurm_call that must work: its stdout, or a Failure naming `what`
+    and Slurm's own message (e.g. 'sbatch: error: Invalid partition')."""
+    res = slurm_call(cfg, argv, stdin)
+    if res.rc == 127:
+        raise Failure(f"{what}: {argv[0]} is not installed here (backend = slurm in "
+                      f"{cfg.path}: run dq where Slurm's client commands are)")
+    if not res.ok:
+        raise Failure(f"{what}: {res.why()}")
+    return res.out
+
+
+class SlurmNode:
+    """One Slurm node as sinfo -N sees it: name, state, gres (e.g.
+    'gpu:a100:4(S:0)', 'shard:80'), features."""
+
+    def __init__(self, name, state, gres, features):
+        self.name, self.state = name, state
+        self.gres = [] if gres in ("", "(null)") else gres.split(",")
+        self.features = [] if features in ("", "(null)") else features.split(",")
+
+    def gres_types(self, kind="gpu"):
+        """{type or None: count} of this node's gres `kind`."""
+        out = {}
+        for g in self.gres:
+            parts = g.split("(")[0].split(":")
+            if parts[0] != kind or len(parts) < 2:
+                continue
+            kind_type = parts[1] if len(parts) == 3 else None
+            count = whole_number(parts[-1])
+            if count is not None:
+                out[kind_type] = out.get(kind_type, 0) + count
+        return out
+
+
+def slurm_nodes(cfg):
+    """{name: SlurmNode} of the cluster (one sinfo)."""
+    out = slurm_must(cfg, ["sinfo", "-h", "-N", "-o", "%N|%T|%G|%f"], "cannot list Slurm's nodes")
+    nodes = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 4 and fields[0]:
+            node = nodes.get(fields[0])
+            if node is None:        # a node in two partitions is listed twice
+                nodes[fields[0]] = SlurmNode(*fields)
+    return nodes
+
+
+def expand_hostlist(text):
+    """Slurm's host list 'node[1-3,7],gpu9' -> ['node1', 'node2', 'node3',
+    'node7', 'gpu9']."""
+    out = []
+    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?", text or ""):
+        if not ranges:
+            out.append(name)
+            continue
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            out += [f"{name}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def gres_indexes(text, kind="gpu"):
+    """(count, {indexes}) of gres `kind` in Gres/GresUsed text such as
+    'gpu:4', 'gpu:a100:2(IDX:0,2-3)', 'gpu:0,shard:8(...)'."""
+    count, idx = 0, set()
+    for part in re.split(r",(?![^(]*\))", text or ""):
+        m = re.match(r"([a-z_]+)(?::(?:\(null\)|[^:(]+))?:([0-9]+)(?:\(([^)]*)\))?",
+                     part.strip())
+        if not m or m.group(1) != kind:
+            continue
+        count += int(m.group(2))
+        for r in re.findall(r"[0-9]+(?:-[0-9]+)?", (m.group(3) or "").partition("IDX:")[2]):
+            lo, _, hi = r.partition("-")
+            idx.update(range(int(lo), int(hi or lo) + 1))
+    return count, idx
+
+
+def slurm_gpus_in_use(cfg):
+    """{node: {GPU indexes}} that Slurm's running jobs hold (scontrol -d
+    show job: 'Nodes=node2 CPU_IDs=0 Mem=0 GRES=gpu:3(IDX:0-2)')."""
+    out = slurm_must(cfg, ["scontrol", "-d", "-o", "show", "job"],
+                     "cannot ask Slurm for its jobs")
+    used = {}
+    for nodes, gres in re.findall(r" Nodes=(\S+) CPU_IDs=\S+ Mem=\S+ GRES=(\S*)", out):
+        for node in expand_hostlist(nodes):
+            used.setdefault(node, set()).update(gres_indexes(gres)[1])
+    return used
+
+
+SLURM_UNUSABLE = ("DRAIN", "DOWN", "FAIL", "MAINT", "NOT_RESPONDING", "POWER")
+
+
+def slurm_free(cfg):
+    """dq-free's rows with backend = slurm: each node's GPUs that Slurm has
+    not allocated, and its drain (Slurm's own, with its reason)."""
+    out = slurm_must(cfg, ["sinfo", "-h", "-N", "-O", "NodeList:|,StateLong:|,Gres:|,Reason:|"],
+                     "cannot ask Slurm for its nodes")
+    used = slurm_gpus_in_use(cfg)
+    rows, seen = [], set()
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) < 4 or not fields[0] or fields[0] in seen:
+            continue
+        node, state, gres, reason = fields[:4]
+        seen.add(node)
+        total = gres_indexes(gres)[0]
+        unusable = any(s in state.upper() for s in SLURM_UNUSABLE)
+        drained = {"reason": None if reason == "none" else reason, "by": None,
+                   "since": None} if unusable else None
+        free = [] if unusable else [i for i in range(total) if i not in used.get(node, ())]
+        rows.append({"host": node, "free": free, "gpus": total, "error": None,
+                     "drained": drained, "slurm_state": state,
+                     "free_gpus": [{"index": i, "name": None, "memory_total_mib": None,
+                                    "free_mem_mib": 0} for i in free], "shared_gpus": []})
+    return rows
+
+
+def slurm_drain(cfg, hosts, drain, reason):
+    """dq-drain with backend = slurm: scontrol update (Slurm lets only its
+    operators; others get its refusal in one line)."""
+    for h in hosts:
+        argv = ["scontrol", "update", f"nodename={h}",
+                f"state={'drain' if drain else 'resume'}"]
+        if drain:
+            argv.append(f"reason={reason or 'dq-drain by ' + me()}")
+        res = slurm_call(cfg, argv)
+        if not res.ok:
+            raise Failure(f"scontrol could not {'drain' if drain else 'resume'} {h}: "
+                          f"{res.why()}" + (" (only Slurm's operators may)" if "user id"
+                                             in res.why().lower() else ""))
+
+
+def slurm_drains(cfg):
+    """{node: {reason, by, since}} of Slurm's drained and down nodes (sinfo -R)."""
+    out = slurm_must(cfg, ["sinfo", "-h", "-R", "-N", "-o", "%N|%E|%u|%H"],
+                     "cannot ask Slurm for its drained nodes")
+    drains = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 4 and fields[0]:
+            try:
+                since = time.mktime(time.strptime(fields[3], "%Y-%m-%dT%H:%M:%S"))
+            except ValueError:
+                since = None
+            drains[fields[0]] = {"reason": fields[1], "by": fields[2], "since": since}
+    return drains
+
+
 # Hosts and GPUs ##############################################################
 
 # name last: a GPU's name is the one field that might hold a comma
@@ -1269,7 +1445,8 @@ SMI_GPUS = ("nvidia-smi --query-gpu=index,uuid,memory.used,memory.total,name "
             "--format=csv,noheader,nounits")
 
 SMI_APPS = "nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader,nounits"
-SESSION_RE = re.compile(r"SCREEN\b.*-dmS\s+dq-([0-9]+-\S+)")
+# a job's screen session: screen -dmS (ssh) or -DmS (Slurm's batch step)
+SESSION_RE = re.compile(r"SCREEN\b.*-[dD]mS\s+dq-([0-9]+-\S+)")
 OWNER_RE = re.compile(r"^@job ([0-9]+) ([0-9]+-\S+)$", re.M)
 
 
@@ -1362,8 +1539,8 @@ def smi_timeout(cfg):
 # those lines cross the network, whatever else the host runs.
 PS_AWK = r"""{ pp[$1] = $2 }
 $3 == "SCREEN" { a = $0; sub(/^[ \t]*[0-9]+[ \t]+[0-9]+[ \t]+/, "", a); if (s) print a
-  if (match(a, /-dmS[ \t]+dq-[0-9]+-[^ \t]+/)) {
-    j = substr(a, RSTART, RLENGTH); sub(/^-dmS[ \t]+dq-/, "", j); job[$1] = j } }
+  if (match(a, /-[dD]mS[ \t]+dq-[0-9]+-[^ \t]+/)) {
+    j = substr(a, RSTART, RLENGTH); sub(/^-[dD]mS[ \t]+dq-/, "", j); job[$1] = j } }
 END { n = split(pids, w, " "); for (i = 1; i <= n; i++) { p = w[i]; k = 0
     while ((p in pp) && !(p in job) && k < 100) { p = pp[p]; k++ }
     if (p in job) print "@job " w[i] " " job[p] } }"""
@@ -3143,31 +3320,6 @@ def rebuild_history(cfg, user, save):
     return records
 
 
-def append_history(cfg, job):
-    """Add an ended job to its owner's history (under the counter lock);
-    a missing history is rebuilt, this job with it.  Then the day summary
-    (DAYS) is made anew if the history has outgrown it."""
-    path = history_path(cfg, job.owner)
-    if not os.path.exists(path):
-        rebuild_history(cfg, job.owner, save=True)
-        refresh_days(cfg, job.owner)
-        return
-    data = history_line(history_record(job, time.time())).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            written = os.write(fd, data)        # one write: one line
-        except OSError:
-            written = None
-        if written != len(data):    # a full disk: no torn line is left behind
-            os.ftruncate(fd, size)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    finally:
-        os.close(fd)
-    refresh_days(cfg, job.owner)
-
-
 def history_offset(f, size, since):
     """A line start in an open history (binary) before which every line was
     logged before `since`: a binary search on `logged` (in write order, see
@@ -3189,6 +3341,32 @@ def history_offset(f, size, since):
         else:
             hi = mid
     return lo
+
+
+def history_records(data, path, since=None, quiet=False):
+    """The records in a piece of a history (bytes, whole lines) that ended
+    from `since` on; a line that is not one of dq's is skipped, with one
+    warning (unless `quiet`)."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    try:        # all at once, in C; line by line only when one is broken
+        parsed = json.loads(b"[" + b",".join(lines) + b"]")
+    except (ValueError, RecursionError):
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(json.loads(line))
+            except (ValueError, RecursionError):
+                parsed.append(None)
+    records, bad = [], 0
+    for rec in parsed:
+        if not history_ok(rec):
+            bad += 1
+        elif since is None or rec["ended"] >= since:
+            records.append(rec)
+    if bad and not quiet:
+        warn(f"skipped {bad} line(s) of {path} that are not dq's history (or are of a newer "
+             f"dq); remove the file and dq rebuilds it from the job directories")
+    return records
 
 
 def read_history(cfg, user, since=None):
@@ -3221,30 +3399,22 @@ def read_history(cfg, user, since=None):
     return history_records(data, path, since)
 
 
-def history_records(data, path, since=None, quiet=False):
-    """The records in a piece of a history (bytes, whole lines) that ended
-    from `since` on; a line that is not one of dq's is skipped, with one
-    warning (unless `quiet`)."""
-    lines = [line for line in data.splitlines() if line.strip()]
-    try:        # all at once, in C; line by line only when one is broken
-        parsed = json.loads(b"[" + b",".join(lines) + b"]")
-    except (ValueError, RecursionError):
-        parsed = []
-        for line in lines:
-            try:
-                parsed.append(json.loads(line))
-            except (ValueError, RecursionError):
-                parsed.append(None)
-    records, bad = [], 0
-    for rec in parsed:
-        if not history_ok(rec):
-            bad += 1
-        elif since is None or rec["ended"] >= since:
-            records.append(rec)
-    if bad and not quiet:
-        warn(f"skipped {bad} line(s) of {path} that are not dq's history (or are of a newer "
-             f"dq); remove the file and dq rebuilds it from the job directories")
-    return records
+def period_start(t, by):
+    """The local midnight that starts t's day (by day) or week (Monday)."""
+    tm = time.localtime(t)
+    back = tm.tm_wday if by == "week" else 0
+    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday - back, 0, 0, 0, 0, 0, -1))
+
+
+def next_period(start, by):
+    """The local midnight a day (or a week) after `start` (mktime counts
+    the days, so a day with a clock change lasts its 23 or 25 hours)."""
+    tm = time.localtime(start)
+    days = 7 if by == "week" else 1
+    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday + days, 0, 0, 0, 0, 0, -1))
+
+
+REPORT_STATES = ("done", "failed", "killed", "lost", "timeout")
 
 
 # Day summaries: jobs/done/<user>.days, so that a report of a month reads
@@ -3427,6 +3597,31 @@ def refresh_days(cfg, user):
         write_days(cfg, user)
     except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
         pass
+
+
+def append_history(cfg, job):
+    """Add an ended job to its owner's history (under the counter lock);
+    a missing history is rebuilt, this job with it.  Then the day summary
+    (DAYS) is made anew if the history has outgrown it."""
+    path = history_path(cfg, job.owner)
+    if not os.path.exists(path):
+        rebuild_history(cfg, job.owner, save=True)
+        refresh_days(cfg, job.owner)
+        return
+    data = history_line(history_record(job, time.time())).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)        # one write: one line
+        except OSError:
+            written = None
+        if written != len(data):    # a full disk: no torn line is left behind
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        os.close(fd)
+    refresh_days(cfg, job.owner)
 
 
 def count_done(cfg, job):
@@ -4141,6 +4336,298 @@ class SnapshotPlan:
         os.rename(tmp, final)
         return {"job": job_id, "top": self.top, "cwd": self.cwd, "script": self.script,
                 "files": files, "bytes": size, "git": self.git}
+
+
+# Slurm back end ##############################################################
+
+# backend = slurm in dq.conf: Slurm decides where and when jobs run, and
+# dq stays the front end.  dq-submit writes the job as always (job.json, its
+# jobs/active entry), then hands it to sbatch (submit_to_slurm): the batch
+# step, on the node Slurm chose, runs `dq.py _slurm JOB` (cmd__slurm), which
+# runs dq's own wrapper (`_run`, as in a screen session of the ssh back end)
+# in a screen session, so the log, run.json, end.json, dq-tail, dq-attach,
+# DQ_SIGNAL/DQ_TIME to the second, DQ_RETRY/DQ_RESUME, mail and hooks are
+# what they are with ssh.  The job's Slurm ID is in its slurm.json.
+#
+# What Slurm does instead of dq: placement, fair share, limits, priorities
+# (dq's planner, dq-schedule's passes and placements.json are not used).
+# Each DQ_* variable is one entry of SLURM_VARS: the sbatch options that
+# honour it, or a Failure saying why Slurm cannot (refused at submit, never
+# dropped).  Queued jobs' reasons come from squeue (SLURM_REASONS).  A job
+# Slurm dropped without dq's wrapper recording its end (cancelled by an
+# admin, its DQ_AFTER job failed, its node died) is found by its owner's
+# dq-jobs, dq-wait or dq-schedule (slurm_reconcile) and recorded.
+#
+# Every Slurm command runs through run_scripts (a /bin/sh here, with
+# cfg.timeout and the --debug echo), with SLURM_CONF from dq.conf's
+# slurm_conf when it is set.  dq reads Slurm's stable text forms
+# (--parsable, -o formats), never --json (its shape changes by release).
+SLURM_FILE = "slurm.json"   # in the job's directory: {"format", "id": "123" or "123_4"}
+SLURM_ARRAY = "slurm-array.json"    # a job array's first job: {"jobs": [its dq IDs]}
+# Slurm counts time limits in whole minutes and enforces them on a ~30 s
+# tick; dq's wrapper enforces DQ_TIME (and DQ_SIGNAL's warning) to the
+# second itself, and Slurm's limit, this much later, is only the backstop.
+SLURM_TIME_SLACK = 60
+
+
+def slurm_id(cfg, job_id):
+    """The Slurm ID of a dq job (slurm.json), or None."""
+    data = read_json(os.path.join(cfg.job_dir(job_id), SLURM_FILE), None, None)
+    sid = data.get("id") if isinstance(data, dict) else None
+    return sid if isinstance(sid, str) and re.fullmatch(r"[0-9]+(_[0-9]+)?", sid) else None
+
+
+def slurm_hosts_args(var, patterns, nodes, exclude):
+    """DQ_HOSTS / DQ_EXCLUDE with dq's patterns matched against Slurm's node
+    names.  DQ_HOSTS means 'one of these' and sbatch's --nodelist 'all of
+    these', so several hosts become an --exclude of all the others."""
+    matched = sorted(n for n in nodes if matches_host(patterns, n))
+    if not matched and not exclude:
+        raise Failure(f"{var}={','.join(patterns)} matches none of Slurm's nodes "
+                      f"({', '.join(sorted(nodes)[:8]) or 'none'}); name them as "
+                      f"sinfo -N does")
+    if exclude:
+        return [f"--exclude={','.join(matched)}"] if matched else []
+    if len(matched) == 1:
+        return [f"--nodelist={matched[0]}"]
+    others = sorted(set(nodes) - set(matched))
+    return [f"--exclude={','.join(others)}"] if others else []
+
+
+def slurm_gpu_type(cfg, want, text, nodes):
+    """DQ_GPU_TYPE: a gres type ('gpu:TYPE:N') where the nodes' GPUs have
+    types, else a node feature (--constraint); the first that contains the
+    text, as dq's own rule (case-insensitive).  ([gres options], type)."""
+    types = sorted({t for n in nodes.values() for t in n.gres_types() if t})
+    for t in types:
+        if text.lower() in t.lower():
+            return [], t
+    features = sorted({f for n in nodes.values() for f in n.features})
+    for f in features:
+        if text.lower() in f.lower():
+            return [f"--constraint={f}"], None
+    raise Failure(f"DQ_GPU_TYPE={text}: Slurm's GPUs have no such type (gres types: "
+                  f"{', '.join(types) or 'none'}; node features: {', '.join(features) or 'none'})"
+                  f"; drop DQ_GPU_TYPE, or name one of those")
+
+
+def slurm_dependency(cfg, env, var, kind):
+    """DQ_AFTER (afterok) / DQ_AFTER_ANY (afterany): the Slurm IDs of the
+    jobs not ended yet (an ended one either let the job go, or dq cancels
+    it at submit, as with ssh).  [options]."""
+    ids = []
+    for dep in job_dependencies(cfg, {var: env[var]})[0 if kind == "afterok" else 1]:
+        state, last = final_state(cfg, dep)
+        if state is not None:
+            if kind == "afterok" and state != "done":
+                raise Failure(f"{var}: {dep} ended {state}; this job would never start")
+            continue
+        sid = slurm_id(cfg, last or dep)
+        if sid is None:
+            raise Failure(f"{var}: {dep} is not a Slurm job (it was queued before "
+                          f"backend = slurm); wait for it to end, or drop {var}")
+        ids.append(sid)
+    return [f"--dependency={kind}:{':'.join(ids)}"] if ids else []
+
+
+def _slurm_time(cfg, spec):
+    limit = spec.get("time_limit")
+    if not limit:
+        return []
+    minutes = math.ceil((limit + cfg.kill_grace + SLURM_TIME_SLACK) / 60)
+    return [f"--time={minutes}"]
+
+
+def _slurm_priority(env):
+    p = job_priority(env)
+    if p > 0:
+        raise Failure(f"DQ_PRIORITY={p}: on Slurm only an operator may raise a job's "
+                      f"priority; use dq-top to move a job to the front of your own, or a "
+                      f"negative DQ_PRIORITY to let others go first")
+    return [f"--nice={-p}"] if p < 0 else []
+
+
+def _slurm_gres(cfg, spec, nodes_of):
+    """DQ_GPUS (with DQ_GPU_TYPE's type) and DQ_MEM: --gres."""
+    env, gpus = spec.get("env", {}), spec.get("gpus", 1)
+    extra, gtype = [], None
+    if env.get("DQ_GPU_TYPE", "").strip():
+        extra, gtype = slurm_gpu_type(cfg, gpus, env["DQ_GPU_TYPE"].strip(), nodes_of())
+    if env.get("DQ_MEM", "").strip():
+        mib = booking_mib(env["DQ_MEM"])
+        if not any(n.gres_types("shard") for n in nodes_of().values()):
+            raise Failure("DQ_MEM: this Slurm cluster has no GPU shards (gres shard) to "
+                          "share GPUs by; drop DQ_MEM for a whole GPU, or ask your admins "
+                          "for shards (README: dq on Slurm)")
+        # one shard per GiB of GPU memory (the README's advice for gres.conf)
+        return extra + [f"--gres=shard:{gpus * math.ceil(mib / 1024)}"]
+    if gpus == 0:
+        return extra
+    return extra + [f"--gres=gpu:{gtype + ':' if gtype else ''}{gpus}"]
+
+
+def _refuse_on_slurm(var, why):
+    raise Failure(f"{var}: {why} (backend = slurm)")
+
+
+# DQ_* variable -> (sbatch options that honour it, from (cfg, spec,
+# nodes_of)), or a Failure saying why Slurm cannot.  Variables not listed
+# are dq's own business, in the wrapper or at the job's end (DQ_DESC,
+# DQ_MAIL, DQ_SIGNAL, DQ_RETRY, DQ_RESUME, DQ_REQUEUE, DQ_SNAPSHOT, ...).
+SLURM_VARS = {
+    "DQ_GPUS": _slurm_gres,
+    "DQ_TIME": lambda cfg, spec, nodes_of: _slurm_time(cfg, spec),
+    "DQ_AFTER": lambda cfg, spec, nodes_of: slurm_dependency(
+        cfg, spec["env"], "DQ_AFTER", "afterok") if spec["env"].get("DQ_AFTER") else [],
+    "DQ_AFTER_ANY": lambda cfg, spec, nodes_of: slurm_dependency(
+        cfg, spec["env"], "DQ_AFTER_ANY", "afterany") if spec["env"].get("DQ_AFTER_ANY")
+        else [],
+    "DQ_HOSTS": lambda cfg, spec, nodes_of: slurm_hosts_args(
+        "DQ_HOSTS", host_patterns("DQ_HOSTS", spec["env"]["DQ_HOSTS"]), nodes_of(), False)
+        if spec["env"].get("DQ_HOSTS", "").strip() else [],
+    "DQ_EXCLUDE": lambda cfg, spec, nodes_of: slurm_hosts_args(
+        "DQ_EXCLUDE", host_patterns("DQ_EXCLUDE", spec["env"]["DQ_EXCLUDE"]), nodes_of(), True)
+        if spec["env"].get("DQ_EXCLUDE", "").strip() else [],
+    "DQ_GPU_MEM": lambda cfg, spec, nodes_of: _refuse_on_slurm(
+        "DQ_GPU_MEM", "Slurm has no request for a GPU's memory size; name the GPUs with "
+        "DQ_GPU_TYPE instead") if spec["env"].get("DQ_GPU_MEM", "").strip() else [],
+    "DQ_PRIORITY": lambda cfg, spec, nodes_of: _slurm_priority(spec["env"]),
+    "DQ_DESC": lambda cfg, spec, nodes_of: [
+        "--job-name=" + (spec["env"].get("DQ_DESC") or os.path.basename(spec["script"]))[:100]],
+}
+
+
+def slurm_options(cfg, spec, nodes_of):
+    """The sbatch options for one job (job.json's spec), every DQ_*
+    variable honoured or refused (SLURM_VARS); dq.conf's slurm_partition,
+    slurm_account and slurm_args first."""
+    opts = ["--parsable", "--no-requeue", "--kill-on-invalid-dep=yes", "--export=ALL",
+            "--open-mode=append"]
+    if cfg.slurm_partition:
+        opts.append(f"--partition={cfg.slurm_partition}")
+    if cfg.slurm_account:
+        opts.append(f"--account={cfg.slurm_account}")
+    opts += cfg.slurm_args
+    for var, options in SLURM_VARS.items():
+        opts += options(cfg, spec, nodes_of)
+    return opts
+
+
+def slurm_batch_script(cfg, first, array):
+    """The batch script: dq's _slurm on the node Slurm chose."""
+    args = ["_slurm", "--array", first] if array else ["_slurm", first]
+    return f"#!/bin/sh\nexec {dq_command(cfg, *args)}\n"
+
+
+def submit_to_slurm(cfg, ids):
+    """sbatch the jobs just written (create_jobs): one sbatch per job, or one
+    job array for the jobs of a sweep that ask Slurm the same; each job's
+    Slurm ID goes to its slurm.json.  A Failure (a variable Slurm cannot
+    honour, sbatch's refusal) leaves no job behind in Slurm: those already
+    sent are cancelled, and create_jobs removes them all."""
+    nodes = []
+
+    def nodes_of():         # one sinfo, and only when a variable needs it
+        if not nodes:
+            nodes.append(slurm_nodes(cfg))
+        return nodes[0]
+    groups = {}
+    for job_id in ids:
+        job = load_job(cfg, job_id)
+        key = tuple(slurm_options(cfg, job.spec, nodes_of))
+        groups.setdefault(key, []).append(job)
+    sent = []
+    try:
+        for opts, jobs in groups.items():
+            first = jobs[0]
+            out = os.path.join(first.dir, "slurm.out")
+            argv = ["sbatch"] + list(opts) + [f"--output={out}", f"--chdir={first.dir}"]
+            if len(jobs) > 1:
+                write_json(os.path.join(first.dir, SLURM_ARRAY),
+                           {"jobs": [j.id for j in jobs]}, durable=False)
+                argv.append(f"--array=0-{len(jobs) - 1}")
+            text = slurm_must(cfg, argv, f"sbatch refused {first.id}",
+                              slurm_batch_script(cfg, first.id, len(jobs) > 1))
+            sid = text.strip().split(";")[0]
+            if not re.fullmatch(r"[0-9]+", sid):
+                raise Failure(f"sbatch said {text.strip()!r}, not a job ID")
+            sent.append(sid)
+            for i, job in enumerate(jobs):
+                write_json(os.path.join(job.dir, SLURM_FILE),
+                           {"format": FORMAT, "id": f"{sid}_{i}" if len(jobs) > 1 else sid},
+                           durable=len(ids) == 1)
+    except (Failure, OSError):
+        if sent:
+            slurm_call(cfg, ["scancel"] + sent)
+        raise
+
+
+def squeue_jobs(cfg, user=None):
+    """{Slurm ID: (state, reason)} of the jobs Slurm has pending or running
+    (of `user`, or everybody's), array tasks one by one."""
+    argv = ["squeue", "-h", "-r", "-o", "%i|%T|%r"] + (["-u", user] if user else [])
+    out = slurm_must(cfg, argv, "cannot ask Slurm for its queue")
+    jobs = {}
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 3:
+            jobs[fields[0]] = (fields[1], fields[2])
+    return jobs
+
+
+# Slurm's reasons for a pending job, in dq's words (Slurm's own word is kept
+# beside them: "GPUs busy (Slurm: Resources)").
+SLURM_REASONS = {
+    "Resources": "GPUs busy", "Priority": "other jobs first",
+    "Dependency": "waiting for its DQ_AFTER jobs",
+    "DependencyNeverSatisfied": "its DQ_AFTER job failed",
+    "JobHeldUser": "held", "JobHeldAdmin": "held by an admin",
+    "BeginTime": "not before its start time", "None": "not looked at by Slurm yet",
+    "ReqNodeNotAvail": "its hosts are not available", "PartitionDown": "partition down",
+    "PartitionNodeLimit": "asks more than its partition has",
+    "QOSMaxGRESPerUser": "at your GPU limit", "AssocGrpGRES": "at your group's GPU limit",
+    "QOSMaxJobsPerUserLimit": "at your job limit", "Licenses": "waiting for licenses",
+}
+
+
+def slurm_reason(state, reason):
+    if state != "PENDING":
+        return "starting" if state in ("CONFIGURING", "RUNNING", "COMPLETING") else \
+            f"Slurm: {state}"
+    words = SLURM_REASONS.get(reason) or (
+        "at a limit" if "Limit" in reason or reason.startswith(("QOS", "Assoc")) else None)
+    return f"{words} (Slurm: {reason})" if words else f"Slurm: {reason}"
+
+
+def slurm_queue_reasons(cfg, queued):
+    """Each queued job's `reason`, from squeue."""
+    seen = squeue_jobs(cfg)
+    for j in queued:
+        sid = slurm_id(cfg, j["id"])
+        if sid in seen and seen[sid][1] == "Dependency":    # which one, as with ssh
+            dep = next((d for d in j["after"] + j["after_any"]
+                        if final_state(cfg, d)[0] is None), None)
+            j["reason"] = f"after {dep} (Slurm: Dependency)" if dep else \
+                slurm_reason(*seen[sid])
+        elif sid in seen:
+            j["reason"] = slurm_reason(*seen[sid])
+        elif sid:
+            j["reason"] = "ending in Slurm"
+        else:
+            j["reason"] = "not in Slurm yet"
+        j["slurm_id"] = sid
+
+
+def slurm_out_tail(job):
+    """The last line Slurm wrote about the job's batch step (slurm.out)."""
+    try:
+        with open(os.path.join(job.dir, "slurm.out"), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()
+                     if ln.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
 
 
 # Creating jobs ###############################################################
@@ -5064,6 +5551,156 @@ def cmd__notify(cfg, argv):
     return 0
 
 
+# Slurm bookkeeping ###########################################################
+
+# With backend = slurm, what dq keeps up to date itself: jobs Slurm dropped
+# (slurm_reconcile: its owner's dq-jobs, dq-wait, dq-schedule), dependents of
+# a job run again, the views' hosts and placements, and the batch step on the
+# node (cmd__slurm), which runs dq's wrapper.
+
+def slurm_reconcile(cfg):
+    """The caller's jobs that Slurm no longer has, but whose end dq has not
+    recorded: a job that never ran ends `cancelled` (its DQ_AFTER job
+    failed, or Slurm or an admin cancelled it), one that ran ends `lost`
+    (its node or its wrapper died; DQ_REQUEUE runs it again).  Returns how
+    many of the caller's jobs are still queued or running."""
+    user = me()
+    mine = [j for j in active_ids(cfg, user)]
+    if not mine:
+        return 0
+    seen = squeue_jobs(cfg, user)
+    left = 0
+    for job_id in mine:
+        job = load_job(cfg, job_id, quiet=True)
+        if job is None:
+            continue
+        sid = slurm_id(cfg, job_id)
+        if job.end:
+            drop_from_index(cfg, job_id)
+            continue
+        if sid is None or sid in seen:
+            left += 1
+            continue
+        job._run = None         # it may have started since we looked
+        if job.run:
+            again = requeue(cfg, job)
+            reason = (f"its Slurm job {sid} ended without dq's wrapper recording an end "
+                      f"(its node died, or Slurm killed it)")
+            if record_end(cfg, job, "lost", reason + (f"; requeued as {again}" if again else
+                                                      ""), requeued_as=again):
+                notify_later(cfg, job)
+        else:
+            why = slurm_out_tail(job)
+            dep = next((d for d in job.spec.get("after", [])
+                        if final_state(cfg, d)[0] not in (None, "done")), None)
+            reason = (f"dependency {dep} ended {final_state(cfg, dep)[0]}" if dep else
+                      f"Slurm dropped its job {sid} before it ran" +
+                      (f": {why}" if why else " (scancel?)"))
+            if record_end(cfg, job, "cancelled", reason):
+                notify_later(cfg, job)
+        drop_from_index(cfg, job_id)
+    return left
+
+
+def slurm_cancel(cfg, job, grace=None):
+    """scancel a dq job's Slurm job (after dq-kill recorded its end); its
+    Result.  With grace: first its DQ_SIGNAL's warning through Slurm
+    (scancel --signal), dq's wrapper doing the rest (grace.json)."""
+    sid = slurm_id(cfg, job.id)
+    if sid is None:
+        return Result(SLURM_HOST, 0, "", "", 0.0)
+    return slurm_call(cfg, ["scancel", sid])
+
+
+def need_hosts(cfg):
+    """Commands that ssh to every host (dq-users, dq-on-all, dq-web): on
+    Slurm without a hosts line in dq.conf, the hosts are Slurm's nodes."""
+    if is_slurm(cfg) and cfg.slurm_nodes_as_hosts:
+        cfg.hosts = sorted(slurm_nodes(cfg), key=lambda n: [
+            int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", n)])
+        cfg.slurm_nodes_as_hosts = False
+
+
+def slurm_places(cfg):
+    """dq's running jobs on Slurm as placements ({job_id: {host, gpus,
+    user, state}}), from their run.json, for the views that show who holds
+    which GPU (there is no placements.json on Slurm)."""
+    places = {}
+    for job_id in active_ids(cfg):
+        job = load_job(cfg, job_id, quiet=True)
+        if job is not None and job.run and not job.end and job.run.get("host"):
+            places[job_id] = {"host": job.run["host"], "gpus": job.run.get("gpus", []),
+                              "user": job.owner, "state": Placements.RUNNING}
+    return places
+
+
+def slurm_move_dependents(cfg, job_id, again):
+    """A job run again (DQ_RETRY, DQ_RESUME) as `again`: its owner's
+    Slurm jobs that wait on its Slurm job (DQ_AFTER) wait on the new one's
+    instead, before its batch step ends (and Slurm would count them as
+    never satisfied).  Other users' jobs cannot be changed by us: Slurm
+    cancels those, and the README says so."""
+    old, new = slurm_id(cfg, job_id), slurm_id(cfg, again)
+    if not old or not new:
+        return
+    res = slurm_call(cfg, ["squeue", "-h", "-u", me(), "-t", "PD", "-o", "%i|%E"])
+    for line in res.out.splitlines() if res.ok else []:
+        sid, _, deps = line.strip().partition("|")
+        conds = [re.sub(r"\(.*?\)", "", d) for d in deps.split(",") if d and d != "(null)"]
+        if not any(re.search(rf"[:]{re.escape(old)}(?=$|:)", d) for d in conds):
+            continue
+        moved = ",".join(re.sub(rf"(?<=:){re.escape(old)}(?=$|:)", new, d) for d in conds)
+        res2 = slurm_call(cfg, ["scontrol", "update", f"jobid={sid}", f"dependency={moved}"])
+        if not res2.ok:
+            warn(f"cannot make Slurm job {sid} wait on {again} instead of {job_id}: "
+                 f"{res2.why()}")
+
+
+# How long dq-shell --now gives Slurm to start its job (a scheduler's tick
+# or two) before it counts as "no GPU now"
+SLURM_NOW_WAIT = 3
+
+
+def cmd__slurm(cfg, argv):
+    """Internal: the batch step of a dq job on Slurm's node.  Runs dq's
+    wrapper in a screen session (screen -D -m: it stays in the foreground,
+    so Slurm's job lasts as long as the session) with the GPUs Slurm gave."""
+    array = argv[:1] == ["--array"]
+    internal_args(argv[1:] if array else argv, "_slurm [--array] JOB_ID",
+                  "the batch script of a dq job on Slurm", (full_job_id,))
+    job_id = argv[-1]
+    if array:
+        listing = read_json(os.path.join(cfg.job_dir(job_id), SLURM_ARRAY), {}, {})
+        index = whole_number(os.environ.get("SLURM_ARRAY_TASK_ID", ""))
+        jobs = listing.get("jobs") if isinstance(listing, dict) else None
+        if index is None or not isinstance(jobs, list) or index >= len(jobs):
+            raise Failure(f"{job_id}: no job for array task "
+                          f"{os.environ.get('SLURM_ARRAY_TASK_ID')!r} in its {SLURM_ARRAY}")
+        job_id = jobs[index]
+    host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
+    # The GPUs' indexes as nvidia-smi counts them (SLURM_JOB_GPUS; with
+    # ConstrainDevices, CUDA_VISIBLE_DEVICES counts from 0 in the job's
+    # cgroup, and the wrapper passes that on to the script as it is).
+    gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or ""
+    if not re.fullmatch(r"([0-9]+(,[0-9]+)*)?", gpus):
+        gpus = ""
+    env = clean_env()
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    argv = ["screen", "-DmS", session_name(job_id)] + \
+        dq_argv(cfg.python, "_run", job_id, host, gpus, "-")
+    debug(shlex.join(argv))
+    # scancel's TERM is for the job (its wrapper records the end), not us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        pid = os.posix_spawnp("screen", argv, env, setsigdef=(signal.SIGTERM,))
+    except OSError as e:
+        raise Failure(f"cannot start screen on {host}: {e.strerror}") from None
+    os.waitpid(pid, 0)
+    # Slurm's view of how it ended, for its dependencies (afterok): done or not
+    end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), {}, {}) or {}
+    return 0 if end.get("state") == "done" else 1
+
+
 # Scheduling ##################################################################
 
 class PassResult:
@@ -5409,6 +6046,27 @@ def schedule_loop(cfg, forever=False, quiet=False):
     if _mtime(wake) != seen:    # something arrived while we decided to stop
         spawn_scheduler(cfg)
     return 0
+
+
+def slurm_loop(cfg, quiet=False):
+    """dq-schedule with backend = slurm: no placing (Slurm's), only the
+    owner's bookkeeping (slurm_reconcile) every watch_interval while they
+    have jobs queued or running."""
+    ensure_layout(cfg)
+    lock = loop_lock(cfg)
+    if not lock.acquire(blocking=False):
+        return 0
+    try:
+        while True:
+            try:
+                if not slurm_reconcile(cfg):
+                    return 0
+            except (Failure, OSError) as e:
+                if not quiet:
+                    warn(str(e))
+            time.sleep(cfg.watch_interval)
+    finally:
+        lock.release()
 
 
 def cmd_schedule(cfg, argv):
@@ -6268,6 +6926,9 @@ def cmd__run(cfg, argv):
                                  checkpointed)
     if ours is None:
         return lease.give_up(log)
+    again = job.end.get("requeued_as") if ours and is_slurm(cfg) else None
+    if again:       # its dependents follow the new run (see slurm_move_dependents)
+        slurm_move_dependents(cfg, job.id, again)
     log.close()
     drop_from_index(cfg, job.id)
     if not is_slurm(cfg):       # (on Slurm, Slurm hands the GPUs over)
@@ -6278,575 +6939,6 @@ def cmd__run(cfg, argv):
     if wants_notice(cfg, job):
         notify_end(cfg, job)    # after the hand-over: it never delays the next job
     return 0
-
-
-# Slurm back end ##############################################################
-
-# backend = slurm in dq.conf: Slurm decides where and when jobs run, and
-# dq stays the front end.  dq-submit writes the job as always (job.json, its
-# jobs/active entry), then hands it to sbatch (submit_to_slurm): the batch
-# step, on the node Slurm chose, runs `dq.py _slurm JOB` (cmd__slurm), which
-# runs dq's own wrapper (`_run`, as in a screen session of the ssh back end)
-# in a screen session, so the log, run.json, end.json, dq-tail, dq-attach,
-# DQ_SIGNAL/DQ_TIME to the second, DQ_RETRY/DQ_RESUME, mail and hooks are
-# what they are with ssh.  The job's Slurm ID is in its slurm.json.
-#
-# What Slurm does instead of dq: placement, fair share, limits, priorities
-# (dq's planner, dq-schedule's passes and placements.json are not used).
-# Each DQ_* variable is one entry of SLURM_VARS: the sbatch options that
-# honour it, or a Failure saying why Slurm cannot (refused at submit, never
-# dropped).  Queued jobs' reasons come from squeue (SLURM_REASONS).  A job
-# Slurm dropped without dq's wrapper recording its end (cancelled by an
-# admin, its DQ_AFTER job failed, its node died) is found by its owner's
-# dq-jobs, dq-wait or dq-schedule (slurm_reconcile) and recorded.
-#
-# Every Slurm command runs through run_scripts (a /bin/sh here, with
-# cfg.timeout and the --debug echo), with SLURM_CONF from dq.conf's
-# slurm_conf when it is set.  dq reads Slurm's stable text forms
-# (--parsable, -o formats), never --json (its shape changes by release).
-SLURM_FILE = "slurm.json"   # in the job's directory: {"format", "id": "123" or "123_4"}
-SLURM_ARRAY = "slurm-array.json"    # a job array's first job: {"jobs": [its dq IDs]}
-# Slurm counts time limits in whole minutes and enforces them on a ~30 s
-# tick; dq's wrapper enforces DQ_TIME (and DQ_SIGNAL's warning) to the
-# second itself, and Slurm's limit, this much later, is only the backstop.
-SLURM_TIME_SLACK = 60
-
-
-def is_slurm(cfg):
-    return getattr(cfg, "backend", "ssh") == "slurm"
-
-
-def slurm_call(cfg, argv, stdin=None, timeout=None):
-    """Run one Slurm command here, through run_scripts; its Result.
-    stdin: text for the command's standard input (sbatch's batch script)."""
-    line = " ".join(q(a) for a in argv)
-    if cfg.slurm_conf:
-        line = f"SLURM_CONF={q(cfg.slurm_conf)} {line}"
-    if stdin is not None:
-        line += f" <<'DQ_SLURM_EOF'\n{stdin.rstrip()}\nDQ_SLURM_EOF"
-    return run_scripts(cfg, [(SLURM_HOST, line + "\n")], timeout)[0]
-
-
-def slurm_must(cfg, argv, what, stdin=None):
-    """slurm_call that must work: its stdout, or a Failure naming `what`
-    and Slurm's own message (e.g. 'sbatch: error: Invalid partition')."""
-    res = slurm_call(cfg, argv, stdin)
-    if res.rc == 127:
-        raise Failure(f"{what}: {argv[0]} is not installed here (backend = slurm in "
-                      f"{cfg.path}: run dq where Slurm's client commands are)")
-    if not res.ok:
-        raise Failure(f"{what}: {res.why()}")
-    return res.out
-
-
-class SlurmNode:
-    """One Slurm node as sinfo -N sees it: name, state, gres (e.g.
-    'gpu:a100:4(S:0)', 'shard:80'), features."""
-
-    def __init__(self, name, state, gres, features):
-        self.name, self.state = name, state
-        self.gres = [] if gres in ("", "(null)") else gres.split(",")
-        self.features = [] if features in ("", "(null)") else features.split(",")
-
-    def gres_types(self, kind="gpu"):
-        """{type or None: count} of this node's gres `kind`."""
-        out = {}
-        for g in self.gres:
-            parts = g.split("(")[0].split(":")
-            if parts[0] != kind or len(parts) < 2:
-                continue
-            kind_type = parts[1] if len(parts) == 3 else None
-            count = whole_number(parts[-1])
-            if count is not None:
-                out[kind_type] = out.get(kind_type, 0) + count
-        return out
-
-
-def slurm_nodes(cfg):
-    """{name: SlurmNode} of the cluster (one sinfo)."""
-    out = slurm_must(cfg, ["sinfo", "-h", "-N", "-o", "%N|%T|%G|%f"], "cannot list Slurm's nodes")
-    nodes = {}
-    for line in out.splitlines():
-        fields = line.strip().split("|")
-        if len(fields) == 4 and fields[0]:
-            node = nodes.get(fields[0])
-            if node is None:        # a node in two partitions is listed twice
-                nodes[fields[0]] = SlurmNode(*fields)
-    return nodes
-
-
-def slurm_hosts_args(var, patterns, nodes, exclude):
-    """DQ_HOSTS / DQ_EXCLUDE with dq's patterns matched against Slurm's node
-    names.  DQ_HOSTS means 'one of these' and sbatch's --nodelist 'all of
-    these', so several hosts become an --exclude of all the others."""
-    matched = sorted(n for n in nodes if matches_host(patterns, n))
-    if not matched and not exclude:
-        raise Failure(f"{var}={','.join(patterns)} matches none of Slurm's nodes "
-                      f"({', '.join(sorted(nodes)[:8]) or 'none'}); name them as "
-                      f"sinfo -N does")
-    if exclude:
-        return [f"--exclude={','.join(matched)}"] if matched else []
-    if len(matched) == 1:
-        return [f"--nodelist={matched[0]}"]
-    others = sorted(set(nodes) - set(matched))
-    return [f"--exclude={','.join(others)}"] if others else []
-
-
-def slurm_gpu_type(cfg, want, text, nodes):
-    """DQ_GPU_TYPE: a gres type ('gpu:TYPE:N') where the nodes' GPUs have
-    types, else a node feature (--constraint); the first that contains the
-    text, as dq's own rule (case-insensitive).  ([gres options], type)."""
-    types = sorted({t for n in nodes.values() for t in n.gres_types() if t})
-    for t in types:
-        if text.lower() in t.lower():
-            return [], t
-    features = sorted({f for n in nodes.values() for f in n.features})
-    for f in features:
-        if text.lower() in f.lower():
-            return [f"--constraint={f}"], None
-    raise Failure(f"DQ_GPU_TYPE={text}: Slurm's GPUs have no such type (gres types: "
-                  f"{', '.join(types) or 'none'}; node features: {', '.join(features) or 'none'})"
-                  f"; drop DQ_GPU_TYPE, or name one of those")
-
-
-def slurm_dependency(cfg, env, var, kind):
-    """DQ_AFTER (afterok) / DQ_AFTER_ANY (afterany): the Slurm IDs of the
-    jobs not ended yet (an ended one either let the job go, or dq cancels
-    it at submit, as with ssh).  [options]."""
-    ids = []
-    for dep in job_dependencies(cfg, {var: env[var]})[0 if kind == "afterok" else 1]:
-        state, last = final_state(cfg, dep)
-        if state is not None:
-            if kind == "afterok" and state != "done":
-                raise Failure(f"{var}: {dep} ended {state}; this job would never start")
-            continue
-        sid = slurm_id(cfg, last or dep)
-        if sid is None:
-            raise Failure(f"{var}: {dep} is not a Slurm job (it was queued before "
-                          f"backend = slurm); wait for it to end, or drop {var}")
-        ids.append(sid)
-    return [f"--dependency={kind}:{':'.join(ids)}"] if ids else []
-
-
-def _slurm_time(cfg, spec):
-    limit = spec.get("time_limit")
-    if not limit:
-        return []
-    minutes = math.ceil((limit + cfg.kill_grace + SLURM_TIME_SLACK) / 60)
-    return [f"--time={minutes}"]
-
-
-def _slurm_priority(env):
-    p = job_priority(env)
-    if p > 0:
-        raise Failure(f"DQ_PRIORITY={p}: on Slurm only an operator may raise a job's "
-                      f"priority; use dq-top to move a job to the front of your own, or a "
-                      f"negative DQ_PRIORITY to let others go first")
-    return [f"--nice={-p}"] if p < 0 else []
-
-
-def _slurm_gres(cfg, spec, nodes_of):
-    """DQ_GPUS (with DQ_GPU_TYPE's type) and DQ_MEM: --gres."""
-    env, gpus = spec.get("env", {}), spec.get("gpus", 1)
-    extra, gtype = [], None
-    if env.get("DQ_GPU_TYPE", "").strip():
-        extra, gtype = slurm_gpu_type(cfg, gpus, env["DQ_GPU_TYPE"].strip(), nodes_of())
-    if env.get("DQ_MEM", "").strip():
-        mib = booking_mib(env["DQ_MEM"])
-        if not any(n.gres_types("shard") for n in nodes_of().values()):
-            raise Failure("DQ_MEM: this Slurm cluster has no GPU shards (gres shard) to "
-                          "share GPUs by; drop DQ_MEM for a whole GPU, or ask your admins "
-                          "for shards (README: dq on Slurm)")
-        # one shard per GiB of GPU memory (the README's advice for gres.conf)
-        return extra + [f"--gres=shard:{gpus * math.ceil(mib / 1024)}"]
-    if gpus == 0:
-        return extra
-    return extra + [f"--gres=gpu:{gtype + ':' if gtype else ''}{gpus}"]
-
-
-# DQ_* variable -> (sbatch options that honour it, from (cfg, spec,
-# nodes_of)), or a Failure saying why Slurm cannot.  Variables not listed
-# are dq's own business, in the wrapper or at the job's end (DQ_DESC,
-# DQ_MAIL, DQ_SIGNAL, DQ_RETRY, DQ_RESUME, DQ_REQUEUE, DQ_SNAPSHOT, ...).
-SLURM_VARS = {
-    "DQ_GPUS": _slurm_gres,
-    "DQ_TIME": lambda cfg, spec, nodes_of: _slurm_time(cfg, spec),
-    "DQ_AFTER": lambda cfg, spec, nodes_of: slurm_dependency(
-        cfg, spec["env"], "DQ_AFTER", "afterok") if spec["env"].get("DQ_AFTER") else [],
-    "DQ_AFTER_ANY": lambda cfg, spec, nodes_of: slurm_dependency(
-        cfg, spec["env"], "DQ_AFTER_ANY", "afterany") if spec["env"].get("DQ_AFTER_ANY")
-        else [],
-    "DQ_HOSTS": lambda cfg, spec, nodes_of: slurm_hosts_args(
-        "DQ_HOSTS", host_patterns("DQ_HOSTS", spec["env"]["DQ_HOSTS"]), nodes_of(), False)
-        if spec["env"].get("DQ_HOSTS", "").strip() else [],
-    "DQ_EXCLUDE": lambda cfg, spec, nodes_of: slurm_hosts_args(
-        "DQ_EXCLUDE", host_patterns("DQ_EXCLUDE", spec["env"]["DQ_EXCLUDE"]), nodes_of(), True)
-        if spec["env"].get("DQ_EXCLUDE", "").strip() else [],
-    "DQ_GPU_MEM": lambda cfg, spec, nodes_of: _refuse_on_slurm(
-        "DQ_GPU_MEM", "Slurm has no request for a GPU's memory size; name the GPUs with "
-        "DQ_GPU_TYPE instead") if spec["env"].get("DQ_GPU_MEM", "").strip() else [],
-    "DQ_PRIORITY": lambda cfg, spec, nodes_of: _slurm_priority(spec["env"]),
-    "DQ_DESC": lambda cfg, spec, nodes_of: [
-        "--job-name=" + (spec["env"].get("DQ_DESC") or os.path.basename(spec["script"]))[:100]],
-}
-
-
-def _refuse_on_slurm(var, why):
-    raise Failure(f"{var}: {why} (backend = slurm)")
-
-
-def slurm_options(cfg, spec, nodes_of):
-    """The sbatch options for one job (job.json's spec), every DQ_*
-    variable honoured or refused (SLURM_VARS); dq.conf's slurm_partition,
-    slurm_account and slurm_args first."""
-    opts = ["--parsable", "--no-requeue", "--kill-on-invalid-dep=yes", "--export=ALL",
-            "--open-mode=append"]
-    if cfg.slurm_partition:
-        opts.append(f"--partition={cfg.slurm_partition}")
-    if cfg.slurm_account:
-        opts.append(f"--account={cfg.slurm_account}")
-    opts += cfg.slurm_args
-    for var, options in SLURM_VARS.items():
-        opts += options(cfg, spec, nodes_of)
-    return opts
-
-
-def slurm_id(cfg, job_id):
-    """The Slurm ID of a dq job (slurm.json), or None."""
-    data = read_json(os.path.join(cfg.job_dir(job_id), SLURM_FILE), None, None)
-    sid = data.get("id") if isinstance(data, dict) else None
-    return sid if isinstance(sid, str) and re.fullmatch(r"[0-9]+(_[0-9]+)?", sid) else None
-
-
-def slurm_batch_script(cfg, first, array):
-    """The batch script: dq's _slurm on the node Slurm chose."""
-    args = ["_slurm", "--array", first] if array else ["_slurm", first]
-    return f"#!/bin/sh\nexec {dq_command(cfg, *args)}\n"
-
-
-def submit_to_slurm(cfg, ids):
-    """sbatch the jobs just written (create_jobs): one sbatch per job, or one
-    job array for the jobs of a sweep that ask Slurm the same; each job's
-    Slurm ID goes to its slurm.json.  A Failure (a variable Slurm cannot
-    honour, sbatch's refusal) leaves no job behind in Slurm: those already
-    sent are cancelled, and create_jobs removes them all."""
-    nodes = []
-
-    def nodes_of():         # one sinfo, and only when a variable needs it
-        if not nodes:
-            nodes.append(slurm_nodes(cfg))
-        return nodes[0]
-    groups = {}
-    for job_id in ids:
-        job = load_job(cfg, job_id)
-        if job.spec.get("interactive"):
-            raise Failure("dq-shell does not run on Slurm yet (backend = slurm); use "
-                          "srun --pty bash for a shell on a GPU")
-        key = tuple(slurm_options(cfg, job.spec, nodes_of))
-        groups.setdefault(key, []).append(job)
-    sent = []
-    try:
-        for opts, jobs in groups.items():
-            first = jobs[0]
-            out = os.path.join(first.dir, "slurm.out")
-            argv = ["sbatch"] + list(opts) + [f"--output={out}", f"--chdir={first.dir}"]
-            if len(jobs) > 1:
-                write_json(os.path.join(first.dir, SLURM_ARRAY),
-                           {"jobs": [j.id for j in jobs]}, durable=False)
-                argv.append(f"--array=0-{len(jobs) - 1}")
-            text = slurm_must(cfg, argv, f"sbatch refused {first.id}",
-                              slurm_batch_script(cfg, first.id, len(jobs) > 1))
-            sid = text.strip().split(";")[0]
-            if not re.fullmatch(r"[0-9]+", sid):
-                raise Failure(f"sbatch said {text.strip()!r}, not a job ID")
-            sent.append(sid)
-            for i, job in enumerate(jobs):
-                write_json(os.path.join(job.dir, SLURM_FILE),
-                           {"format": FORMAT, "id": f"{sid}_{i}" if len(jobs) > 1 else sid},
-                           durable=len(ids) == 1)
-    except (Failure, OSError):
-        if sent:
-            slurm_call(cfg, ["scancel"] + sent)
-        raise
-
-
-def squeue_jobs(cfg, user=None):
-    """{Slurm ID: (state, reason)} of the jobs Slurm has pending or running
-    (of `user`, or everybody's), array tasks one by one."""
-    argv = ["squeue", "-h", "-r", "-o", "%i|%T|%r"] + (["-u", user] if user else [])
-    out = slurm_must(cfg, argv, "cannot ask Slurm for its queue")
-    jobs = {}
-    for line in out.splitlines():
-        fields = line.strip().split("|")
-        if len(fields) == 3:
-            jobs[fields[0]] = (fields[1], fields[2])
-    return jobs
-
-
-# Slurm's reasons for a pending job, in dq's words (Slurm's own word is kept
-# beside them: "GPUs busy (Slurm: Resources)").
-SLURM_REASONS = {
-    "Resources": "GPUs busy", "Priority": "other jobs first",
-    "Dependency": "waiting for its DQ_AFTER jobs",
-    "DependencyNeverSatisfied": "its DQ_AFTER job failed",
-    "JobHeldUser": "held", "JobHeldAdmin": "held by an admin",
-    "BeginTime": "not before its start time", "None": "not looked at by Slurm yet",
-    "ReqNodeNotAvail": "its hosts are not available", "PartitionDown": "partition down",
-    "PartitionNodeLimit": "asks more than its partition has",
-    "QOSMaxGRESPerUser": "at your GPU limit", "AssocGrpGRES": "at your group's GPU limit",
-    "QOSMaxJobsPerUserLimit": "at your job limit", "Licenses": "waiting for licenses",
-}
-
-
-def slurm_reason(state, reason):
-    if state != "PENDING":
-        return "starting" if state in ("CONFIGURING", "RUNNING", "COMPLETING") else \
-            f"Slurm: {state}"
-    words = SLURM_REASONS.get(reason) or (
-        "at a limit" if "Limit" in reason or reason.startswith(("QOS", "Assoc")) else None)
-    return f"{words} (Slurm: {reason})" if words else f"Slurm: {reason}"
-
-
-def slurm_queue_reasons(cfg, queued):
-    """Each queued job's `reason`, from squeue."""
-    seen = squeue_jobs(cfg)
-    for j in queued:
-        sid = slurm_id(cfg, j["id"])
-        if sid in seen:
-            j["reason"] = slurm_reason(*seen[sid])
-        elif sid:
-            j["reason"] = "ending in Slurm"
-        else:
-            j["reason"] = "not in Slurm yet"
-        j["slurm_id"] = sid
-
-
-def slurm_out_tail(job):
-    """The last line Slurm wrote about the job's batch step (slurm.out)."""
-    try:
-        with open(os.path.join(job.dir, "slurm.out"), "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()
-                     if ln.strip()]
-    except OSError:
-        return None
-    return lines[-1] if lines else None
-
-
-def slurm_reconcile(cfg):
-    """The caller's jobs that Slurm no longer has, but whose end dq has not
-    recorded: a job that never ran ends `cancelled` (its DQ_AFTER job
-    failed, or Slurm or an admin cancelled it), one that ran ends `lost`
-    (its node or its wrapper died; DQ_REQUEUE runs it again).  Returns how
-    many of the caller's jobs are still queued or running."""
-    user = me()
-    mine = [j for j in active_ids(cfg, user)]
-    if not mine:
-        return 0
-    seen = squeue_jobs(cfg, user)
-    left = 0
-    for job_id in mine:
-        job = load_job(cfg, job_id, quiet=True)
-        if job is None:
-            continue
-        sid = slurm_id(cfg, job_id)
-        if job.end:
-            drop_from_index(cfg, job_id)
-            continue
-        if sid is None or sid in seen:
-            left += 1
-            continue
-        job._run = None         # it may have started since we looked
-        if job.run:
-            again = requeue(cfg, job)
-            reason = (f"its Slurm job {sid} ended without dq's wrapper recording an end "
-                      f"(its node died, or Slurm killed it)")
-            if record_end(cfg, job, "lost", reason + (f"; requeued as {again}" if again else
-                                                      ""), requeued_as=again):
-                notify_later(cfg, job)
-        else:
-            why = slurm_out_tail(job)
-            dep = next((d for d in job.spec.get("after", [])
-                        if final_state(cfg, d)[0] not in (None, "done")), None)
-            reason = (f"dependency {dep} ended {final_state(cfg, dep)[0]}" if dep else
-                      f"Slurm dropped its job {sid} before it ran" +
-                      (f": {why}" if why else " (scancel?)"))
-            if record_end(cfg, job, "cancelled", reason):
-                notify_later(cfg, job)
-        drop_from_index(cfg, job_id)
-    return left
-
-
-def slurm_loop(cfg, quiet=False):
-    """dq-schedule with backend = slurm: no placing (Slurm's), only the
-    owner's bookkeeping (slurm_reconcile) every watch_interval while they
-    have jobs queued or running."""
-    ensure_layout(cfg)
-    lock = loop_lock(cfg)
-    if not lock.acquire(blocking=False):
-        return 0
-    try:
-        while True:
-            try:
-                if not slurm_reconcile(cfg):
-                    return 0
-            except (Failure, OSError) as e:
-                if not quiet:
-                    warn(str(e))
-            time.sleep(cfg.watch_interval)
-    finally:
-        lock.release()
-
-
-def slurm_cancel(cfg, job, grace=None):
-    """scancel a dq job's Slurm job (after dq-kill recorded its end); its
-    Result.  With grace: first its DQ_SIGNAL's warning through Slurm
-    (scancel --signal), dq's wrapper doing the rest (grace.json)."""
-    sid = slurm_id(cfg, job.id)
-    if sid is None:
-        return Result(SLURM_HOST, 0, "", "", 0.0)
-    return slurm_call(cfg, ["scancel", sid])
-
-
-def expand_hostlist(text):
-    """Slurm's host list 'node[1-3,7],gpu9' -> ['node1', 'node2', 'node3',
-    'node7', 'gpu9']."""
-    out = []
-    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?", text or ""):
-        if not ranges:
-            out.append(name)
-            continue
-        for r in ranges.split(","):
-            lo, _, hi = r.partition("-")
-            out += [f"{name}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
-
-
-def slurm_gpus_in_use(cfg):
-    """{node: {GPU indexes}} that Slurm's running jobs hold (scontrol -d
-    show job: 'Nodes=node2 CPU_IDs=0 Mem=0 GRES=gpu:3(IDX:0-2)')."""
-    out = slurm_must(cfg, ["scontrol", "-d", "-o", "show", "job"],
-                     "cannot ask Slurm for its jobs")
-    used = {}
-    for nodes, gres in re.findall(r" Nodes=(\S+) CPU_IDs=\S+ Mem=\S+ GRES=(\S*)", out):
-        for node in expand_hostlist(nodes):
-            used.setdefault(node, set()).update(gres_indexes(gres)[1])
-    return used
-
-
-def gres_indexes(text, kind="gpu"):
-    """(count, {indexes}) of gres `kind` in Gres/GresUsed text such as
-    'gpu:4', 'gpu:a100:2(IDX:0,2-3)', 'gpu:0,shard:8(...)'."""
-    count, idx = 0, set()
-    for part in re.split(r",(?![^(]*\))", text or ""):
-        m = re.match(r"([a-z_]+)(?::(?:\(null\)|[^:(]+))?:([0-9]+)(?:\(([^)]*)\))?",
-                     part.strip())
-        if not m or m.group(1) != kind:
-            continue
-        count += int(m.group(2))
-        for r in re.findall(r"[0-9]+(?:-[0-9]+)?", (m.group(3) or "").partition("IDX:")[2]):
-            lo, _, hi = r.partition("-")
-            idx.update(range(int(lo), int(hi or lo) + 1))
-    return count, idx
-
-
-SLURM_UNUSABLE = ("DRAIN", "DOWN", "FAIL", "MAINT", "NOT_RESPONDING", "POWER")
-
-
-def slurm_free(cfg):
-    """dq-free's rows with backend = slurm: each node's GPUs that Slurm has
-    not allocated, and its drain (Slurm's own, with its reason)."""
-    out = slurm_must(cfg, ["sinfo", "-h", "-N", "-O", "NodeList:|,StateLong:|,Gres:|,Reason:|"],
-                     "cannot ask Slurm for its nodes")
-    used = slurm_gpus_in_use(cfg)
-    rows, seen = [], set()
-    for line in out.splitlines():
-        fields = [f.strip() for f in line.split("|")]
-        if len(fields) < 4 or not fields[0] or fields[0] in seen:
-            continue
-        node, state, gres, reason = fields[:4]
-        seen.add(node)
-        total = gres_indexes(gres)[0]
-        unusable = any(s in state.upper() for s in SLURM_UNUSABLE)
-        drained = {"reason": None if reason == "none" else reason, "by": None,
-                   "since": None} if unusable else None
-        free = [] if unusable else [i for i in range(total) if i not in used.get(node, ())]
-        rows.append({"host": node, "free": free, "gpus": total, "error": None,
-                     "drained": drained, "slurm_state": state,
-                     "free_gpus": [{"index": i, "name": None, "memory_total_mib": None,
-                                    "free_mem_mib": 0} for i in free], "shared_gpus": []})
-    return rows
-
-
-def slurm_drain(cfg, hosts, drain, reason):
-    """dq-drain with backend = slurm: scontrol update (Slurm lets only its
-    operators; others get its refusal in one line)."""
-    for h in hosts:
-        argv = ["scontrol", "update", f"nodename={h}",
-                f"state={'drain' if drain else 'resume'}"]
-        if drain:
-            argv.append(f"reason={reason or 'dq-drain by ' + me()}")
-        res = slurm_call(cfg, argv)
-        if not res.ok:
-            raise Failure(f"scontrol could not {'drain' if drain else 'resume'} {h}: "
-                          f"{res.why()}" + (" (only Slurm's operators may)" if "user id"
-                                             in res.why().lower() else ""))
-
-
-def slurm_drains(cfg):
-    """{node: {reason, by, since}} of Slurm's drained and down nodes (sinfo -R)."""
-    out = slurm_must(cfg, ["sinfo", "-h", "-R", "-N", "-o", "%N|%E|%u|%H"],
-                     "cannot ask Slurm for its drained nodes")
-    drains = {}
-    for line in out.splitlines():
-        fields = line.strip().split("|")
-        if len(fields) == 4 and fields[0]:
-            try:
-                since = time.mktime(time.strptime(fields[3], "%Y-%m-%dT%H:%M:%S"))
-            except ValueError:
-                since = None
-            drains[fields[0]] = {"reason": fields[1], "by": fields[2], "since": since}
-    return drains
-
-
-def cmd__slurm(cfg, argv):
-    """Internal: the batch step of a dq job on Slurm's node.  Runs dq's
-    wrapper in a screen session (screen -D -m: it stays in the foreground,
-    so Slurm's job lasts as long as the session) with the GPUs Slurm gave."""
-    array = argv[:1] == ["--array"]
-    internal_args(argv[1:] if array else argv, "_slurm [--array] JOB_ID",
-                  "the batch script of a dq job on Slurm", (full_job_id,))
-    job_id = argv[-1]
-    if array:
-        listing = read_json(os.path.join(cfg.job_dir(job_id), SLURM_ARRAY), {}, {})
-        index = whole_number(os.environ.get("SLURM_ARRAY_TASK_ID", ""))
-        jobs = listing.get("jobs") if isinstance(listing, dict) else None
-        if index is None or not isinstance(jobs, list) or index >= len(jobs):
-            raise Failure(f"{job_id}: no job for array task "
-                          f"{os.environ.get('SLURM_ARRAY_TASK_ID')!r} in its {SLURM_ARRAY}")
-        job_id = jobs[index]
-    host = os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]
-    # The GPUs' indexes as nvidia-smi counts them (SLURM_JOB_GPUS; with
-    # ConstrainDevices, CUDA_VISIBLE_DEVICES counts from 0 in the job's
-    # cgroup, and the wrapper passes that on to the script as it is).
-    gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or ""
-    if not re.fullmatch(r"([0-9]+(,[0-9]+)*)?", gpus):
-        gpus = ""
-    env = clean_env()
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
-    argv = ["screen", "-D", "-m", "-S", session_name(job_id)] + \
-        dq_argv(cfg.python, "_run", job_id, host, gpus, "-")
-    debug(shlex.join(argv))
-    # scancel's TERM is for the job (its wrapper records the end), not us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        pid = os.posix_spawnp("screen", argv, env, setsigdef=(signal.SIGTERM,))
-    except OSError as e:
-        raise Failure(f"cannot start screen on {host}: {e.strerror}") from None
-    os.waitpid(pid, 0)
-    # Slurm's view of how it ended, for its dependencies (afterok): done or not
-    end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), {}, {}) or {}
-    return 0 if end.get("state") == "done" else 1
 
 
 # Submitting ##################################################################
@@ -6940,6 +7032,31 @@ def may_place_now(cfg, seen, want, need=None):
 SUBMIT_POLL_MAX_AGE = 30
 
 
+def submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot):
+    """submit_and_place with backend = slurm: write the jobs and sbatch
+    them (create_jobs does both); Slurm starts them."""
+    if snapshot is not None:
+        for j in jobs:
+            j["snapshot"] = snapshot
+    elif any(j["snapshot"] for j in jobs):
+        plan = SnapshotPlan(cfg, cwd, script)
+        for j in jobs:
+            j["snapshot"] = plan if j["snapshot"] else None
+    ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
+    for job_id in ids:
+        print(f"Job ID: '{job_id}'", flush=True)
+    sids = [slurm_id(cfg, job_id) for job_id in ids]
+    arrays = sorted({s.split("_")[0] for s in sids if s})
+    deps = len(ids) == 1 and (jobs[0]["after"] or jobs[0]["after_any"])
+    print(f"{ids[0] if len(ids) == 1 else f'{len(ids)} jobs'} queued in Slurm as "
+          f"{'job' if len(arrays) == 1 else 'jobs'} {', '.join(arrays)}" +
+          ("; it starts when its dependencies have ended" if deps else "") +
+          " (see dq-jobs queue)", file=sys.stderr)
+    if not scheduler_running(cfg):      # its bookkeeping loop (slurm_loop)
+        spawn_scheduler(cfg)
+    return ids
+
+
 def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False, snapshot=None):
     """Queue jobs (one per env; `sweep`: as one sweep) and start them at once
     where GPUs are free.  When the last polls (under 30 s old) show nothing
@@ -7006,29 +7123,6 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False, snaps
         print(f"{len(waiting)} jobs are queued; they start as GPUs free up (see dq-jobs "
               f"queue)", file=sys.stderr)
     if not scheduler_running(cfg):
-        spawn_scheduler(cfg)
-    return ids
-
-
-def submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot):
-    """submit_and_place with backend = slurm: write the jobs and sbatch
-    them (create_jobs does both); Slurm starts them."""
-    if snapshot is not None:
-        for j in jobs:
-            j["snapshot"] = snapshot
-    elif any(j["snapshot"] for j in jobs):
-        plan = SnapshotPlan(cfg, cwd, script)
-        for j in jobs:
-            j["snapshot"] = plan if j["snapshot"] else None
-    ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
-    for job_id in ids:
-        print(f"Job ID: '{job_id}'", flush=True)
-    sids = [slurm_id(cfg, job_id) for job_id in ids]
-    arrays = sorted({s.split("_")[0] for s in sids if s})
-    print(f"{ids[0] if len(ids) == 1 else f'{len(ids)} jobs'} queued in Slurm as "
-          f"{'job' if len(arrays) == 1 else 'jobs'} {', '.join(arrays)} (see dq-jobs queue)",
-          file=sys.stderr)
-    if not scheduler_running(cfg):      # its bookkeeping loop (slurm_loop)
         spawn_scheduler(cfg)
     return ids
 
@@ -7717,7 +7811,6 @@ def cmd_jobs(cfg, argv):
 # the hours it ran on each local day or week.  Running jobs are not in it.
 REPORT_BY = {"user": "user", "host": "host", "gpu-type": "gpu_type", "day": "day",
              "week": "week"}
-REPORT_STATES = ("done", "failed", "killed", "lost", "timeout")
 REPORT_COLUMNS = ("jobs",) + REPORT_STATES + ("gpu_hours", "idle_gpu_hours", "wait_median_s",
                                               "wait_p95_s")
 REPORT_DATE_FORMS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M")
@@ -7737,21 +7830,6 @@ def report_time(option, text, now):
         raise Failure(f"{option} {text!r} is neither a time back from now nor a date; e.g. "
                       f"{option} 7d, {option} 12h, {option} 2026-11-01 or {option} "
                       f"2026-11-01T09:30 (local time)")
-
-
-def period_start(t, by):
-    """The local midnight that starts t's day (by day) or week (Monday)."""
-    tm = time.localtime(t)
-    back = tm.tm_wday if by == "week" else 0
-    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday - back, 0, 0, 0, 0, 0, -1))
-
-
-def next_period(start, by):
-    """The local midnight a day (or a week) after `start` (mktime counts
-    the days, so a day with a clock change lasts its 23 or 25 hours)."""
-    tm = time.localtime(start)
-    days = 7 if by == "week" else 1
-    return time.mktime((tm.tm_year, tm.tm_mon, tm.tm_mday + days, 0, 0, 0, 0, 0, -1))
 
 
 def period_key(t, by):
@@ -8416,13 +8494,20 @@ def cmd_shell(cfg, argv):
     if job["snapshot"]:     # DQ_SNAPSHOT=1: a shell in a copy of this directory
         job["snapshot"] = SnapshotPlan(cfg, cwd, script)
     ensure_layout(cfg)
-    polls = poll_hosts(cfg)
-    check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
-                     for h, s in polls.items()}, job["gpus"], job["need"])
+    polls = None
+    if not is_slurm(cfg):       # (on Slurm, sbatch says what cannot fit)
+        polls = poll_hosts(cfg)
+        check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
+                         for h, s in polls.items()}, job["gpus"], job["need"])
     job_id = create_job(cfg, script, cwd, job)
     running = None
     try:
-        schedule_pass(cfg, polls)
+        if polls is not None:
+            schedule_pass(cfg, polls)
+        else:       # Slurm starts it within its scheduler's tick, or not now
+            deadline = time.monotonic() + (SLURM_NOW_WAIT if args.now else 0)
+            while load_job(cfg, job_id).state() == "queued" and time.monotonic() < deadline:
+                time.sleep(0.1)
         job = load_job(cfg, job_id)
         if args.now and job.state() == "queued" and job_id not in Placements.read(cfg):
             why = wait_reason_of(cfg, job)
@@ -8555,6 +8640,7 @@ def cmd_users(cfg, argv):
     p.add_argument("--json", action="store_true", help="print JSON")
     args = parse(p, argv)
     started = time.time()
+    need_hosts(cfg)
     progress = sys.stderr.isatty() and not args.json
     script = users_script(cfg)
     results = run_on_all(cfg, cfg.hosts, lambda h: script, on_done=lambda h: print(
@@ -8597,6 +8683,7 @@ def cmd_on_all(cfg, argv):
         raise Failure("no command given (usage: dq-on-all COMMAND [ARG...])")
     line = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     timeout = args.timeout or cfg.timeout
+    need_hosts(cfg)
     colour = use_colour()
 
     def emit(stream, host, text):
@@ -8845,6 +8932,66 @@ def doctor_local(cfg):
     return out
 
 
+# How long dq-doctor waits for its probe job on Slurm (queued, then run)
+SLURM_PROBE_WAIT = 60
+
+
+def doctor_slurm(cfg, token_path, token):
+    """dq-doctor's checks of the Slurm back end: Slurm answers (sinfo),
+    munge works here, and a tiny job on a compute node runs dq's Python and
+    reads the data root (sbatch --wait, at most SLURM_PROBE_WAIT s)."""
+    where = "slurm"
+    checks = []
+    res = slurm_call(cfg, ["sinfo", "-h", "-o", "%P|%a|%D|%T"])
+    if not res.ok:
+        return [Check(where, "slurm", "FAIL", f"sinfo: {res.why()}",
+                      "check that slurmctld runs and that this host reaches it (SLURM_CONF, "
+                      f"or slurm_conf in {cfg.path})")]
+    parts = sorted({ln.split("|")[0] for ln in res.out.splitlines() if ln.strip()})
+    checks.append(Check(where, "slurm", "ok", f"sinfo answers: partitions {', '.join(parts)}"))
+    # munge through the socket Slurm uses (AuthInfo=socket=... when not the default)
+    conf = slurm_call(cfg, ["scontrol", "show", "config"])
+    sock = re.search(r"^AuthInfo\s*=.*\bsocket=([^,\s]+)", conf.out, re.M) if conf.ok else None
+    opt = f" --socket={q(sock.group(1))}" if sock else ""
+    mres = run_scripts(cfg, [(SLURM_HOST, f"munge{opt} -n | unmunge{opt} >/dev/null\n")])[0]
+    checks.append(Check(where, "munge", "ok", f"munge -n | unmunge works{opt}") if mres.ok else
+                  Check(where, "munge", "FAIL", f"munge -n | unmunge: {mres.why()}",
+                        "start munged here, with the cluster's munge.key"))
+    out = token_path + ".slurm"
+    script = (f"#!/bin/sh\nhostname\ncat {q(token_path)}\n"
+              f"{dq_command(cfg, '--version')}\n")
+    name = "dq-doctor-" + token
+    argv = ["sbatch", "--parsable", "--wait", f"--job-name={name}", f"--output={out}",
+            "--no-requeue"] + ([f"--partition={cfg.slurm_partition}"] if cfg.slurm_partition
+                               else []) + \
+        ([f"--account={cfg.slurm_account}"] if cfg.slurm_account else []) + cfg.slurm_args
+    res = slurm_call(cfg, argv, script, timeout=SLURM_PROBE_WAIT)
+    try:
+        with open(out, encoding="utf-8", errors="replace") as f:
+            seen = f.read().split()
+    except OSError:
+        seen = []
+    finally:
+        try:
+            os.unlink(out)
+        except OSError:
+            pass
+    if res.rc == 124:
+        slurm_call(cfg, ["scancel", f"--name={name}"])
+        checks.append(Check(where, "probe job", "WARN", f"a one-second job did not run within "
+                            f"{SLURM_PROBE_WAIT}s (the cluster is full, or the partition "
+                            f"down)", "run dq-doctor again when a node is free"))
+    elif len(seen) >= 2 and seen[1] == token and "dq" in seen[2:3]:
+        checks.append(Check(where, "probe job", "ok", f"a job on {seen[0]} read the data root "
+                            f"and ran dq ({' '.join(seen[2:4])})"))
+    else:
+        checks.append(Check(where, "probe job", "FAIL", f"a job on Slurm's node {seen[0] if seen else '?'}"
+                            f" did not read the data root or run dq ({res.why() if not res.ok else ' '.join(seen[1:4]) or 'no output'})",
+                            f"the nodes must mount {cfg.root} as here and have {cfg.python} "
+                            f"and screen"))
+    return checks
+
+
 def cmd_doctor(cfg, argv):
     p = parser("doctor", "Check that the cluster is set up as dq needs: ssh, the shared data "
                "root and its\nlocks, screen, Python, nvidia-smi and clocks on every host, "
@@ -8858,6 +9005,7 @@ def cmd_doctor(cfg, argv):
     token_path = cfg.p("state", f"doctor-{me()}-{token}")
     lock_path = cfg.p("state", f"doctor-{me()}.lock")
     checks = doctor_local(cfg)
+    need_hosts(cfg)
     if not cfg.local:
         try:
             with open(token_path, "w") as f:
@@ -8868,6 +9016,8 @@ def cmd_doctor(cfg, argv):
             raise Failure(f"cannot write in {cfg.p('state')}: {e.strerror}"
                           f"{access_hint(cfg.root, e)}")
         try:
+            if is_slurm(cfg):
+                checks += doctor_slurm(cfg, token_path, token)
             t_sent = time.time()
             answers = run_on_all(cfg, cfg.hosts,
                                  lambda h: doctor_script(cfg, token_path, lock_path))
@@ -9215,24 +9365,17 @@ function render(s) {
           j.signal || (j.exit_code === null ? "-" : j.exit_code),
           j.started && j.ended ? dur(j.ended - j.started) : "-", desc(j)]));
 }
-async function update() {
+async function poll(path, draw, where, what) {   // on failure: say so in `where`
   try {
-    const r = await fetch("api/state", {cache: "no-store"});
+    const r = await fetch(path, {cache: "no-store"});
     if (!r.ok) throw new Error(r.status);
-    render(await r.json());
+    draw(await r.json());
   } catch (e) {
-    document.getElementById("updated").textContent = "no answer from dq-web (" + e + ")";
+    document.getElementById(where).textContent = "no " + what + " from dq-web (" + e + ")";
   }
 }
-async function updateHistory() {
-  try {
-    const r = await fetch("api/history", {cache: "no-store"});
-    if (!r.ok) throw new Error(r.status);
-    renderHistory(await r.json());
-  } catch (e) {
-    document.getElementById("charts").textContent = "no history from dq-web (" + e + ")";
-  }
-}
+const update = () => poll("api/state", render, "updated", "answer");
+const updateHistory = () => poll("api/history", renderHistory, "charts", "history");
 update().then(updateHistory);
 setInterval(update, 5000);
 setInterval(updateHistory, 60000);
@@ -9256,13 +9399,16 @@ def web_state(cfg, polls=0):
     utilisation, who and which job uses each), running jobs, the queue with
     reasons, users, the last completed jobs."""
     started = time.time()
+    need_hosts(cfg)
     script = users_script(cfg) + (f"echo @@util; timeout {smi_timeout(cfg)} {SMI_UTIL} "
                                   f"</dev/null 2>&1; echo \"@@rc $?\"\n")
     results = run_on_all(cfg, cfg.hosts, lambda h: script)
-    places = Placements.read(cfg)
+    if is_slurm(cfg):   # Slurm's allocations and drains; dq's running jobs
+        places, reserved, drains = slurm_places(cfg), slurm_gpus_in_use(cfg), slurm_drains(cfg)
+    else:
+        places = Placements.read(cfg)
+        reserved, drains = reserved_by_host(places), read_drains(cfg, quiet=True)
     holders = {(p["host"], g): job_id for job_id, p in places.items() for g in p["gpus"]}
-    reserved = reserved_by_host(places)
-    drains = read_drains(cfg, quiet=True)
     hosts, free, total = [], 0, 0
     for h in cfg.hosts:
         st, rows = gpu_users(h, results[h], started)

@@ -5,6 +5,7 @@
   dqbob and dqdan.
 - `dq` (function): a fresh dq install on that cluster (see DQInstall).
 - `small_dq` (function): the same on the cluster's small filesystem, to fill.
+- `engine` (function, twice): a dq install on each back end, ssh and slurm.
 - `slurm` (session, started on first use): a real Slurm cluster on the
   session cluster (tests/slurmcluster.py: slurmctld, one slurmd inside each
   node, a private munged); partition `gpu` with all nodes.
@@ -23,7 +24,7 @@ import shutil
 import pytest
 
 from cluster import Cluster, DQInstall, install_dq, unavailable_reason
-from dqtest import MODELS
+from dqtest import HOSTS, MODELS, configure
 from slurmcluster import SlurmCluster, slurm_unavailable_reason
 
 _session = {"cluster": None, "installs": 0, "slurm": None}
@@ -85,6 +86,9 @@ def slurm(cluster):
 
 @pytest.fixture(autouse=True)
 def _reset_cluster_after_test(request):
+    s = _session["slurm"]
+    if s is not None and "slurm" in request.fixturenames and s.stale():
+        s.reset()       # a test without Slurm restarted nodes (and their slurmds)
     yield
     c = _session["cluster"]
     names = set(request.fixturenames)
@@ -116,3 +120,34 @@ def small_dq(cluster, request):
     finally:
         cluster.free_small()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# Both back ends (issue 22): a test that takes `engine` runs once with dq's
+# own ssh scheduling and once on the test Slurm cluster.
+class Engine:
+    """A dq install on one back end: `name` is ssh or slurm."""
+
+    def __init__(self, name, dq, slurm=None):
+        self.name, self.dq, self.slurm = name, dq, slurm
+        self.cluster = dq.cluster
+
+    def configure(self, hosts=HOSTS, **opts):
+        """dq.conf: these hosts and options, on this back end."""
+        if self.name == "slurm":
+            opts = dict(dict(backend="slurm", slurm_conf=self.slurm.conf), **opts)
+        configure(self.dq, hosts, **opts)
+
+
+def ready_slurm(request):
+    """The session's Slurm cluster, its slurmds up (see SlurmCluster.stale)."""
+    s = request.getfixturevalue("slurm")
+    if s.stale():
+        s.reset()
+    return s
+
+
+@pytest.fixture(params=["ssh", "slurm"])
+def engine(request, cluster, dq):
+    e = Engine(request.param, dq, ready_slurm(request) if request.param == "slurm" else None)
+    e.configure()
+    return e

@@ -8,6 +8,7 @@ import time
 import types
 
 ALICE, BOB, DAN = "dqalice", "dqbob", "dqdan"
+HOSTS = ["node1", "node2", "node3", "node4"]
 # The test cluster's GPUs, node1 to node4: a lab's mix of one node of big
 # GPUs, one of mid-size ones and two of old 11 GB cards (names and
 # memory.total as nvidia-smi prints them for these cards).

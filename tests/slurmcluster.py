@@ -669,6 +669,16 @@ class SlurmCluster:
             self.root_run(["scancel", "--quiet"] + sorted(set(pending_or_running)))
             time.sleep(0.05)
 
+    def stale(self):
+        """Is a node's slurmd gone (killed, or its node restarted by another
+        test since)?  Then reset() before using the cluster."""
+        for host in self.nodes:
+            entry = self._slurmd.get(host)
+            if (not self.cluster.node_alive(host) or self.slurmd_pid(host) is None
+                    or entry is None or entry[2] != self.cluster.node_pid(host)):
+                return True
+        return False
+
     def reset(self, timeout=30):
         """Between tests: restart missing slurmds (also after Cluster.start_node),
         cancel every job, resume drained/down nodes, wait for an empty queue

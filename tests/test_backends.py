@@ -10,31 +10,10 @@ import time
 
 import pytest
 
-from dqtest import ALICE, BOB, configure, job, jobs, log_of, script, submit, wait_state, \
-    wait_until
-
-HOSTS = ["node1", "node2", "node3", "node4"]
-
-
-class Engine:
-    """A dq install on one back end: `name` is ssh or slurm."""
-
-    def __init__(self, name, dq, slurm=None):
-        self.name, self.dq, self.slurm = name, dq, slurm
-        self.cluster = dq.cluster
-
-    def configure(self, hosts=HOSTS, **opts):
-        if self.name == "slurm":
-            opts = dict(dict(backend="slurm", slurm_conf=self.slurm.conf), **opts)
-        configure(self.dq, hosts, **opts)
-
-
-@pytest.fixture(params=["ssh", "slurm"])
-def engine(request, cluster, dq):
-    slurm = request.getfixturevalue("slurm") if request.param == "slurm" else None
-    e = Engine(request.param, dq, slurm)
-    e.configure()
-    return e
+from conftest import Engine, ready_slurm
+from test_shell import terminal  # noqa: F401 -- a fixture
+from dqtest import ALICE, BOB, HOSTS, configure, job, jobs, log_of, script, submit, \
+    wait_state, wait_until
 
 
 def test_a_job_runs_with_its_env_cwd_and_gpu(engine):
@@ -234,15 +213,11 @@ def test_listings(engine):
 
 # ---------------------------------------------------------------- Slurm only
 
-def slurm_engine(request, cluster, dq):
-    e = Engine("slurm", dq, request.getfixturevalue("slurm"))
-    e.configure()
-    return e
-
-
 @pytest.fixture
 def on_slurm(request, cluster, dq):
-    return slurm_engine(request, cluster, dq)
+    e = Engine("slurm", dq, ready_slurm(request))
+    e.configure()
+    return e
 
 
 def test_what_slurm_cannot_honour_is_refused(on_slurm):
@@ -322,3 +297,114 @@ def test_free_and_drain_through_slurm(on_slurm, cluster):
     assert r.returncode == 0, r.stderr
     assert wait_state(dq, b, "done", timeout=30)["host"] == "node3"
     dq.run("node1", ALICE, "kill", a)
+
+
+def test_web_users_and_doctor_see_the_slurm_cluster(on_slurm):
+    import urllib.request
+    from dqtest import free_port
+    dq, c = on_slurm.dq, on_slurm.cluster
+    # no hosts line: dq's views ssh to Slurm's nodes
+    configure(dq, [], backend="slurm", slurm_conf=on_slurm.slurm.conf)
+    _, path = script(c, ALICE, "hold.sh", "exec fake-cuda --hold 60 --mem 2000\n")
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_HOSTS": "node2", "DQ_GPUS": "4"})
+    b, _ = submit(dq, "node1", ALICE, path, env={"DQ_HOSTS": "node2"})
+    j = wait_state(dq, a, "running", timeout=20)
+    wait_until(lambda: len(c.gpu_processes("node2")) == 4, 20, 0.2, "its 4 processes")
+    r = dq.run("node1", BOB, "users", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [x for x in json.loads(r.stdout) if x["pid"]]
+    assert {(x["host"], x["gpu"], x["job"]) for x in rows} == \
+        {("node2", g, a) for g in j["gpus"]}, rows
+    port = free_port()
+    p = dq.popen("node1", ALICE, "web", "--port", port)
+    try:
+        def state():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state",
+                                            timeout=30) as resp:
+                    return json.loads(resp.read())
+            except OSError:
+                return None
+        s = wait_until(lambda: (lambda x: x if x and x["queue"] else None)(state()), 20, 0.5,
+                       "dq-web to answer, with the queued job")
+        hosts = {h["host"]: h for h in s["hosts"]}
+        assert sorted(hosts) == HOSTS
+        assert [g["job"] for g in hosts["node2"]["gpus"]] == [a] * 4
+        assert s["free_gpus"] == 12 and s["total_gpus"] == 16, s["free_gpus"]
+        assert [j["id"] for j in s["running"]] == [a]
+        [q] = s["queue"]
+        assert q["id"] == b and "(Slurm: " in q["reason"], q
+    finally:
+        os.killpg(p.pid, 15)
+        p.wait(10)
+    dq.run("node1", ALICE, "kill", a, b)
+    r = dq.run("node1", ALICE, "doctor", "--json", timeout=120)
+    checks = {(x["host"], x["check"]): x for x in json.loads(r.stdout)}
+    for name in ("slurm", "munge", "probe job"):
+        assert checks[("slurm", name)]["level"] == "ok", checks[("slurm", name)]
+    assert "read the data root and ran dq" in checks[("slurm", "probe job")]["found"]
+    assert r.returncode == 0, [x for x in checks.values() if x["level"] == "FAIL"]
+
+
+def test_a_shell_on_slurm(on_slurm, terminal):
+    from test_shell import shows, type_line
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, BOB, "hold.sh", "exec fake-cuda --hold 120 --mem 1000\n")
+    busy, _ = submit(dq, "node1", BOB, path, env={"DQ_HOSTS": "node2", "DQ_GPUS": "4"})
+    wait_state(dq, busy, "running", timeout=20, user=BOB)
+    cwd = c.user_dir(ALICE, "project")
+    # --now: no GPU now, in Slurm's words; nothing stays queued
+    r = dq.run("node1", ALICE, "shell", "--now", "true", cwd=cwd, env={"DQ_HOSTS": "node2"})
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "now: GPUs busy (Slurm: Resources); without --now it waits" in r.stderr, r.stderr
+    assert [j["state"] for j in jobs(dq, view="complete")] == ["cancelled"]
+    # a shell that waits, then runs on node2's GPU
+    terminal("node1", ALICE, [dq.path("shell")], cwd, env={"DQ_HOSTS": "node2"})
+    shows("in the queue: GPUs busy (Slurm: Resources)")
+    [j] = [j for j in jobs(dq) if j["user"] == ALICE]
+    dq.run("node1", BOB, "kill", busy)
+    wait_state(dq, j["id"], "running", timeout=20)
+    time.sleep(1)       # (screen takes over the terminal)
+    type_line('echo "on=$(hostname) gpu=$CUDA_VISIBLE_DEVICES in=$(pwd) id=$DQ_JOB_ID"')
+    shows(f"in={cwd} id={j['id']}")
+    assert re.search(r"on=node2 gpu=[0-3] ", screen_of_terminal()), screen_of_terminal()
+    type_line("exit")
+    assert wait_state(dq, j["id"], "done", timeout=20)["exit_code"] == 0
+
+
+def screen_of_terminal():
+    from test_shell import screen_text
+    return screen_text()
+
+
+def test_after_follows_a_job_that_runs_again(engine):
+    """DQ_AFTER on a job that DQ_RESUME runs again: the dependent waits for
+    the last run (on Slurm: its dependency moves to the new Slurm job)."""
+    dq, c = engine.dq, engine.cluster
+    d, path = script(c, ALICE, "ckpt.sh", '[ -e ckpt ] && exit 0; touch ckpt; sleep 1; exit 75\n',
+                     subdir="ckpt-" + engine.name)
+    _, after = script(c, ALICE, "after.sh", "date +%s.%N\n")
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_RESUME": "2"})
+    b, _ = submit(dq, "node1", ALICE, after, env={"DQ_AFTER": a})
+    j = wait_state(dq, b, ("done", "cancelled"), timeout=60)
+    assert j["state"] == "done", j
+    first = job(dq, a)
+    assert first["state"] == "resumed" and first["requeued_as"], first
+    second = wait_state(dq, first["requeued_as"], "done", timeout=30)
+    assert j["started"] >= second["ended"], (j, second)
+
+
+def test_the_quick_start(engine):
+    """The README's first job (a CPU-only hello), then one on a GPU."""
+    dq, c = engine.dq, engine.cluster
+    d, path = script(c, ALICE, "hello.sh",
+                     'echo hello from $(hostname) on GPU ${CUDA_VISIBLE_DEVICES:-none}\n')
+    job_id, r = submit(dq, "node1", ALICE, path, env={"DQ_GPUS": "0"})
+    j = wait_state(dq, job_id, "done", timeout=20)
+    r = dq.run("node1", ALICE, "jobs", "complete")
+    assert re.search(rf"^{job_id}\s+{j['host']}\s+-\s+done\s+0\s", r.stdout, re.M), r.stdout
+    r = dq.run("node1", ALICE, "logs", job_id.split("-")[0])
+    assert r.stdout.strip() == f"hello from {j['host']} on GPU none", r.stdout
+    gpu, _ = submit(dq, "node1", ALICE, path)
+    g = wait_state(dq, gpu, "done", timeout=20)
+    assert log_of(dq, gpu).strip() == f"hello from {g['host']} on GPU {g['gpus'][0]}"

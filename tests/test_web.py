@@ -2,9 +2,11 @@
 (Debian's chromium) against the simulated cluster with running, queued and
 hand-started GPU work, a drained host and a dead one."""
 import collections
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import urllib.error
@@ -94,8 +96,10 @@ def get(url, data=None):
         return e.code, e.read()
 
 
-@pytest.fixture
-def web(cluster, dq):
+@contextlib.contextmanager
+def running_web(dq):
+    """dq-web as dqalice on node1 (as dq.conf says now): its URL, once it
+    answers; stopped afterwards (its whole process group)."""
     port = free_port()
     p = dq.popen("node1", ALICE, "web", "--port", port)
     url = f"http://127.0.0.1:{port}/"
@@ -103,8 +107,14 @@ def web(cluster, dq):
         wait_until(lambda: _answers(url), timeout=20, what="dq-web to answer")
         yield url
     finally:
-        p.terminate()
+        os.killpg(p.pid, signal.SIGTERM)
         p.wait(10)
+
+
+@pytest.fixture
+def web(cluster, dq):
+    with running_web(dq) as url:
+        yield url
 
 
 def _answers(url):
@@ -206,11 +216,7 @@ def test_the_page_shows_the_cluster(cluster, dq):
     waiting, _ = submit(dq, "node1", BOB, other, env={"DQ_HOSTS": "node1,node2", "DQ_GPUS": "2"})
     held, _ = submit(dq, "node1", ALICE, long, env={"DQ_HOSTS": "node1"})
     assert dq.run("node1", ALICE, "hold", held).returncode == 0
-    port = free_port()
-    p = dq.popen("node1", ALICE, "web", "--port", port)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until(lambda: _answers(url), timeout=20, what="dq-web to answer")
+    with running_web(dq) as url:
         status, body = get(url + "api/state")
         assert status == 200
         state = json.loads(body)
@@ -251,9 +257,6 @@ def test_the_page_shows_the_cluster(cluster, dq):
         if os.environ.get("DQ_WEB_SCREENSHOT"):     # to refresh docs/dq-web.png
             shutil.copy(os.path.join(shots, "dq-web.png"),
                         os.path.join(DOCS, "dq-web.png"))
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
 def test_only_one_poll_for_many_viewers(cluster, dq, web):
@@ -302,11 +305,7 @@ def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
     for j, user in ((a, ALICE), (b, BOB)):
         wait_until(lambda: (wait_state(dq, j, "running", user=user)["gpu_use"] or {}).get(
             "mem_mib"), timeout=15, what=f"a sample of {j}'s GPU use")
-    port = free_port()
-    p = dq.popen("node1", ALICE, "web", "--port", port)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until(lambda: _answers(url), timeout=20, what="dq-web to answer")
+    with running_web(dq) as url:
         state = json.loads(get(url + "api/state")[1])
         [g] = state["hosts"][0]["gpus"]
         assert [(x["job"], x["mem_mib"]) for x in g["bookings"]] == [(a, 16384), (b, 8192)]
@@ -338,9 +337,6 @@ def test_a_shared_gpu_shows_each_jobs_part(cluster, dq):
                 assert pixels(br, inner).most_common(1)[0][0] == colour, (q, colour)
         finally:
             br.close()
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
 # The history part of the wall page (issue 21), as a person sees it: the two
@@ -399,11 +395,7 @@ def test_the_wall_page_shows_who_used_the_gpus(cluster, dq):
     wait_state(dq, running, "running", user=BOB)
     wait_until(lambda: (job(dq, idle)["gpu_use"] or {}).get("idle"), timeout=30,
                what=f"{idle} flagged idle")
-    port = free_port()
-    p = dq.popen("node1", ALICE, "web", "--port", port)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until(lambda: _answers(url), timeout=20, what="dq-web to answer")
+    with running_web(dq) as url:
         status, body = get(url + "api/history")
         assert status == 200
         h = json.loads(body)
@@ -485,6 +477,3 @@ def test_the_wall_page_shows_who_used_the_gpus(cluster, dq):
             b.close()
         if os.environ.get("DQ_WEB_SCREENSHOT"):     # to refresh docs/dq-web-history.png
             shutil.copy(os.path.join(shots, "laptop.png"), os.path.join(DOCS, "dq-web-history.png"))
-    finally:
-        p.terminate()
-        p.wait(10)
