@@ -44,7 +44,8 @@ resolving symlinks) or $DQ_ROOT:
   state/                  lock, next_id, placements.json, hosts.json, wake-<user>,
                           handover-<host>.lock
   jobs/backend/<id>/      job.json, run.json, end.json, log, gpu.json (its GPU use),
-                          grace.json (dq-kill --grace's request),
+                          grace.json (dq-kill --grace's request), slurm.json
+                          (backend = slurm: its Slurm ID; slurm.out: Slurm's words),
                           snapshot/ (DQ_SNAPSHOT's copy of its files) (owned by the user)
   jobs/active/<id>        one entry per queued or running job (cpu/: DQ_GPUS=0 ones)
   jobs/queue/<user>/      the user's queued jobs, in order, as file names
@@ -89,6 +90,8 @@ Where to change what (the name, then the section it is in):
   dq-jobs' columns            cmd_jobs                    [Job listings]
   what the history keeps      history_record              [Ended jobs]
   dq-report's rows, windows   report_rows, report_time    [Usage reports]
+  what sbatch gets for DQ_*   SLURM_VARS                  [Slurm back end]
+  Slurm's reasons in words    SLURM_REASONS               [Slurm back end]
   dq-free's, dq-users' lines  cmd_free, cmd_users         [Cluster views]
   how every table looks       print_table                 [Errors and output]
   how durations read          fmt_duration, duration      [Values]
@@ -105,6 +108,10 @@ Where to change what (the name, then the section it is in):
   dq-doctor's checks          doctor_host                 [Doctor]
   the live page's look        WEB_PAGE, WEB_CSS, WEB_JS   [Web page]
   the live page's data        web_state                   [Web view]
+
+With backend = slurm in dq.conf, Slurm places and starts the jobs (Slurm
+commands, Slurm back end, Slurm bookkeeping): dq-submit sbatches each job,
+whose batch step runs the same wrapper in a screen session on Slurm's node.
 
 A job's owner is whoever owns its files; dq only ever starts a job with the
 credentials of its owner, over the owner's own ssh.
