@@ -5688,7 +5688,10 @@ def cmd__slurm(cfg, argv):
     # The GPUs' indexes as nvidia-smi counts them (SLURM_JOB_GPUS; with
     # ConstrainDevices, CUDA_VISIBLE_DEVICES counts from 0 in the job's
     # cgroup, and the wrapper passes that on to the script as it is).
-    gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or ""
+    # (a job of shards, DQ_MEM, has no SLURM_JOB_GPUS: its GPU is CUDA's)
+    gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or (
+        os.environ.get("CUDA_VISIBLE_DEVICES", "") if os.environ.get("SLURM_SHARDS_ON_NODE")
+        else "")
     if not re.fullmatch(r"([0-9]+(,[0-9]+)*)?", gpus):
         gpus = ""
     env = clean_env()

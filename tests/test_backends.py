@@ -54,11 +54,13 @@ def test_the_queue_fills_every_gpu_and_never_one_twice(engine):
     two at once, and the four that wait have a reason."""
     dq, c = engine.dq, engine.cluster
     ids = []
-    for user in (ALICE, BOB):
-        _, path = script(c, user, "hold.sh", "exec fake-cuda --hold 8 --mem 1000\n")
-        for _ in range(10):
-            job_id, r = submit(dq, "node1", user, path)
-            ids.append((job_id, user))
+    for user in (ALICE, BOB):       # ten jobs each, as one sweep: all queued at once
+        d, path = script(c, user, "hold.sh", "exec fake-cuda --hold 4 --mem 1000\n")
+        r = dq.run("node1", user, "submit", "--grid", "DQ_I=" + ",".join(map(str, range(10))),
+                   path, cwd=d)
+        assert r.returncode == 0, r.stderr
+        ids += [(i, user) for i in re.findall(r"^Job ID: '([0-9]+-[a-z]+)'$", r.stdout, re.M)]
+    assert len(ids) == 20
 
     def sixteen_running():
         active = jobs(dq)
