@@ -410,3 +410,19 @@ def test_the_quick_start(engine):
     gpu, _ = submit(dq, "node1", ALICE, path)
     g = wait_state(dq, gpu, "done", timeout=20)
     assert log_of(dq, gpu).strip() == f"hello from {g['host']} on GPU {g['gpus'][0]}"
+
+
+def test_a_node_that_dies_on_slurm(on_slurm):
+    """A node dies under a running job: Slurm finds it down, and the job's
+    owner's dq (dq-jobs here) records it lost and, with DQ_REQUEUE, runs it
+    again elsewhere, once."""
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "long.sh", 'echo "on $(hostname)"; exec sleep 1000\n')
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_REQUEUE": "1", "DQ_EXCLUDE": "node1"})
+    j = wait_state(dq, a, "running", timeout=20)
+    c.kill_node(j["host"])
+    lost = wait_state(dq, a, "lost", timeout=90)      # (dq-jobs keeps its owner's books)
+    assert lost["state"] == "lost" and lost["requeued_as"] and "Slurm" in lost["reason"], lost
+    again = wait_state(dq, lost["requeued_as"], "running", timeout=30)
+    assert again["host"] not in (j["host"], "node1"), again
+    dq.run("node1", ALICE, "kill", again["id"])
