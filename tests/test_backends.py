@@ -167,7 +167,11 @@ def test_after_and_its_cancel(engine):
     b, _ = submit(dq, "node1", ALICE, after, env={"DQ_AFTER": a})
     f, _ = submit(dq, "node1", ALICE, bad)
     g, _ = submit(dq, "node1", ALICE, after, env={"DQ_AFTER": f})
-    wait_state(dq, b, "done", timeout=40)
+    try:
+        wait_state(dq, b, "done", timeout=40)
+    except AssertionError:      # what Slurm and dq say of both
+        raise AssertionError((job(dq, a), job(dq, b), engine.slurm and engine.slurm.squeue(
+            "%i %T %r %E"), engine.slurm and engine.slurm.logs()[-3000:])) from None
     assert float(log_of(dq, b).split()[0]) >= float(log_of(dq, a).split()[0])
     wait_state(dq, f, "failed", timeout=30)
     try:
