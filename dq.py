@@ -7042,9 +7042,10 @@ def may_place_now(cfg, seen, want, need=None):
 SUBMIT_POLL_MAX_AGE = 30
 
 
-def submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot):
-    """submit_and_place with backend = slurm: write the jobs and sbatch
-    them (create_jobs does both); Slurm starts them."""
+def plan_snapshots(cfg, script, cwd, jobs, snapshot):
+    """Each job's `snapshot`: the one given (dq-restart's: the run restarted
+    runs from its own again), or one SnapshotPlan of cwd for those with
+    DQ_SNAPSHOT (listed and sized now, copied once by create_jobs)."""
     if snapshot is not None:
         for j in jobs:
             j["snapshot"] = snapshot
@@ -7052,6 +7053,12 @@ def submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot):
         plan = SnapshotPlan(cfg, cwd, script)
         for j in jobs:
             j["snapshot"] = plan if j["snapshot"] else None
+
+
+def submit_on_slurm(cfg, script, cwd, jobs, restart_of, sweep, snapshot):
+    """submit_and_place with backend = slurm: write the jobs and sbatch
+    them (create_jobs does both); Slurm starts them."""
+    plan_snapshots(cfg, script, cwd, jobs, snapshot)
     ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
     for job_id in ids:
         print(f"Job ID: '{job_id}'", flush=True)
@@ -7099,13 +7106,7 @@ def submit_and_place(cfg, script, cwd, envs, restart_of=None, sweep=False, snaps
         for j in shapes.values():
             check_fits(cfg, {h: ([(g.name, g.total) for g in s.gpus], s.reachable)
                              for h, s in polls.items()}, j["gpus"], j["need"])
-    if snapshot is not None:
-        for j in jobs:
-            j["snapshot"] = snapshot
-    elif any(j["snapshot"] for j in jobs):      # listed and sized now, copied once
-        plan = SnapshotPlan(cfg, cwd, script)
-        for j in jobs:
-            j["snapshot"] = plan if j["snapshot"] else None
+    plan_snapshots(cfg, script, cwd, jobs, snapshot)
     ids = create_jobs(cfg, script, cwd, jobs, restart_of, sweep=sweep)
     for job_id in ids:
         print(f"Job ID: '{job_id}'", flush=True)

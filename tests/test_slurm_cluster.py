@@ -1,6 +1,6 @@
 """Tests of the Slurm test cluster itself (tests/slurmcluster.py, the `slurm`
 fixture): jobs run inside the chosen node's namespaces with GPUs, queueing,
-scancel, arrays, dependencies, node failures. `pytest -s` prints timings."""
+scancel, arrays, dependencies, node failures."""
 import os
 import pwd
 import time
@@ -178,17 +178,3 @@ def test_node_failure_and_restart(slurm, cluster):
     assert slurm.node_states()["node1"] == "drain"
     slurm.reset()
     assert slurm.node_states()["node1"] == "idle"
-
-
-def test_submit_to_start_timings(slurm, cluster):
-    work = cluster.user_dir("dqbob", "slurm-time")
-    delays = []
-    for i in range(5):
-        t0 = time.time()
-        slurm.sbatch("node1", "dqbob", "--wrap", "touch s%d" % i, cwd=work)
-        p = os.path.join(work, "s%d" % i)
-        wait_for(lambda: os.path.exists(p), what="job start")
-        delays.append(os.stat(p).st_mtime - t0)
-    print("\nsubmit to start: %s" % " ".join("%.2f" % d for d in delays))
-    assert max(delays) < 5
-
