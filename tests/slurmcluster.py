@@ -251,7 +251,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-GresTypes=gpu
+GresTypes=gpu,shard
 MpiDefault=none
 SwitchType=switch/none
 JobCompType=jobcomp/filetxt
@@ -276,7 +276,9 @@ class SlurmCluster:
 
     cluster: a started tests/cluster.py Cluster.
     nodes: which of cluster.hosts become Slurm nodes (default all); each gets
-        Gres=gpu:<its configured GPU count> and `cpus` CPUs.
+        Gres=gpu:<its configured GPU count> and `cpus` CPUs; the last one's
+        GPUs are also shared out as shards, one per GiB of each (gres shard,
+        for dq's DQ_MEM: node4's four 11 GB GPUs give shard:44).
     conf: extra or overriding slurm.conf settings, e.g.
         {"SchedulerParameters": "batch_sched_delay=0,kill_invalid_depend"}.
     """
@@ -288,6 +290,9 @@ class SlurmCluster:
             if host not in cluster.hosts:
                 raise ValueError("unknown host %r (have %s)" % (host, cluster.hosts))
         self.cpus = cpus
+        # the last node's GPUs are also shared out as shards, one per GiB of
+        # each (gres shard, as dq's README advises for DQ_MEM)
+        self.shard_node = self.nodes[-1]
         self.settings = dict(DEFAULTS, **(conf or {}))
         self.dir = os.path.join(cluster.base, "slurm")
         self.etc = os.path.join(self.dir, "etc")
@@ -399,6 +404,10 @@ class SlurmCluster:
                 files = os.path.join(self.dir, "dev", "fakegpu")
                 files += "0" if gpus == 1 else "[0-%d]" % (gpus - 1)
                 gres.append("NodeName=%s Name=gpu File=%s" % (host, files))
+                if host == self.shard_node:     # GPU sharing (dq's DQ_MEM): a shard per GiB
+                    count = gpus * (node.model_configured[1] // 1024)
+                    line += ",shard:%d" % count
+                    gres.append("NodeName=%s Name=shard Count=%d" % (host, count))
             lines.append(line)
         lines.append("PartitionName=%s Nodes=%s Default=YES MaxTime=INFINITE State=UP"
                      % (PARTITION, ",".join(self.nodes)))

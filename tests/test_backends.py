@@ -6,14 +6,19 @@ end; the tests assert what a user sees, whichever runs the jobs."""
 import json
 import os
 import re
+import sys
 import time
+import types
 
 import pytest
 
 from conftest import Engine, ready_slurm
-from test_shell import terminal  # noqa: F401 -- a fixture
 from dqtest import ALICE, BOB, HOSTS, configure, job, jobs, log_of, script, submit, \
     wait_state, wait_until
+from test_shell import terminal  # noqa: F401 -- a fixture
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dq as dqpy  # noqa: E402
 
 
 def test_a_job_runs_with_its_env_cwd_and_gpu(engine):
@@ -230,7 +235,8 @@ def test_what_slurm_cannot_honour_is_refused(on_slurm):
     dq, c = on_slurm.dq, on_slurm.cluster
     _, path = script(c, ALICE, "x.sh", "true\n")
     for env, needles in (({"DQ_GPU_MEM": "40G"}, ["DQ_GPU_MEM", "DQ_GPU_TYPE"]),
-                         ({"DQ_MEM": "8G"}, ["DQ_MEM", "shards"]),
+                         ({"DQ_MEM": "8G", "DQ_HOSTS": "node1"},
+                          ["sbatch", "node configuration"]),
                          ({"DQ_PRIORITY": "5"}, ["DQ_PRIORITY", "dq-top"]),
                          ({"DQ_HOSTS": "gpu9"}, ["DQ_HOSTS=gpu9", "node1"]),
                          ({"DQ_GPU_TYPE": "A100"}, ["DQ_GPU_TYPE=A100", "gres types"]),
@@ -430,3 +436,31 @@ def test_a_node_that_dies_on_slurm(on_slurm):
     again = wait_state(dq, lost["requeued_as"], "running", timeout=30)
     assert again["host"] not in (j["host"], "node1"), again
     dq.run("node1", ALICE, "kill", again["id"])
+
+
+def test_gpu_memory_bookings_become_shards(on_slurm):
+    """DQ_MEM on Slurm: --gres=shard:K, one shard per GiB (the test cluster
+    gives node4's four 11 GB GPUs 11 shards each): two 4G jobs run there
+    at once, each with CUDA_VISIBLE_DEVICES and its GPU in dq-jobs; a
+    cluster without shards refuses DQ_MEM in one line."""
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "mem.sh", 'echo "gpu=$CUDA_VISIBLE_DEVICES"; '
+                     'exec fake-cuda --hold 30 --mem 3000\n')
+    a, _ = submit(dq, "node1", ALICE, path, env={"DQ_MEM": "4G"})
+    b, _ = submit(dq, "node1", ALICE, path, env={"DQ_MEM": "4G"})
+    ja = wait_state(dq, a, "running", timeout=20)
+    jb = wait_state(dq, b, "running", timeout=20)
+    assert ja["host"] == jb["host"] == "node4", (ja, jb)
+    assert len(ja["gpus"]) == 1 and len(jb["gpus"]) == 1, (ja, jb)
+    for j in (a, b):
+        wait_until(lambda: "gpu=" in log_of(dq, j), 10, 0.2, f"{j}'s first line")
+        assert re.search(r"^gpu=[0-3]$", log_of(dq, j), re.M), log_of(dq, j)
+    r = on_slurm.slurm.root_run(["squeue", "-h", "-o", "%i %b"])
+    assert "shard:4" in r.stdout, r.stdout
+    for j in (a, b):
+        dq.run("node1", ALICE, "kill", j)
+    cfg = types.SimpleNamespace(slurm_partition=None, slurm_account=None, slurm_args=[])
+    unshared = {"node1": dqpy.SlurmNode("node1", "idle", "gpu:4", "(null)")}
+    with pytest.raises(dqpy.Failure, match="no GPU shards"):
+        dqpy.slurm_options(cfg, {"env": {"DQ_MEM": "8G"}, "gpus": 1, "script": "/x.sh"},
+                           lambda: unshared)

@@ -40,7 +40,8 @@ def test_fixture_conf_and_env(slurm, cluster):
     assert os.stat(slurm.conf).st_mode & 0o004
     assert slurm.node_states() == {h: "idle" for h in cluster.hosts}
     r = slurm.run("node2", "dqbob", "sinfo -h -o '%P %D %G'", check=True)
-    assert r.stdout.split() == ["gpu*", "4", "gpu:4"]
+    # three nodes of 4 GPUs, and node4's also shared out as shards (DQ_MEM)
+    assert sorted(r.stdout.splitlines()) == ["gpu* 1 gpu:4,shard:44", "gpu* 3 gpu:4"], r.stdout
     assert slurm.squeue_ids() == []
     print("\nSlurm start: daemons up and nodes idle %.2f s, scheduler live %.2f s"
           % (slurm.daemons_seconds, slurm.startup_seconds))
