@@ -4504,17 +4504,19 @@ SLURM_VARS = {
 }
 
 
+def slurm_site_args(cfg):
+    """dq.conf's sbatch options for every job: slurm_partition,
+    slurm_account, slurm_args."""
+    return ([f"--partition={cfg.slurm_partition}"] if cfg.slurm_partition else []) + \
+        ([f"--account={cfg.slurm_account}"] if cfg.slurm_account else []) + cfg.slurm_args
+
+
 def slurm_options(cfg, spec, nodes_of):
     """The sbatch options for one job (job.json's spec), every DQ_*
     variable honoured or refused (SLURM_VARS); dq.conf's slurm_partition,
     slurm_account and slurm_args first."""
     opts = ["--parsable", "--no-requeue", "--kill-on-invalid-dep=yes", "--export=ALL",
-            "--open-mode=append"]
-    if cfg.slurm_partition:
-        opts.append(f"--partition={cfg.slurm_partition}")
-    if cfg.slurm_account:
-        opts.append(f"--account={cfg.slurm_account}")
-    opts += cfg.slurm_args
+            "--open-mode=append"] + slurm_site_args(cfg)
     for var, options in SLURM_VARS.items():
         opts += options(cfg, spec, nodes_of)
     return opts
@@ -5572,7 +5574,7 @@ def slurm_reconcile(cfg):
     (its node or its wrapper died; DQ_REQUEUE runs it again).  Returns how
     many of the caller's jobs are still queued or running."""
     user = me()
-    mine = [j for j in active_ids(cfg, user)]
+    mine = active_ids(cfg, user)
     if not mine:
         return 0
     seen = squeue_jobs(cfg, user)
@@ -5609,10 +5611,9 @@ def slurm_reconcile(cfg):
     return left
 
 
-def slurm_cancel(cfg, job, grace=None):
+def slurm_cancel(cfg, job):
     """scancel a dq job's Slurm job (after dq-kill recorded its end); its
-    Result.  With grace: first its DQ_SIGNAL's warning through Slurm
-    (scancel --signal), dq's wrapper doing the rest (grace.json)."""
+    Result.  (dq-kill --grace asks the job's wrapper, as with ssh.)"""
     sid = slurm_id(cfg, job.id)
     if sid is None:
         return Result(SLURM_HOST, 0, "", "", 0.0)
@@ -8719,20 +8720,16 @@ def cmd_on_all(cfg, argv):
     return 0
 
 
-def cmd_free(cfg, argv):
-    p = parser("free", "List the unused GPUs of each host: no process on them (nvidia-smi) "
-               "and not\nreserved for a dq job; then the GPUs that still have room for "
-               "sharing jobs\n(DQ_MEM), with how much each may book.")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    args = parse(p, argv)
-    ensure_layout(cfg)
-    out = slurm_free(cfg) if is_slurm(cfg) else []
-    polls = poll_hosts(cfg, with_ps=False) if not out else {}
+def ssh_free(cfg):
+    """dq-free's rows: each host's GPUs no process uses and no dq job holds
+    (polled now), and those shared ones with room left for a booking."""
+    polls = poll_hosts(cfg, with_ps=False)
     places = Placements.read(cfg)
     reserved = reserved_by_host(places)
-    drained = read_drains(cfg) if not out else {}
-    rooms = share_rooms(polls, places, cfg, [h for h in polls if not polls[h].error])
-    for h in cfg.hosts if not out else []:
+    drained = read_drains(cfg)
+    rooms = share_rooms(polls, places, cfg, [h for h in cfg.hosts if not polls[h].error])
+    out = []
+    for h in cfg.hosts:
         s = polls[h]
         if s.error:
             warn(f"{h}: {s.error}")
@@ -8748,6 +8745,17 @@ def cmd_free(cfg, argv):
                     "shared_gpus": [dict(gpu(i), jobs=r[1]) for i, r in
                                     sorted(rooms.get(h, {}).items())
                                     if i not in free and r[0] > 0]})
+    return out
+
+
+def cmd_free(cfg, argv):
+    p = parser("free", "List the unused GPUs of each host: no process on them (nvidia-smi) "
+               "and not\nreserved for a dq job; then the GPUs that still have room for "
+               "sharing jobs\n(DQ_MEM), with how much each may book.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = parse(p, argv)
+    ensure_layout(cfg)
+    out = slurm_free(cfg) if is_slurm(cfg) else ssh_free(cfg)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -8973,9 +8981,7 @@ def doctor_slurm(cfg, token_path, token):
               f"{dq_command(cfg, '--version')}\n")
     name = "dq-doctor-" + token
     argv = ["sbatch", "--parsable", "--wait", f"--job-name={name}", f"--output={out}",
-            "--no-requeue"] + ([f"--partition={cfg.slurm_partition}"] if cfg.slurm_partition
-                               else []) + \
-        ([f"--account={cfg.slurm_account}"] if cfg.slurm_account else []) + cfg.slurm_args
+            "--no-requeue"] + slurm_site_args(cfg)
     res = slurm_call(cfg, argv, script, timeout=SLURM_PROBE_WAIT)
     try:
         with open(out, encoding="utf-8", errors="replace") as f:
@@ -8996,8 +9002,10 @@ def doctor_slurm(cfg, token_path, token):
         checks.append(Check(where, "probe job", "ok", f"a job on {seen[0]} read the data root "
                             f"and ran dq ({' '.join(seen[2:4])})"))
     else:
-        checks.append(Check(where, "probe job", "FAIL", f"a job on Slurm's node {seen[0] if seen else '?'}"
-                            f" did not read the data root or run dq ({res.why() if not res.ok else ' '.join(seen[1:4]) or 'no output'})",
+        what = res.why() if not res.ok else " ".join(seen[1:4]) or "no output"
+        checks.append(Check(where, "probe job", "FAIL", f"a job on Slurm's node "
+                            f"{seen[0] if seen else '?'} did not read the data root or run "
+                            f"dq ({what})",
                             f"the nodes must mount {cfg.root} as here and have {cfg.python} "
                             f"and screen"))
     return checks
