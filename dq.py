@@ -4930,17 +4930,20 @@ class Placements(dict):
                                                             place in the queue
     launching  claim(): the owner's   its screen session    confirm(): a poll saw the
                pass, just before it   is being started      session, or the wrapper's
-               launches (since=then)                        run.json older than the poll
-                                                            -> running.  drop(): launch
-                                                            failed (queued again), or no
-                                                            session and no run.json by
-                                                            timeout + LAUNCH_GRACE after
-                                                            since
+               launches (since=then,                        run.json older than the poll
+               placed=assigned's                            -> running.  drop(): launch
+               since)                                       failed (queued again), a late
+                                                            launch found its GPU taken
+                                                            (the wrapper: queued again),
+                                                            or no session and no run.json
+                                                            by timeout + LAUNCH_GRACE
+                                                            after since
     running    confirm() (seen=when   the job runs in its   drop(): end.json exists (the
                that pass had its      session               wrapper, dq-kill, the owner
                poll's answer)                               recording a lost job; one
-                                                            dq-kill wrote: once its
-                                                            session is gone, see dying),
+                                                            dq-kill wrote, here or in
+                                                            launching: once the job is
+                                                            surely gone, see dying),
                                                             or it is lost (below)
     (gone)     drop()                 not in the file
 
@@ -5011,6 +5014,7 @@ class Placements(dict):
               "gpus": (is_gpu_list, "a list of GPU indices", True),
               "state": (lambda v: v in Placements.STATES, " or ".join(STATES), True),
               "since": (is_time, "a time", True), "seen": (is_time, "a time", False),
+              "placed": (is_time, "a time", False),
               "mem": (lambda v: is_int(v, 1), "MiB booked", False),
               "share": (is_share, "a share of a GPU", False)}
 
@@ -5090,7 +5094,9 @@ class Placements(dict):
         mine = []
         for job_id, p in self.items():
             if p["user"] == user and p["state"] == self.ASSIGNED:
-                p["state"], p["since"] = self.LAUNCHING, now
+                # placed: when the pass decided, after its poll (see
+                # held_by_others)
+                p["state"], p["since"], p["placed"] = self.LAUNCHING, now, p["since"]
                 mine.append((job_id, p["host"], p["gpus"],
                              (p["mem"], p.get("share", 1)) if "mem" in p else None))
         if mine:
@@ -5179,17 +5185,33 @@ class Placements(dict):
         return "gone" if now - p["since"] >= LAUNCH_GRACE + self.cfg.timeout else None
 
 
-def dying(cfg, job_id, p, st):
-    """Is a running job that dq-kill recorded killed perhaps still dying
-    (its screen session in this poll, or a poll that does not list
-    sessions)?  Its GPUs stay its own until the kill went through (dq-kill
-    frees them then), its wrapper hands them over, or a poll finds its
-    session gone: the next job never starts beside the last of it."""
-    if p["state"] != Placements.RUNNING or st is None or not st.reachable or \
-            st.sessions is not None and job_id not in st.sessions:
+def dying(cfg, places, job_id, st, now):
+    """Is a job that dq-kill recorded killed perhaps still dying?  Once it
+    was launched (launching or running), its GPUs stay its own until the
+    kill went through (dq-kill frees them then), its wrapper hands them
+    over, a poll of its host proves its session gone, or its lease is
+    lost_after old (the wrapper is gone or has stopped it): the next job
+    never starts beside the last of it, whichever pass comes first --
+    one that did not poll its host, or found it silent, included."""
+    if places[job_id]["state"] == Placements.ASSIGNED:
         return False
     end = read_json(os.path.join(cfg.job_dir(job_id), "end.json"), {}, {}, skip_newer=True)
-    return end.get("state") == "killed"
+    if end.get("state") != "killed":
+        return False
+    if st is not None and st.reachable and st.sessions is not None:
+        if job_id in st.sessions:
+            return True
+
+        def started():
+            ran = read_json(os.path.join(cfg.job_dir(job_id), "run.json"), {}, {},
+                            skip_newer=True).get("started")
+            return ran if is_time(ran) else None
+        if places.session_verdict(job_id, st, started, now) == "gone":
+            return False
+    # No lease: a launch that never started its wrapper (or a wrapper of an
+    # older dq), counted from the claim
+    age = lease_age(cfg, job_id, now)
+    return (now - places[job_id]["since"] if age is None else age) < lease_times(cfg).lost
 
 
 def reconcile(cfg, places, polls, now):
@@ -5207,7 +5229,7 @@ def reconcile(cfg, places, polls, now):
         st = polls.get(p["host"])
         if os.path.exists(os.path.join(cfg.job_dir(job_id), "end.json")) \
                 or places.expired(job_id, now):
-            if not dying(cfg, job_id, p, st):
+            if not dying(cfg, places, job_id, st, now):
                 places.drop(job_id)
             continue
         if st is None:
@@ -6824,6 +6846,27 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
             os.close(exited)
 
 
+# A launch this long after the pass that placed it (an owner's loop slow to
+# come round, a slow ssh) may find a GPU taken by hand since that pass's
+# poll: the wrapper looks again before an exclusive job starts.
+LATE_LAUNCH = 1.0
+
+
+def held_by_others(cfg, host, gpus):
+    """On the job's host, before it starts: {gpu: [pid, ...]} of those of
+    its GPUs a process holds (none of them is the job's yet).  A host whose
+    nvidia-smi fails says nothing new: {} (the pass's poll said free)."""
+    global LOCAL_HOST
+    LOCAL_HOST = host
+    st = poll_handover(cfg, host)[host]
+    return {} if st.error else {g.index: g.pids for g in st.gpus if g.index in gpus and g.apps}
+
+
+def held_by_others_words(taken):
+    """{2: [812]} -> '2 (PID 812)'."""
+    return ", ".join(f"{g} (PID {', '.join(map(str, pids))})" for g, pids in sorted(taken.items()))
+
+
 def cmd__run(cfg, argv):
     """Internal: the process screen runs for a job.  It runs the script as a
     child, renews the job's lease meanwhile (stopping the job if it cannot),
@@ -6858,16 +6901,34 @@ def cmd__run(cfg, argv):
     # see Placements._restore_started.
     p = Placements.read(cfg).get(job_id) if not is_slurm(cfg) else {
         "host": host, "gpus": gpus, "state": Placements.RUNNING}   # Slurm's placing
-    if not p or (p["host"], p["gpus"], p["state"]) not in (
-            (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
+
+    def withdraw():
         for path in (run_json, lease.path):
             try:
                 os.unlink(path)
             except OSError:
                 pass
         lease.stop()
+    if not p or (p["host"], p["gpus"], p["state"]) not in (
+            (host, gpus, Placements.LAUNCHING), (host, gpus, Placements.RUNNING)):
+        withdraw()
         warn(f"not starting {job_id} on {host}: it is no longer placed here (its launch "
              f"came through after dq gave up on it)")
+        return 0
+    taken = not share and gpus and time.time() - p.get("placed", time.time()) > LATE_LAUNCH \
+        and held_by_others(cfg, host, gpus)
+    if taken:
+        withdraw()
+        with Placements.locked(cfg) as places:
+            if (places.get(job_id) or {}).get("gpus") == gpus:
+                places.drop(job_id, unstarted=True)     # back to the queue
+        with open(job_log(job), "ab") as f:
+            f.write(f"dq: {job_id}: not started on {host}: GPU {held_by_others_words(taken)}, "
+                    f"taken since dq placed it; back to the queue\n".encode())
+        if scheduler_running(cfg):
+            touch_wake(cfg, me())
+        else:
+            spawn_scheduler(cfg)
         return 0
 
     def on_start(pgid):
@@ -6937,6 +6998,10 @@ def cmd__run(cfg, argv):
                                  checkpointed)
     if ours is None:
         return lease.give_up(log)
+    if not ours and timer.pgid:
+        # dq-kill's TERM ended the script: what it left, dq-kill is stopping
+        # on this host too, and the GPUs wait for that (see dying)
+        stop_processes(job.id, timer.pgid, cfg.kill_grace)
     again = job.end.get("requeued_as") if ours and is_slurm(cfg) else None
     if again:       # its dependents follow the new run (see slurm_move_dependents)
         slurm_move_dependents(cfg, job.id, again)

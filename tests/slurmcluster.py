@@ -262,7 +262,7 @@ SlurmdParameters=config_overrides
 """
 
 DEFAULTS = {
-    "SchedulerParameters": "batch_sched_delay=0",
+    "SchedulerParameters": "batch_sched_delay=0,enable_user_top",
     "SlurmdTimeout": "10",
     "ReturnToService": "2",
     "KillWait": "2",

@@ -15,6 +15,7 @@ import pytest
 from conftest import Engine, ready_slurm
 from dqtest import ALICE, BOB, HOSTS, configure, job, jobs, log_of, script, submit, \
     wait_state, wait_until
+from test_notify import ends, inbox  # noqa: F401 -- fixtures
 from test_shell import terminal  # noqa: F401 -- a fixture
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,6 +188,44 @@ def test_after_and_its_cancel(engine):
             print(dq.run("node1", ALICE, "jobs", "--json", "-a").stdout)
         raise
     assert f in j["reason"] and j["started"] is None, j
+
+
+# A job that says when it is warned (DQ_SIGNAL) and when it gets TERM
+WARNED = r'''
+trap 'echo "warned $(date +%s.%N)"' USR1
+trap 'echo "term $(date +%s.%N)"; exit 7' TERM
+echo start
+while :; do sleep 0.1; done
+'''
+
+
+def test_kill_with_grace_then_mail_and_hook(engine, inbox, ends):
+    """dq-kill --grace: the job's warning now, TERM when the grace runs out
+    (the wrapper's, on either back end); then its mail and the owner's
+    on-end hook, as at any end."""
+    dq, c = engine.dq, engine.cluster
+    engine.configure(smtp=f"127.0.0.1:{inbox.port}", mail_domain="example.org", kill_grace=1)
+    _, path = script(c, ALICE, "warned.sh", WARNED)
+    job_id, _ = submit(dq, "node1", ALICE, path, env={"DQ_SIGNAL": "USR1@1m", "DQ_MAIL": "1"})
+    j = wait_state(dq, job_id, "running", timeout=30)
+    wait_until(lambda: "start" in log_of(dq, job_id), 10, 0.2, "the job to start")
+    t0 = time.time()
+    r = dq.run("node1", ALICE, "kill", "--grace", "3s", job_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"Stopping {job_id} on {j['host']}: SIGUSR1 now, SIGTERM in 3s\n"
+    wait_until(lambda: "warned" in log_of(dq, job_id), 5, 0.1, "the warning")
+    j = wait_state(dq, job_id, "killed", timeout=20)
+    times = dict(line.split() for line in log_of(dq, job_id).splitlines()
+                 if line.startswith(("warned ", "term ")))
+    assert float(times["warned"]) - t0 < 1.5, times
+    assert 2.5 < float(times["term"]) - float(times["warned"]) < 5, times
+    assert j["reason"] == f"dq-kill --grace 3s by {ALICE} (exit status 7)", j
+    mail = inbox.wait(1)[0]
+    assert mail["to"] == [f"{ALICE}@example.org"]
+    assert mail["subject"].startswith(f"dq: {job_id} killed"), mail["subject"]
+    ends.wait([job_id])
+    if engine.name == "slurm":
+        wait_until(lambda: not engine.slurm.squeue_ids(), 20, 0.2, "Slurm's queue to empty")
 
 
 def test_a_time_limit(engine):
@@ -464,3 +503,23 @@ def test_gpu_memory_bookings_become_shards(on_slurm):
     with pytest.raises(dqpy.Failure, match="no GPU shards"):
         dqpy.slurm_options(cfg, {"env": {"DQ_MEM": "8G"}, "gpus": 1, "script": "/x.sh"},
                            lambda: unshared)
+
+
+def test_top_through_slurm(on_slurm):
+    """dq-top on Slurm is scontrol top (SchedulerParameters=enable_user_top):
+    the job moved to the front starts first when the node frees up."""
+    dq, c = on_slurm.dq, on_slurm.cluster
+    _, path = script(c, ALICE, "t.sh", "sleep 1\n")
+    _, block = script(c, ALICE, "block.sh", "exec sleep 100\n")
+    env = {"DQ_HOSTS": "node1", "DQ_GPUS": "4"}
+    blocker, _ = submit(dq, "node1", ALICE, block, env=env)
+    wait_state(dq, blocker, "running", timeout=20)
+    a, _ = submit(dq, "node1", ALICE, path, env=env)
+    b, _ = submit(dq, "node1", ALICE, path, env=env)
+    last, _ = submit(dq, "node1", ALICE, path, env=env)
+    r = dq.run("node1", ALICE, "top", last)
+    assert r.returncode == 0 and r.stdout == f"Moved {last} to the front of your jobs\n", \
+        r.stdout + r.stderr
+    dq.run("node1", ALICE, "kill", blocker)
+    ends = {i: wait_state(dq, i, "done", timeout=40) for i in (last, a, b)}
+    assert ends[last]["started"] < ends[a]["started"] < ends[b]["started"], ends

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 import dqtest
-from dqtest import ALICE, configure, jobs, script, submit, wait_until
+from dqtest import ALICE, BOB, configure, jobs, script, submit, wait_until
 
 # lost_after 4: a wrapper TERMs its job after 2 s without a lease renewal,
 # KILLs it by 3 s; passes may count the job lost at 4 s.
@@ -76,8 +76,11 @@ def wait_state(dq, job_id, states, timeout=30):
     return dqtest.wait_state(dq, job_id, states, timeout, host="node3")
 
 
-@pytest.mark.parametrize("gpus", [1, 0], ids=["gpu", "cpu"])
-@pytest.mark.parametrize("requeue", ["1", ""], ids=["requeue", "no-requeue"])
+# A GPU and a CPU-only job, each way of DQ_REQUEUE once (the two choices
+# are independent: all four pairs cost the suite 24 s more and test nothing
+# the two do not)
+@pytest.mark.parametrize("gpus,requeue", [(1, "1"), (0, "")], ids=["gpu-requeue",
+                                                                 "cpu-no-requeue"])
 def test_hung_sshd_a_beating_job_runs_on_and_its_real_end_is_kept(cluster, dq, gpus, requeue):
     configure(dq, ["node1", "node2"], **LEASE)
     d, path = script(cluster, ALICE, "t.sh", TRACE, subdir=f"hung-{gpus}-{requeue or 0}")
@@ -238,3 +241,42 @@ def test_a_launch_that_comes_through_late_does_not_start_the_job(cluster, dq):
     assert b not in read_trace(d)
     dq.run("node3", ALICE, "kill", a)
     assert wait_state(dq, b, "done", timeout=30)["host"] == "node1"
+
+
+def test_a_launch_long_after_its_placing_finds_the_gpu_taken_and_waits(cluster, dq):
+    """Another user's pass placed alice's job; her loop launches it only
+    when it comes round, and meanwhile bob took the GPU by hand.  The job's
+    wrapper looks before the job starts: the job goes back to the queue,
+    its log says why, and it runs once the GPU is free -- never beside the
+    hand-started process."""
+    configure(dq, ["node1"], **LEASE)
+    cluster.set_gpus("node1", 1)
+    first = cluster.hold_gpu("node1", BOB, 0)
+    d, path = script(cluster, ALICE, "t.sh", TRACE, subdir="taken")
+    a, _ = submit(dq, "node3", ALICE, path, env={"DQ_T": "2"})
+    assert job(dq, a)["state"] == "queued"
+    # alice's loop is gone (a slow one, as far as the job can tell)
+    cluster.run("node3", "root", ["pkill", "-u", ALICE, "-f", "schedule --quiet"])
+    wait_until(lambda: cluster.run("node3", "root", ["pgrep", "-u", ALICE, "-f",
+                                                     "schedule --quiet"]).returncode == 1,
+               10, what="alice's dq-schedule to exit")
+    cluster.run("node1", "root", ["kill", str(first)])
+    wait_until(lambda: not cluster.gpu_processes("node1"), 10, what="GPU 0 to be free")
+    r = dq.run("node3", BOB, "schedule", "--once")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(dq.root, "state", "placements.json")) as f:
+        placed = json.load(f)["jobs"][a]
+    assert (placed["host"], placed["gpus"], placed["state"]) == ("node1", [0], "assigned")
+    taken_at = time.time()
+    second = cluster.hold_gpu("node1", BOB, 0, seconds=4)
+    wait_until(lambda: time.time() > placed["since"] + 1.5, 5, what="the placing to age")
+    r = dq.run("node3", ALICE, "schedule", "--once")
+    assert r.returncode == 0, r.stderr
+    said = f"dq: {a}: not started on node1: GPU 0 (PID {second}), taken since dq placed it; " \
+           f"back to the queue"
+    wait_until(lambda: said in dqtest.log_of(dq, a), 15,
+               what="the wrapper to send the job back")
+    assert job(dq, a)["state"] == "queued"
+    assert a not in read_trace(d)
+    assert wait_state(dq, a, "done", timeout=40)["host"] == "node1"
+    assert read_trace(d)[a][1] >= taken_at + 4, "the job started beside the hand process"

@@ -49,16 +49,16 @@ def test_the_warning_comes_its_time_before_the_limit(cluster, dq):
     configure(dq, ["node1"], kill_grace=1)
     _, path = script(cluster, ALICE, "warned.sh", WARNED)
     job_id, _ = submit(dq, "node1", ALICE, path,
-                       env={"DQ_TIME": "20s", "DQ_SIGNAL": "USR1@10s"})
+                       env={"DQ_TIME": "9s", "DQ_SIGNAL": "USR1@5s"})
     started = wait_state(dq, job_id, "running")["started"]
     _, deadline = wait_said(dq, job_id, "start", 10)
-    assert abs(int(deadline) - (started + 20)) <= 1, (deadline, started)
-    warned, _ = wait_said(dq, job_id, "warned", 25)
-    assert abs(warned - (started + 10)) < 2.5, warned - started
+    assert abs(int(deadline) - (started + 9)) <= 1, (deadline, started)
+    warned, _ = wait_said(dq, job_id, "warned", 15)
+    assert abs(warned - (started + 4)) < 2, warned - started
     j = wait_state(dq, job_id, "timeout", timeout=20)
-    assert j["reason"] == "time limit 20s reached (exit status 7)", j
+    assert j["reason"] == "time limit 9s reached (exit status 7)", j
     term, _ = said(log_of(dq, job_id), "term")[0]
-    assert abs(term - (started + 20)) < 2.5, term - started
+    assert abs(term - (started + 9)) < 2, term - started
     assert len(said(log_of(dq, job_id), "warned")) == 1
 
 

@@ -11,7 +11,7 @@ share_margin, at most max_jobs_per_gpu of them), and no exclusive job
 started on a GPU a hand-started process had been holding.
 
 DQ_SOAK_RUNS=N repeats it N times (each on a fresh install), DQ_SOAK_JOBS
-sets the jobs per run (default 240); the suite runs it once.
+sets the jobs per run (default 150); the suite runs it once.
 """
 import math
 import os
@@ -30,7 +30,7 @@ def job_state(dq, job_id):
     return j and j["state"]
 
 RUNS = int(os.environ.get("DQ_SOAK_RUNS", "1"))
-JOBS = int(os.environ.get("DQ_SOAK_JOBS", "240"))
+JOBS = int(os.environ.get("DQ_SOAK_JOBS", "150"))
 USERS = (ALICE, BOB, DAN)
 HOLD_EVERY = 1.5        # seconds between hand-started GPU processes
 # A job may start on a GPU whose hand-started process began after the poll

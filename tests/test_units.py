@@ -607,6 +607,48 @@ def test_assigned_jobs_and_polls_without_ps_prove_nothing():
     assert places.session_verdict("7-x", st, never, 200) is None
 
 
+@pytest.mark.parametrize("state", [dq.Placements.LAUNCHING, dq.Placements.RUNNING])
+def test_a_job_dq_kill_recorded_keeps_its_gpus_until_it_is_surely_gone(tmp_path, monkeypatch,
+                                                                       state):
+    """The captured race: dq-kill wrote end.json of a job still launching;
+    a pass that did not poll its host dropped the placement and gave its GPU
+    out while the job was still dying."""
+    monkeypatch.setenv("DQ_ROOT", str(tmp_path))
+    c = dq.Config()
+    dq.ensure_layout(c)
+    now = time.time()
+    d = c.job_dir("7-x")
+    os.makedirs(d)
+    dq.write_json(os.path.join(d, "run.json"), {"host": "node1", "gpus": [0], "started": now - 2})
+    dq.write_json(os.path.join(d, "end.json"), {"state": "killed", "ended": now})
+    lease = dq.lease_path(c, "7-x")
+    os.makedirs(os.path.dirname(lease), exist_ok=True)
+    open(lease, "w").close()
+
+    def kept(polls, at=now):
+        places = placements(state, since=now - 3, seen=now - 1)
+        places.cfg = c
+        dq.reconcile(c, places, polls, at)
+        return "7-x" in places
+    assert kept({})                                             # node1 not polled
+    assert kept({"node1": poll_at(now - 0.5, ["7-x"])})         # its session is there
+    silent = dq.HostState("node1", now)
+    silent.reachable, silent.error = False, "unreachable"
+    assert kept({"node1": silent})
+    later = now + dq.CLOCK_SLACK + 1
+    assert not kept({"node1": poll_at(later, [])}, later)       # a poll proves it gone
+    # its lease stopped lost_after ago: its wrapper is gone, or stopped it
+    old = now - dq.lease_times(c).lost - 1
+    os.utime(lease, (old, old))
+    assert not kept({})
+    # killed before its launch: nothing of it runs
+    os.utime(lease, (now, now))
+    places = placements(dq.Placements.ASSIGNED, since=now - 1)
+    places.cfg = c
+    dq.reconcile(c, places, {}, now)
+    assert "7-x" not in places
+
+
 def test_transitions_and_what_they_save(tmp_path, monkeypatch):
     monkeypatch.setenv("DQ_ROOT", str(tmp_path))
     c = dq.Config()
@@ -628,7 +670,7 @@ def test_transitions_and_what_they_save(tmp_path, monkeypatch):
         places.drop("2-y")
     assert dict(dq.Placements.read(c)) == {"1-x": {
         "user": "x", "host": "node1", "gpus": [0], "state": "running", "since": 11.0,
-        "seen": 12.0}}
+        "seen": 12.0, "placed": 10.0}}
 
 
 def test_plan_fair_share_goes_to_who_holds_fewest_gpus():
