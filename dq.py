@@ -4930,9 +4930,9 @@ class Placements(dict):
                                                             place in the queue
     launching  claim(): the owner's   its screen session    confirm(): a poll saw the
                pass, just before it   is being started      session, or the wrapper's
-               launches (since=then,                        run.json older than the poll
-               placed=assigned's                            -> running.  drop(): launch
-               since)                                       failed (queued again), a late
+               launches (since=then)                        run.json older than the poll
+                                                            -> running.  drop(): launch
+                                                            failed (queued again), a late
                                                             launch found its GPU taken
                                                             (the wrapper: queued again),
                                                             or no session and no run.json
@@ -5014,7 +5014,7 @@ class Placements(dict):
               "gpus": (is_gpu_list, "a list of GPU indices", True),
               "state": (lambda v: v in Placements.STATES, " or ".join(STATES), True),
               "since": (is_time, "a time", True), "seen": (is_time, "a time", False),
-              "placed": (is_time, "a time", False),
+              "polled": (is_time, "a time", False),
               "mem": (lambda v: is_int(v, 1), "MiB booked", False),
               "share": (is_share, "a share of a GPU", False)}
 
@@ -5079,11 +5079,14 @@ class Placements(dict):
 
     # Transitions
 
-    def assign(self, job_id, host, gpus, now, share=None):
+    def assign(self, job_id, host, gpus, now, share=None, polled=None):
         """(queued) -> assigned: these GPUs of host are the job's (share:
-        a sharing job's (MiB booked per GPU, share of a GPU))."""
+        a sharing job's (MiB booked per GPU, share of a GPU); polled: when
+        the poll of host that found them free began)."""
         self[job_id] = {"user": job_id.split("-", 1)[1], "host": host, "gpus": gpus,
                         "state": self.ASSIGNED, "since": now}
+        if polled:
+            self[job_id]["polled"] = polled
         if share:
             self[job_id].update(mem=share[0], share=share[1])
         self.changed = self.handed_out = True
@@ -5094,9 +5097,7 @@ class Placements(dict):
         mine = []
         for job_id, p in self.items():
             if p["user"] == user and p["state"] == self.ASSIGNED:
-                # placed: when the pass decided, after its poll (see
-                # held_by_others)
-                p["state"], p["since"], p["placed"] = self.LAUNCHING, now, p["since"]
+                p["state"], p["since"] = self.LAUNCHING, now
                 mine.append((job_id, p["host"], p["gpus"],
                              (p["mem"], p.get("share", 1)) if "mem" in p else None))
         if mine:
@@ -5977,7 +5978,8 @@ def schedule_pass(cfg, polls=None, launch_only=False, retiring=None, decided=Non
             # (anyone's, over ssh) failed, whatever this pass's poll said.
             chosen = plan_pass(cfg, places, res.polls, now, drained)
             for job_id, host, gpus in chosen.placed:
-                places.assign(job_id, host, gpus, now, chosen.shares.get(job_id))
+                places.assign(job_id, host, gpus, now, chosen.shares.get(job_id),
+                              res.polls[host].started)
         mine = places.claim(user, now)
         others = places.unclaimed_users()
     if decided:
@@ -6846,9 +6848,10 @@ def run_in_pty(argv, cwd, env, log, started, timer=None):
             os.close(exited)
 
 
-# A launch this long after the pass that placed it (an owner's loop slow to
-# come round, a slow ssh) may find a GPU taken by hand since that pass's
-# poll: the wrapper looks again before an exclusive job starts.
+# A launch this long after the poll that found its GPUs free (an owner's loop
+# slow to come round, a slow ssh, a pass waiting on a hung host) may find a
+# GPU taken by hand since: the wrapper looks again before an exclusive job
+# starts.
 LATE_LAUNCH = 1.0
 
 
@@ -6858,8 +6861,29 @@ def held_by_others(cfg, host, gpus):
     nvidia-smi fails says nothing new: {} (the pass's poll said free)."""
     global LOCAL_HOST
     LOCAL_HOST = host
-    st = poll_handover(cfg, host)[host]
+    try:
+        st = poll_handover(cfg, host)[host]
+    except (Failure, OSError) as e:     # (a run.json is written: the job must not die here)
+        warn(f"cannot look at the GPUs of {host}: {e}")
+        return {}
     return {} if st.error else {g.index: g.pids for g in st.gpus if g.index in gpus and g.apps}
+
+
+def back_to_queue(cfg, job_id, gpus):
+    """A wrapper that did not start its job gives its placement up (the job
+    is queued again), trying until the data root takes it: its session
+    lives on meanwhile, so no pass finds it gone and counts the job lost."""
+    delay = 0.5
+    while True:
+        try:
+            with Placements.locked(cfg) as places:
+                if (places.get(job_id) or {}).get("gpus") == gpus:
+                    places.drop(job_id, unstarted=True)
+            return
+        except (Failure, OSError) as e:
+            warn(f"cannot give {job_id}'s GPUs back yet ({e}); trying again")
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def held_by_others_words(taken):
@@ -6915,13 +6939,11 @@ def cmd__run(cfg, argv):
         warn(f"not starting {job_id} on {host}: it is no longer placed here (its launch "
              f"came through after dq gave up on it)")
         return 0
-    taken = not share and gpus and time.time() - p.get("placed", time.time()) > LATE_LAUNCH \
+    taken = not share and gpus and time.time() - p.get("polled", time.time()) > LATE_LAUNCH \
         and held_by_others(cfg, host, gpus)
     if taken:
         withdraw()
-        with Placements.locked(cfg) as places:
-            if (places.get(job_id) or {}).get("gpus") == gpus:
-                places.drop(job_id, unstarted=True)     # back to the queue
+        back_to_queue(cfg, job_id, gpus)
         with open(job_log(job), "ab") as f:
             f.write(f"dq: {job_id}: not started on {host}: GPU {held_by_others_words(taken)}, "
                     f"taken since dq placed it; back to the queue\n".encode())

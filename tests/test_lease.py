@@ -269,7 +269,7 @@ def test_a_launch_long_after_its_placing_finds_the_gpu_taken_and_waits(cluster, 
     assert (placed["host"], placed["gpus"], placed["state"]) == ("node1", [0], "assigned")
     taken_at = time.time()
     second = cluster.hold_gpu("node1", BOB, 0, seconds=4)
-    wait_until(lambda: time.time() > placed["since"] + 1.5, 5, what="the placing to age")
+    wait_until(lambda: time.time() > placed["polled"] + 1.5, 5, what="its poll to age")
     r = dq.run("node3", ALICE, "schedule", "--once")
     assert r.returncode == 0, r.stderr
     said = f"dq: {a}: not started on node1: GPU 0 (PID {second}), taken since dq placed it; " \

@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from dqtest import ALICE, BOB, DAN, MODELS, configure, job, jobs, script, wait_until
+from dqtest import ALICE, BOB, DAN, MODELS, configure, job, jobs, log_of, script, \
+    wait_until
 
 
 def job_state(dq, job_id):
@@ -226,9 +227,10 @@ def soak(cluster, dq, run, faults=False):
 
     ended = {j["id"]: j for j in jobs(dq, view="complete")}
     assert sorted(ended) == sorted(all_ids)
-    wrong = {i: (j["state"], j["reason"]) for i, j in ended.items()
+    wrong = {i: (j["state"], j["reason"], j["host"], j["started"], j["ended"],
+                 log_of(dq, i)[-600:]) for i, j in ended.items()
              if j["state"] != ("killed" if i in killed else "done")}
-    assert not wrong, f"jobs that ended wrongly: {wrong}"
+    assert not wrong, f"jobs that ended wrongly: {wrong}; faults {fault_log}"
 
     traces = {}
     for user in USERS:

@@ -670,7 +670,7 @@ def test_transitions_and_what_they_save(tmp_path, monkeypatch):
         places.drop("2-y")
     assert dict(dq.Placements.read(c)) == {"1-x": {
         "user": "x", "host": "node1", "gpus": [0], "state": "running", "since": 11.0,
-        "seen": 12.0, "placed": 10.0}}
+        "seen": 12.0}}
 
 
 def test_plan_fair_share_goes_to_who_holds_fewest_gpus():
