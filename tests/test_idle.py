@@ -135,8 +135,8 @@ def running(dq, job_id):
 
 
 def test_an_idle_job_is_flagged_mailed_and_stopped(cluster, dq, inbox):
-    configure(dq, ["node1"], smtp=f"127.0.0.1:{inbox.port}", idle_after="6s",
-              idle_kill="8s", kill_grace=1, **FAST)
+    configure(dq, ["node1"], smtp=f"127.0.0.1:{inbox.port}", idle_after="4s",
+              idle_kill="6s", kill_grace=1, **FAST)
     _, sleeper = script(cluster, ALICE, "sleeper.sh", "sleep 60\n")
     _, busy = script(cluster, ALICE, "busy.sh", "exec fake-cuda --hold 60\n")
     _, waiting = script(cluster, ALICE, "waiting.sh", "exec fake-cuda --util 0 --hold 60\n")
@@ -145,7 +145,7 @@ def test_an_idle_job_is_flagged_mailed_and_stopped(cluster, dq, inbox):
     ctx, _ = submit(dq, "node1", ALICE, waiting)
     j = wait_until(lambda: (lambda j: j if j and (j["gpu_use"] or {}).get("idle") else None)(
         running(dq, idle)), 30, 0.3, f"{idle} to be flagged idle")
-    assert j["gpu_use"]["idle_since"] <= time.time() - 5
+    assert j["gpu_use"]["idle_since"] <= time.time() - 3
     # dq-jobs: the mark in the Mem column and a note; the others are not idle
     out = dq.run("node1", ALICE, "jobs").stdout
     row = next(ln for ln in out.splitlines() if ln.startswith(idle))
@@ -167,7 +167,7 @@ def test_an_idle_job_is_flagged_mailed_and_stopped(cluster, dq, inbox):
     # idle_kill: it ends killed, with its reason; the others run on
     end = wait_state(dq, idle, "killed", timeout=30)
     assert end["reason"].startswith("idle: no GPU use for ") and \
-        "(idle_after 6s + idle_kill 8s)" in end["reason"], end
+        "(idle_after 4s + idle_kill 6s)" in end["reason"], end
     assert "idle: its GPUs have been at 0%" in log_of(dq, idle)
     assert {running(dq, work)["state"], running(dq, ctx)["state"]} == {"running"}
     mails = inbox.wait(2)       # its end's mail

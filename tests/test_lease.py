@@ -153,7 +153,9 @@ def test_no_job_goes_to_a_host_whose_last_poll_failed(cluster, dq):
     assert trace[c][1] > back - 0.5, "the job started before its host answered again"
 
 
-@pytest.mark.parametrize("gpus", [1, 0], ids=["gpu", "cpu"])
+# A CPU-only job here, a GPU job in the next test: fencing is the wrapper's
+# either way, and where the copy goes is the planner's for both kinds.
+@pytest.mark.parametrize("gpus", [0], ids=["cpu"])
 def test_a_job_cut_off_from_the_data_root_is_stopped_before_its_copy_starts(cluster, dq,
                                                                             gpus):
     """node1 loses the shared directory (read-only in its mount namespace
@@ -194,7 +196,7 @@ def test_a_job_cut_off_from_the_data_root_is_stopped_before_its_copy_starts(clus
     assert_never_two_at_once(trace)
 
 
-@pytest.mark.parametrize("gpus", [1, 0], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("gpus", [1], ids=["gpu"])
 def test_a_fenced_jobs_copy_goes_to_a_host_that_answers(cluster, dq, gpus):
     configure(dq, ["node1", "node2"], **LEASE)
     cluster.set_gpus("node2", 1)
