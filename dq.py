@@ -6944,9 +6944,13 @@ def cmd__run(cfg, argv):
     if taken:
         withdraw()
         back_to_queue(cfg, job_id, gpus)
-        with open(job_log(job), "ab") as f:
-            f.write(f"dq: {job_id}: not started on {host}: GPU {held_by_others_words(taken)}, "
-                    f"taken since dq placed it; back to the queue\n".encode())
+        said = f"dq: {job_id}: not started on {host}: GPU {held_by_others_words(taken)}, " \
+               f"taken since dq placed it; back to the queue\n"
+        try:
+            with open(job_log(job), "ab") as f:
+                f.write(said.encode())
+        except OSError:     # a full data root: the screen window still says it
+            _write_all(2, said.encode())
         if scheduler_running(cfg):
             touch_wake(cfg, me())
         else:
