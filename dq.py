@@ -6177,13 +6177,18 @@ class GpuWatch:
     def start(self, pgid):
         self.pgid = pgid
         if self.gpus and self.cfg.sample_interval > 0:
-            _thread.start_new_thread(self._loop, ())
+            # Imported here, once the job runs (no start-up cost), and not in
+            # the thread: the first import of threading (subprocess's) makes
+            # its importer Python's "main thread", whose end the wrapper's
+            # exit would then wait for, up to sample_interval
+            # (bpo-1596321).
+            import subprocess
+            _thread.start_new_thread(self._loop, (subprocess,))
 
     def stop(self):
         self.stopped = True
 
-    def _loop(self):
-        import subprocess       # in this thread, once the job runs: no start-up cost
+    def _loop(self, subprocess):
         while not self.stopped:
             time.sleep(self.cfg.sample_interval)
             if self.stopped:
@@ -6869,7 +6874,7 @@ def held_by_others(cfg, host, gpus):
     return {} if st.error else {g.index: g.pids for g in st.gpus if g.index in gpus and g.apps}
 
 
-def back_to_queue(cfg, job_id, gpus):
+def back_to_queue(cfg, job_id, host, gpus):
     """A wrapper that did not start its job gives its placement up (the job
     is queued again), trying until the data root takes it: its session
     lives on meanwhile, so no pass finds it gone and counts the job lost."""
@@ -6877,7 +6882,8 @@ def back_to_queue(cfg, job_id, gpus):
     while True:
         try:
             with Placements.locked(cfg) as places:
-                if (places.get(job_id) or {}).get("gpus") == gpus:
+                p = places.get(job_id) or {}
+                if (p.get("host"), p.get("gpus")) == (host, gpus):
                     places.drop(job_id, unstarted=True)
             return
         except (Failure, OSError) as e:
@@ -6917,8 +6923,23 @@ def cmd__run(cfg, argv):
     if gpu_type:
         run["gpu_type"] = gpu_type
     run_json = os.path.join(job.dir, "run.json")
-    lease = Lease(cfg, job)     # before run.json: a job that runs has a lease
-    write_json(run_json, run, durable=False)     # durable once the job runs, below
+    lease, delay, said = None, 0.5, False
+    while True:
+        try:
+            lease = lease or Lease(cfg, job)    # before run.json: a job that runs has a lease
+            write_json(run_json, run, durable=False)     # durable once the job runs, below
+            break
+        except OSError as e:
+            # A full data root: the job waits for room (its output would be
+            # lost), its session living on -- a wrapper that died here would
+            # leave a session a pass may have seen vanish with neither
+            # run.json nor end.json: a job counted lost that never ran.
+            if not said:
+                said = True
+                _write_all(2, f"dq: cannot start {job_id} yet ({data_root_error(cfg.root, e)}); "
+                              f"trying again until there is room\n".encode())
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
     # Then the placement must still be this one: a launch whose ssh hung
     # may come through long after it timed out and the job went back to
     # the queue (and maybe elsewhere).  run.json first, then this read:
@@ -6943,7 +6964,7 @@ def cmd__run(cfg, argv):
         and held_by_others(cfg, host, gpus)
     if taken:
         withdraw()
-        back_to_queue(cfg, job_id, gpus)
+        back_to_queue(cfg, job_id, host, gpus)
         said = f"dq: {job_id}: not started on {host}: GPU {held_by_others_words(taken)}, " \
                f"taken since dq placed it; back to the queue\n"
         try:

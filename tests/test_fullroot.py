@@ -4,11 +4,12 @@ sees (Cluster.small, mounted before the nodes start)."""
 import glob
 import json
 import os
+import threading
 import time
 
 import pytest
 
-from dqtest import ALICE, configure, job, log_of, script, submit, wait_state, wait_until
+from dqtest import ALICE, BOB, configure, job, log_of, script, submit, wait_state, wait_until
 
 FAST = dict(timeout=2, lost_after=4, watch_interval=1, poll_interval=0.5, kill_grace=1)
 
@@ -135,4 +136,54 @@ def test_every_write_with_the_disk_full_leaves_valid_files(cluster, small_dq, po
     assert wait_state(dq, first, ("done", "killed"), timeout=30)["state"] == \
         ("done" if point == "handover" else "killed")
     assert wait_state(dq, queued, ("done", "failed", "lost"), timeout=40)["state"] == "done"
+    assert json_files_valid(dq.root) == []
+
+
+def test_a_launch_that_meets_a_full_disk_waits_for_room(cluster, small_dq):
+    """The disk fills between the pass that launched a job and its wrapper's
+    first write (run.json): the wrapper says so in one line and waits, its
+    session living on, and starts the job once there is room -- never
+    counted lost, never run twice."""
+    dq = small_dq
+    configure(dq, ["node1"], **FAST)
+    cluster.set_gpus("node1", 1)
+    d, path = script(cluster, ALICE, "once.sh", 'echo ran >> "runs-$DQ_JOB_ID"\n',
+                     subdir="full-launch")
+    hand = cluster.hold_gpu("node1", BOB, 0)
+    a, _ = submit(dq, "node3", ALICE, path)
+    # alice's loop goes: the pass below is the one that launches her job
+    cluster.run("node3", "root", ["pkill", "-u", ALICE, "-f", "schedule --quiet"])
+    wait_until(lambda: cluster.run("node3", "root", ["pgrep", "-u", ALICE, "-f",
+                                                     "schedule --quiet"]).returncode == 1,
+               10, what="alice's dq-schedule to exit")
+    cluster.run("node1", "root", ["kill", str(hand)])
+    wait_until(lambda: not cluster.gpu_processes("node1"), 10, what="GPU 0 to be free")
+    # her pass claims the job and dies before its ssh launch: a launch in flight
+    r = dq.run("node3", ALICE, "schedule", "--once", env={"DQ_CRASH_AT": "launch-claimed"})
+    assert r.returncode in (-9, 137), (r.returncode, r.stderr)
+    with open(os.path.join(dq.root, "state", "placements.json")) as f:
+        assert json.load(f)["jobs"][a]["state"] == "launching"
+    run_json = os.path.join(dq.root, "jobs", "backend", a, "run.json")
+    cluster.fill_small()
+    out = {}
+    # ... and the launch's ssh arrives now: what screen runs on node1
+    wrapper = threading.Thread(target=lambda: out.update(r=cluster.run(
+        "node1", ALICE, ["python3", os.path.join(dq.root, "dq.py"), "_run", a, "node1", "0",
+                         "-"], timeout=60)))
+    wrapper.start()
+    try:
+        time.sleep(3)       # passes come and go meanwhile
+        assert wrapper.is_alive() and not os.path.exists(run_json)
+        assert job(dq, a)["state"] != "lost"
+    finally:
+        cluster.free_small()
+    wrapper.join(60)
+    r = out["r"]
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"dq: cannot start {a} yet (") and "full" in lines[0] and \
+        lines[0].endswith("trying again until there is room"), lines
+    assert wait_state(dq, a, ("done", "failed", "lost"), timeout=30)["state"] == "done"
+    with open(os.path.join(d, f"runs-{a}")) as f:
+        assert f.read() == "ran\n"
     assert json_files_valid(dq.root) == []
