@@ -5600,13 +5600,17 @@ def slurm_reconcile(cfg):
     mine = active_ids(cfg, user)
     if not mine:
         return 0
+    # Each job's Slurm ID before squeue, its end and run after: a job whose
+    # sbatch answers while squeue runs has no ID here yet (not judged, not
+    # "dropped"), and one that ends meanwhile has its end.json by the time
+    # Slurm forgets it.
+    sids = [(job_id, slurm_id(cfg, job_id)) for job_id in mine]
     seen = squeue_jobs(cfg, user)
     left = 0
-    for job_id in mine:
+    for job_id, sid in sids:
         job = load_job(cfg, job_id, quiet=True)
         if job is None:
             continue
-        sid = slurm_id(cfg, job_id)
         if job.end:
             drop_from_index(cfg, job_id)
             continue
@@ -6483,6 +6487,27 @@ def next_run(cfg, job, state, checkpointed):
     return None, None
 
 
+def until_room(attempt, saying, give_up=lambda: False, errors=(OSError,)):
+    """attempt() again and again, backing off to every 10 s, while it
+    raises one of `errors` (a full data root): the wrapper's writes that
+    must not fail, its session living on meanwhile, so that no pass finds
+    it gone.  The first failure is said once on stderr (the screen window):
+    saying(error) -> the line.  Returns attempt()'s result, or None once
+    give_up() says so after a failure."""
+    delay, said = 0.5, False
+    while True:
+        try:
+            return attempt()
+        except errors as e:
+            if give_up():
+                return None
+            if not said:
+                said = True
+                _write_all(2, f"dq: {saying(e)}\n".encode())
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host,
                           checkpointed=False):
     """record_end (and the new job of DQ_RESUME or DQ_RETRY, see next_run)
@@ -6491,32 +6516,27 @@ def record_end_until_done(cfg, job, lease, log, state, reason, code, sig, host,
     so no pass counts it lost.  A job resumed ends `resumed`.  True if this
     wrote the end, False if it had one (dq-kill's), None if the lease
     failed meanwhile (the data root is gone from this host)."""
-    again, kind, asked, delay, said = None, None, False, 0.5, False
+    again, kind, asked = None, None, False
     ended = time.time()     # recorded as it happened, however late
-    while True:
-        try:
-            log.flush_lost()
-            # (not after a dq-kill: it writes end.json before it kills)
-            if not asked and not os.path.exists(os.path.join(job.dir, "end.json")):
-                again, kind = next_run(cfg, job, state, checkpointed)
-            asked = True
-            why = reason
-            if kind == "resume":
-                state, why = "resumed", f"{reason}; resumed as {again}"
-            elif kind == "retry":
-                why = f"{reason}; retried as {again}"
-            # The next job first; the fsync and the count can wait until it runs.
-            return record_end(cfg, job, state, why, code, sig, host, durable=False,
-                              requeued_as=again, ended=ended)
-        except OSError as e:
-            if lease.stopped_by_dq():
-                return None
-            if not said:
-                said = True
-                _write_all(2, f"dq: cannot record the end of {job.id} ({e.strerror}); "
-                              f"trying again until there is room in {cfg.root}\n".encode())
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+    def attempt():
+        nonlocal again, kind, asked, state
+        log.flush_lost()
+        # (not after a dq-kill: it writes end.json before it kills)
+        if not asked and not os.path.exists(os.path.join(job.dir, "end.json")):
+            again, kind = next_run(cfg, job, state, checkpointed)
+        asked = True
+        why = reason
+        if kind == "resume":
+            state, why = "resumed", f"{reason}; resumed as {again}"
+        elif kind == "retry":
+            why = f"{reason}; retried as {again}"
+        # The next job first; the fsync and the count can wait until it runs.
+        return record_end(cfg, job, state, why, code, sig, host, durable=False,
+                          requeued_as=again, ended=ended)
+    return until_room(attempt, lambda e: f"cannot record the end of {job.id} ({e.strerror}); "
+                                         f"trying again until there is room in {cfg.root}",
+                      lease.stopped_by_dq)
 
 
 class Lease:
@@ -6878,18 +6898,13 @@ def back_to_queue(cfg, job_id, host, gpus):
     """A wrapper that did not start its job gives its placement up (the job
     is queued again), trying until the data root takes it: its session
     lives on meanwhile, so no pass finds it gone and counts the job lost."""
-    delay = 0.5
-    while True:
-        try:
-            with Placements.locked(cfg) as places:
-                p = places.get(job_id) or {}
-                if (p.get("host"), p.get("gpus")) == (host, gpus):
-                    places.drop(job_id, unstarted=True)
-            return
-        except (Failure, OSError) as e:
-            warn(f"cannot give {job_id}'s GPUs back yet ({e}); trying again")
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    def give_back():
+        with Placements.locked(cfg) as places:
+            p = places.get(job_id) or {}
+            if (p.get("host"), p.get("gpus")) == (host, gpus):
+                places.drop(job_id, unstarted=True)
+    until_room(give_back, lambda e: f"cannot give the GPUs of {job_id} back yet ({e}); "
+                                    f"trying again", errors=(Failure, OSError))
 
 
 def held_by_others_words(taken):
@@ -6923,23 +6938,18 @@ def cmd__run(cfg, argv):
     if gpu_type:
         run["gpu_type"] = gpu_type
     run_json = os.path.join(job.dir, "run.json")
-    lease, delay, said = None, 0.5, False
-    while True:
-        try:
-            lease = lease or Lease(cfg, job)    # before run.json: a job that runs has a lease
-            write_json(run_json, run, durable=False)     # durable once the job runs, below
-            break
-        except OSError as e:
-            # A full data root: the job waits for room (its output would be
-            # lost), its session living on -- a wrapper that died here would
-            # leave a session a pass may have seen vanish with neither
-            # run.json nor end.json: a job counted lost that never ran.
-            if not said:
-                said = True
-                _write_all(2, f"dq: cannot start {job_id} yet ({data_root_error(cfg.root, e)}); "
-                              f"trying again until there is room\n".encode())
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    lease = None
+
+    def begin():
+        nonlocal lease
+        lease = lease or Lease(cfg, job)    # before run.json: a job that runs has a lease
+        write_json(run_json, run, durable=False)     # durable once the job runs, below
+    # A full data root: the job waits for room (its output would be lost),
+    # its session living on -- a wrapper that died here would leave a
+    # session a pass may have seen vanish with neither run.json nor
+    # end.json: a job counted lost that never ran.
+    until_room(begin, lambda e: f"cannot start {job_id} yet ({data_root_error(cfg.root, e)}); "
+                                f"trying again until there is room")
     # Then the placement must still be this one: a launch whose ssh hung
     # may come through long after it timed out and the job went back to
     # the queue (and maybe elsewhere).  run.json first, then this read:

@@ -6,6 +6,7 @@ end; the tests assert what a user sees, whichever runs the jobs."""
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import types
@@ -523,3 +524,33 @@ def test_top_through_slurm(on_slurm):
     dq.run("node1", ALICE, "kill", blocker)
     ends = {i: wait_state(dq, i, "done", timeout=40) for i in (last, a, b)}
     assert ends[last]["started"] < ends[a]["started"] < ends[b]["started"], ends
+
+
+def test_a_job_sbatched_while_squeue_answers_is_not_taken_for_dropped(on_slurm):
+    """The owner's books (dq-jobs, dq-wait, the background dq-schedule) ask
+    squeue which of their jobs Slurm still has.  A dq-submit whose sbatch
+    answers while that squeue runs must not read as a job Slurm dropped
+    (`cancelled`, never run): its Slurm ID appeared after squeue looked.
+    Here a slow sbatch and a slow squeue make the overlap certain."""
+    from cluster import USER_PATH
+    dq, c = on_slurm.dq, on_slurm.cluster
+    fake = c.user_dir(ALICE, "slow-slurm")
+    for name, body in (("sbatch", "sleep 2; exec /usr/bin/sbatch \"$@\""),
+                       ("squeue", "out=$(/usr/bin/squeue \"$@\") || exit; sleep 6; "
+                                  "printf '%s\\n' \"$out\"")):
+        c.run("node1", ALICE, f"printf '#!/bin/sh\\n%s\\n' {shlex.quote(body)} > {name}; "
+                              f"chmod +x {name}", cwd=fake, check=True)
+    env = {"PATH": f"{fake}:{USER_PATH}"}
+    # (running past that squeue's answer: its end cannot come first)
+    _, path = script(c, ALICE, "ok.sh", "echo ran; sleep 8\n")
+    submitting = dq.popen("node1", ALICE, "submit", path, env=env, cwd=os.path.dirname(path))
+    # dq-submit has written the job, and its sbatch answers while the
+    # squeue of this dq-jobs takes its time
+    wait_until(lambda: os.path.exists(os.path.join(dq.root, "jobs", "active", "1-" + ALICE)),
+               10, 0.05, "dq-submit to write the job")
+    r = dq.run("node1", ALICE, "jobs", "--json", env=env)
+    out, err = submitting.communicate(timeout=30)
+    assert r.returncode == 0 and submitting.returncode == 0, (r.stderr, err)
+    job_id = re.search(r"'([0-9]+-[a-z]+)'", out).group(1)
+    j = wait_state(dq, job_id, ("done", "cancelled", "failed", "lost"), timeout=40)
+    assert j["state"] == "done" and log_of(dq, job_id) == "ran\n", j
