@@ -87,6 +87,24 @@ def wait_state(dq, job_id, states, timeout=30, user=ALICE, host=None):
         job(dq, job_id, user, host)), timeout, 0.2, f"{job_id} to be {'/'.join(states)}")
 
 
+def queued_for_a_pass(dq, path, env=None):
+    """ALICE's job, submitted on node3 for node1's GPU 0 while a hand-started
+    process holds it; then her dq-schedule loop ends and GPU 0 is free: the
+    job waits for a pass the test runs itself (one that places it, or
+    launches it).  Its ID."""
+    cluster = dq.cluster
+    hand = cluster.hold_gpu("node1", BOB, 0)
+    job_id, _ = submit(dq, "node3", ALICE, path, env=env)
+    assert job(dq, job_id, host="node3")["state"] == "queued"
+    cluster.run("node3", "root", ["pkill", "-u", ALICE, "-f", "schedule --quiet"])
+    wait_until(lambda: cluster.run("node3", "root", ["pgrep", "-u", ALICE, "-f",
+                                                     "schedule --quiet"]).returncode == 1,
+               10, what="alice's dq-schedule to exit")
+    cluster.run("node1", "root", ["kill", str(hand)])
+    wait_until(lambda: not cluster.gpu_processes("node1"), 10, what="GPU 0 to be free")
+    return job_id
+
+
 def log_of(dq, job_id):
     path = os.path.join(dq.root, "jobs", "backend", job_id, "log")
     try:

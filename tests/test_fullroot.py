@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from dqtest import ALICE, BOB, configure, job, log_of, script, submit, wait_state, wait_until
+from dqtest import ALICE, configure, job, log_of, queued_for_a_pass, script, submit, \
+    wait_state, wait_until
 
 FAST = dict(timeout=2, lost_after=4, watch_interval=1, poll_interval=0.5, kill_grace=1)
 
@@ -149,15 +150,7 @@ def test_a_launch_that_meets_a_full_disk_waits_for_room(cluster, small_dq):
     cluster.set_gpus("node1", 1)
     d, path = script(cluster, ALICE, "once.sh", 'echo ran >> "runs-$DQ_JOB_ID"\n',
                      subdir="full-launch")
-    hand = cluster.hold_gpu("node1", BOB, 0)
-    a, _ = submit(dq, "node3", ALICE, path)
-    # alice's loop goes: the pass below is the one that launches her job
-    cluster.run("node3", "root", ["pkill", "-u", ALICE, "-f", "schedule --quiet"])
-    wait_until(lambda: cluster.run("node3", "root", ["pgrep", "-u", ALICE, "-f",
-                                                     "schedule --quiet"]).returncode == 1,
-               10, what="alice's dq-schedule to exit")
-    cluster.run("node1", "root", ["kill", str(hand)])
-    wait_until(lambda: not cluster.gpu_processes("node1"), 10, what="GPU 0 to be free")
+    a = queued_for_a_pass(dq, path)
     # her pass claims the job and dies before its ssh launch: a launch in flight
     r = dq.run("node3", ALICE, "schedule", "--once", env={"DQ_CRASH_AT": "launch-claimed"})
     assert r.returncode in (-9, 137), (r.returncode, r.stderr)

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 import dqtest
-from dqtest import ALICE, BOB, configure, jobs, script, submit, wait_until
+from dqtest import ALICE, BOB, configure, jobs, queued_for_a_pass, script, submit, wait_until
 
 # lost_after 4: a wrapper TERMs its job after 2 s without a lease renewal,
 # KILLs it by 3 s; passes may count the job lost at 4 s.
@@ -253,17 +253,8 @@ def test_a_launch_long_after_its_placing_finds_the_gpu_taken_and_waits(cluster, 
     hand-started process."""
     configure(dq, ["node1"], **LEASE)
     cluster.set_gpus("node1", 1)
-    first = cluster.hold_gpu("node1", BOB, 0)
     d, path = script(cluster, ALICE, "t.sh", TRACE, subdir="taken")
-    a, _ = submit(dq, "node3", ALICE, path, env={"DQ_T": "2"})
-    assert job(dq, a)["state"] == "queued"
-    # alice's loop is gone (a slow one, as far as the job can tell)
-    cluster.run("node3", "root", ["pkill", "-u", ALICE, "-f", "schedule --quiet"])
-    wait_until(lambda: cluster.run("node3", "root", ["pgrep", "-u", ALICE, "-f",
-                                                     "schedule --quiet"]).returncode == 1,
-               10, what="alice's dq-schedule to exit")
-    cluster.run("node1", "root", ["kill", str(first)])
-    wait_until(lambda: not cluster.gpu_processes("node1"), 10, what="GPU 0 to be free")
+    a = queued_for_a_pass(dq, path, env={"DQ_T": "2"})
     r = dq.run("node3", BOB, "schedule", "--once")
     assert r.returncode == 0, r.stderr
     with open(os.path.join(dq.root, "state", "placements.json")) as f:
