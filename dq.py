@@ -6894,6 +6894,11 @@ def held_by_others(cfg, host, gpus):
     return {} if st.error else {g.index: g.pids for g in st.gpus if g.index in gpus and g.apps}
 
 
+def held_by_others_words(taken):
+    """{2: [812]} -> '2 (PID 812)'."""
+    return ", ".join(f"{g} (PID {', '.join(map(str, pids))})" for g, pids in sorted(taken.items()))
+
+
 def back_to_queue(cfg, job_id, host, gpus):
     """A wrapper that did not start its job gives its placement up (the job
     is queued again), trying until the data root takes it: its session
@@ -6905,11 +6910,6 @@ def back_to_queue(cfg, job_id, host, gpus):
                 places.drop(job_id, unstarted=True)
     until_room(give_back, lambda e: f"cannot give the GPUs of {job_id} back yet ({e}); "
                                     f"trying again", errors=(Failure, OSError))
-
-
-def held_by_others_words(taken):
-    """{2: [812]} -> '2 (PID 812)'."""
-    return ", ".join(f"{g} (PID {', '.join(map(str, pids))})" for g, pids in sorted(taken.items()))
 
 
 def cmd__run(cfg, argv):

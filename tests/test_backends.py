@@ -530,7 +530,8 @@ def test_a_job_sbatched_while_squeue_answers_is_not_taken_for_dropped(on_slurm):
     """The owner's books (dq-jobs, dq-wait, the background dq-schedule) ask
     squeue which of their jobs Slurm still has.  A dq-submit whose sbatch
     answers while that squeue runs must not read as a job Slurm dropped
-    (`cancelled`, never run): its Slurm ID appeared after squeue looked.
+    (`cancelled`, or `lost` once it runs): its Slurm ID appeared after
+    squeue looked.
     Here a slow sbatch and a slow squeue make the overlap certain."""
     from cluster import USER_PATH
     dq, c = on_slurm.dq, on_slurm.cluster
